@@ -1,0 +1,202 @@
+//! `watcher-bench`: measures the watcher daemon against the classic inotifywait script.
+//!
+//! Scenarios:
+//! - `ready`: time from spawn to `ready` on a large tree, kernel slab growth and RSS,
+//!   against the time `inotifywait -r` takes to establish its watches;
+//! - `burst`: many new files at once, time until the replica has them all, and the
+//!   number of rsync runs it took;
+//! - `latency`: one small new file at a time, time until the replica has it.
+//!
+//! Run as root (fanotify filesystem marks need it). Every child runs in a process group
+//! of its own and is killed when the harness stops, and the generated trees are removed.
+
+mod proc;
+mod report;
+mod scenarios;
+mod tree;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+
+use crate::report::Report;
+use crate::scenarios::{Ctx, Sizes};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Scenario {
+    Ready,
+    Burst,
+    Latency,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Scale {
+    /// 100,000-file `ready` tree, 10,000-file trees for `burst` and `latency`.
+    Small,
+    /// 1,000,000-file `ready` tree, 100,000-file trees for `burst` and `latency`.
+    Large,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Benchmarks the watcher daemon against an inotifywait script"
+)]
+struct Cli {
+    /// Scenarios to run, in this order (default: all).
+    #[arg(value_enum)]
+    scenarios: Vec<Scenario>,
+
+    #[arg(long, value_enum, default_value_t = Scale::Large)]
+    scale: Scale,
+
+    /// Directory under which a scratch directory is made (and removed) for the trees;
+    /// default: the system's temporary directory.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+
+    /// The watcher binary; default: `watcher` next to this program.
+    #[arg(long)]
+    watcher: Option<PathBuf>,
+
+    /// Also write the results table (Markdown) to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+
+    /// Extra argument for `watcher sync` (repeatable), e.g. `--watcher-arg=--delay=5`.
+    #[arg(long = "watcher-arg", allow_hyphen_values = true)]
+    watcher_args: Vec<String>,
+
+    /// Echo the output of the daemon and the competitors on stderr.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("watcher-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ok(false) when a scenario failed but a table was still printed.
+fn run() -> Result<bool> {
+    let cli = Cli::parse();
+    proc::install_interrupt_handler()?;
+
+    let watcher = match cli.watcher {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this program")?
+            .parent()
+            .context("this program has no parent directory")?
+            .join("watcher"),
+    };
+    if !watcher.is_file() {
+        bail!(
+            "no watcher binary at {} (build it, or pass --watcher PATH)",
+            watcher.display()
+        );
+    }
+    if !proc::on_path("rsync") {
+        bail!("rsync is not on PATH");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("warning: not running as root; fanotify filesystem marks need root");
+    }
+
+    let base = cli.workdir.unwrap_or_else(std::env::temp_dir);
+    let scratch = tempfile::Builder::new()
+        .prefix("watcher-bench-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a scratch directory in {}", base.display()))?;
+    let sizes = match cli.scale {
+        Scale::Small => Sizes::SMALL,
+        Scale::Large => Sizes::LARGE,
+    };
+    let inotifywait = proc::on_path("inotifywait");
+    if !inotifywait {
+        eprintln!("inotifywait is not on PATH (package inotify-tools): comparisons are skipped");
+    }
+    let mut ctx = Ctx {
+        watcher,
+        watcher_args: cli.watcher_args,
+        workdir: scratch.path().to_owned(),
+        sizes,
+        echo: cli.verbose,
+        inotifywait,
+        report: Report::default(),
+    };
+
+    let scenarios = if cli.scenarios.is_empty() {
+        vec![Scenario::Ready, Scenario::Burst, Scenario::Latency]
+    } else {
+        cli.scenarios
+    };
+    let mut all_ok = true;
+    for s in scenarios {
+        eprintln!("== {s:?}");
+        let r = match s {
+            Scenario::Ready => ctx.ready(),
+            Scenario::Burst => ctx.burst(),
+            Scenario::Latency => ctx.latency(),
+        };
+        if let Err(e) = r {
+            proc::check_interrupted()?;
+            all_ok = false;
+            let msg = report::hide_workdir(&format!("{e:#}"), &ctx.workdir);
+            ctx.report.note(format!("scenario `{s:?}` failed: {msg}"));
+        }
+    }
+
+    let header = vec![
+        format!("scale: {:?}", cli.scale).to_lowercase(),
+        format!("kernel: {}", first_line("uname", &["-sr"])),
+        format!(
+            "CPUs: {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+        format!("rsync: {}", first_line("rsync", &["--version"])),
+        format!(
+            "inotifywait: {}",
+            if inotifywait {
+                first_line("inotifywait", &["--help"])
+            } else {
+                "not installed".to_owned()
+            }
+        ),
+    ];
+    let table = ctx.report.render(&header);
+    println!("{table}");
+    if let Some(out) = cli.out {
+        std::fs::write(&out, &table).with_context(|| format!("writing {}", out.display()))?;
+    }
+    scratch.close().context("removing the scratch directory")?;
+    Ok(all_ok)
+}
+
+/// First line of a command's output (stdout, else stderr), or `unknown`.
+fn first_line(prog: &str, args: &[&str]) -> String {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}

@@ -1,0 +1,461 @@
+//! Child processes under guard, their merged output, and what `/proc` tells about them.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::unistd::Pid;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Turns SIGINT and SIGTERM into a flag that every waiting loop checks, so that the
+/// guards' `Drop` runs and no child outlives the harness (children run in process
+/// groups of their own and would not see a terminal's Ctrl-C).
+pub fn install_interrupt_handler() -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { signal::sigaction(sig, &action) }.context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+/// Fails once the harness has been asked to stop.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps, but fails early when interrupted.
+pub fn sleep(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if now >= end {
+            return Ok(());
+        }
+        thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
+
+/// A child process in a process group of its own; dropping the guard kills the group
+/// and every descendant still attached to the child.
+pub struct Guard {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+impl Guard {
+    /// Spawns `cmd` in a new process group.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            status: None,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        // Pids fit in an i32 on Linux.
+        self.child.id() as i32
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", self.name))?;
+        }
+        Ok(self.status)
+    }
+
+    /// Sends `sig` to the child alone, waits up to `grace` for it to exit, and kills
+    /// whatever is left of it. Returns the exit status if it exited within `grace`.
+    pub fn stop(&mut self, sig: Signal, grace: Duration) -> Result<Option<ExitStatus>> {
+        if self.try_wait()?.is_none() {
+            // ESRCH only means that it is gone already.
+            let _ = signal::kill(Pid::from_raw(self.pid()), sig);
+            let end = Instant::now() + grace;
+            while Instant::now() < end && self.try_wait()?.is_none() {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let exited = self.try_wait()?;
+        self.kill_all();
+        Ok(exited)
+    }
+
+    /// SIGKILL to the child, its descendants and its process group, then reaps it.
+    fn kill_all(&mut self) {
+        let pid = self.pid();
+        if self.status.is_none() {
+            for p in descendants(pid) {
+                let _ = signal::kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+            }
+        }
+        let _ = signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        if self.status.is_none() {
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            if let Ok(st) = self.child.wait() {
+                self.status = Some(st);
+            }
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Spawns `cmd` with stdout and stderr merged into one pipe read by a [`LogTail`].
+/// `cmd` should not be used again: it may hold the write end of the pipe.
+pub fn spawn_logged(name: &str, mut cmd: Command, echo: bool) -> Result<(Guard, LogTail)> {
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let writer2 = writer.try_clone().context("duplicating a pipe")?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::from(writer2));
+    let guard = Guard::spawn(name, &mut cmd)?;
+    // Drop the parent's copies of the write end, so that the reader sees EOF at exit.
+    drop(cmd);
+    let log = LogTail::spawn(reader, echo.then(|| name.to_owned()));
+    Ok((guard, log))
+}
+
+/// Outcome of [`LogTail::wait_for`].
+pub enum Wait {
+    /// Line index and the instant the line was read.
+    Found(usize, Instant),
+    /// The stream ended without a match.
+    Eof,
+    Timeout,
+}
+
+struct LogState {
+    lines: Vec<(Instant, String)>,
+    eof: bool,
+}
+
+struct LogShared {
+    state: Mutex<LogState>,
+    cond: Condvar,
+}
+
+/// Lines of a child's output, each stamped with the instant it was read.
+pub struct LogTail {
+    shared: Arc<LogShared>,
+}
+
+impl LogTail {
+    /// Reads `src` on a thread of its own until EOF. The thread is detached: a
+    /// grandchild holding the pipe open must not block the harness.
+    pub fn spawn(src: impl Read + Send + 'static, echo: Option<String>) -> Self {
+        let shared = Arc::new(LogShared {
+            state: Mutex::new(LogState {
+                lines: Vec::new(),
+                eof: false,
+            }),
+            cond: Condvar::new(),
+        });
+        let s = Arc::clone(&shared);
+        thread::spawn(move || {
+            let mut r = BufReader::new(src);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match r.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let now = Instant::now();
+                        let line = strip_ansi(String::from_utf8_lossy(&buf).trim_end());
+                        if let Some(prefix) = &echo {
+                            eprintln!("  [{prefix}] {line}");
+                        }
+                        lock(&s.state).lines.push((now, line));
+                        s.cond.notify_all();
+                    }
+                }
+            }
+            lock(&s.state).eof = true;
+            s.cond.notify_all();
+        });
+        Self { shared }
+    }
+
+    /// Waits until a line at index `from` or later satisfies `pred`.
+    pub fn wait_for(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<Wait> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.shared.state);
+        let mut i = from;
+        loop {
+            while i < st.lines.len() {
+                if pred(&st.lines[i].1) {
+                    return Ok(Wait::Found(i, st.lines[i].0));
+                }
+                i += 1;
+            }
+            if st.eof {
+                return Ok(Wait::Eof);
+            }
+            check_interrupted()?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Wait::Timeout);
+            }
+            let step = (deadline - now).min(Duration::from_millis(50));
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, step)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Number of lines from index `from` on that satisfy `pred`.
+    pub fn count(&self, from: usize, pred: impl Fn(&str) -> bool) -> usize {
+        let st = lock(&self.shared.state);
+        st.lines.iter().skip(from).filter(|(_, l)| pred(l)).count()
+    }
+
+    /// The last `n` lines, for error messages.
+    pub fn tail(&self, n: usize) -> String {
+        let st = lock(&self.shared.state);
+        let start = st.lines.len().saturating_sub(n);
+        let mut out = String::new();
+        for (_, l) in &st.lines[start..] {
+            out.push_str("    ");
+            out.push_str(l);
+            out.push('\n');
+        }
+        if out.is_empty() {
+            out.push_str("    (no output)\n");
+        }
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Removes ANSI escape sequences (colours) from a log line.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ params final-byte (0x40..=0x7e).
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('\x40'..='\x7e').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether `line` contains `word` delimited by non-alphanumeric characters
+/// (so `ready` does not match `already`).
+pub fn has_word(line: &str, word: &str) -> bool {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    line.match_indices(word).any(|(i, _)| {
+        let before = line[..i].chars().next_back().is_none_or(|c| !is_word(c));
+        let after = line[i + word.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !is_word(c));
+        before && after
+    })
+}
+
+/// One row of `/proc/PID/stat`.
+#[derive(Debug, Clone)]
+pub struct ProcInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub comm: String,
+}
+
+fn read_stat(pid: i32) -> Option<ProcInfo> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s.get(open + 1..close)?.to_owned();
+    let mut rest = s.get(close + 1..)?.split_whitespace();
+    let _state = rest.next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some(ProcInfo { pid, ppid, comm })
+}
+
+/// Every process on the system (those that vanish while reading are skipped).
+pub fn process_table() -> Vec<ProcInfo> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(read_stat)
+        .collect()
+}
+
+/// All descendants of `root` (not `root` itself).
+pub fn descendants(root: i32) -> Vec<ProcInfo> {
+    let table = process_table();
+    let mut out: Vec<ProcInfo> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for info in table.iter().filter(|i| i.ppid == p) {
+            frontier.push(info.pid);
+            out.push(info.clone());
+        }
+    }
+    out
+}
+
+/// Whether any descendant of `root` is an rsync process.
+pub fn rsync_running(root: i32) -> bool {
+    descendants(root)
+        .iter()
+        .any(|p| p.comm.starts_with("rsync"))
+}
+
+/// Waits until no rsync has run under `root` for `quiet`; false on timeout.
+pub fn wait_rsync_idle(root: i32, quiet: Duration, timeout: Duration) -> Result<bool> {
+    let start = Instant::now();
+    let mut last_busy = start;
+    loop {
+        check_interrupted()?;
+        let now = Instant::now();
+        if rsync_running(root) {
+            last_busy = now;
+        } else if now - last_busy >= quiet {
+            return Ok(true);
+        }
+        if now - start >= timeout {
+            return Ok(false);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `kB` field of a `/proc` key/value file (`/proc/meminfo`, `/proc/PID/status`).
+fn kib_field(path: &Path, key: &str) -> Result<u64> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(key).and_then(|r| r.strip_prefix(':')) {
+            let num = rest.trim().trim_end_matches("kB").trim();
+            return num
+                .parse()
+                .with_context(|| format!("parsing {key} in {}", path.display()));
+        }
+    }
+    bail!("no {key} in {}", path.display())
+}
+
+/// `Slab` of `/proc/meminfo`, in KiB.
+pub fn slab_kib() -> Result<u64> {
+    kib_field(Path::new("/proc/meminfo"), "Slab")
+}
+
+/// `VmRSS` of a process, in KiB.
+pub fn rss_kib(pid: i32) -> Result<u64> {
+    kib_field(Path::new(&format!("/proc/{pid}/status")), "VmRSS")
+}
+
+/// User + system CPU time of a process itself (not its children).
+pub fn cpu_time(pid: i32) -> Result<Duration> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let close = s.rfind(')').context("malformed /proc/PID/stat")?;
+    // After the comm: state(3) ppid(4) ... utime(14) stime(15); field 3 is index 0 here.
+    let fields: Vec<&str> = s[close + 1..].split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .context("short /proc/PID/stat")?
+            .parse::<u64>()
+            .context("parsing /proc/PID/stat")
+    };
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+}
+
+/// Number of inotify watches held by `pid` (lines `inotify wd:` of its fdinfo).
+pub fn inotify_watches(pid: i32) -> usize {
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    rd.filter_map(|e| fs::read_to_string(e.ok()?.path()).ok())
+        .map(|t| t.lines().filter(|l| l.starts_with("inotify wd:")).count())
+        .sum()
+}
+
+/// Whether `prog` is an executable on `PATH`.
+pub fn on_path(prog: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            fs::metadata(dir.join(prog))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words() {
+        assert!(has_word("INFO watcher: ready in 3 ms", "ready"));
+        assert!(has_word("ready", "ready"));
+        assert!(has_word("x ready.", "ready"));
+        assert!(!has_word("already synced", "ready"));
+        assert!(!has_word("readyness", "ready"));
+    }
+
+    #[test]
+    fn ansi() {
+        assert_eq!(strip_ansi("\x1b[32m INFO\x1b[0m ready"), " INFO ready");
+    }
+}

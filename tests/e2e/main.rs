@@ -1,0 +1,624 @@
+//! End-to-end tests of `watcher sync`: the real binary, a real fanotify mark, real rsync.
+//!
+//! Each test makes its own source and replica under the system temp dir, changes the
+//! source while the daemon runs, and waits until the replica equals the source exactly
+//! (paths, types, contents, permissions, owners, nanosecond mtimes of files,
+//! directories including the root, and symlinks, symlink targets). See `tree.rs`.
+//!
+//! They need root (filesystem-wide fanotify marks). Run with
+//! `cargo test -p watcher-user --test e2e -- --test-threads=2`. Seeded tests print
+//! their seed; `WATCHER_E2E_SEED=N` replays one.
+
+mod churn;
+mod harness;
+mod rsyncd;
+mod tree;
+
+use std::ffi::{OsStr, OsString};
+use std::fs::Metadata;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::stat::{UtimensatFlags, utimensat};
+use nix::sys::time::TimeSpec;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use churn::{Churn, Pace};
+use harness::{Daemon, QUEUE_LIMIT_LOCK, READY_TIMEOUT, Scratch, SysctlGuard, args, root_or_skip};
+use tree::{assert_equal_now, skip_nothing, wait_converged};
+
+/// How long a replica may take to catch up after the source stopped changing.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Operations per churn.
+const CHURN_OPS: usize = 2500;
+
+fn set_mtime(path: &Path, secs: i64, nsec: i64) {
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &TimeSpec::UTIME_OMIT,
+        &TimeSpec::new(secs, nsec),
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap_or_else(|e| panic!("set mtime of {}: {e}", path.display()));
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+fn write(path: &Path, data: impl AsRef<[u8]>) {
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn mkdir_p(path: &Path) {
+    std::fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", path.display()));
+}
+
+fn rename(from: &Path, to: &Path) {
+    std::fs::rename(from, to)
+        .unwrap_or_else(|e| panic!("rename {} -> {}: {e}", from.display(), to.display()));
+}
+
+/// Gives the source root attributes the fresh replica root does not have, so the
+/// initial sync must carry the root directory's own attributes over.
+fn mark_root(src: &Path) {
+    chmod(src, 0o750);
+    set_mtime(src, 1_500_000_000, 123_456_789);
+}
+
+/// Random churn against a running daemon, then: converged, no feedback loop, still
+/// converged, clean stop, and still converged after the stop.
+fn churn_against(test: &str, scratch: &Scratch, dst: &OsStr, extra: &[OsString]) {
+    let seed = harness::seed(test);
+    let ctx = format!("{test}, seed {seed}");
+    let mut churn = Churn::new(&scratch.src, seed);
+    churn.populate(150);
+    mark_root(&scratch.src);
+
+    let mut d = Daemon::start(&scratch.src, dst, extra);
+    assert_equal_now(
+        &scratch.src,
+        &scratch.dst,
+        &skip_nothing,
+        &format!("{ctx}: replica right after `ready` (initial sync)"),
+    );
+
+    let t = Instant::now();
+    churn.run(CHURN_OPS, Pace::Spread);
+    eprintln!(
+        "{test}: {CHURN_OPS} operations in {:?}, {} entries now; {:?}",
+        t.elapsed(),
+        churn.len(),
+        churn.stats
+    );
+    wait_converged(&scratch.src, &scratch.dst, CONVERGE_TIMEOUT, &skip_nothing, &ctx);
+
+    // No feedback loop: with the source unchanged, rsync runs must stop (a run or two
+    // for changes already on the replica may still be due) and stay stopped.
+    let settling = d.wait_rsync_quiet(Duration::from_secs(2), Duration::from_secs(20));
+    assert!(
+        settling <= 3,
+        "{ctx}: {settling} rsync runs after the replica had converged and the source was \
+         left alone"
+    );
+    let runs = d.count("rsync finished");
+    harness::poll_until(Duration::from_secs(2), Duration::from_millis(100), || {
+        d.count("rsync finished") != runs
+    });
+    assert_eq!(
+        d.count("rsync finished"),
+        runs,
+        "{ctx}: rsync ran again with no change in the source (feedback loop?)"
+    );
+    assert_equal_now(&scratch.src, &scratch.dst, &skip_nothing, &format!("{ctx}: after settling"));
+
+    d.stop();
+    assert_equal_now(&scratch.src, &scratch.dst, &skip_nothing, &format!("{ctx}: after stop"));
+}
+
+#[test]
+fn churn_local_target() {
+    if !root_or_skip("churn_local_target") {
+        return;
+    }
+    let s = Scratch::new("churn-local");
+    churn_against("churn_local_target", &s, s.dst.as_os_str(), &[]);
+}
+
+#[test]
+fn churn_rsync_daemon_target() {
+    if !root_or_skip("churn_rsync_daemon_target") {
+        return;
+    }
+    let s = Scratch::new("churn-rsyncd");
+    let rsyncd = rsyncd::RsyncDaemon::start(s.path(), &s.dst);
+    let url = rsyncd.url();
+    let extra = vec![OsString::from(format!(
+        "--rsync-arg=--password-file={}",
+        rsyncd.password_file.display()
+    ))];
+    churn_against("churn_rsync_daemon_target", &s, OsStr::new(&url), &extra);
+    rsyncd.stop();
+}
+
+/// A big tree (`dirs` x `files`) changed by simple, cheap operations: the churn model
+/// is meant for small trees.
+struct BigTree {
+    root: PathBuf,
+    rng: StdRng,
+    seed: u64,
+    /// Directory name -> file names in it.
+    dirs: Vec<(String, Vec<String>)>,
+    counter: u64,
+}
+
+impl BigTree {
+    fn create(root: &Path, dirs: usize, files: usize, seed: u64) -> BigTree {
+        let mut t = BigTree {
+            root: root.to_path_buf(),
+            rng: StdRng::seed_from_u64(seed),
+            seed,
+            dirs: Vec::new(),
+            counter: 0,
+        };
+        for d in 0..dirs {
+            let dname = format!("dir{d:03}");
+            let dir = root.join(&dname);
+            mkdir_p(&dir);
+            let mut names = Vec::with_capacity(files);
+            for f in 0..files {
+                let fname = format!("file{f:03}");
+                write(&dir.join(&fname), format!("{dname}/{fname}\n"));
+                names.push(fname);
+            }
+            t.dirs.push((dname, names));
+        }
+        t
+    }
+
+    fn path(&self, d: usize, f: usize) -> PathBuf {
+        self.root.join(&self.dirs[d].0).join(&self.dirs[d].1[f])
+    }
+
+    fn check<T>(&self, r: std::io::Result<T>, what: &str) -> T {
+        r.unwrap_or_else(|e| panic!("big tree (seed {}): {what}: {e}", self.seed))
+    }
+
+    /// `n` random changes: overwrite, create, delete, move between directories, chmod,
+    /// set mtime, now and then a directory rename or a new directory.
+    fn mutate(&mut self, n: usize) {
+        for _ in 0..n {
+            self.counter += 1;
+            let c = self.counter;
+            let d = self.rng.random_range(0..self.dirs.len());
+            let op = if self.dirs[d].1.is_empty() { 1 } else { self.rng.random_range(0..40) };
+            match op {
+                0..8 => {
+                    let f = self.rng.random_range(0..self.dirs[d].1.len());
+                    let p = self.path(d, f);
+                    let r = std::fs::write(&p, format!("overwritten {c}\n").repeat(c as usize % 7 + 1));
+                    self.check(r, "overwrite");
+                }
+                8..16 => {
+                    let name = format!("new{c}");
+                    let p = self.root.join(&self.dirs[d].0).join(&name);
+                    self.check(std::fs::write(&p, format!("new {c}\n")), "create");
+                    self.dirs[d].1.push(name);
+                }
+                16..22 => {
+                    let f = self.rng.random_range(0..self.dirs[d].1.len());
+                    let p = self.path(d, f);
+                    self.check(std::fs::remove_file(&p), "delete");
+                    self.dirs[d].1.swap_remove(f);
+                }
+                22..28 => {
+                    let f = self.rng.random_range(0..self.dirs[d].1.len());
+                    let to_d = self.rng.random_range(0..self.dirs.len());
+                    let name = format!("moved{c}");
+                    let from = self.path(d, f);
+                    let to = self.root.join(&self.dirs[to_d].0).join(&name);
+                    self.check(std::fs::rename(&from, &to), "move");
+                    self.dirs[d].1.swap_remove(f);
+                    self.dirs[to_d].1.push(name);
+                }
+                28..32 => {
+                    let f = self.rng.random_range(0..self.dirs[d].1.len());
+                    let mode = [0o600, 0o640, 0o755, 0o444][self.rng.random_range(0..4)];
+                    let r = std::fs::set_permissions(self.path(d, f), std::fs::Permissions::from_mode(mode));
+                    self.check(r, "chmod");
+                }
+                32..36 => {
+                    let f = self.rng.random_range(0..self.dirs[d].1.len());
+                    let secs = self.rng.random_range(1_000_000_000..2_000_000_000);
+                    let nsec = self.rng.random_range(0..1_000_000_000);
+                    set_mtime(&self.path(d, f), secs, nsec);
+                }
+                36..38 => {
+                    let name = format!("{}-renamed{c}", self.dirs[d].0);
+                    let from = self.root.join(&self.dirs[d].0);
+                    let to = self.root.join(&name);
+                    self.check(std::fs::rename(&from, &to), "rename dir");
+                    self.dirs[d].0 = name;
+                }
+                _ => {
+                    let name = format!("newdir{c}");
+                    let dir = self.root.join(&name);
+                    self.check(std::fs::create_dir(&dir), "mkdir");
+                    let mut files = Vec::new();
+                    for i in 0..5 {
+                        let f = format!("f{i}");
+                        self.check(std::fs::write(dir.join(&f), format!("{name}/{f}\n")), "create");
+                        files.push(f);
+                    }
+                    self.dirs.push((name, files));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn changes_during_initial_sync_reach_replica() {
+    if !root_or_skip("changes_during_initial_sync_reach_replica") {
+        return;
+    }
+    let seed = harness::seed("changes_during_initial_sync_reach_replica");
+    let ctx = format!("changes_during_initial_sync_reach_replica, seed {seed}");
+    let s = Scratch::new("initial-sync");
+    let t = Instant::now();
+    let mut tree = BigTree::create(&s.src, 500, 100, seed);
+    eprintln!("created 50,000 files in {:?}", t.elapsed());
+
+    // Change the tree from right after the spawn until `ready`: before the marks are
+    // set, during the initial sync, and (one more round) after it.
+    let d = {
+        let _start = QUEUE_LIMIT_LOCK.read().unwrap_or_else(|e| e.into_inner());
+        let mut d = Daemon::spawn(&s.src, &s.dst, &[]);
+        let t = Instant::now();
+        let mut rounds_before_ready = 0;
+        let mut ready_seen_after_first_round = None;
+        while !d.log.contains("ready") && t.elapsed() < Duration::from_secs(120) && rounds_before_ready < 2000
+        {
+            tree.mutate(25);
+            rounds_before_ready += 1;
+            if ready_seen_after_first_round.is_none() {
+                ready_seen_after_first_round = Some(d.log.contains("ready"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d.wait_for_line("ready", Duration::from_secs(120));
+        eprintln!(
+            "{rounds_before_ready} rounds of 25 changes before `ready` ({:?} after spawn)",
+            t.elapsed()
+        );
+        assert_eq!(
+            ready_seen_after_first_round,
+            Some(false),
+            "{ctx}: `ready` came before the first 25 changes were made, right after the \
+             spawn: too early for an initial sync of 50,000 files"
+        );
+        d
+    };
+    tree.mutate(200);
+    let took = wait_converged(&s.src, &s.dst, Duration::from_secs(120), &skip_nothing, &ctx);
+    eprintln!("converged {took:?} after the last change");
+    d.stop();
+    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after stop"));
+}
+
+#[test]
+fn overflow_burst_converges() {
+    if !root_or_skip("overflow_burst_converges") {
+        return;
+    }
+    let seed = harness::seed("overflow_burst_converges");
+    let ctx = format!("overflow_burst_converges, seed {seed}");
+    let s = Scratch::new("overflow");
+    let mut churn = Churn::new(&s.src, seed);
+    churn.populate(150);
+    mark_root(&s.src);
+
+    // A fanotify group takes the queue limit at creation: lower it for this daemon's
+    // start only, with no other daemon starting meanwhile.
+    let mut d = {
+        let _no_other_start = QUEUE_LIMIT_LOCK.write().unwrap_or_else(|e| e.into_inner());
+        let _limit = SysctlGuard::set("/proc/sys/fs/fanotify/max_queued_events", "64");
+        let mut d = Daemon::spawn(&s.src, &s.dst, &[]);
+        d.wait_for_line("ready", READY_TIMEOUT);
+        d
+    };
+    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+
+    // While the daemon is stopped nothing reads the queue: a burst overflows it.
+    d.signal(Signal::SIGSTOP);
+    churn.run(3000, Pace::Burst);
+    let burst = s.src.join("burst");
+    mkdir_p(&burst);
+    for i in 0..2000 {
+        write(&burst.join(format!("b{i}")), format!("burst {i}\n"));
+    }
+    for i in (0..2000).step_by(4) {
+        rename(&burst.join(format!("b{i}")), &burst.join(format!("renamed{i}")));
+    }
+    for i in (1..2000).step_by(4) {
+        std::fs::remove_file(burst.join(format!("b{i}"))).expect("delete burst file");
+    }
+    rename(&burst, &s.src.join("burst-moved"));
+    d.signal(Signal::SIGCONT);
+
+    d.wait_for_line("queue overflow", Duration::from_secs(60));
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, &ctx);
+
+    // Still live after the rescan.
+    churn.run(300, Pace::Spread);
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, &format!("{ctx}: after the rescan"));
+    d.stop();
+}
+
+/// File names that break naive quoting, option parsing, line-based lists or UTF-8.
+fn odd_names() -> Vec<OsString> {
+    let mut v: Vec<OsString> = [
+        "with space",
+        " leading space",
+        "trailing space ",
+        "new\nline",
+        "\nleading newline",
+        "tab\tname",
+        "carriage\rreturn",
+        "-leading-dash",
+        "--double-dash",
+        "--delete",
+        "-",
+        "*",
+        "glob*?[ab]{c,d}",
+        "back\\slash",
+        "\\",
+        "single'quote",
+        "double\"quote",
+        "`backtick`",
+        "$HOME",
+        "semi;colon",
+        "colon:name",
+        "host::module",
+        "percent%s%n",
+        "#hash",
+        "~tilde",
+        ".hidden",
+        "...",
+        "ünïcödé",
+        "日本語",
+        "emoji 🎉",
+        "\u{1}control",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    v.push(OsStr::from_bytes(b"caf\xe9").to_os_string());
+    v.push(OsStr::from_bytes(b"\xff\xfe invalid").to_os_string());
+    v.push(OsString::from("a".repeat(255)));
+    v.push(OsString::from("é".repeat(127))); // 254 bytes
+    v
+}
+
+/// The same name, changed: another odd name of at most 255 bytes.
+fn renamed(name: &OsStr) -> OsString {
+    let mut b = name.as_bytes().to_vec();
+    if b.len() >= 250 {
+        b.truncate(250);
+    }
+    b.extend_from_slice(b" \nr");
+    OsStr::from_bytes(&b).to_os_string()
+}
+
+/// `levels` directories of 100-byte names under `base`, returning the deepest.
+fn deep_chain(base: &Path, tag: &str, levels: usize) -> PathBuf {
+    let mut p = base.to_path_buf();
+    for i in 0..levels {
+        let mut name = format!("{tag}-{i:02}-");
+        while name.len() < 100 {
+            name.push('x');
+        }
+        p.push(name);
+    }
+    mkdir_p(&p);
+    p
+}
+
+#[test]
+fn odd_file_names_replicate() {
+    if !root_or_skip("odd_file_names_replicate") {
+        return;
+    }
+    let ctx = "odd_file_names_replicate";
+    let s = Scratch::new("odd-names");
+    let names = odd_names();
+
+    // Before the start: files and directories (with a file inside) of every odd name.
+    let dirs = s.src.join("dirs");
+    mkdir_p(&dirs);
+    for n in &names {
+        write(&s.src.join(n), n.as_bytes());
+        mkdir_p(&dirs.join(n));
+        write(&dirs.join(n).join("inner"), n.as_bytes());
+    }
+    let deep = deep_chain(&s.src, "deep", 30);
+    write(&deep.join("leaf"), "deep leaf\n");
+    let deep_len = deep.as_os_str().len();
+    eprintln!("deepest source path: {deep_len} bytes");
+    mark_root(&s.src);
+
+    let d = Daemon::start(&s.src, &s.dst, &[]);
+    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+
+    // Live: create them again elsewhere, change the existing ones, a second deep chain.
+    let live = s.src.join("live");
+    mkdir_p(&live);
+    for n in &names {
+        write(&live.join(n), n.as_bytes());
+        let sub = live.join(format!("d{}", names.iter().position(|x| x == n).unwrap_or(0)));
+        mkdir_p(&sub.join(n));
+        write(&sub.join(n).join(n), "nested\n");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(s.src.join(n))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b" appended"))
+            .expect("append");
+        std::os::unix::fs::symlink(n, live.join(renamed(n))).expect("symlink to odd name");
+    }
+    let deep2 = deep_chain(&s.src, "deeper", 30);
+    write(&deep2.join("leaf2"), "second deep leaf\n");
+    write(&deep.join("leaf"), "deep leaf, changed\n");
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, &format!("{ctx}: created"));
+
+    // Live: rename and delete them.
+    let moved = s.src.join("moved");
+    mkdir_p(&moved);
+    for (i, n) in names.iter().enumerate() {
+        if i % 2 == 0 {
+            std::fs::remove_file(s.src.join(n)).expect("delete odd file");
+        } else {
+            rename(&s.src.join(n), &s.src.join(renamed(n)));
+        }
+        rename(&live.join(n), &moved.join(n));
+        rename(&dirs.join(n), &dirs.join(renamed(n)));
+    }
+    // Move a middle level of the deep chain: the whole subtree below moves with it.
+    let mut mid = deep.clone();
+    for _ in 0..15 {
+        mid.pop();
+    }
+    let mid_to = mid.with_file_name(format!("{:-<100}", "moved-level"));
+    rename(&mid, &mid_to);
+    std::fs::remove_dir_all(s.src.join(deep2.strip_prefix(&s.src).expect("prefix").iter().next().expect("first level")))
+        .expect("rm -rf deep2");
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, &format!("{ctx}: renamed and deleted"));
+    d.stop();
+}
+
+/// What the exclusions `*.swp` and `.cache/` take out (rsync semantics): any entry
+/// named `*.swp`, any directory named `.cache`, and everything below them.
+fn excluded(rel: &Path, md: &Metadata) -> bool {
+    let name = rel.file_name().map(OsStr::as_bytes).unwrap_or_default();
+    name.ends_with(b".swp") || (name == b".cache" && md.is_dir())
+}
+
+/// Excluded entries of a tree (not descending into them).
+fn count_excluded(root: &Path) -> usize {
+    let all = tree::snapshot(root, &skip_nothing).expect("walk");
+    let kept = tree::snapshot(root, &excluded).expect("walk");
+    all.len() - kept.len()
+}
+
+#[test]
+fn excluded_paths_are_not_replicated() {
+    if !root_or_skip("excluded_paths_are_not_replicated") {
+        return;
+    }
+    let seed = harness::seed("excluded_paths_are_not_replicated");
+    let ctx = format!("excluded_paths_are_not_replicated, seed {seed}");
+    let s = Scratch::new("exclude");
+    let src = &s.src;
+
+    // Before the start: churn content with excluded names, and fixed cases (made after
+    // the churn's model was taken, so the churn leaves them alone).
+    let mut churn = Churn::new(src, seed);
+    churn.excluded_names = true;
+    churn.populate(150);
+    mkdir_p(&src.join(".cache/deep/er"));
+    write(&src.join(".cache/deep/er/blob"), "cached\n");
+    mkdir_p(&src.join("a/b/.cache"));
+    write(&src.join("a/b/.cache/x"), "cached\n");
+    write(&src.join("a/b/file.swp"), "swap\n");
+    write(&src.join("top.swp"), "swap\n");
+    write(&src.join("a/notes.swp.txt"), "kept: not *.swp\n");
+    write(&src.join("a/swp"), "kept\n");
+    write(&src.join("a/.cache.txt"), "kept: not .cache\n");
+    mkdir_p(&src.join("a/x.cache"));
+    write(&src.join("a/x.cache/f"), "kept\n");
+    mkdir_p(&src.join("plain/sub"));
+    write(&src.join("plain/sub/a.txt"), "will become .swp\n");
+    write(&src.join("plain/b.swp"), "will become .txt\n");
+    mark_root(src);
+
+    let extra = args(&["--exclude", "*.swp", "--exclude", ".cache/"]);
+    let d = Daemon::start(src, &s.dst, &extra);
+    assert_equal_now(src, &s.dst, &excluded, &format!("{ctx}: right after `ready`"));
+
+    churn.run(CHURN_OPS, Pace::Spread);
+    mkdir_p(&src.join("cache-out/inner"));
+    write(&src.join("cache-out/inner/f"), "will move into a .cache\n");
+    write(&src.join("top.swp"), "swap, changed\n");
+    mkdir_p(&src.join("new/.cache/sub"));
+    write(&src.join("new/.cache/sub/f"), "cached\n");
+    write(&src.join("new/late.swp"), "swap\n");
+    let n_excluded = count_excluded(src);
+    assert!(n_excluded >= 5, "{ctx}: the source has only {n_excluded} excluded entries");
+    eprintln!("{n_excluded} excluded entries in the source");
+    wait_converged(src, &s.dst, CONVERGE_TIMEOUT, &excluded, &format!("{ctx}: churn"));
+    assert_eq!(count_excluded(&s.dst), 0, "{ctx}: excluded entries on the replica");
+
+    // Renames across the exclusion boundary, both ways, once the replica has both sides.
+    rename(&src.join("plain/sub/a.txt"), &src.join("plain/sub/a.swp"));
+    rename(&src.join("plain/b.swp"), &src.join("plain/b.txt"));
+    rename(&src.join("plain/sub"), &src.join("plain/.cache"));
+    rename(&src.join("cache-out"), &src.join("a/.cache"));
+    rename(&src.join("a/b/.cache"), &src.join("a/b/uncached"));
+    rename(&src.join("a/b/file.swp"), &src.join("a/b/file.txt"));
+    write(&src.join("top.swp"), "swap, changed again\n");
+    wait_converged(src, &s.dst, CONVERGE_TIMEOUT, &excluded, &format!("{ctx}: renames"));
+    assert!(!s.dst.join("plain/sub").exists(), "{ctx}: plain/sub still on the replica");
+    assert!(s.dst.join("a/b/uncached/x").exists(), "{ctx}: a/b/uncached/x not on the replica");
+    d.stop();
+    assert_equal_now(src, &s.dst, &excluded, &format!("{ctx}: after stop"));
+}
+
+/// rsync's quick check skips a file whose size and mtime are unchanged: a rewrite that
+/// keeps both (what `cp -p`, `touch -r`, tar and rsync itself do) must still arrive.
+#[test]
+fn rewrite_with_same_size_and_mtime_replicates() {
+    if !root_or_skip("rewrite_with_same_size_and_mtime_replicates") {
+        return;
+    }
+    let ctx = "rewrite_with_same_size_and_mtime_replicates";
+    let s = Scratch::new("same-size");
+    let f = s.src.join("data");
+    write(&f, vec![b'A'; 4096]);
+    set_mtime(&f, 1_600_000_000, 5);
+    let d = Daemon::start(&s.src, &s.dst, &[]);
+    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+
+    write(&f, vec![b'B'; 4096]);
+    set_mtime(&f, 1_600_000_000, 5);
+    wait_converged(&s.src, &s.dst, Duration::from_secs(30), &skip_nothing, ctx);
+    d.stop();
+}
+
+/// On SIGTERM the daemon flushes what is dirty: changes made before the signal are on
+/// the replica when it has exited, though the batching delay was far from over.
+#[test]
+fn sigterm_flushes_pending_changes() {
+    if !root_or_skip("sigterm_flushes_pending_changes") {
+        return;
+    }
+    let ctx = "sigterm_flushes_pending_changes";
+    let s = Scratch::new("sigterm");
+    write(&s.src.join("before"), "before\n");
+    let extra = args(&["--delay", "30000", "--max-delay", "60000"]);
+    let mut d = Daemon::start(&s.src, &s.dst, &extra);
+    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+
+    mkdir_p(&s.src.join("new/dir"));
+    write(&s.src.join("new/dir/file"), "made before SIGTERM\n");
+    write(&s.src.join("before"), "changed before SIGTERM\n");
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(harness::STOP_TIMEOUT);
+    assert!(status.success(), "{ctx}: exit status {status} after SIGTERM");
+    assert!(d.log.contains("stopped"), "{ctx}: no `stopped` line");
+    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after exit"));
+}

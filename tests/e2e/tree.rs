@@ -1,0 +1,255 @@
+//! Exact comparison of a source tree and its replica.
+//!
+//! Everything rsync `-a` carries over is compared, for every entry including the root
+//! directory: the set of paths, file type, file content, permission bits (with setuid,
+//! setgid and sticky), owner uid and gid, mtime to the nanosecond, and symlink targets.
+//! Nothing is followed: symlinks are compared as links.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::Metadata;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What an entry is, with what must be equal for each kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(OsString),
+    /// Sockets, fifos, devices: the `S_IFMT` bits.
+    Other(u32),
+}
+
+impl Kind {
+    fn name(&self) -> String {
+        match self {
+            Kind::File(c) => format!("file ({} bytes)", c.len()),
+            Kind::Dir => "directory".into(),
+            Kind::Symlink(t) => format!("symlink -> {t:?}"),
+            Kind::Other(fmt) => format!("special file (mode {fmt:o})"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    /// `st_mode & 0o7777`.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// mtime: seconds and nanoseconds.
+    pub mtime: (i64, i64),
+}
+
+/// Relative path (the root is the empty path) -> entry.
+pub type Snapshot = BTreeMap<PathBuf, Entry>;
+
+/// Decides which source entries the replica must *not* have (excluded paths): it gets
+/// the path relative to the root and the entry's metadata. An excluded directory is
+/// not descended into.
+pub type Skip<'a> = &'a dyn Fn(&Path, &Metadata) -> bool;
+
+pub fn skip_nothing(_: &Path, _: &Metadata) -> bool {
+    false
+}
+
+fn entry(abs: &Path, md: &Metadata) -> std::io::Result<Entry> {
+    let ft = md.file_type();
+    let kind = if ft.is_symlink() {
+        Kind::Symlink(std::fs::read_link(abs)?.into_os_string())
+    } else if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_file() {
+        Kind::File(std::fs::read(abs)?)
+    } else {
+        Kind::Other(md.mode() & libc::S_IFMT)
+    };
+    Ok(Entry {
+        kind,
+        perm: md.permissions().mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: (md.mtime(), md.mtime_nsec()),
+    })
+}
+
+/// Walks `root` without following anything. I/O errors (an entry that vanished while
+/// the daemon or rsync is at work) are returned, for the caller to retry.
+pub fn snapshot(root: &Path, skip: Skip<'_>) -> std::io::Result<Snapshot> {
+    let mut out = Snapshot::new();
+    let md = std::fs::symlink_metadata(root)?;
+    out.insert(PathBuf::new(), entry(root, &md)?);
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for dent in std::fs::read_dir(root.join(&rel))? {
+            let dent = dent?;
+            let rel_child = rel.join(dent.file_name());
+            let abs = root.join(&rel_child);
+            let md = std::fs::symlink_metadata(&abs)?;
+            if skip(&rel_child, &md) {
+                continue;
+            }
+            if md.file_type().is_dir() {
+                stack.push(rel_child.clone());
+            }
+            out.insert(rel_child, entry(&abs, &md)?);
+        }
+    }
+    Ok(out)
+}
+
+fn show(p: &Path) -> String {
+    if p.as_os_str().is_empty() {
+        "<root>".into()
+    } else {
+        format!("{p:?}")
+    }
+}
+
+fn show_mtime((s, ns): (i64, i64)) -> String {
+    format!("{s}.{ns:09}")
+}
+
+/// Every difference between the expected tree and the replica, one line each.
+pub fn diff(expected: &Snapshot, replica: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    for (path, e) in expected {
+        let Some(r) = replica.get(path) else {
+            out.push(format!("missing in replica: {} ({})", show(path), e.kind.name()));
+            continue;
+        };
+        let p = show(path);
+        match (&e.kind, &r.kind) {
+            (Kind::File(a), Kind::File(b)) => {
+                if a != b {
+                    let at = a.iter().zip(b.iter()).position(|(x, y)| x != y);
+                    let at = at.unwrap_or(a.len().min(b.len()));
+                    out.push(format!(
+                        "content differs: {p}: source {} bytes, replica {} bytes, first \
+                         difference at byte {at}",
+                        a.len(),
+                        b.len()
+                    ));
+                }
+            }
+            (Kind::Symlink(a), Kind::Symlink(b)) => {
+                if a != b {
+                    out.push(format!("symlink target differs: {p}: source {a:?}, replica {b:?}"));
+                }
+            }
+            (a, b) if a == b => {}
+            (a, b) => {
+                out.push(format!(
+                    "type differs: {p}: source {}, replica {}",
+                    a.name(),
+                    b.name()
+                ));
+                continue;
+            }
+        }
+        if e.perm != r.perm {
+            out.push(format!(
+                "permissions differ: {p} ({}): source {:04o}, replica {:04o}",
+                e.kind.name(),
+                e.perm,
+                r.perm
+            ));
+        }
+        if (e.uid, e.gid) != (r.uid, r.gid) {
+            out.push(format!(
+                "owner differs: {p} ({}): source {}:{}, replica {}:{}",
+                e.kind.name(),
+                e.uid,
+                e.gid,
+                r.uid,
+                r.gid
+            ));
+        }
+        if e.mtime != r.mtime {
+            out.push(format!(
+                "mtime differs: {p} ({}): source {}, replica {}",
+                e.kind.name(),
+                show_mtime(e.mtime),
+                show_mtime(r.mtime)
+            ));
+        }
+    }
+    for (path, r) in replica {
+        if !expected.contains_key(path) {
+            out.push(format!("extra in replica: {} ({})", show(path), r.kind.name()));
+        }
+    }
+    out
+}
+
+/// Compares `src` (minus what `skip` excludes) with the replica `dst`.
+pub fn compare(src: &Path, dst: &Path, skip: Skip<'_>) -> std::io::Result<Vec<String>> {
+    let expected = snapshot(src, skip)?;
+    let replica = snapshot(dst, &skip_nothing)?;
+    Ok(diff(&expected, &replica))
+}
+
+/// At most `max` lines of a difference list, with a count of the rest.
+pub fn summarize(diffs: &[String], max: usize) -> String {
+    let mut s = diffs
+        .iter()
+        .take(max)
+        .map(|d| format!("  {d}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if diffs.len() > max {
+        s.push_str(&format!("\n  ... and {} more", diffs.len() - max));
+    }
+    s
+}
+
+/// Polls the comparison until the replica equals the source or `timeout` passes, then
+/// fails the test with the differences (and `context`, e.g. the churn seed).
+/// Returns how long convergence took.
+pub fn wait_converged(
+    src: &Path,
+    dst: &Path,
+    timeout: Duration,
+    skip: Skip<'_>,
+    context: &str,
+) -> Duration {
+    let start = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let last = match compare(src, dst, skip) {
+            Ok(d) if d.is_empty() => {
+                let took = start.elapsed();
+                eprintln!("converged after {took:?} ({attempts} comparisons)");
+                return took;
+            }
+            Ok(d) => d,
+            Err(e) => vec![format!("could not walk the trees: {e}")],
+        };
+        if start.elapsed() >= timeout {
+            panic!(
+                "replica {} did not converge with source {} within {timeout:?} ({context}); \
+                 {} difference(s):\n{}",
+                dst.display(),
+                src.display(),
+                last.len(),
+                summarize(&last, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Fails the test unless the replica equals the source right now.
+pub fn assert_equal_now(src: &Path, dst: &Path, skip: Skip<'_>, context: &str) {
+    let d = compare(src, dst, skip).unwrap_or_else(|e| panic!("walk trees ({context}): {e}"));
+    assert!(
+        d.is_empty(),
+        "replica differs from source ({context}); {} difference(s):\n{}",
+        d.len(),
+        summarize(&d, 40)
+    );
+}

@@ -1,0 +1,66 @@
+//! Which filesystem type a path is on, for error messages.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// The type (`ext4`, `nfs4`, ...) of the mount holding `path`, from /proc/self/mountinfo.
+pub fn filesystem_type(path: &Path) -> String {
+    let Ok(text) = std::fs::read(Path::new("/proc/self/mountinfo")) else {
+        return "unknown".into();
+    };
+    let mut best: Option<(usize, String)> = None;
+    for line in text.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        // mount point is field 5; the fs type is the first field after the " - " separator.
+        let Some(sep) = fields.iter().position(|f| *f == b"-") else {
+            continue;
+        };
+        let (Some(mount), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else {
+            continue;
+        };
+        let mount = unescape(mount);
+        let mount = Path::new(std::ffi::OsStr::from_bytes(&mount));
+        if path.starts_with(mount) {
+            let depth = mount.as_os_str().len();
+            if best.as_ref().is_none_or(|(d, _)| depth >= *d) {
+                best = Some((depth, String::from_utf8_lossy(fstype).into_owned()));
+            }
+        }
+    }
+    best.map(|(_, t)| t).unwrap_or_else(|| "unknown".into())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\' && i + 3 < field.len() {
+            let oct = &field[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                out.push((oct[0] - b'0') * 64 + (oct[1] - b'0') * 8 + (oct[2] - b'0'));
+                i += 4;
+                continue;
+            }
+        }
+        out.push(field[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape(br"/mnt/a\040b"), b"/mnt/a b");
+        assert_eq!(unescape(br"/x\"), b"/x\\");
+    }
+
+    #[test]
+    fn root_has_a_type() {
+        assert_ne!(filesystem_type(Path::new("/")), "");
+    }
+}

@@ -1,0 +1,34 @@
+//! The one event type every backend produces and the rest of the pipeline consumes.
+
+use std::path::PathBuf;
+
+/// What happened to a path. The pipeline only needs to know *which* paths are dirty
+/// (rsync reads the final state from disk), but the kind decides how much is dirty:
+/// a directory that appears must be synced with its whole subtree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Modified,
+    Attrib,
+    Deleted,
+    MovedFrom,
+    MovedTo,
+}
+
+/// One event from a backend, with its path already resolved to an absolute path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `path` (absolute) was changed.
+    Change {
+        kind: ChangeKind,
+        path: PathBuf,
+        is_dir: bool,
+        /// Process that made the change, when the backend knows it (0 otherwise).
+        pid: i32,
+    },
+    /// Something under `path` changed but the backend cannot say what: sync the subtree.
+    Rescan { path: PathBuf },
+    /// The backend lost events (queue overflow): every root must be rescanned.
+    Overflow,
+}

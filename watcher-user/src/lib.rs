@@ -1,0 +1,24 @@
+//! `watcher`: keeps replicas of large directory trees in step with the source, live.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! backend (fanotify) -> Event -> filter (which group, excluded?) -> dirty set per target
+//!   -> flush policy (when) -> rsync executor (how) -> target
+//! ```
+//!
+//! `filter`, `dirty` and `flush` are pure: they take paths, events and a clock and return
+//! decisions, and are unit-tested with tables of cases.
+
+pub mod backend;
+pub mod cli;
+pub mod daemon;
+pub mod dirty;
+pub mod event;
+pub mod filter;
+pub mod flush;
+pub mod logging;
+pub mod rsync;
+pub mod target;
+pub mod resolve;
+pub mod watch;

@@ -1,0 +1,111 @@
+//! fanotify directory handle -> path, with a bounded cache.
+//!
+//! The cache stays correct because events are processed in queue order: a cached path is
+//! right until a directory rename (or overflow) is processed, and then the whole cache is
+//! dropped. Paths learned from the kernel are the current ones at read time, which can be
+//! "newer" than the event; that is fine because the rename that made them newer also
+//! dirties both its old and its new path.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use fanotify_fid::handle::{Fsid, open_by_handle_at};
+use hashbrown::HashMap;
+
+/// What a handle turned into.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// The directory's current path.
+    Path(PathBuf),
+    /// The object no longer exists (ESTALE, or unlinked but still held open).
+    Gone,
+}
+
+/// Handles of one or more filesystems, each with a directory fd on it to open handles against.
+pub struct Resolver {
+    mounts: Vec<(Fsid, OwnedFd)>,
+    cache: HashMap<Fsid, HashMap<Box<[u8]>, PathBuf>>,
+    len: usize,
+    capacity: usize,
+    /// Lookups answered by the cache / by the kernel, for stats.
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl Resolver {
+    /// A resolver whose cache holds at most `capacity` directories.
+    pub fn new(capacity: usize) -> Self {
+        Resolver {
+            mounts: Vec::new(),
+            cache: HashMap::new(),
+            len: 0,
+            capacity: capacity.max(1),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Handles of filesystem `fsid` are opened against `dir_fd` (a directory on it).
+    pub fn add_mount(&mut self, fsid: Fsid, dir_fd: OwnedFd) {
+        self.mounts.push((fsid, dir_fd));
+    }
+
+    /// Forgets every cached path of `fsid`: a directory moved, so any path below it may be stale.
+    pub fn invalidate(&mut self, fsid: Fsid) {
+        if let Some(level) = self.cache.remove(&fsid) {
+            self.len -= level.len();
+        }
+    }
+
+    /// Forgets everything (after an overflow, when renames may have been lost).
+    pub fn clear(&mut self) {
+        self.cache.clear();
+        self.len = 0;
+    }
+
+    /// The path of directory `handle` on `fsid`.
+    pub fn resolve(&mut self, fsid: Fsid, handle: &[u8]) -> io::Result<Resolved> {
+        if let Some(path) = self.cache.get(&fsid).and_then(|level| level.get(handle)) {
+            self.hits += 1;
+            return Ok(Resolved::Path(path.clone()));
+        }
+        self.misses += 1;
+        let mount = self
+            .mounts
+            .iter()
+            .find(|(f, _)| *f == fsid)
+            .map(|(_, fd)| fd)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EXDEV))?;
+        let fd = match open_by_handle_at(mount.as_fd(), handle) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => return Ok(Resolved::Gone),
+            Err(e) => return Err(e),
+        };
+        // A directory removed while someone still holds it open resolves, with nlink 0.
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(io::Error::from)?;
+        if st.st_nlink == 0 {
+            return Ok(Resolved::Gone);
+        }
+        let path = std::fs::read_link(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))?;
+        if self.len >= self.capacity {
+            // Bounded memory; refilling costs one open_by_handle_at per directory.
+            self.clear();
+        }
+        if self
+            .cache
+            .entry(fsid)
+            .or_default()
+            .insert(handle.into(), path.clone())
+            .is_none()
+        {
+            self.len += 1;
+        }
+        Ok(Resolved::Path(path))
+    }
+
+    /// Number of cached directories.
+    pub fn cached(&self) -> usize {
+        self.len
+    }
+}

@@ -1,0 +1,486 @@
+//! Turning a dirty batch into rsync runs, running them, and classifying how they ended.
+//!
+//! rsync is always spawned with an argument vector, the path list on stdin, NUL-separated.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::backend::OwnPids;
+use crate::dirty::Batch;
+use crate::target::Target;
+
+/// How rsync is invoked, shared by every run of one target.
+#[derive(Debug, Clone)]
+pub struct RsyncOptions {
+    pub binary: PathBuf,
+    /// Preserve hard links (`-H`): exact, but costs memory on large trees.
+    pub hardlinks: bool,
+    /// rsync exclude patterns (the filter applies the same ones to events).
+    pub excludes: Vec<String>,
+    /// Passed through before the source and target arguments.
+    pub extra_args: Vec<OsString>,
+    /// `--dry-run --itemize-changes`: show what would change, change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for RsyncOptions {
+    fn default() -> Self {
+        RsyncOptions {
+            binary: PathBuf::from("rsync"),
+            hardlinks: false,
+            excludes: Vec::new(),
+            extra_args: Vec::new(),
+            dry_run: false,
+        }
+    }
+}
+
+/// One rsync process to start: its arguments and what goes to its stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub args: Vec<OsString>,
+    pub stdin: Vec<u8>,
+    /// Paths in the list (0 for a whole-tree run).
+    pub paths: usize,
+}
+
+/// How a run ended, from rsync's exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitClass {
+    /// 0, or 24 (a source file vanished: normal under churn, its removal is its own event).
+    Success,
+    /// Worth retrying with backoff, keeping the paths dirty (connection, I/O, timeout,
+    /// partial transfer, killed by a signal).
+    Transient,
+    /// Usage, protocol or unsupported-option errors: retrying cannot help.
+    Fatal,
+}
+
+/// Classifies an rsync exit code (None: killed by a signal).
+pub fn classify(code: Option<i32>) -> ExitClass {
+    match code {
+        Some(0) | Some(24) => ExitClass::Success,
+        Some(1) | Some(2) | Some(4) => ExitClass::Fatal,
+        _ => ExitClass::Transient,
+    }
+}
+
+/// What rsync's exit code means, for logs.
+pub fn describe(code: Option<i32>) -> &'static str {
+    match code {
+        None => "killed by a signal",
+        Some(0) => "success",
+        Some(1) => "syntax or usage error",
+        Some(2) => "protocol incompatibility",
+        Some(3) => "errors selecting input/output files, dirs",
+        Some(4) => "requested action not supported",
+        Some(5) => "error starting client-server protocol",
+        Some(10) => "error in socket I/O",
+        Some(11) => "error in file I/O",
+        Some(12) => "error in rsync protocol data stream",
+        Some(20) => "received SIGUSR1 or SIGINT",
+        Some(23) => "partial transfer due to error",
+        Some(24) => "partial transfer due to vanished source files",
+        Some(30) => "timeout in data send/receive",
+        Some(35) => "timeout waiting for daemon connection",
+        Some(255) => "connection or remote shell failed",
+        _ => "rsync error",
+    }
+}
+
+/// The source directory argument: the root's contents, not the root itself.
+fn source_arg(root: &Path) -> OsString {
+    let mut arg = root.as_os_str().to_owned();
+    if !arg.as_bytes().ends_with(b"/") {
+        arg.push("/");
+    }
+    arg
+}
+
+fn common_args(opts: &RsyncOptions) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["-a".into()];
+    if opts.hardlinks {
+        args.push("-H".into());
+    }
+    if opts.dry_run {
+        args.push("--dry-run".into());
+        args.push("--itemize-changes".into());
+    }
+    for pattern in &opts.excludes {
+        let mut arg = OsString::from("--exclude=");
+        arg.push(pattern);
+        args.push(arg);
+    }
+    args
+}
+
+fn nul_list<'a>(paths: impl Iterator<Item = &'a Path>) -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for p in paths {
+        let bytes = p.as_os_str().as_bytes();
+        // The root itself is "." to rsync; an empty line would be skipped.
+        out.extend_from_slice(if bytes.is_empty() { b"." } else { bytes });
+        out.push(0);
+        n += 1;
+    }
+    (out, n)
+}
+
+/// The rsync runs that bring `target` in line with `root` for the paths in `batch`.
+///
+/// - A batch covering the root is one whole-tree `rsync -a --delete`.
+/// - Otherwise one recursive `--files-from` run for files, symlinks, missing paths and
+///   subtrees (`--delete-missing-args --force` removes what no longer exists, even non-empty
+///   directories; `--delete` removes what a listed subtree no longer holds), plus, when the
+///   batch has directories whose own attributes changed, a non-recursive run for them so a
+///   chmod of a huge directory does not walk its contents.
+///
+/// `is_dir` tells which entries are directories now (the source is read at flush time).
+pub fn plan(
+    batch: &Batch,
+    root: &Path,
+    target: &Target,
+    opts: &RsyncOptions,
+    is_dir: impl Fn(&Path) -> bool,
+) -> Vec<Run> {
+    let tail = |args: &mut Vec<OsString>| {
+        args.extend(opts.extra_args.iter().cloned());
+        args.push(source_arg(root));
+        args.push(target.rsync_arg());
+    };
+    if batch.covers_root() {
+        let mut args = common_args(opts);
+        args.extend(["--delete".into(), "--force".into()]);
+        tail(&mut args);
+        return vec![Run {
+            args,
+            stdin: Vec::new(),
+            paths: 0,
+        }];
+    }
+    let (dirs, others): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        batch.entries.iter().partition(|p| is_dir(&root.join(p)));
+    let list_args = |recursive: bool| {
+        let mut args = common_args(opts);
+        if recursive {
+            args.extend(["-r".into(), "--delete".into()]);
+        } else {
+            args.extend(["--no-recursive".into(), "--dirs".into()]);
+        }
+        args.extend([
+            "--delete-missing-args".into(),
+            "--force".into(),
+            "--from0".into(),
+            "--files-from=-".into(),
+        ]);
+        args
+    };
+    let mut runs = Vec::new();
+    if !others.is_empty() || !batch.subtrees.is_empty() {
+        let (stdin, paths) = nul_list(
+            others
+                .iter()
+                .map(|p| p.as_path())
+                .chain(batch.subtrees.iter().map(|p| p.as_path())),
+        );
+        let mut args = list_args(true);
+        tail(&mut args);
+        runs.push(Run { args, stdin, paths });
+    }
+    if !dirs.is_empty() {
+        let (stdin, paths) = nul_list(dirs.iter().map(|p| p.as_path()));
+        let mut args = list_args(false);
+        tail(&mut args);
+        runs.push(Run { args, stdin, paths });
+    }
+    runs
+}
+
+/// How one process ended.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub code: Option<i32>,
+    pub class: ExitClass,
+    /// The last part of rsync's stderr, for the log.
+    pub stderr: String,
+    /// Standard output (only kept for dry runs).
+    pub stdout: String,
+    pub elapsed: Duration,
+}
+
+/// Keep at most this much of rsync's stderr.
+const STDERR_TAIL: usize = 8 * 1024;
+
+/// Spawns rsync for `run`, feeding the list on stdin. Its pid is in `own_pids` while it runs
+/// so the backend ignores its writes.
+pub async fn execute(
+    binary: &Path,
+    run: &Run,
+    own_pids: &Arc<OwnPids>,
+    keep_stdout: bool,
+) -> std::io::Result<RunResult> {
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .args(&run.args)
+        .stdin(if run.stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
+        .stdout(if keep_stdout { Stdio::piped() } else { Stdio::null() })
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().map(|p| p as i32);
+    if let Some(pid) = pid {
+        own_pids.insert(pid);
+    }
+    let stdin_task = child.stdin.take().map(|mut stdin| {
+        let list = run.stdin.clone();
+        tokio::spawn(async move {
+            // A broken pipe means rsync exited early; its exit status says why.
+            let _ = stdin.write_all(&list).await;
+            let _ = stdin.shutdown().await;
+        })
+    });
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let (out, err) = tokio::join!(
+        async {
+            let mut buf = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.read_to_end(&mut buf).await;
+            }
+            buf
+        },
+        async {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.read_to_end(&mut buf).await;
+            }
+            buf
+        }
+    );
+    let status = child.wait().await;
+    if let Some(task) = stdin_task {
+        let _ = task.await;
+    }
+    if let Some(pid) = pid {
+        own_pids.remove(pid);
+    }
+    let status = status?;
+    let code = status.code();
+    let err = &err[err.len().saturating_sub(STDERR_TAIL)..];
+    Ok(RunResult {
+        code,
+        class: classify(code),
+        stderr: String::from_utf8_lossy(err).trim_end().to_owned(),
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// rsync is missing, too old, or does not behave as the daemon relies on.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot run {binary}: {source} (install rsync 3.1 or later)")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{binary} --version printed no version")]
+    NoVersion { binary: PathBuf },
+    #[error("{binary} is version {version}; --delete-missing-args needs 3.1.0 or later")]
+    TooOld { binary: PathBuf, version: String },
+    #[error("{binary} {version} failed the --files-from/--delete-missing-args self-test: {detail}")]
+    Misbehaves {
+        binary: PathBuf,
+        version: String,
+        detail: String,
+    },
+}
+
+/// Checks once at start-up that the installed rsync copies and deletes listed paths the way
+/// [`plan`] relies on (some 3.4.x releases broke `--files-from` + `--delete-missing-args`).
+/// Returns the version.
+pub fn probe(binary: &Path) -> Result<String, ProbeError> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|source| ProbeError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .ok_or_else(|| ProbeError::NoVersion {
+            binary: binary.to_path_buf(),
+        })?
+        .to_owned();
+    let numbers: Vec<u32> = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    if numbers.as_slice() < [3, 1, 0].as_slice() {
+        return Err(ProbeError::TooOld {
+            binary: binary.to_path_buf(),
+            version,
+        });
+    }
+    self_test(binary).map_err(|detail| ProbeError::Misbehaves {
+        binary: binary.to_path_buf(),
+        version: version.clone(),
+        detail,
+    })?;
+    Ok(version)
+}
+
+fn self_test(binary: &Path) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let src = dir.path().join("src");
+    let dst = dir.path().join("dst");
+    let setup = || -> std::io::Result<()> {
+        std::fs::create_dir_all(src.join("-d"))?;
+        std::fs::write(src.join("-d/new\nline"), b"new")?;
+        std::fs::create_dir_all(dst.join("gone/sub"))?;
+        std::fs::write(dst.join("gone/sub/f"), b"old")?;
+        std::fs::write(dst.join("stale"), b"old")?;
+        Ok(())
+    };
+    setup().map_err(|e| format!("setting up: {e}"))?;
+    let batch = Batch {
+        entries: vec!["-d/new\nline".into(), "gone".into(), "stale".into()],
+        subtrees: vec![],
+    };
+    let opts = RsyncOptions {
+        binary: binary.to_path_buf(),
+        ..RsyncOptions::default()
+    };
+    let runs = plan(&batch, &src, &Target::Local(dst.clone()), &opts, |p| p.is_dir());
+    for run in runs {
+        let mut child = std::process::Command::new(binary)
+            .args(&run.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin.write_all(&run.stdin).map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let copied = std::fs::read(dst.join("-d/new\nline")).ok();
+    if copied.as_deref() != Some(b"new".as_slice()) {
+        return Err("a listed file was not copied".into());
+    }
+    if dst.join("stale").exists() || dst.join("gone").exists() {
+        return Err("a listed missing path was not deleted".into());
+    }
+    Ok(())
+}
+
+/// Human-readable form of an argument vector for logs (never executed through a shell).
+pub fn display_args(binary: &Path, args: &[OsString]) -> String {
+    std::iter::once(binary.as_os_str())
+        .chain(args.iter().map(OsString::as_os_str))
+        .map(|a: &OsStr| format!("{:?}", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> RsyncOptions {
+        RsyncOptions {
+            excludes: vec!["*.swp".into()],
+            extra_args: vec!["--password-file=/p".into()],
+            ..RsyncOptions::default()
+        }
+    }
+
+    #[test]
+    fn exit_codes_are_classified() {
+        let table = [
+            (Some(0), ExitClass::Success),
+            (Some(24), ExitClass::Success),
+            (Some(1), ExitClass::Fatal),
+            (Some(2), ExitClass::Fatal),
+            (Some(4), ExitClass::Fatal),
+            (Some(5), ExitClass::Transient),
+            (Some(10), ExitClass::Transient),
+            (Some(11), ExitClass::Transient),
+            (Some(12), ExitClass::Transient),
+            (Some(23), ExitClass::Transient),
+            (Some(30), ExitClass::Transient),
+            (Some(35), ExitClass::Transient),
+            (Some(255), ExitClass::Transient),
+            (None, ExitClass::Transient),
+        ];
+        for (code, class) in table {
+            assert_eq!(classify(code), class, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn root_batch_is_one_whole_tree_run() {
+        let batch = Batch {
+            entries: vec![],
+            subtrees: vec!["".into()],
+        };
+        let runs = plan(&batch, Path::new("/s"), &Target::Local("/d".into()), &opts(), |_| false);
+        assert_eq!(runs.len(), 1);
+        let args: Vec<_> = runs[0].args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            ["-a", "--exclude=*.swp", "--delete", "--force", "--password-file=/p", "/s/", "/d/"]
+        );
+        assert!(runs[0].stdin.is_empty());
+    }
+
+    #[test]
+    fn entries_and_subtrees_share_one_recursive_run() {
+        let batch = Batch {
+            entries: vec!["a\nb".into(), "-x".into()],
+            subtrees: vec!["dir".into()],
+        };
+        let runs = plan(&batch, Path::new("/s"), &Target::Remote("h::m".into()), &opts(), |_| false);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].stdin, b"a\nb\0-x\0dir\0");
+        assert_eq!(runs[0].paths, 3);
+        let args: Vec<_> = runs[0].args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert!(args.contains(&"-r") && args.contains(&"--delete-missing-args"));
+        assert_eq!(&args[args.len() - 2..], ["/s/", "h::m/"]);
+    }
+
+    #[test]
+    fn directory_entries_get_a_non_recursive_run() {
+        let batch = Batch {
+            entries: vec!["d".into(), "f".into(), "".into()],
+            subtrees: vec![],
+        };
+        let is_dir = |p: &Path| p == Path::new("/s/d") || p == Path::new("/s/");
+        let runs = plan(&batch, Path::new("/s"), &Target::Local("/d".into()), &opts(), is_dir);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].stdin, b"f\0");
+        assert_eq!(runs[1].stdin, b"d\0.\0");
+        assert!(runs[1].args.iter().any(|a| a == "--no-recursive"));
+    }
+}

@@ -1,0 +1,258 @@
+//! Project tasks: `cargo xtask setup | run | test | bench`.
+//!
+//! Every task installs what it needs first (idempotent, and quick when already present), so
+//! each works on a fresh machine.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the system packages the daemon and its tests need (rsync, inotify-tools).
+    Setup,
+    /// Build the daemon and replicate a small generated example tree, showing live changes.
+    Run {
+        /// Keep the daemon running after the demonstration, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Run every test (end-to-end tests need root; under CI=true they must not be skipped).
+    Test {
+        /// Extra arguments for `cargo test` after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build in release mode and run the benchmarks (arguments go to watcher-bench).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    std::env::set_current_dir(&root).context("entering the project root")?;
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Run { keep_running } => {
+            setup()?;
+            run_example(&root, keep_running)
+        }
+        Task::Test { args } => {
+            setup()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace"]).arg("--").args(&args);
+            status(&mut cmd)
+        }
+        Task::Bench { args } => {
+            setup()?;
+            status(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "watcher-user",
+                "-p",
+                "watcher-bench",
+            ]))?;
+            let mut cmd = Command::new(root.join("target/release/watcher-bench"));
+            cmd.arg("--watcher")
+                .arg(root.join("target/release/watcher"))
+                .args(&args);
+            status(&mut cmd)
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed: {st}");
+    }
+    Ok(())
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file())
+    })
+}
+
+/// Installs missing Debian packages; does nothing when every tool is present.
+fn setup() -> anyhow::Result<()> {
+    let wanted = [("rsync", "rsync"), ("inotifywait", "inotify-tools")];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !on_path("apt-get") {
+        bail!("missing {missing:?} and no apt-get to install them: install them by hand");
+    }
+    let sudo: &[&str] = if nix_is_root() { &[] } else { &["sudo"] };
+    eprintln!("xtask: installing {missing:?}");
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = sudo.to_vec();
+        all.extend_from_slice(args);
+        status(
+            Command::new(all[0])
+                .args(&all[1..])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    run(&["apt-get", "update", "-qq"])?;
+    let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(missing.iter().copied());
+    run(&install)
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Kills the daemon if the demonstration fails half-way.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_example(root: &Path, keep_running: bool) -> anyhow::Result<()> {
+    status(cargo().args(["build", "--release", "-p", "watcher-user"]))?;
+    let base = root.join("target/example");
+    let src = base.join("source");
+    let dst = base.join("replica");
+    let _ = std::fs::remove_dir_all(&base);
+    for d in 0..20 {
+        let dir = src.join(format!("dir{d:02}"));
+        std::fs::create_dir_all(&dir)?;
+        for f in 0..50 {
+            std::fs::write(dir.join(format!("file{f:02}.txt")), format!("{d} {f}\n"))?;
+        }
+    }
+    eprintln!("xtask: example tree of 1,000 files in {}", src.display());
+    if !nix_is_root() {
+        eprintln!("xtask: note: the fanotify backend needs root (CAP_SYS_ADMIN)");
+    }
+    let log = base.join("watcher.log");
+    let mut daemon = Daemon(
+        Command::new(root.join("target/release/watcher"))
+            .arg("sync")
+            .arg(&src)
+            .arg(&dst)
+            .args(["--exclude", "*.tmp"])
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .spawn()
+            .context("starting watcher")?,
+    );
+    wait_for(&log, "ready", &mut daemon)?;
+    eprintln!("xtask: watcher is ready; the initial sync copied the tree");
+
+    let started = Instant::now();
+    std::fs::write(src.join("dir00/new file.txt"), "hello\n")?;
+    std::fs::rename(src.join("dir01"), src.join("dir01-renamed"))?;
+    std::fs::remove_dir_all(src.join("dir02"))?;
+    std::fs::write(src.join("dir03/scratch.tmp"), "not replicated\n")?;
+    std::fs::create_dir_all(src.join("new/nested/dirs"))?;
+    std::fs::write(src.join("new/nested/dirs/deep.txt"), "deep\n")?;
+    eprintln!("xtask: made changes: create, rename a directory, rm -rf, an excluded file, mkdir -p");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("rsync")
+            .args(["-a", "-n", "-i", "--delete", "--exclude=*.tmp"])
+            .arg(format!("{}/", src.display()))
+            .arg(format!("{}/", dst.display()))
+            .output()?;
+        if out.status.success() && out.stdout.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "replica did not converge; differences:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "xtask: replica in step after {} ms (checked with rsync -n -i --delete: no differences)",
+        started.elapsed().as_millis()
+    );
+    if keep_running {
+        eprintln!(
+            "xtask: watcher keeps running; change files under {} and watch {}; Ctrl-C to stop",
+            src.display(),
+            log.display()
+        );
+        let _ = daemon.0.wait();
+        return Ok(());
+    }
+    // SIGTERM: the daemon flushes and exits 0.
+    let pid = daemon.0.id().to_string();
+    status(Command::new("kill").args(["-TERM", &pid]))?;
+    let st = daemon.0.wait()?;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    for line in text.lines().filter(|l| l.contains("rsync finished") || l.contains("stopped")) {
+        eprintln!("  {line}");
+    }
+    if !st.success() {
+        bail!("watcher exited with {st}; log in {}", log.display());
+    }
+    eprintln!("xtask: done; log in {}", log.display());
+    Ok(())
+}
+
+fn wait_for(log: &Path, needle: &str, daemon: &mut Daemon) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if let Some(st) = daemon.0.try_wait()? {
+            bail!("watcher exited with {st}:\n{text}");
+        }
+        if Instant::now() > deadline {
+            bail!("watcher did not print {needle:?} within 60 s:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
