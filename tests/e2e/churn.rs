@@ -401,7 +401,8 @@ impl Churn {
                     p = p.join(name);
                     created.push(p.clone());
                 }
-                std::fs::create_dir_all(self.abs(&p)).unwrap_or_else(|e| self.fail("mkdir -p", &p, e));
+                std::fs::create_dir_all(self.abs(&p))
+                    .unwrap_or_else(|e| self.fail("mkdir -p", &p, e));
                 for d in created {
                     self.nodes.insert(d, Node::Dir);
                 }
@@ -465,7 +466,8 @@ impl Churn {
                 let Some(d) = self.pick_kind(Node::Dir) else {
                     return self.apply(Op::CreateFile);
                 };
-                std::fs::remove_dir_all(self.abs(&d)).unwrap_or_else(|e| self.fail("rm -rf", &d, e));
+                std::fs::remove_dir_all(self.abs(&d))
+                    .unwrap_or_else(|e| self.fail("rm -rf", &d, e));
                 self.remove_subtree(&d);
             }
             Op::SymlinkRelative | Op::SymlinkDangling => {
@@ -488,7 +490,8 @@ impl Churn {
                     // named `.cache` should do.
                     return self.apply(Op::RmRf);
                 }
-                std::fs::remove_dir_all(self.abs(&d)).unwrap_or_else(|e| self.fail("rm -rf", &d, e));
+                std::fs::remove_dir_all(self.abs(&d))
+                    .unwrap_or_else(|e| self.fail("rm -rf", &d, e));
                 self.remove_subtree(&d);
                 let target = match self.pick(|_, n| n == Node::Dir) {
                     Some(t) => Self::relative_target(&d, &t),
@@ -503,7 +506,8 @@ impl Churn {
                     return self.apply(Op::CreateFile);
                 };
                 std::fs::remove_file(self.abs(&f)).unwrap_or_else(|e| self.fail("unlink", &f, e));
-                std::fs::create_dir(self.abs(&f)).unwrap_or_else(|e| self.fail("mkdir over file", &f, e));
+                std::fs::create_dir(self.abs(&f))
+                    .unwrap_or_else(|e| self.fail("mkdir over file", &f, e));
                 self.nodes.insert(f.clone(), Node::Dir);
                 if self.rng.random_ratio(1, 2) {
                     let name = self.fresh_file_name();

@@ -97,7 +97,13 @@ fn churn_against(test: &str, scratch: &Scratch, dst: &OsStr, extra: &[OsString])
         churn.len(),
         churn.stats
     );
-    wait_converged(&scratch.src, &scratch.dst, CONVERGE_TIMEOUT, &skip_nothing, &ctx);
+    wait_converged(
+        &scratch.src,
+        &scratch.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        &ctx,
+    );
 
     // No feedback loop: with the source unchanged, rsync runs must stop (a run or two
     // for changes already on the replica may still be due) and stay stopped.
@@ -116,10 +122,20 @@ fn churn_against(test: &str, scratch: &Scratch, dst: &OsStr, extra: &[OsString])
         runs,
         "{ctx}: rsync ran again with no change in the source (feedback loop?)"
     );
-    assert_equal_now(&scratch.src, &scratch.dst, &skip_nothing, &format!("{ctx}: after settling"));
+    assert_equal_now(
+        &scratch.src,
+        &scratch.dst,
+        &skip_nothing,
+        &format!("{ctx}: after settling"),
+    );
 
     d.stop();
-    assert_equal_now(&scratch.src, &scratch.dst, &skip_nothing, &format!("{ctx}: after stop"));
+    assert_equal_now(
+        &scratch.src,
+        &scratch.dst,
+        &skip_nothing,
+        &format!("{ctx}: after stop"),
+    );
 }
 
 #[test]
@@ -197,12 +213,17 @@ impl BigTree {
             self.counter += 1;
             let c = self.counter;
             let d = self.rng.random_range(0..self.dirs.len());
-            let op = if self.dirs[d].1.is_empty() { 1 } else { self.rng.random_range(0..40) };
+            let op = if self.dirs[d].1.is_empty() {
+                8
+            } else {
+                self.rng.random_range(0..40)
+            };
             match op {
                 0..8 => {
                     let f = self.rng.random_range(0..self.dirs[d].1.len());
                     let p = self.path(d, f);
-                    let r = std::fs::write(&p, format!("overwritten {c}\n").repeat(c as usize % 7 + 1));
+                    let r =
+                        std::fs::write(&p, format!("overwritten {c}\n").repeat(c as usize % 7 + 1));
                     self.check(r, "overwrite");
                 }
                 8..16 => {
@@ -230,7 +251,10 @@ impl BigTree {
                 28..32 => {
                     let f = self.rng.random_range(0..self.dirs[d].1.len());
                     let mode = [0o600, 0o640, 0o755, 0o444][self.rng.random_range(0..4)];
-                    let r = std::fs::set_permissions(self.path(d, f), std::fs::Permissions::from_mode(mode));
+                    let r = std::fs::set_permissions(
+                        self.path(d, f),
+                        std::fs::Permissions::from_mode(mode),
+                    );
                     self.check(r, "chmod");
                 }
                 32..36 => {
@@ -253,7 +277,10 @@ impl BigTree {
                     let mut files = Vec::new();
                     for i in 0..5 {
                         let f = format!("f{i}");
-                        self.check(std::fs::write(dir.join(&f), format!("{name}/{f}\n")), "create");
+                        self.check(
+                            std::fs::write(dir.join(&f), format!("{name}/{f}\n")),
+                            "create",
+                        );
                         files.push(f);
                     }
                     self.dirs.push((name, files));
@@ -283,7 +310,9 @@ fn changes_during_initial_sync_reach_replica() {
         let t = Instant::now();
         let mut rounds_before_ready = 0;
         let mut ready_seen_after_first_round = None;
-        while !d.log.contains("ready") && t.elapsed() < Duration::from_secs(120) && rounds_before_ready < 2000
+        while !d.log.contains("ready")
+            && t.elapsed() < Duration::from_secs(120)
+            && rounds_before_ready < 2000
         {
             tree.mutate(25);
             rounds_before_ready += 1;
@@ -306,7 +335,13 @@ fn changes_during_initial_sync_reach_replica() {
         d
     };
     tree.mutate(200);
-    let took = wait_converged(&s.src, &s.dst, Duration::from_secs(120), &skip_nothing, &ctx);
+    let took = wait_converged(
+        &s.src,
+        &s.dst,
+        Duration::from_secs(120),
+        &skip_nothing,
+        &ctx,
+    );
     eprintln!("converged {took:?} after the last change");
     d.stop();
     assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after stop"));
@@ -333,7 +368,12 @@ fn overflow_burst_converges() {
         d.wait_for_line("ready", READY_TIMEOUT);
         d
     };
-    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: right after `ready`"),
+    );
 
     // While the daemon is stopped nothing reads the queue: a burst overflows it.
     d.signal(Signal::SIGSTOP);
@@ -344,7 +384,10 @@ fn overflow_burst_converges() {
         write(&burst.join(format!("b{i}")), format!("burst {i}\n"));
     }
     for i in (0..2000).step_by(4) {
-        rename(&burst.join(format!("b{i}")), &burst.join(format!("renamed{i}")));
+        rename(
+            &burst.join(format!("b{i}")),
+            &burst.join(format!("renamed{i}")),
+        );
     }
     for i in (1..2000).step_by(4) {
         std::fs::remove_file(burst.join(format!("b{i}"))).expect("delete burst file");
@@ -357,7 +400,13 @@ fn overflow_burst_converges() {
 
     // Still live after the rescan.
     churn.run(300, Pace::Spread);
-    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, &format!("{ctx}: after the rescan"));
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        &format!("{ctx}: after the rescan"),
+    );
     d.stop();
 }
 
@@ -454,14 +503,22 @@ fn odd_file_names_replicate() {
     mark_root(&s.src);
 
     let d = Daemon::start(&s.src, &s.dst, &[]);
-    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: right after `ready`"),
+    );
 
     // Live: create them again elsewhere, change the existing ones, a second deep chain.
     let live = s.src.join("live");
     mkdir_p(&live);
     for n in &names {
         write(&live.join(n), n.as_bytes());
-        let sub = live.join(format!("d{}", names.iter().position(|x| x == n).unwrap_or(0)));
+        let sub = live.join(format!(
+            "d{}",
+            names.iter().position(|x| x == n).unwrap_or(0)
+        ));
         mkdir_p(&sub.join(n));
         write(&sub.join(n).join(n), "nested\n");
         std::fs::OpenOptions::new()
@@ -474,7 +531,13 @@ fn odd_file_names_replicate() {
     let deep2 = deep_chain(&s.src, "deeper", 30);
     write(&deep2.join("leaf2"), "second deep leaf\n");
     write(&deep.join("leaf"), "deep leaf, changed\n");
-    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, &format!("{ctx}: created"));
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        &format!("{ctx}: created"),
+    );
 
     // Live: rename and delete them.
     let moved = s.src.join("moved");
@@ -495,9 +558,24 @@ fn odd_file_names_replicate() {
     }
     let mid_to = mid.with_file_name(format!("{:-<100}", "moved-level"));
     rename(&mid, &mid_to);
-    std::fs::remove_dir_all(s.src.join(deep2.strip_prefix(&s.src).expect("prefix").iter().next().expect("first level")))
-        .expect("rm -rf deep2");
-    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, &format!("{ctx}: renamed and deleted"));
+    std::fs::remove_dir_all(
+        s.src.join(
+            deep2
+                .strip_prefix(&s.src)
+                .expect("prefix")
+                .iter()
+                .next()
+                .expect("first level"),
+        ),
+    )
+    .expect("rm -rf deep2");
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        &format!("{ctx}: renamed and deleted"),
+    );
     d.stop();
 }
 
@@ -548,7 +626,12 @@ fn excluded_paths_are_not_replicated() {
 
     let extra = args(&["--exclude", "*.swp", "--exclude", ".cache/"]);
     let d = Daemon::start(src, &s.dst, &extra);
-    assert_equal_now(src, &s.dst, &excluded, &format!("{ctx}: right after `ready`"));
+    assert_equal_now(
+        src,
+        &s.dst,
+        &excluded,
+        &format!("{ctx}: right after `ready`"),
+    );
 
     churn.run(CHURN_OPS, Pace::Spread);
     mkdir_p(&src.join("cache-out/inner"));
@@ -558,10 +641,23 @@ fn excluded_paths_are_not_replicated() {
     write(&src.join("new/.cache/sub/f"), "cached\n");
     write(&src.join("new/late.swp"), "swap\n");
     let n_excluded = count_excluded(src);
-    assert!(n_excluded >= 5, "{ctx}: the source has only {n_excluded} excluded entries");
+    assert!(
+        n_excluded >= 5,
+        "{ctx}: the source has only {n_excluded} excluded entries"
+    );
     eprintln!("{n_excluded} excluded entries in the source");
-    wait_converged(src, &s.dst, CONVERGE_TIMEOUT, &excluded, &format!("{ctx}: churn"));
-    assert_eq!(count_excluded(&s.dst), 0, "{ctx}: excluded entries on the replica");
+    wait_converged(
+        src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &excluded,
+        &format!("{ctx}: churn"),
+    );
+    assert_eq!(
+        count_excluded(&s.dst),
+        0,
+        "{ctx}: excluded entries on the replica"
+    );
 
     // Renames across the exclusion boundary, both ways, once the replica has both sides.
     rename(&src.join("plain/sub/a.txt"), &src.join("plain/sub/a.swp"));
@@ -571,27 +667,77 @@ fn excluded_paths_are_not_replicated() {
     rename(&src.join("a/b/.cache"), &src.join("a/b/uncached"));
     rename(&src.join("a/b/file.swp"), &src.join("a/b/file.txt"));
     write(&src.join("top.swp"), "swap, changed again\n");
-    wait_converged(src, &s.dst, CONVERGE_TIMEOUT, &excluded, &format!("{ctx}: renames"));
-    assert!(!s.dst.join("plain/sub").exists(), "{ctx}: plain/sub still on the replica");
-    assert!(s.dst.join("a/b/uncached/x").exists(), "{ctx}: a/b/uncached/x not on the replica");
+    wait_converged(
+        src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &excluded,
+        &format!("{ctx}: renames"),
+    );
+    assert!(
+        !s.dst.join("plain/sub").exists(),
+        "{ctx}: plain/sub still on the replica"
+    );
+    assert!(
+        s.dst.join("a/b/uncached/x").exists(),
+        "{ctx}: a/b/uncached/x not on the replica"
+    );
     d.stop();
     assert_equal_now(src, &s.dst, &excluded, &format!("{ctx}: after stop"));
 }
 
-/// rsync's quick check skips a file whose size and mtime are unchanged: a rewrite that
-/// keeps both (what `cp -p`, `touch -r`, tar and rsync itself do) must still arrive.
+/// rsync's quick check compares mtimes in whole seconds unless told otherwise
+/// (`--modify-window=-1`): a file rewritten with the same size within the same second
+/// (mtimes differing in nanoseconds only) must still arrive, and so must a directory's
+/// mtime that differs from the replica's in nanoseconds only.
+#[test]
+fn rewrite_within_the_same_second_replicates() {
+    if !root_or_skip("rewrite_within_the_same_second_replicates") {
+        return;
+    }
+    let ctx = "rewrite_within_the_same_second_replicates";
+    let s = Scratch::new("same-second");
+    let f = s.src.join("data");
+    let dir = s.src.join("dir");
+    mkdir_p(&dir);
+    write(&f, vec![b'A'; 4096]);
+    set_mtime(&f, 1_600_000_000, 100);
+    set_mtime(&dir, 1_600_000_000, 100);
+    let d = Daemon::start(&s.src, &s.dst, &[]);
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: right after `ready`"),
+    );
+
+    write(&f, vec![b'B'; 4096]);
+    set_mtime(&f, 1_600_000_000, 200);
+    set_mtime(&dir, 1_600_000_000, 200);
+    wait_converged(&s.src, &s.dst, Duration::from_secs(30), &skip_nothing, ctx);
+    d.stop();
+}
+
+/// A rewrite that keeps size and mtime exactly (what `cp -p`, `touch -r`, tar and rsync
+/// itself do) passes rsync's quick check: the daemon knows the file changed and must
+/// still send it.
 #[test]
 fn rewrite_with_same_size_and_mtime_replicates() {
     if !root_or_skip("rewrite_with_same_size_and_mtime_replicates") {
         return;
     }
     let ctx = "rewrite_with_same_size_and_mtime_replicates";
-    let s = Scratch::new("same-size");
+    let s = Scratch::new("same-mtime");
     let f = s.src.join("data");
     write(&f, vec![b'A'; 4096]);
     set_mtime(&f, 1_600_000_000, 5);
     let d = Daemon::start(&s.src, &s.dst, &[]);
-    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: right after `ready`"),
+    );
 
     write(&f, vec![b'B'; 4096]);
     set_mtime(&f, 1_600_000_000, 5);
@@ -611,14 +757,22 @@ fn sigterm_flushes_pending_changes() {
     write(&s.src.join("before"), "before\n");
     let extra = args(&["--delay", "30000", "--max-delay", "60000"]);
     let mut d = Daemon::start(&s.src, &s.dst, &extra);
-    assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: right after `ready`"));
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: right after `ready`"),
+    );
 
     mkdir_p(&s.src.join("new/dir"));
     write(&s.src.join("new/dir/file"), "made before SIGTERM\n");
     write(&s.src.join("before"), "changed before SIGTERM\n");
     d.signal(Signal::SIGTERM);
     let status = d.wait_exit(harness::STOP_TIMEOUT);
-    assert!(status.success(), "{ctx}: exit status {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "{ctx}: exit status {status} after SIGTERM"
+    );
     assert!(d.log.contains("stopped"), "{ctx}: no `stopped` line");
     assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after exit"));
 }

@@ -91,7 +91,9 @@ impl RsyncDaemon {
                     Ok(())
                 });
             }
-            let child = cmd.spawn().expect("spawn rsync --daemon (is rsync installed?)");
+            let child = cmd
+                .spawn()
+                .expect("spawn rsync --daemon (is rsync installed?)");
             let mut d = RsyncDaemon {
                 child,
                 port,
@@ -134,7 +136,10 @@ impl RsyncDaemon {
                 }
             }
             if start.elapsed() >= timeout {
-                return Err(format!("no rsync greeting on port {} within {timeout:?}", self.port));
+                return Err(format!(
+                    "no rsync greeting on port {} within {timeout:?}",
+                    self.port
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -118,7 +118,11 @@ pub fn diff(expected: &Snapshot, replica: &Snapshot) -> Vec<String> {
     let mut out = Vec::new();
     for (path, e) in expected {
         let Some(r) = replica.get(path) else {
-            out.push(format!("missing in replica: {} ({})", show(path), e.kind.name()));
+            out.push(format!(
+                "missing in replica: {} ({})",
+                show(path),
+                e.kind.name()
+            ));
             continue;
         };
         let p = show(path);
@@ -137,7 +141,9 @@ pub fn diff(expected: &Snapshot, replica: &Snapshot) -> Vec<String> {
             }
             (Kind::Symlink(a), Kind::Symlink(b)) => {
                 if a != b {
-                    out.push(format!("symlink target differs: {p}: source {a:?}, replica {b:?}"));
+                    out.push(format!(
+                        "symlink target differs: {p}: source {a:?}, replica {b:?}"
+                    ));
                 }
             }
             (a, b) if a == b => {}
@@ -179,7 +185,11 @@ pub fn diff(expected: &Snapshot, replica: &Snapshot) -> Vec<String> {
     }
     for (path, r) in replica {
         if !expected.contains_key(path) {
-            out.push(format!("extra in replica: {} ({})", show(path), r.kind.name()));
+            out.push(format!(
+                "extra in replica: {} ({})",
+                show(path),
+                r.kind.name()
+            ));
         }
     }
     out

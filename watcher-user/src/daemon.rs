@@ -224,8 +224,12 @@ pub fn run_sync(cfg: SyncConfig) -> anyhow::Result<i32> {
     let filter = builder.build()?;
 
     let own_pids = Arc::new(OwnPids::new());
-    let backend = backend::start(cfg.backend, std::slice::from_ref(&cfg.source), own_pids.clone())
-        .context("starting change capture")?;
+    let backend = backend::start(
+        cfg.backend,
+        std::slice::from_ref(&cfg.source),
+        own_pids.clone(),
+    )
+    .context("starting change capture")?;
     tracing::info!(source = %cfg.source.display(), backend = backend.name(), "watching");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -268,14 +272,16 @@ async fn event_loop(
         .iter()
         .map(|target| {
             let mut dirty = DirtySet::new();
+            let mut policy = FlushPolicy::new(cfg.flush);
             if cfg.initial_sync {
                 dirty.mark(Path::new(""), Scope::Subtree);
+                policy.on_change(Instant::now());
             }
             TargetState {
                 target: target.clone(),
                 group,
                 dirty,
-                policy: FlushPolicy::new(cfg.flush),
+                policy,
                 in_flight: false,
                 retry_at: None,
                 failures: 0,
@@ -463,11 +469,7 @@ fn rsync_options(cfg: &SyncConfig, filter: &Filter, group: GroupId) -> RsyncOpti
 }
 
 /// First signal: stop reading, flush what is dirty, exit. Second: exit now.
-fn begin_shutdown(
-    shutting_down: &mut bool,
-    stop: &AtomicBool,
-    signal: &str,
-) -> anyhow::Result<()> {
+fn begin_shutdown(shutting_down: &mut bool, stop: &AtomicBool, signal: &str) -> anyhow::Result<()> {
     if *shutting_down {
         bail!("{signal} again: exiting without flushing");
     }

@@ -18,7 +18,7 @@ pub mod event;
 pub mod filter;
 pub mod flush;
 pub mod logging;
+pub mod resolve;
 pub mod rsync;
 pub mod target;
-pub mod resolve;
 pub mod watch;

@@ -229,8 +229,16 @@ pub async fn execute(
     let started = Instant::now();
     let mut child = tokio::process::Command::new(binary)
         .args(&run.args)
-        .stdin(if run.stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
-        .stdout(if keep_stdout { Stdio::piped() } else { Stdio::null() })
+        .stdin(if run.stdin.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(if keep_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -363,7 +371,9 @@ fn self_test(binary: &Path) -> Result<(), String> {
         binary: binary.to_path_buf(),
         ..RsyncOptions::default()
     };
-    let runs = plan(&batch, &src, &Target::Local(dst.clone()), &opts, |p| p.is_dir());
+    let runs = plan(&batch, &src, &Target::Local(dst.clone()), &opts, |p| {
+        p.is_dir()
+    });
     for run in runs {
         let mut child = std::process::Command::new(binary)
             .args(&run.args)
@@ -445,12 +455,26 @@ mod tests {
             entries: vec![],
             subtrees: vec!["".into()],
         };
-        let runs = plan(&batch, Path::new("/s"), &Target::Local("/d".into()), &opts(), |_| false);
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Local("/d".into()),
+            &opts(),
+            |_| false,
+        );
         assert_eq!(runs.len(), 1);
         let args: Vec<_> = runs[0].args.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             args,
-            ["-a", "--exclude=*.swp", "--delete", "--force", "--password-file=/p", "/s/", "/d/"]
+            [
+                "-a",
+                "--exclude=*.swp",
+                "--delete",
+                "--force",
+                "--password-file=/p",
+                "/s/",
+                "/d/"
+            ]
         );
         assert!(runs[0].stdin.is_empty());
     }
@@ -461,7 +485,13 @@ mod tests {
             entries: vec!["a\nb".into(), "-x".into()],
             subtrees: vec!["dir".into()],
         };
-        let runs = plan(&batch, Path::new("/s"), &Target::Remote("h::m".into()), &opts(), |_| false);
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Remote("h::m".into()),
+            &opts(),
+            |_| false,
+        );
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].stdin, b"a\nb\0-x\0dir\0");
         assert_eq!(runs[0].paths, 3);
@@ -477,7 +507,13 @@ mod tests {
             subtrees: vec![],
         };
         let is_dir = |p: &Path| p == Path::new("/s/d") || p == Path::new("/s/");
-        let runs = plan(&batch, Path::new("/s"), &Target::Local("/d".into()), &opts(), is_dir);
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Local("/d".into()),
+            &opts(),
+            is_dir,
+        );
         assert_eq!(runs.len(), 2);
         assert_eq!(runs[0].stdin, b"f\0");
         assert_eq!(runs[1].stdin, b"d\0.\0");

@@ -31,11 +31,17 @@ pub enum TargetError {
     #[error(
         "target {target} lies inside source {source_root}: the daemon would copy its own copies"
     )]
-    InsideSource { target: PathBuf, source_root: PathBuf },
+    InsideSource {
+        target: PathBuf,
+        source_root: PathBuf,
+    },
     #[error(
         "source {source_root} lies inside target {target}: syncing with --delete would remove the source"
     )]
-    ContainsSource { target: PathBuf, source_root: PathBuf },
+    ContainsSource {
+        target: PathBuf,
+        source_root: PathBuf,
+    },
 }
 
 impl Target {
@@ -129,7 +135,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = dir.path().join("a/b/../c");
         let t = Target::parse(spec.as_os_str()).expect("local");
-        assert_eq!(t, Target::Local(dir.path().canonicalize().unwrap().join("a/c")));
+        assert_eq!(
+            t,
+            Target::Local(dir.path().canonicalize().unwrap().join("a/c"))
+        );
         assert!(t.rsync_arg().as_bytes().ends_with(b"/c/"));
     }
 
@@ -138,13 +147,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().canonicalize().unwrap();
         let inside = Target::Local(root.join("replica"));
-        assert!(matches!(inside.check_overlap(&root), Err(TargetError::InsideSource { .. })));
+        assert!(matches!(
+            inside.check_overlap(&root),
+            Err(TargetError::InsideSource { .. })
+        ));
         let outside = Target::Local(root.clone());
         assert!(matches!(
             outside.check_overlap(&root.join("src")),
             Err(TargetError::ContainsSource { .. })
         ));
-        assert!(Target::Local(root.join("b")).check_overlap(&root.join("a")).is_ok());
+        assert!(
+            Target::Local(root.join("b"))
+                .check_overlap(&root.join("a"))
+                .is_ok()
+        );
     }
 
     #[test]

@@ -97,9 +97,8 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }
 
 /// Installs missing Debian packages; does nothing when every tool is present.
@@ -192,7 +191,9 @@ fn run_example(root: &Path, keep_running: bool) -> anyhow::Result<()> {
     std::fs::write(src.join("dir03/scratch.tmp"), "not replicated\n")?;
     std::fs::create_dir_all(src.join("new/nested/dirs"))?;
     std::fs::write(src.join("new/nested/dirs/deep.txt"), "deep\n")?;
-    eprintln!("xtask: made changes: create, rename a directory, rm -rf, an excluded file, mkdir -p");
+    eprintln!(
+        "xtask: made changes: create, rename a directory, rm -rf, an excluded file, mkdir -p"
+    );
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -230,7 +231,10 @@ fn run_example(root: &Path, keep_running: bool) -> anyhow::Result<()> {
     status(Command::new("kill").args(["-TERM", &pid]))?;
     let st = daemon.0.wait()?;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    for line in text.lines().filter(|l| l.contains("rsync finished") || l.contains("stopped")) {
+    for line in text
+        .lines()
+        .filter(|l| l.contains("rsync finished") || l.contains("stopped"))
+    {
         eprintln!("  {line}");
     }
     if !st.success() {

@@ -134,7 +134,10 @@ impl FanotifyBackend {
         let group = init_group()?;
         let mut roots_by_fs: BTreeMap<Fsid, Vec<PathBuf>> = BTreeMap::new();
         for root in roots {
-            roots_by_fs.entry(fsid(root)?).or_default().push(root.clone());
+            roots_by_fs
+                .entry(fsid(root)?)
+                .or_default()
+                .push(root.clone());
         }
         let mut resolver = Resolver::new(RESOLVE_CACHE_DIRS);
         let mut rename_events = true;
@@ -210,10 +213,20 @@ impl FanotifyBackend {
                 let old = self.path_of(fs, from.handle(), from.name(), out);
                 let new = self.path_of(fs, to.handle(), to.name(), out);
                 if let Some(path) = old {
-                    out.push(Event::Change { kind: ChangeKind::MovedFrom, path, is_dir, pid });
+                    out.push(Event::Change {
+                        kind: ChangeKind::MovedFrom,
+                        path,
+                        is_dir,
+                        pid,
+                    });
                 }
                 if let Some(path) = new {
-                    out.push(Event::Change { kind: ChangeKind::MovedTo, path, is_dir, pid });
+                    out.push(Event::Change {
+                        kind: ChangeKind::MovedTo,
+                        path,
+                        is_dir,
+                        pid,
+                    });
                 }
             } else {
                 self.rescan_fs(Some(fs), out);
@@ -259,7 +272,12 @@ impl FanotifyBackend {
             },
         };
         if let Some(path) = path {
-            out.push(Event::Change { kind, path, is_dir, pid });
+            out.push(Event::Change {
+                kind,
+                path,
+                is_dir,
+                pid,
+            });
         }
         if is_dir && matches!(kind, ChangeKind::MovedFrom | ChangeKind::MovedTo) {
             self.resolver.invalidate(fs);
@@ -277,7 +295,7 @@ impl FanotifyBackend {
         };
         if let Ok(Resolved::Path(path)) = self.resolver.resolve(fs, handle) {
             let roots = self.roots_by_fs.get(&fs).cloned().unwrap_or_default();
-            if roots.iter().any(|r| *r == path) {
+            if roots.contains(&path) {
                 tracing::warn!(root = %path.display(), "a source root itself was moved or deleted");
                 out.push(Event::Rescan { path });
             }
@@ -370,7 +388,11 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
             Ok(rename) => Ok(format!(
                 "{} filesystem reports file handles{}",
                 super::filesystem_type(path),
-                if rename { "; FAN_RENAME available" } else { "; no FAN_RENAME (before 5.17)" }
+                if rename {
+                    "; FAN_RENAME available"
+                } else {
+                    "; no FAN_RENAME (before 5.17)"
+                }
             )),
             Err(e) => Err(e.to_string()),
         };

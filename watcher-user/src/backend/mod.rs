@@ -39,7 +39,9 @@ pub enum BackendError {
     #[error("fanotify filesystem marks need CAP_SYS_ADMIN (run as root): {0}")]
     NoPermission(std::io::Error),
     /// The filesystem of a source cannot report file handles.
-    #[error("{path} is on a {fstype} filesystem, which cannot report file handles to fanotify ({source}); no fallback backend is available yet")]
+    #[error(
+        "{path} is on a {fstype} filesystem, which cannot report file handles to fanotify ({source}); no fallback backend is available yet"
+    )]
     FilesystemUnsupported {
         path: PathBuf,
         fstype: String,
