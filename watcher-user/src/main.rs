@@ -14,7 +14,6 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("watcher: {e:#}");
             ExitCode::from(1)
         }
     }

@@ -88,6 +88,12 @@ impl Resolver {
             return Ok(Resolved::Gone);
         }
         let path = std::fs::read_link(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd())))?;
+        self.remember(fsid, handle, path.clone());
+        Ok(Resolved::Path(path))
+    }
+
+    /// Caches `path` as the current path of directory `handle`.
+    pub fn remember(&mut self, fsid: Fsid, handle: &[u8], path: PathBuf) {
         if self.len >= self.capacity {
             // Bounded memory; refilling costs one open_by_handle_at per directory.
             self.clear();
@@ -96,12 +102,11 @@ impl Resolver {
             .cache
             .entry(fsid)
             .or_default()
-            .insert(handle.into(), path.clone())
+            .insert(handle.into(), path)
             .is_none()
         {
             self.len += 1;
         }
-        Ok(Resolved::Path(path))
     }
 
     /// Number of cached directories.

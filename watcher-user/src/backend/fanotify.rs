@@ -42,12 +42,18 @@ const RESOLVE_CACHE_DIRS: usize = 1 << 16;
 /// A fanotify group with its marks set.
 pub struct FanotifyBackend {
     group: Fanotify,
-    resolver: Resolver,
-    /// Source roots per filesystem, to rescan when an event there cannot be resolved.
-    roots_by_fs: BTreeMap<Fsid, Vec<PathBuf>>,
+    translator: Translator,
     /// Linux 5.17+ reports a rename as one event with both names.
     rename_events: bool,
     own_pids: Arc<OwnPids>,
+}
+
+/// Turns parsed fanotify events into [`Event`]s with absolute paths. Its only system call
+/// is `open_by_handle_at` on a cache miss, so it is tested with a pre-filled cache.
+pub struct Translator {
+    resolver: Resolver,
+    /// Source roots per filesystem, to rescan when an event there cannot be resolved.
+    roots_by_fs: BTreeMap<Fsid, Vec<PathBuf>>,
 }
 
 fn errno_of(e: &FanotifyError) -> io::Error {
@@ -151,8 +157,7 @@ impl FanotifyBackend {
         }
         Ok(FanotifyBackend {
             group,
-            resolver,
-            roots_by_fs,
+            translator: Translator::new(resolver, roots_by_fs),
             rename_events,
             own_pids,
         })
@@ -161,6 +166,16 @@ impl FanotifyBackend {
     /// Whether renames arrive as single FAN_RENAME events.
     pub fn has_rename_events(&self) -> bool {
         self.rename_events
+    }
+}
+
+impl Translator {
+    /// A translator resolving handles with `resolver`, rescanning `roots_by_fs` when lost.
+    pub fn new(resolver: Resolver, roots_by_fs: BTreeMap<Fsid, Vec<PathBuf>>) -> Self {
+        Translator {
+            resolver,
+            roots_by_fs,
+        }
     }
 
     /// Every source root on `fs`: what must be rescanned when an event there is lost.
@@ -193,7 +208,8 @@ impl FanotifyBackend {
         }
     }
 
-    fn translate(&mut self, ev: &FidEvent<'_>, out: &mut Vec<Event>) {
+    /// Appends what `ev` means to `out`.
+    pub fn translate(&mut self, ev: &FidEvent<'_>, out: &mut Vec<Event>) {
         if ev.is_overflow() {
             tracing::warn!("fanotify queue overflow: rescanning every root");
             self.resolver.clear();
@@ -349,7 +365,7 @@ impl Backend for FanotifyBackend {
                     if !ev.is_overflow() && own.contains(&ev.pid()) {
                         continue;
                     }
-                    self.translate(ev, &mut out);
+                    self.translator.translate(ev, &mut out);
                 }
             }
             if !out.is_empty() && !sink(out) {
@@ -378,7 +394,7 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
                 backend: "fanotify",
                 path: None,
                 ok: false,
-                detail: e.to_string(),
+                detail: super::error_chain(&e),
             });
             return rows;
         }
@@ -394,7 +410,7 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
                     "; no FAN_RENAME (before 5.17)"
                 }
             )),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(super::error_chain(&e)),
         };
         rows.push(Support {
             backend: "fanotify",
@@ -404,4 +420,217 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
         });
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use fanotify_fid::RenameSide;
+
+    use super::*;
+
+    const FS: Fsid = (7, 9);
+    const ROOT: &[u8] = b"handle-root";
+    const DIR: &[u8] = b"handle-dir";
+    const UNKNOWN: &[u8] = b"handle-unknown";
+
+    /// A translator that knows /srv/data (a root) and /srv/data/d, and has no mount to
+    /// open unknown handles against (a miss is an error, as for a lost filesystem).
+    fn translator() -> Translator {
+        let mut resolver = Resolver::new(64);
+        resolver.remember(FS, ROOT, "/srv/data".into());
+        resolver.remember(FS, DIR, "/srv/data/d".into());
+        let mut roots = BTreeMap::new();
+        roots.insert(FS, vec![PathBuf::from("/srv/data")]);
+        Translator::new(resolver, roots)
+    }
+
+    fn dirent(mask: u64, dir: &'static [u8], name: &'static [u8]) -> FidEvent<'static> {
+        let mut ev = FidEvent::new();
+        ev.set_mask(mask)
+            .set_fsid(FS)
+            .set_pid(42)
+            .set_dfid_name(Cow::Borrowed(dir), Cow::Borrowed(name));
+        ev
+    }
+
+    fn change(kind: ChangeKind, path: &str, is_dir: bool) -> Event {
+        Event::Change {
+            kind,
+            path: path.into(),
+            is_dir,
+            pid: 42,
+        }
+    }
+
+    fn run(t: &mut Translator, ev: &FidEvent<'_>) -> Vec<Event> {
+        let mut out = Vec::new();
+        t.translate(ev, &mut out);
+        out
+    }
+
+    #[test]
+    fn directory_entry_events_become_paths() {
+        let table: &[(u64, &'static [u8], &'static [u8], Vec<Event>)] = &[
+            (
+                FAN_CREATE,
+                DIR,
+                b"f",
+                vec![change(ChangeKind::Created, "/srv/data/d/f", false)],
+            ),
+            (
+                FAN_CREATE | FAN_ONDIR,
+                ROOT,
+                b"new",
+                vec![change(ChangeKind::Created, "/srv/data/new", true)],
+            ),
+            // Merged masks: creation wins, so a new directory is synced with its contents.
+            (
+                FAN_CREATE | FAN_MODIFY | FAN_CLOSE_WRITE,
+                DIR,
+                b"f",
+                vec![change(ChangeKind::Created, "/srv/data/d/f", false)],
+            ),
+            (
+                FAN_MODIFY,
+                DIR,
+                b"f",
+                vec![change(ChangeKind::Modified, "/srv/data/d/f", false)],
+            ),
+            (
+                FAN_CLOSE_WRITE,
+                DIR,
+                b"-x\nname",
+                vec![change(ChangeKind::Modified, "/srv/data/d/-x\nname", false)],
+            ),
+            (
+                FAN_ATTRIB,
+                DIR,
+                b"f",
+                vec![change(ChangeKind::Attrib, "/srv/data/d/f", false)],
+            ),
+            (
+                FAN_DELETE,
+                DIR,
+                b"f",
+                vec![change(ChangeKind::Deleted, "/srv/data/d/f", false)],
+            ),
+            (
+                FAN_MOVED_FROM,
+                DIR,
+                b"f",
+                vec![change(ChangeKind::MovedFrom, "/srv/data/d/f", false)],
+            ),
+            (
+                FAN_MOVED_TO,
+                DIR,
+                b"f",
+                vec![change(ChangeKind::MovedTo, "/srv/data/d/f", false)],
+            ),
+            // An attribute change of a directory itself is reported with the name ".".
+            (
+                FAN_ATTRIB | FAN_ONDIR,
+                DIR,
+                b".",
+                vec![change(ChangeKind::Attrib, "/srv/data/d", true)],
+            ),
+            // Self events of ordinary objects are covered by their parent's event.
+            (FAN_DELETE_SELF, DIR, b"f", vec![]),
+        ];
+        for (mask, dir, name, want) in table {
+            let mut t = translator();
+            assert_eq!(
+                &run(&mut t, &dirent(*mask, dir, name)),
+                want,
+                "mask {mask:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_utf8_names_are_kept_as_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut t = translator();
+        let out = run(&mut t, &dirent(FAN_CREATE, DIR, b"caf\xe9"));
+        let Event::Change { path, .. } = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(path.as_os_str().as_bytes(), b"/srv/data/d/caf\xe9");
+    }
+
+    #[test]
+    fn rename_event_gives_both_paths_and_drops_cached_directories() {
+        let mut t = translator();
+        let mut ev = FidEvent::new();
+        ev.set_mask(FAN_RENAME | FAN_ONDIR)
+            .set_fsid(FS)
+            .set_pid(42)
+            .set_rename_source(RenameSide {
+                handle: Cow::Borrowed(ROOT),
+                name: Cow::Borrowed(b"d"),
+            })
+            .set_rename_target(RenameSide {
+                handle: Cow::Borrowed(ROOT),
+                name: Cow::Borrowed(b"e"),
+            });
+        assert_eq!(
+            run(&mut t, &ev),
+            [
+                change(ChangeKind::MovedFrom, "/srv/data/d", true),
+                change(ChangeKind::MovedTo, "/srv/data/e", true)
+            ]
+        );
+        // The cached path of the moved directory is stale now: it must not be used again.
+        assert_eq!(t.resolver.cached(), 0);
+        let out = run(&mut t, &dirent(FAN_CREATE, DIR, b"f"));
+        assert_eq!(
+            out,
+            [Event::Rescan {
+                path: "/srv/data".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn moved_directory_without_rename_events_drops_the_cache_too() {
+        let mut t = translator();
+        let out = run(&mut t, &dirent(FAN_MOVED_FROM | FAN_ONDIR, ROOT, b"d"));
+        assert_eq!(out, [change(ChangeKind::MovedFrom, "/srv/data/d", true)]);
+        assert_eq!(t.resolver.cached(), 0);
+    }
+
+    #[test]
+    fn unresolvable_handle_rescans_the_roots_of_its_filesystem() {
+        let mut t = translator();
+        let out = run(&mut t, &dirent(FAN_CREATE, UNKNOWN, b"f"));
+        assert_eq!(
+            out,
+            [Event::Rescan {
+                path: "/srv/data".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn overflow_rescans_everything_and_forgets_paths() {
+        let mut t = translator();
+        let mut ev = FidEvent::new();
+        ev.set_mask(FAN_Q_OVERFLOW);
+        assert_eq!(run(&mut t, &ev), [Event::Overflow]);
+        assert_eq!(t.resolver.cached(), 0);
+    }
+
+    #[test]
+    fn event_without_filesystem_id_rescans() {
+        let mut t = translator();
+        let mut ev = FidEvent::new();
+        ev.set_mask(FAN_CREATE);
+        assert_eq!(
+            run(&mut t, &ev),
+            [Event::Rescan {
+                path: "/srv/data".into()
+            }]
+        );
+    }
 }

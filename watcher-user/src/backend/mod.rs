@@ -25,7 +25,7 @@ pub enum BackendKind {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// A syscall failed; `call` names it, `path` what it was about.
-    #[error("{call} on {path}: {source}")]
+    #[error("{call} on {path}")]
     Syscall {
         call: &'static str,
         path: PathBuf,
@@ -36,8 +36,8 @@ pub enum BackendError {
     #[error("fanotify is not usable on this kernel: {0}")]
     KernelUnsupported(String),
     /// Filesystem-wide marks need CAP_SYS_ADMIN.
-    #[error("fanotify filesystem marks need CAP_SYS_ADMIN (run as root): {0}")]
-    NoPermission(std::io::Error),
+    #[error("fanotify filesystem marks need CAP_SYS_ADMIN (run as root)")]
+    NoPermission(#[source] std::io::Error),
     /// The filesystem of a source cannot report file handles.
     #[error(
         "{path} is on a {fstype} filesystem, which cannot report file handles to fanotify ({source}); no fallback backend is available yet"
@@ -49,8 +49,8 @@ pub enum BackendError {
         source: std::io::Error,
     },
     /// Reading events failed after start-up.
-    #[error("reading events: {0}")]
-    Read(std::io::Error),
+    #[error("reading events")]
+    Read(#[source] std::io::Error),
 }
 
 /// Processes whose changes are not reported: the daemon itself and the rsync runs it spawned.
@@ -144,6 +144,18 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
         detail: "not built into this binary (no eBPF probes yet)".into(),
     });
     rows
+}
+
+/// `err` and its sources, joined with ": ".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// `path` with `name` appended, treating the empty name and "." as the directory itself.
