@@ -69,6 +69,11 @@ struct Cli {
     #[arg(long = "watcher-arg", allow_hyphen_values = true)]
     watcher_args: Vec<String>,
 
+    /// Drop the page, dentry and inode caches before each `ready` measurement, so that
+    /// `inotifywait -r` walks the tree from disk.
+    #[arg(long)]
+    cold: bool,
+
     /// Echo the output of the daemon and the competitors on stderr.
     #[arg(long, short)]
     verbose: bool,
@@ -131,6 +136,7 @@ fn run() -> Result<bool> {
         sizes,
         echo: cli.verbose,
         inotifywait,
+        cold: cli.cold,
         report: Report::default(),
     };
 
@@ -139,6 +145,8 @@ fn run() -> Result<bool> {
     } else {
         cli.scenarios
     };
+    let load_before = load_average();
+    let fanotify_before = fanotify_holders();
     let mut all_ok = true;
     for s in scenarios {
         eprintln!("== {s:?}");
@@ -157,12 +165,24 @@ fn run() -> Result<bool> {
 
     let header = vec![
         format!("scale: {:?}", cli.scale).to_lowercase(),
+        format!(
+            "caches before `ready`: {}",
+            if cli.cold { "dropped (cold)" } else { "warm" }
+        ),
         format!("kernel: {}", first_line("uname", &["-sr"])),
         format!(
             "CPUs: {}",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ),
         format!("rsync: {}", first_line("rsync", &["--version"])),
+        format!(
+            "load average (1, 5, 15 min) before / after: {load_before} / {}",
+            load_average()
+        ),
+        format!(
+            "other fanotify listeners (processes) before / after: {fanotify_before} / {}",
+            fanotify_holders()
+        ),
         format!(
             "inotifywait: {}",
             if inotifywait {
@@ -179,6 +199,24 @@ fn run() -> Result<bool> {
     }
     scratch.close().context("removing the scratch directory")?;
     Ok(all_ok)
+}
+
+/// The first three fields of `/proc/loadavg`: other work on the machine skews the
+/// numbers, the slab readings most (they are system-wide).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Processes that hold a fanotify group, as `N (comm, comm)`.
+fn fanotify_holders() -> String {
+    let holders = proc::fanotify_holders();
+    if holders.is_empty() {
+        return "0".to_owned();
+    }
+    let names: Vec<&str> = holders.iter().map(|p| p.comm.as_str()).collect();
+    format!("{} ({})", holders.len(), names.join(", "))
 }
 
 /// First line of a command's output (stdout, else stderr), or `unknown`.

@@ -250,6 +250,16 @@ impl LogTail {
         st.lines.iter().skip(from).filter(|(_, l)| pred(l)).count()
     }
 
+    /// The last line that satisfies `pred`.
+    pub fn last_matching(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let st = lock(&self.shared.state);
+        st.lines
+            .iter()
+            .rev()
+            .find(|(_, l)| pred(l))
+            .map(|(_, l)| l.clone())
+    }
+
     /// The last `n` lines, for error messages.
     pub fn tail(&self, n: usize) -> String {
         let st = lock(&self.shared.state);
@@ -428,6 +438,20 @@ pub fn inotify_watches(pid: i32) -> usize {
     rd.filter_map(|e| fs::read_to_string(e.ok()?.path()).ok())
         .map(|t| t.lines().filter(|l| l.starts_with("inotify wd:")).count())
         .sum()
+}
+
+/// Processes holding a fanotify group: each one is told of every write on the
+/// filesystems it marks, which slows the writes of a benchmark.
+pub fn fanotify_holders() -> Vec<ProcInfo> {
+    process_table()
+        .into_iter()
+        .filter(|p| {
+            fs::read_dir(format!("/proc/{}/fd", p.pid)).is_ok_and(|rd| {
+                rd.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                    .any(|l| l.as_os_str() == "anon_inode:[fanotify]")
+            })
+        })
+        .collect()
 }
 
 /// Whether `prog` is an executable on `PATH`.

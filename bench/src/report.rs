@@ -116,9 +116,13 @@ pub fn ratio(script: Duration, watcher: Duration) -> String {
     format!("{:.1}x", script.as_secs_f64() / watcher.as_secs_f64())
 }
 
-/// A KiB quantity (possibly negative) as MiB.
+/// A KiB quantity (possibly negative), as KiB below 10 MiB and as MiB above.
 pub fn mib(kib: i64) -> String {
-    format!("{:+.1} MiB", kib as f64 / 1024.0)
+    if kib.abs() < 10 * 1024 {
+        format!("{kib:+} KiB")
+    } else {
+        format!("{:+.1} MiB", kib as f64 / 1024.0)
+    }
 }
 
 /// An unsigned KiB quantity as MiB.
@@ -176,6 +180,16 @@ where
     hide_workdir(&words.join(" "), workdir)
 }
 
+/// Renders `bash -c SCRIPT`, with the script in double quotes when that is safe (it
+/// reads better than nested single quotes), and the scratch directory as `$WORKDIR`.
+pub fn bash_c_line(script: &str, workdir: &Path) -> String {
+    if script.chars().any(|c| "\"$`\\!".contains(c)) {
+        command_line("bash", ["-c", script], workdir)
+    } else {
+        hide_workdir(&format!("bash -c \"{script}\""), workdir)
+    }
+}
+
 /// Replaces the scratch directory's path by `$WORKDIR`.
 pub fn hide_workdir(s: &str, workdir: &Path) -> String {
     let w = workdir.to_string_lossy();
@@ -202,6 +216,10 @@ mod tests {
         assert_eq!(
             command_line("watcher", ["sync", "/w/x/src"], Path::new("/w/x")),
             "watcher sync $WORKDIR/src"
+        );
+        assert_eq!(
+            bash_c_line("a '%w' /w/x/s | b", Path::new("/w/x")),
+            "bash -c \"a '%w' $WORKDIR/s | b\""
         );
     }
 }

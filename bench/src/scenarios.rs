@@ -30,6 +30,8 @@ const SAMPLE_TIMEOUT: Duration = Duration::from_secs(5);
 const SAMPLE_POLL: Duration = Duration::from_micros(500);
 /// Quiet time before each latency sample, so that each sample is a lone change.
 const SAMPLE_GAP: Duration = Duration::from_millis(300);
+/// Longest wait for that quiet time; a sample then starts anyway.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sizes of one scale.
 #[derive(Clone, Copy)]
@@ -70,6 +72,8 @@ pub struct Ctx {
     /// Echo the children's output on stderr.
     pub echo: bool,
     pub inotifywait: bool,
+    /// Drop the kernel's caches before each `ready` measurement.
+    pub cold: bool,
     pub report: Report,
 }
 
@@ -143,7 +147,7 @@ impl Ctx {
         ];
         args.extend(self.watcher_args.iter().cloned());
         self.report.command(
-            "watcher (environment `RUST_LOG=info`)",
+            &format!("{what}: watcher (environment `RUST_LOG=info`)"),
             report::command_line("watcher", &args, &self.workdir),
         );
         let mut cmd = Command::new(&self.watcher);
@@ -176,7 +180,7 @@ impl Ctx {
 
     /// Runs the classic script and waits until its inotifywait watches every directory
     /// of `tree` and no rsync is running.
-    fn start_script(&mut self, tree: &Tree, dst: &Path) -> Result<Script> {
+    fn start_script(&mut self, tree: &Tree, dst: &Path, what: &str) -> Result<Script> {
         let src = report::sh_quote(path_str(&tree.root)?);
         let dst = report::sh_quote(path_str(dst)?);
         let script = format!(
@@ -184,8 +188,8 @@ impl Ctx {
              | while read f; do rsync -a --delete {src}/ {dst}/; done"
         );
         self.report.command(
-            "inotifywait script",
-            report::command_line("bash", ["-c", script.as_str()], &self.workdir),
+            &format!("{what}: inotifywait script"),
+            report::bash_c_line(&script, &self.workdir),
         );
         let mut cmd = Command::new("bash");
         cmd.arg("-c").arg(&script);
@@ -225,14 +229,14 @@ impl Ctx {
         Ok(Script { guard, _log: log })
     }
 
-    fn rsync_seed(&mut self, src: &Path, dst: &Path) -> Result<()> {
+    fn rsync_seed(&mut self, src: &Path, dst: &Path, what: &str) -> Result<()> {
         let args = [
             "-a".to_owned(),
             format!("{}/", path_str(src)?),
             format!("{}/", path_str(dst)?),
         ];
         self.report.command(
-            "replica seeding (before each run of `burst` and `latency`)",
+            &format!("{what}: replica seeding, before the watcher starts"),
             report::command_line("rsync", &args, &self.workdir),
         );
         let st = Command::new("rsync")
@@ -250,8 +254,9 @@ impl Ctx {
     pub fn ready(&mut self) -> Result<()> {
         let base = self.workdir.join("ready");
         let result = self.ready_in(&base);
-        tree::remove(&base)?;
-        result
+        let removed = tree::remove(&base);
+        result?;
+        removed
     }
 
     fn ready_in(&mut self, base: &Path) -> Result<()> {
@@ -263,7 +268,7 @@ impl Ctx {
         eprintln!("ready: generated in {}", dur(took));
         let dst = base.join("dst");
         fs::create_dir_all(&dst)?;
-        settle()?;
+        settle(self.cold)?;
 
         let slab0 = proc::slab_kib()?;
         let daemon = self.start_daemon(&tree.root, &dst, "ready")?;
@@ -280,21 +285,27 @@ impl Ctx {
             thousands(tree.dirs())
         );
         let met = ready_after < Duration::from_secs(1);
+        let slab_goal = goal("< 1 MiB", w_slab < 1024);
         let metric = format!("ready: spawn to ready ({size})");
         if !self.inotifywait {
             self.report
                 .note("inotifywait is not on PATH: its part of `ready` was skipped");
             self.report
                 .row(metric, dur(ready_after), "skipped", goal("< 1 s", met), "");
-            self.report
-                .row("ready: kernel slab growth", mib(w_slab), "skipped", "", "");
+            self.report.row(
+                "ready: kernel slab growth",
+                mib(w_slab),
+                "skipped",
+                slab_goal.clone(),
+                "",
+            );
             self.report
                 .row("ready: RSS at ready", mib_abs(rss), "skipped", "", "");
             return Ok(());
         }
 
         self.report.command(
-            "inotifywait -r, for `ready` (time to `Watches established.` on stderr)",
+            "ready: inotifywait -r (timed to `Watches established.` on stderr)",
             report::command_line(
                 "inotifywait",
                 inotifywait_ready_args(&tree.root)?,
@@ -316,8 +327,9 @@ impl Ctx {
                 "",
                 "",
             );
-            let raised = (tree.dirs() * 2).max(limit);
-            if raised > limit {
+            // Other inotify users of the same user count against the same limit.
+            let raised = limit + 2 * tree.dirs();
+            if limit < tree.dirs() || msg.contains("upper limit") {
                 let _restore = RaisedSysctl::set(MAX_USER_WATCHES, &raised.to_string())?;
                 self.report.note(format!(
                     "ready: max_user_watches was raised from {} to {} for a second inotifywait run, then restored",
@@ -351,7 +363,7 @@ impl Ctx {
                     "ready: kernel slab growth",
                     mib(w_slab),
                     mib(slab_kib),
-                    "",
+                    slab_goal.clone(),
                     "",
                 );
                 self.report.row(
@@ -374,8 +386,13 @@ impl Ctx {
                     goal("< 1 s", met),
                     "",
                 );
-                self.report
-                    .row("ready: kernel slab growth", mib(w_slab), "", "", "");
+                self.report.row(
+                    "ready: kernel slab growth",
+                    mib(w_slab),
+                    "",
+                    slab_goal.clone(),
+                    "",
+                );
                 self.report
                     .row("ready: RSS at ready", mib_abs(rss), "", "", "");
             }
@@ -384,7 +401,7 @@ impl Ctx {
     }
 
     fn inotifywait_ready(&mut self, tree: &Tree) -> Result<InotifyReady> {
-        settle()?;
+        settle(self.cold)?;
         let slab0 = proc::slab_kib()?;
         let mut cmd = Command::new("inotifywait");
         cmd.args(inotifywait_ready_args(&tree.root)?);
@@ -404,12 +421,14 @@ impl Ctx {
             Wait::Eof => {
                 let after = spawned.elapsed();
                 let st = guard.stop(Signal::SIGKILL, Duration::from_secs(5))?;
-                let tail = log.tail(2);
+                let why = log
+                    .last_matching(|l| l.contains("Failed") || l.contains("rror"))
+                    .unwrap_or_else(|| log.tail(1).trim().to_owned());
                 InotifyReady::Failed {
                     msg: format!(
                         "exited ({}): {}",
                         status_str(st),
-                        report::hide_workdir(tail.trim(), &self.workdir).replace('\n', " / ")
+                        report::hide_workdir(&why, &self.workdir)
                     ),
                     after,
                 }
@@ -436,8 +455,9 @@ impl Ctx {
     pub fn burst(&mut self) -> Result<()> {
         let base = self.workdir.join("burst");
         let result = self.burst_in(&base);
-        tree::remove(&base)?;
-        result
+        let removed = tree::remove(&base);
+        result?;
+        removed
     }
 
     fn burst_in(&mut self, base: &Path) -> Result<()> {
@@ -445,7 +465,7 @@ impl Ctx {
         eprintln!("burst: generating {} files ...", thousands(s.tree_files));
         let (tree, _) = Tree::generate(&base.join("src"), s.tree_files)?;
         let dst = base.join("dst");
-        self.rsync_seed(&tree.root, &dst)?;
+        self.rsync_seed(&tree.root, &dst, "burst")?;
         let per_dir = s.burst_files.div_ceil(s.burst_dirs);
         let names: Vec<String> = (0..s.burst_dirs).map(|d| format!("n{d:04}")).collect();
         let src_dirs: Vec<PathBuf> = names.iter().map(|n| tree.root.join(n)).collect();
@@ -458,6 +478,17 @@ impl Ctx {
             thousands(tree.files())
         );
 
+        // Baseline: the same writes into a sibling directory, before anything watches.
+        let plain_dirs: Vec<PathBuf> = names.iter().map(|n| base.join("plain").join(n)).collect();
+        let start = Instant::now();
+        tree::write_files(&plain_dirs, per_dir, &burst_content)?;
+        let plain = start.elapsed();
+        tree::remove(&base.join("plain"))?;
+        self.report.note(format!(
+            "burst: writing the files took {} with nothing watching",
+            dur(plain)
+        ));
+
         // watcher
         let daemon = self.start_daemon(&tree.root, &dst, "burst")?;
         let runs0 = daemon.rsync_runs();
@@ -467,16 +498,16 @@ impl Ctx {
         let settled = proc::wait_rsync_idle(
             daemon.pid(),
             Duration::from_secs(1),
-            Duration::from_secs(120),
+            Duration::from_secs(30),
         )?;
         let runs = daemon.rsync_runs() - runs0;
         let cpu = proc::cpu_time(daemon.pid())?.saturating_sub(cpu0);
         daemon.stop(&mut self.report, "burst")?;
         if !settled {
             self.report
-                .note("burst: watcher still ran rsync 120 s after the replica was complete");
+                .note("burst: watcher still ran rsync 30 s after the replica was complete");
         }
-        let w_time = match complete {
+        let w_ok = match &complete {
             Ok(t) => {
                 let bad = verify(&dst_dirs, per_dir)?;
                 if bad > 0 {
@@ -484,63 +515,72 @@ impl Ctx {
                         "burst: {bad} replica files had wrong contents after the watcher run"
                     ));
                 }
-                eprintln!("burst: watcher replica complete after {}", dur(t));
-                Some(t)
+                eprintln!("burst: watcher replica complete after {}", dur(*t));
+                true
             }
-            Err(ref e) => {
+            Err(e) => {
                 self.report.note(format!("burst (watcher): {e}"));
-                None
+                false
             }
         };
         self.report.note(format!(
-            "burst: writing took {} (watcher run); watcher's own CPU time during the burst: {}",
-            dur(written),
+            "burst: the watcher's own CPU time during the burst: {}",
             dur(cpu)
         ));
+        let w = BurstTimes { written, complete };
 
         // inotifywait script, on the same tree without the burst directories
-        let mut s_time = None;
-        let mut script_cell = "skipped".to_owned();
-        if self.inotifywait {
+        let script = if self.inotifywait {
             for d in src_dirs.iter().chain(&dst_dirs) {
                 tree::remove(d)?;
             }
-            let script = self.start_script(&tree, &dst)?;
+            let script = self.start_script(&tree, &dst, "burst")?;
             eprintln!("burst: script watching; writing {what}");
             let (written, complete) = burst_once(&src_dirs, &dst_dirs, per_dir)?;
             drop(script);
-            self.report
-                .note(format!("burst: writing took {} (script run)", dur(written)));
-            match complete {
-                Ok(t) => {
-                    eprintln!("burst: script replica complete after {}", dur(t));
-                    script_cell = dur(t);
-                    s_time = Some(t);
-                }
-                Err(e) => script_cell = e,
+            match &complete {
+                Ok(t) => eprintln!("burst: script replica complete after {}", dur(*t)),
+                Err(e) => self.report.note(format!("burst (script): {e}")),
             }
+            Some(BurstTimes { written, complete })
         } else {
             self.report
                 .note("inotifywait is not on PATH: its part of `burst` was skipped");
-        }
-
-        let w_cell = w_time.map_or_else(|| "incomplete".to_owned(), dur);
-        let r = match (s_time, w_time) {
-            (Some(s), Some(w)) => ratio(s, w),
-            _ => String::new(),
+            None
         };
-        self.report.row(
-            format!("burst: write to replica complete ({what})"),
-            w_cell,
-            script_cell,
-            "",
-            r,
-        );
+
+        let rows: [(String, BurstMetric); 3] = [
+            (
+                format!("burst: first write to replica complete ({what})"),
+                |b| b.complete.as_ref().ok().copied(),
+            ),
+            ("burst: writing the files".to_owned(), |b| Some(b.written)),
+            ("burst: last write to replica complete".to_owned(), |b| {
+                b.complete
+                    .as_ref()
+                    .ok()
+                    .map(|c| c.saturating_sub(b.written))
+            }),
+        ];
+        for (metric, get) in rows {
+            let cell = |b: &BurstTimes| get(b).map_or_else(|| "incomplete".to_owned(), dur);
+            let r = match (script.as_ref().and_then(get), get(&w)) {
+                (Some(s), Some(w)) => ratio(s, w),
+                _ => String::new(),
+            };
+            self.report.row(
+                metric,
+                cell(&w),
+                script.as_ref().map_or_else(|| "skipped".to_owned(), cell),
+                "",
+                r,
+            );
+        }
         self.report.row(
             "burst: rsync runs",
             runs.to_string(),
             "",
-            goal("<= 10", runs <= 10 && w_time.is_some()),
+            goal("<= 10", runs <= 10 && w_ok),
             "",
         );
         Ok(())
@@ -548,11 +588,21 @@ impl Ctx {
 
     // ----------------------------------------------------------------------------------
 
+    fn busy_note(&mut self, who: &str, busy: usize) {
+        if busy > 0 {
+            self.report.note(format!(
+                "latency ({who}): {busy} samples started while rsync was still running {} after the previous one",
+                dur(IDLE_TIMEOUT)
+            ));
+        }
+    }
+
     pub fn latency(&mut self) -> Result<()> {
         let base = self.workdir.join("latency");
         let result = self.latency_in(&base);
-        tree::remove(&base)?;
-        result
+        let removed = tree::remove(&base);
+        result?;
+        removed
     }
 
     fn latency_in(&mut self, base: &Path) -> Result<()> {
@@ -563,20 +613,22 @@ impl Ctx {
         );
         let (tree, _) = Tree::generate(&base.join("src"), self.sizes.tree_files)?;
         let dst = base.join("dst");
-        self.rsync_seed(&tree.root, &dst)?;
+        self.rsync_seed(&tree.root, &dst, "latency")?;
         let mut rng = StdRng::seed_from_u64(0x5eed);
 
         let daemon = self.start_daemon(&tree.root, &dst, "latency")?;
         eprintln!("latency: watcher ready; {n} samples");
-        let w = samples(&tree, &dst, daemon.pid(), n, "w", &mut rng)?;
+        let (w, busy) = samples(&tree, &dst, daemon.pid(), n, "w", &mut rng)?;
         daemon.stop(&mut self.report, "latency")?;
+        self.busy_note("watcher", busy);
         let w = Stats::of(&w);
 
         let s = if self.inotifywait {
-            let script = self.start_script(&tree, &dst)?;
+            let script = self.start_script(&tree, &dst, "latency")?;
             eprintln!("latency: script watching; {n} samples");
-            let s = samples(&tree, &dst, script.guard.pid(), n, "s", &mut rng)?;
+            let (s, busy) = samples(&tree, &dst, script.guard.pid(), n, "s", &mut rng)?;
             drop(script);
+            self.busy_note("script", busy);
             Some(Stats::of(&s))
         } else {
             self.report
@@ -652,6 +704,16 @@ fn inotifywait_ready_args(src: &Path) -> Result<Vec<String>> {
     ])
 }
 
+/// Times of one burst run: writing, and from the first write until the replica had
+/// every file (or why it did not).
+struct BurstTimes {
+    written: Duration,
+    complete: Result<Duration, String>,
+}
+
+/// One number taken from [`BurstTimes`].
+type BurstMetric = fn(&BurstTimes) -> Option<Duration>;
+
 /// Writes the burst, then waits for the replica. Returns the write time and the time
 /// from the first write until the replica had every file (or why it did not).
 fn burst_once(
@@ -694,7 +756,8 @@ fn verify(dst_dirs: &[PathBuf], per_dir: usize) -> Result<usize> {
 }
 
 /// `n` latency samples: each writes one new file into a random leaf directory and
-/// busy-polls until the replica has it in full. `None` marks a timeout.
+/// busy-polls until the replica has it in full. `None` marks a timeout. Also returns
+/// how many samples started while rsync was still running after [`IDLE_TIMEOUT`].
 fn samples(
     tree: &Tree,
     dst: &Path,
@@ -702,10 +765,13 @@ fn samples(
     n: usize,
     tag: &str,
     rng: &mut StdRng,
-) -> Result<Vec<Option<Duration>>> {
+) -> Result<(Vec<Option<Duration>>, usize)> {
     let mut out = Vec::with_capacity(n);
+    let mut busy = 0;
     for i in 0..n {
-        proc::wait_rsync_idle(root_pid, SAMPLE_GAP, Duration::from_secs(30))?;
+        if !proc::wait_rsync_idle(root_pid, SAMPLE_GAP, IDLE_TIMEOUT)? {
+            busy += 1;
+        }
         let leaf = Tree::leaf(rng.random_range(0..tree.tops), rng.random_range(0..SUBDIRS));
         let rel = leaf.join(format!("lat-{tag}-{i:03}"));
         let content = format!("latency sample {tag} {i} of {n}\n");
@@ -725,7 +791,7 @@ fn samples(
         proc::check_interrupted()?;
         out.push(sample);
     }
-    Ok(out)
+    Ok((out, busy))
 }
 
 /// Nearest-rank percentiles; a timed-out sample counts as slower than any other.
@@ -793,9 +859,13 @@ fn read_trimmed(path: &str) -> Result<String> {
         .to_owned())
 }
 
-/// Flushes dirty data and lets the kernel's caches settle before a slab reading.
-fn settle() -> Result<()> {
+/// Flushes dirty data (and with `cold`, drops the page, dentry and inode caches) and
+/// lets the kernel's caches settle before a slab reading.
+fn settle(cold: bool) -> Result<()> {
     nix::unistd::sync();
+    if cold {
+        fs::write("/proc/sys/vm/drop_caches", "3").context("dropping caches")?;
+    }
     proc::sleep(Duration::from_secs(1))
 }
 

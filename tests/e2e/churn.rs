@@ -97,6 +97,11 @@ pub struct Churn {
     counter: u64,
     /// Give some new names the excluded forms `*.swp` (files) and `.cache` (dirs).
     pub excluded_names: bool,
+    /// Keep every symlink's target inside the tree: directories and symlinks only move
+    /// to a parent of the same depth, so a relative `../` target never climbs out. An
+    /// rsync daemon without chroot sanitizes targets that leave the module, so against
+    /// one the replica could not hold such a link as it is.
+    pub contained_links: bool,
     /// How many times each operation ran.
     pub stats: BTreeMap<String, usize>,
 }
@@ -129,6 +134,7 @@ impl Churn {
             nodes,
             counter: 0,
             excluded_names: false,
+            contained_links: false,
             stats: BTreeMap::new(),
         }
     }
@@ -199,6 +205,15 @@ impl Churn {
             return PathBuf::new();
         }
         self.pick_kind(Node::Dir).unwrap_or_default()
+    }
+
+    /// A directory (or the root, for depth 0) exactly `depth` levels below the root.
+    fn pick_parent_at_depth(&mut self, depth: usize) -> PathBuf {
+        if depth == 0 {
+            return PathBuf::new();
+        }
+        self.pick(|p, n| n == Node::Dir && p.components().count() == depth)
+            .expect("the link's own parent is at that depth")
     }
 
     fn content(&mut self) -> Vec<u8> {
@@ -415,8 +430,11 @@ impl Churn {
                 let Some(f) = self.pick(|_, n| n != Node::Dir) else {
                     return self.apply(Op::CreateFile);
                 };
+                let here = f.parent().map(Path::to_path_buf).unwrap_or_default();
                 let parent = if op == Op::RenameFileSameDir {
-                    f.parent().map(Path::to_path_buf).unwrap_or_default()
+                    here
+                } else if self.contained_links && self.nodes[&f] == Node::Link {
+                    self.pick_parent_at_depth(here.components().count())
                 } else {
                     self.pick_parent()
                 };
@@ -441,6 +459,8 @@ impl Churn {
                 let Some(d) = self.pick_kind(Node::Dir) else {
                     return self.apply(Op::MkdirNested);
                 };
+                let depth = d.components().count() - 1;
+                let contained = self.contained_links;
                 let parents: Vec<PathBuf> = std::iter::once(PathBuf::new())
                     .chain(
                         self.nodes
@@ -448,6 +468,7 @@ impl Churn {
                             .filter(|(p, n)| **n == Node::Dir && !p.starts_with(&d))
                             .map(|(p, _)| p.clone()),
                     )
+                    .filter(|p| !contained || p.components().count() == depth)
                     .collect();
                 let parent = parents[self.rng.random_range(0..parents.len())].clone();
                 let to = parent.join(self.fresh_dir_name(&parent));

@@ -43,6 +43,26 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// Prints how long a test took when dropped (seen with `--nocapture` or on failure).
+pub struct TestTimer {
+    test: &'static str,
+    start: Instant,
+}
+
+impl Drop for TestTimer {
+    fn drop(&mut self) {
+        eprintln!("{}: {:.1?}", self.test, self.start.elapsed());
+    }
+}
+
+/// The root gate and a timer: `None` when the test is to be skipped.
+pub fn begin(test: &'static str) -> Option<TestTimer> {
+    root_or_skip(test).then(|| TestTimer {
+        test,
+        start: Instant::now(),
+    })
+}
+
 /// The seed of a test's random churn: `WATCHER_E2E_SEED` when set, else a fresh one.
 /// It is printed, and every failure message of a seeded test repeats it.
 pub fn seed(test: &str) -> u64 {

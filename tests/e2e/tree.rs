@@ -202,12 +202,28 @@ pub fn compare(src: &Path, dst: &Path, skip: Skip<'_>) -> std::io::Result<Vec<St
     Ok(diff(&expected, &replica))
 }
 
+/// `s` cut in the middle to at most about `max` bytes (deep paths are long).
+fn shorten(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut head = max / 2;
+    while !s.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = s.len() - max / 2;
+    while !s.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} [...] {}", &s[..head], &s[tail..])
+}
+
 /// At most `max` lines of a difference list, with a count of the rest.
 pub fn summarize(diffs: &[String], max: usize) -> String {
     let mut s = diffs
         .iter()
         .take(max)
-        .map(|d| format!("  {d}"))
+        .map(|d| format!("  {}", shorten(d, 400)))
         .collect::<Vec<_>>()
         .join("\n");
     if diffs.len() > max {

@@ -94,7 +94,15 @@ fn route(filter: &Filter, targets: &mut [TargetState], event: &Event) -> bool {
             } else {
                 Scope::Entry
             };
-            mark(group, rel, scope)
+            let marked = mark(group, rel, scope);
+            // Adding or removing a name changes the parent's mtime, and rsync does not carry
+            // the times of directories it only implies from a listed path.
+            if !matches!(kind, ChangeKind::Modified | ChangeKind::Attrib)
+                && let Some(parent) = rel.parent()
+            {
+                mark(group, parent, Scope::Entry);
+            }
+            marked
         }
         Event::Rescan { path } => {
             let mut any = false;

@@ -470,9 +470,12 @@ mod tests {
         out
     }
 
+    /// mask, directory handle, name -> expected events.
+    type Row = (u64, &'static [u8], &'static [u8], Vec<Event>);
+
     #[test]
     fn directory_entry_events_become_paths() {
-        let table: &[(u64, &'static [u8], &'static [u8], Vec<Event>)] = &[
+        let table: &[Row] = &[
             (
                 FAN_CREATE,
                 DIR,

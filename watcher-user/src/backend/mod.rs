@@ -2,6 +2,7 @@
 //! paths; nothing downstream knows which backend produced them.
 
 pub mod fanotify;
+pub mod inotify;
 mod mountinfo;
 
 use std::path::{Path, PathBuf};
@@ -15,10 +16,13 @@ pub use mountinfo::filesystem_type;
 /// Which change-capture mechanism to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
-    /// The best one this kernel and filesystem support.
+    /// fanotify when the kernel and every root's filesystem support it, else inotify.
     Auto,
     /// A filesystem-wide fanotify mark (Linux 5.9+, a filesystem that reports file handles).
     Fanotify,
+    /// One inotify watch per directory: any kernel and filesystem, but start-up walks the
+    /// tree and it needs one of fs.inotify.max_user_watches per directory.
+    Inotify,
 }
 
 /// Why a backend could not start.
@@ -40,13 +44,40 @@ pub enum BackendError {
     NoPermission(#[source] std::io::Error),
     /// The filesystem of a source cannot report file handles.
     #[error(
-        "{path} is on a {fstype} filesystem, which cannot report file handles to fanotify ({source}); no fallback backend is available yet"
+        "{path} is on a {fstype} filesystem, which cannot report file handles to fanotify; use --backend inotify (or auto)"
     )]
     FilesystemUnsupported {
         path: PathBuf,
         fstype: String,
         #[source]
         source: std::io::Error,
+    },
+    /// No inotify instance could be created.
+    #[error("inotify is not usable: {reason}")]
+    InotifyUnavailable {
+        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tree needs more inotify watches than the user has left.
+    #[error(
+        "watching {roots} needs {needed} inotify watches (one per directory) but only {available} are free: fs.inotify.max_user_watches is {max} and {in_use} are in use; raise it to at least {wanted} (sysctl -w fs.inotify.max_user_watches=N), which lets this tree pin {memory}",
+        wanted = .in_use.saturating_add(*.needed),
+        memory = inotify::kernel_memory(.needed)
+    )]
+    InotifyWatchLimit {
+        roots: String,
+        needed: u64,
+        available: u64,
+        max: u64,
+        in_use: u64,
+    },
+    /// Auto selection found neither backend usable.
+    #[error("fanotify cannot be used ({fanotify}), and neither can inotify")]
+    NoBackend {
+        fanotify: String,
+        #[source]
+        inotify: Box<BackendError>,
     },
     /// Reading events failed after start-up.
     #[error("reading events")]
@@ -107,16 +138,65 @@ pub fn start(
     own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
     match kind {
-        BackendKind::Auto | BackendKind::Fanotify => {
-            let backend = fanotify::FanotifyBackend::start(roots, own_pids)?;
-            tracing::info!(
-                backend = "fanotify",
-                rename_events = backend.has_rename_events(),
-                "backend selected"
-            );
-            Ok(Box::new(backend))
-        }
+        BackendKind::Fanotify => start_fanotify(roots, own_pids, "forced with --backend"),
+        BackendKind::Inotify => start_inotify(roots, own_pids, "forced with --backend"),
+        BackendKind::Auto => match fanotify::FanotifyBackend::start(roots, own_pids.clone()) {
+            Ok(backend) => Ok(fanotify_selected(
+                backend,
+                "the kernel and every root's filesystem support filesystem marks",
+            )),
+            // Only a missing capability falls back: other errors (a root that cannot be
+            // opened, say) would fail inotify the same way.
+            Err(
+                e @ (BackendError::KernelUnsupported(_)
+                | BackendError::NoPermission(_)
+                | BackendError::FilesystemUnsupported { .. }),
+            ) => {
+                let why = error_chain(&e);
+                start_inotify(roots, own_pids, &format!("fanotify unusable: {why}")).map_err(
+                    |inotify| BackendError::NoBackend {
+                        fanotify: why,
+                        inotify: Box::new(inotify),
+                    },
+                )
+            }
+            Err(e) => Err(e),
+        },
     }
+}
+
+fn start_fanotify(
+    roots: &[PathBuf],
+    own_pids: Arc<OwnPids>,
+    reason: &str,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let backend = fanotify::FanotifyBackend::start(roots, own_pids)?;
+    Ok(fanotify_selected(backend, reason))
+}
+
+fn fanotify_selected(backend: fanotify::FanotifyBackend, reason: &str) -> Box<dyn Backend> {
+    tracing::info!(
+        backend = "fanotify",
+        reason,
+        rename_events = backend.has_rename_events(),
+        "backend selected"
+    );
+    Box::new(backend)
+}
+
+fn start_inotify(
+    roots: &[PathBuf],
+    own_pids: Arc<OwnPids>,
+    reason: &str,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let backend = inotify::InotifyBackend::start(roots, own_pids)?;
+    tracing::info!(
+        backend = "inotify",
+        reason,
+        watches = backend.watches(),
+        "backend selected"
+    );
+    Ok(Box::new(backend))
 }
 
 /// One row of `watcher check`: can `backend` serve `path` here, and if not, why.
@@ -131,12 +211,7 @@ pub struct Support {
 /// Probes every backend on this kernel and, for each path, on its filesystem.
 pub fn check(paths: &[PathBuf]) -> Vec<Support> {
     let mut rows = fanotify::check(paths);
-    rows.push(Support {
-        backend: "inotify",
-        path: None,
-        ok: false,
-        detail: "not implemented yet".into(),
-    });
+    rows.extend(inotify::check(paths));
     rows.push(Support {
         backend: "ebpf",
         path: None,
