@@ -105,6 +105,16 @@ impl Scratch {
     }
 }
 
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // WATCHER_E2E_KEEP=1 keeps the trees of a failed test for a look.
+        if std::thread::panicking() && std::env::var_os("WATCHER_E2E_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {}", self.dir.path().display());
+        }
+    }
+}
+
 /// Lines printed by a child (stderr and stdout), shared with the reader threads.
 #[derive(Clone, Default)]
 pub struct LogLines(Arc<Mutex<Vec<String>>>);

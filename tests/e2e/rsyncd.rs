@@ -20,6 +20,7 @@ pub struct RsyncDaemon {
     pub port: u16,
     /// Client-side password file, for `--password-file`.
     pub password_file: PathBuf,
+    log_file: PathBuf,
     stopped: bool,
 }
 
@@ -98,6 +99,7 @@ impl RsyncDaemon {
                 child,
                 port,
                 password_file: password_file.clone(),
+                log_file: log_file.clone(),
                 stopped: false,
             };
             match d.wait_listening(Duration::from_secs(20)) {
@@ -169,6 +171,13 @@ impl RsyncDaemon {
 
 impl Drop for RsyncDaemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Server-side errors (what made a transfer fail) are only in its log.
+            let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("rsync daemon log ({}), last lines:\n{tail}", self.log_file.display());
+        }
         if !self.stopped {
             // Its own process group (it forks one child per connection).
             let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
