@@ -2,7 +2,9 @@
 //!
 //! Scenarios:
 //! - `ready`: time from spawn to `ready` on a large tree, kernel slab growth and RSS,
-//!   against the time `inotifywait -r` takes to establish its watches;
+//!   against the time `inotifywait -r` takes to establish its watches; then the same
+//!   for the fanotify backend, the inotify backend and `inotifywait -r` side by side on a
+//!   tree with a given number of directories;
 //! - `burst`: many new files at once, time until the replica has them all, and the
 //!   number of rsync runs it took;
 //! - `latency`: one small new file at a time, time until the replica has it.
@@ -22,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 use crate::report::Report;
-use crate::scenarios::{Ctx, Sizes};
+use crate::scenarios::{Backend, Ctx, Sizes};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Scenario {
@@ -33,9 +35,11 @@ enum Scenario {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Scale {
-    /// 100,000-file `ready` tree, 10,000-file trees for `burst` and `latency`.
+    /// 100,000-file `ready` tree, 10,000 directories for the watch set-up comparison,
+    /// 10,000-file trees for `burst` and `latency`.
     Small,
-    /// 1,000,000-file `ready` tree, 100,000-file trees for `burst` and `latency`.
+    /// 1,000,000-file `ready` tree, 100,000 directories for the watch set-up comparison,
+    /// 100,000-file trees for `burst` and `latency`.
     Large,
 }
 
@@ -65,7 +69,29 @@ struct Cli {
     #[arg(long)]
     out: Option<PathBuf>,
 
-    /// Extra argument for `watcher sync` (repeatable), e.g. `--watcher-arg=--delay=5`.
+    /// Backends `burst` and `latency` run the daemon with, one run each, e.g.
+    /// `--backend fanotify,inotify` (`ready` always measures both).
+    #[arg(
+        long = "backend",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fanotify"
+    )]
+    backends: Vec<Backend>,
+
+    /// Directories (the root included) of the watch set-up comparison of `ready`;
+    /// default: 100,000 (`--scale large`) or 10,000 (`--scale small`).
+    #[arg(long)]
+    setup_dirs: Option<usize>,
+
+    /// Set fs.inotify.max_user_watches to this for `ready`, restored afterwards: a value
+    /// below the tree's directories shows how each inotify user is refused (after which
+    /// the limit is raised for a second run).
+    #[arg(long)]
+    max_user_watches: Option<usize>,
+
+    /// Extra argument for `watcher sync` (repeatable), e.g. `--watcher-arg=--delay=5`
+    /// (not `--backend`: use the option of this program).
     #[arg(long = "watcher-arg", allow_hyphen_values = true)]
     watcher_args: Vec<String>,
 
@@ -121,10 +147,22 @@ fn run() -> Result<bool> {
         .prefix("watcher-bench-")
         .tempdir_in(&base)
         .with_context(|| format!("creating a scratch directory in {}", base.display()))?;
-    let sizes = match cli.scale {
+    let mut sizes = match cli.scale {
         Scale::Small => Sizes::SMALL,
         Scale::Large => Sizes::LARGE,
     };
+    if let Some(dirs) = cli.setup_dirs {
+        if dirs == 0 {
+            bail!("--setup-dirs must be at least 1");
+        }
+        sizes.setup_dirs = dirs;
+    }
+    let mut backends: Vec<Backend> = Vec::new();
+    for b in cli.backends {
+        if !backends.contains(&b) {
+            backends.push(b);
+        }
+    }
     let inotifywait = proc::on_path("inotifywait");
     if !inotifywait {
         eprintln!("inotifywait is not on PATH (package inotify-tools): comparisons are skipped");
@@ -137,6 +175,8 @@ fn run() -> Result<bool> {
         echo: cli.verbose,
         inotifywait,
         cold: cli.cold,
+        backends,
+        max_user_watches: cli.max_user_watches,
         report: Report::default(),
     };
 
@@ -165,6 +205,19 @@ fn run() -> Result<bool> {
 
     let header = vec![
         format!("scale: {:?}", cli.scale).to_lowercase(),
+        format!(
+            "backends of `burst` and `latency`: {}",
+            ctx.backends
+                .iter()
+                .map(|b| b.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        format!(
+            "fs.inotify.max_user_watches (outside the runs that change it): {}",
+            std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+                .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+        ),
         format!(
             "caches before `ready`: {}",
             if cli.cold { "dropped (cold)" } else { "warm" }

@@ -13,9 +13,17 @@ pub struct Row {
     pub ratio: String,
 }
 
+/// A table of its own, after the main one, for comparisons with other columns.
+pub struct Table {
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
 #[derive(Default)]
 pub struct Report {
     pub rows: Vec<Row>,
+    pub tables: Vec<Table>,
     pub notes: Vec<String>,
     /// (what, exact command line), in the order they were first run.
     pub commands: Vec<(String, String)>,
@@ -37,6 +45,10 @@ impl Report {
             goal: goal.into(),
             ratio: ratio.into(),
         });
+    }
+
+    pub fn table(&mut self, table: Table) {
+        self.tables.push(table);
     }
 
     pub fn note(&mut self, s: impl Into<String>) {
@@ -71,6 +83,18 @@ impl Report {
                 cell(&r.goal),
                 cell(&r.ratio)
             ));
+        }
+        for t in &self.tables {
+            out.push_str(&format!("\n{}:\n\n", t.title));
+            let line = |cells: &[String]| {
+                let cells: Vec<String> = cells.iter().map(|c| cell(c)).collect();
+                format!("| {} |\n", cells.join(" | "))
+            };
+            out.push_str(&line(&t.columns));
+            out.push_str(&line(&vec!["---".to_owned(); t.columns.len()]));
+            for r in &t.rows {
+                out.push_str(&line(r));
+            }
         }
         if !self.notes.is_empty() {
             out.push_str("\nNotes:\n\n");
@@ -114,6 +138,15 @@ pub fn ratio(script: Duration, watcher: Duration) -> String {
         return String::new();
     }
     format!("{:.1}x", script.as_secs_f64() / watcher.as_secs_f64())
+}
+
+/// How many times larger `a` is than `b`, for sizes; empty when `b` is too small for
+/// the quotient to mean anything (slab readings are noisy below a MiB).
+pub fn size_ratio(a: i64, b: i64) -> String {
+    if b < 1024 || a < 0 {
+        return String::new();
+    }
+    format!("{:.1}x", a as f64 / b as f64)
 }
 
 /// A KiB quantity (possibly negative), as KiB below 10 MiB and as MiB above.

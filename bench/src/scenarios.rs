@@ -1,5 +1,7 @@
 //! The three scenarios: `ready`, `burst` and `latency`, each run against the watcher
 //! daemon and, where `inotifywait` exists, against the classic inotifywait script.
+//! `ready` also compares the set-up of the daemon's two backends and of `inotifywait -r`
+//! on a tree with a given number of directories.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,8 +14,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::proc::{self, Guard, LogTail, Wait};
-use crate::report::{self, Report, dur, goal, mib, mib_abs, ratio, thousands};
-use crate::tree::{self, SUBDIRS, Tree};
+use crate::report::{self, Report, Table, dur, goal, mib, mib_abs, ratio, size_ratio, thousands};
+use crate::tree::{self, DirTree, SUBDIRS, Tree};
 
 /// The inotify events both competitors listen to.
 const INOTIFY_EVENTS: &str = "create,delete,moved_to,close_write";
@@ -22,6 +24,8 @@ const MAX_USER_WATCHES: &str = "/proc/sys/fs/inotify/max_user_watches";
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long `inotifywait -r` may take to set its watches.
 const WATCHES_TIMEOUT: Duration = Duration::from_secs(600);
+/// Wait before the `Slab` reading after `ready` (see [`slab_after_ready`]).
+const SLAB_LAG: Duration = Duration::from_millis(1500);
 /// How long a burst may take to reach the replica.
 const BURST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Per-sample timeout of the latency scenario.
@@ -33,11 +37,35 @@ const SAMPLE_GAP: Duration = Duration::from_millis(300);
 /// Longest wait for that quiet time; a sample then starts anyway.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The change-capture backend the daemon is started with (`watcher sync --backend`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Backend {
+    /// A filesystem-wide fanotify mark.
+    Fanotify,
+    /// The recursive-inotify fallback: one watch per directory.
+    Inotify,
+    /// The daemon's own choice.
+    Auto,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Fanotify => "fanotify",
+            Backend::Inotify => "inotify",
+            Backend::Auto => "auto",
+        }
+    }
+}
+
 /// Sizes of one scale.
 #[derive(Clone, Copy)]
 pub struct Sizes {
     /// Files of the `ready` tree.
     pub ready_files: usize,
+    /// Directories (the root included) of the tree on which `ready` compares the watch
+    /// set-up of both backends and of `inotifywait -r`.
+    pub setup_dirs: usize,
     /// Files of the `burst` and `latency` trees.
     pub tree_files: usize,
     /// New files written by `burst`, and the new directories they go in.
@@ -49,6 +77,7 @@ pub struct Sizes {
 impl Sizes {
     pub const LARGE: Self = Self {
         ready_files: 1_000_000,
+        setup_dirs: 100_000,
         tree_files: 100_000,
         burst_files: 100_000,
         burst_dirs: 1_000,
@@ -56,6 +85,7 @@ impl Sizes {
     };
     pub const SMALL: Self = Self {
         ready_files: 100_000,
+        setup_dirs: 10_000,
         tree_files: 10_000,
         burst_files: 10_000,
         burst_dirs: 1_000,
@@ -74,6 +104,10 @@ pub struct Ctx {
     pub inotifywait: bool,
     /// Drop the kernel's caches before each `ready` measurement.
     pub cold: bool,
+    /// Backends `burst` and `latency` run the daemon with, one run each.
+    pub backends: Vec<Backend>,
+    /// `fs.inotify.max_user_watches` to set for `ready` (restored afterwards).
+    pub max_user_watches: Option<usize>,
     pub report: Report,
 }
 
@@ -137,13 +171,39 @@ struct Script {
 }
 
 impl Ctx {
-    /// Runs `watcher sync SRC DST --no-initial-sync` and waits for `ready`.
-    fn start_daemon(&mut self, src: &Path, dst: &Path, what: &str) -> Result<Daemon> {
+    /// Runs `watcher sync SRC DST --no-initial-sync --backend B` and waits for `ready`.
+    fn start_daemon(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        backend: Backend,
+        what: &str,
+    ) -> Result<Daemon> {
+        match self.try_start_daemon(src, dst, backend, what)? {
+            Started::Ready(d) => Ok(d),
+            Started::Exited { status, tail, .. } => bail!(
+                "{what}: watcher --backend {} exited ({status}) before `ready`; last lines:\n{tail}",
+                backend.name()
+            ),
+        }
+    }
+
+    /// Like [`Ctx::start_daemon`], but a daemon that exits before `ready` (refusing to
+    /// start, say) is an outcome, not an error.
+    fn try_start_daemon(
+        &mut self,
+        src: &Path,
+        dst: &Path,
+        backend: Backend,
+        what: &str,
+    ) -> Result<Started> {
         let mut args: Vec<String> = vec![
             "sync".into(),
             path_str(src)?.into(),
             path_str(dst)?.into(),
             "--no-initial-sync".into(),
+            "--backend".into(),
+            backend.name().into(),
         ];
         args.extend(self.watcher_args.iter().cloned());
         self.report.command(
@@ -158,28 +218,37 @@ impl Ctx {
         let (ready_line, at) = match found {
             Wait::Found(i, at) => (i, at),
             Wait::Eof => {
+                let after = spawned.elapsed();
                 let st = guard.stop(Signal::SIGKILL, Duration::from_secs(5))?;
-                bail!(
-                    "{what}: watcher exited ({}) before `ready`; last lines:\n{}",
-                    status_str(st),
-                    log.tail(15)
-                )
+                let error = log
+                    .last_matching(|l| l.contains("ERROR"))
+                    .map(|l| {
+                        l[l.find("ERROR").unwrap_or(0) + "ERROR".len()..]
+                            .trim()
+                            .to_owned()
+                    })
+                    .unwrap_or_else(|| log.tail(1).trim().to_owned());
+                return Ok(Started::Exited {
+                    status: status_str(st),
+                    error: report::hide_workdir(&error, &self.workdir),
+                    tail: log.tail(15),
+                    after,
+                });
             }
             Wait::Timeout => bail!(
-                "{what}: no `ready` from watcher within {READY_TIMEOUT:?}; last lines:\n{}",
+                "{what}: no `ready` from watcher --backend {} within {READY_TIMEOUT:?}; last lines:\n{}",
+                backend.name(),
                 log.tail(15)
             ),
         };
-        Ok(Daemon {
+        Ok(Started::Ready(Daemon {
             guard,
             log,
             ready_after: at - spawned,
             ready_line,
-        })
+        }))
     }
 
-    /// Runs the classic script and waits until its inotifywait watches every directory
-    /// of `tree` and no rsync is running.
     fn start_script(&mut self, tree: &Tree, dst: &Path, what: &str) -> Result<Script> {
         let src = report::sh_quote(path_str(&tree.root)?);
         let dst = report::sh_quote(path_str(dst)?);
@@ -252,8 +321,25 @@ impl Ctx {
     // ----------------------------------------------------------------------------------
 
     pub fn ready(&mut self) -> Result<()> {
+        let _forced = match self.max_user_watches {
+            Some(n) => {
+                let old = read_trimmed(MAX_USER_WATCHES)?;
+                let forced = SysctlOverride::set(MAX_USER_WATCHES, &n.to_string())?;
+                self.report.note(format!(
+                    "ready: fs.inotify.max_user_watches was set to {} (from {old}) with --max-user-watches, and restored afterwards",
+                    thousands(n)
+                ));
+                Some(forced)
+            }
+            None => None,
+        };
         let base = self.workdir.join("ready");
         let result = self.ready_in(&base);
+        let removed = tree::remove(&base);
+        result?;
+        removed?;
+        let base = self.workdir.join("watch-setup");
+        let result = self.watch_setup_in(&base);
         let removed = tree::remove(&base);
         result?;
         removed
@@ -268,16 +354,17 @@ impl Ctx {
         eprintln!("ready: generated in {}", dur(took));
         let dst = base.join("dst");
         fs::create_dir_all(&dst)?;
-        settle(self.cold)?;
 
-        let slab0 = proc::slab_kib()?;
-        let daemon = self.start_daemon(&tree.root, &dst, "ready")?;
-        let slab1 = proc::slab_kib()?;
-        let rss = proc::rss_kib(daemon.pid())?;
-        let ready_after = daemon.ready_after;
-        eprintln!("ready: watcher ready after {}", dur(ready_after));
-        daemon.stop(&mut self.report, "ready")?;
-        let w_slab = slab1 as i64 - slab0 as i64;
+        let (ready_after, w_slab, rss) =
+            match self.daemon_setup(&tree.root, &dst, Backend::Fanotify, "ready")? {
+                Setup::Ok {
+                    after,
+                    slab_kib,
+                    rss_kib,
+                    ..
+                } => (after, slab_kib, rss_kib),
+                Setup::Failed { msg, .. } => bail!("watcher --backend fanotify: {msg}"),
+            };
 
         let size = format!(
             "{} files / {} dirs",
@@ -286,67 +373,44 @@ impl Ctx {
         );
         let met = ready_after < Duration::from_secs(1);
         let slab_goal = goal("< 1 MiB", w_slab < 1024);
-        let metric = format!("ready: spawn to ready ({size})");
+        let metric = format!("ready, fanotify backend: spawn to ready ({size})");
+        let slab_metric = "ready, fanotify backend: kernel slab growth";
+        let rss_metric = "ready, fanotify backend: RSS at ready";
         if !self.inotifywait {
             self.report
                 .note("inotifywait is not on PATH: its part of `ready` was skipped");
             self.report
                 .row(metric, dur(ready_after), "skipped", goal("< 1 s", met), "");
-            self.report.row(
-                "ready: kernel slab growth",
-                mib(w_slab),
-                "skipped",
-                slab_goal.clone(),
-                "",
-            );
             self.report
-                .row("ready: RSS at ready", mib_abs(rss), "skipped", "", "");
+                .row(slab_metric, mib(w_slab), "skipped", slab_goal, "");
+            self.report.row(rss_metric, mib_abs(rss), "skipped", "", "");
             return Ok(());
         }
 
-        self.report.command(
-            "ready: inotifywait -r (timed to `Watches established.` on stderr)",
-            report::command_line(
-                "inotifywait",
-                inotifywait_ready_args(&tree.root)?,
-                &self.workdir,
-            ),
-        );
-        let limit: usize = read_trimmed(MAX_USER_WATCHES)?
-            .parse()
-            .context("parsing max_user_watches")?;
-        let mut outcome = self.inotifywait_ready(&tree)?;
-        if let InotifyReady::Failed { ref msg, after } = outcome {
+        self.record_inotifywait_command("ready", &tree.root)?;
+        let run = self.with_watch_limit("ready", "inotifywait -r", tree.dirs(), |me| {
+            me.inotifywait_ready(&tree.root, "ready")
+        })?;
+        if let Some(r) = &run.refused {
             self.report.row(
                 format!(
                     "ready: inotifywait -r with max_user_watches = {}",
-                    thousands(limit)
+                    thousands(r.limit)
                 ),
                 "",
-                format!("failed after {}: {msg}", dur(after)),
+                format!("failed after {}: {}", dur(r.after), r.msg),
                 "",
                 "",
             );
-            // Other inotify users of the same user count against the same limit.
-            let raised = limit + 2 * tree.dirs();
-            if limit < tree.dirs() || msg.contains("upper limit") {
-                let _restore = RaisedSysctl::set(MAX_USER_WATCHES, &raised.to_string())?;
-                self.report.note(format!(
-                    "ready: max_user_watches was raised from {} to {} for a second inotifywait run, then restored",
-                    thousands(limit),
-                    thousands(raised)
-                ));
-                outcome = self.inotifywait_ready(&tree)?;
-            }
         } else {
             self.report.note(format!(
-                "ready: inotifywait ran with the machine's max_user_watches = {} (the tree needs {})",
-                thousands(limit),
+                "ready: inotifywait ran with max_user_watches = {} (the tree needs {})",
+                thousands(run.limit),
                 thousands(tree.dirs())
             ));
         }
-        match outcome {
-            InotifyReady::Ok {
+        match run.outcome {
+            Setup::Ok {
                 after,
                 slab_kib,
                 rss_kib,
@@ -359,26 +423,16 @@ impl Ctx {
                     goal("< 1 s", met),
                     ratio(after, ready_after),
                 );
-                self.report.row(
-                    "ready: kernel slab growth",
-                    mib(w_slab),
-                    mib(slab_kib),
-                    slab_goal.clone(),
-                    "",
-                );
-                self.report.row(
-                    "ready: RSS at ready",
-                    mib_abs(rss),
-                    mib_abs(rss_kib),
-                    "",
-                    "",
-                );
+                self.report
+                    .row(slab_metric, mib(w_slab), mib(slab_kib), slab_goal, "");
+                self.report
+                    .row(rss_metric, mib_abs(rss), mib_abs(rss_kib), "", "");
                 self.report.note(format!(
                     "ready: inotifywait held {} watches; RSS of the script column is inotifywait's",
                     thousands(watches)
                 ));
             }
-            InotifyReady::Failed { msg, after } => {
+            Setup::Failed { msg, after } => {
                 self.report.row(
                     metric,
                     dur(ready_after),
@@ -386,32 +440,297 @@ impl Ctx {
                     goal("< 1 s", met),
                     "",
                 );
-                self.report.row(
-                    "ready: kernel slab growth",
-                    mib(w_slab),
-                    "",
-                    slab_goal.clone(),
-                    "",
-                );
-                self.report
-                    .row("ready: RSS at ready", mib_abs(rss), "", "", "");
+                self.report.row(slab_metric, mib(w_slab), "", slab_goal, "");
+                self.report.row(rss_metric, mib_abs(rss), "", "", "");
             }
         }
         Ok(())
     }
 
-    fn inotifywait_ready(&mut self, tree: &Tree) -> Result<InotifyReady> {
+    /// The watch set-up of both backends and of `inotifywait -r`, one after the other on
+    /// one tree of [`Sizes::setup_dirs`] directories, in a table of its own.
+    fn watch_setup_in(&mut self, base: &Path) -> Result<()> {
+        const WHAT: &str = "watch set-up";
+        eprintln!(
+            "{WHAT}: generating {} directories ...",
+            thousands(self.sizes.setup_dirs)
+        );
+        let (tree, took) = DirTree::generate(&base.join("src"), self.sizes.setup_dirs)?;
+        eprintln!(
+            "{WHAT}: generated {} files in {}",
+            thousands(tree.files),
+            dur(took)
+        );
+        let dst = base.join("dst");
+        fs::create_dir_all(&dst)?;
+        let root = tree.root.clone();
+
+        let fanotify = self.daemon_setup(&root, &dst, Backend::Fanotify, WHAT)?;
+        let inotify = self.with_watch_limit(WHAT, "the inotify backend", tree.dirs, |me| {
+            me.daemon_setup(&root, &dst, Backend::Inotify, WHAT)
+        })?;
+        let script = if self.inotifywait {
+            self.record_inotifywait_command(WHAT, &root)?;
+            Some(
+                self.with_watch_limit(WHAT, "inotifywait -r", tree.dirs, |me| {
+                    me.inotifywait_ready(&root, WHAT)
+                })?,
+            )
+        } else {
+            self.report
+                .note("inotifywait is not on PATH: its part of the watch set-up was skipped");
+            None
+        };
+
+        if let Setup::Ok { after, .. } = fanotify {
+            let met = after < Duration::from_secs(1);
+            self.report.note(format!(
+                "{WHAT}: the fanotify backend was ready after {}: goal < 1 s {}",
+                dur(after),
+                if met { "met" } else { "**missed**" }
+            ));
+        }
+        let columns = [
+            "metric",
+            "fanotify",
+            "inotify backend",
+            "inotifywait -r",
+            "inotify backend / fanotify",
+            "inotifywait -r / fanotify",
+            "inotifywait -r / inotify backend",
+        ];
+        let skipped = Limited {
+            refused: None,
+            outcome: Setup::Failed {
+                msg: "skipped".to_owned(),
+                after: Duration::ZERO,
+            },
+            limit: 0,
+        };
+        let script = script.unwrap_or(skipped);
+        let outcomes = [&fanotify, &inotify.outcome, &script.outcome];
+        let mut rows = vec![
+            setup_row(
+                "spawn to ready",
+                outcomes,
+                |o| match o {
+                    Setup::Ok { after, .. } => dur(*after),
+                    Setup::Failed { msg, after } if after.is_zero() => msg.clone(),
+                    Setup::Failed { msg, after } => format!("failed after {}: {msg}", dur(*after)),
+                },
+                |a, b| match (a, b) {
+                    (Setup::Ok { after: a, .. }, Setup::Ok { after: b, .. }) => ratio(*a, *b),
+                    _ => String::new(),
+                },
+            ),
+            setup_row(
+                "kernel slab growth",
+                outcomes,
+                |o| match o {
+                    Setup::Ok { slab_kib, .. } => mib(*slab_kib),
+                    Setup::Failed { .. } => String::new(),
+                },
+                |a, b| match (a, b) {
+                    (Setup::Ok { slab_kib: a, .. }, Setup::Ok { slab_kib: b, .. }) => {
+                        size_ratio(*a, *b)
+                    }
+                    _ => String::new(),
+                },
+            ),
+            setup_row(
+                "RSS at ready",
+                outcomes,
+                |o| match o {
+                    Setup::Ok { rss_kib, .. } => mib_abs(*rss_kib),
+                    Setup::Failed { .. } => String::new(),
+                },
+                |a, b| match (a, b) {
+                    (Setup::Ok { rss_kib: a, .. }, Setup::Ok { rss_kib: b, .. }) => {
+                        size_ratio(*a as i64, *b as i64)
+                    }
+                    _ => String::new(),
+                },
+            ),
+            setup_row(
+                "inotify watches held",
+                outcomes,
+                |o| match o {
+                    Setup::Ok { watches, .. } => thousands(*watches),
+                    Setup::Failed { .. } => String::new(),
+                },
+                |_, _| String::new(),
+            ),
+        ];
+        let limit_cell = |l: &Limited| {
+            if l.limit == 0 {
+                String::new()
+            } else {
+                thousands(l.limit)
+            }
+        };
+        rows.push(vec![
+            "fs.inotify.max_user_watches of the run".to_owned(),
+            String::new(),
+            limit_cell(&inotify),
+            limit_cell(&script),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        let refused = |l: &Limited| {
+            l.refused.as_ref().map_or_else(String::new, |r| {
+                format!(
+                    "with {}: failed after {}: {}",
+                    thousands(r.limit),
+                    dur(r.after),
+                    r.msg
+                )
+            })
+        };
+        if inotify.refused.is_some() || script.refused.is_some() {
+            rows.push(vec![
+                "first run, refused for want of watches".to_owned(),
+                String::new(),
+                refused(&inotify),
+                refused(&script),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        self.report.note(format!(
+            "{WHAT}: {} directories, {} files in those without subdirectories; \
+             `watcher sync --no-initial-sync --backend B` timed to its `ready` line, \
+             `inotifywait -m -r` to `Watches established.`; each ratio is one column over another",
+            thousands(tree.dirs),
+            thousands(tree.files)
+        ));
+        self.report.table(Table {
+            title: format!(
+                "Watch set-up, {} directories: fanotify / inotify backend / inotifywait -r",
+                thousands(tree.dirs)
+            ),
+            columns: columns.iter().map(|&c| c.to_owned()).collect(),
+            rows,
+        });
+        Ok(())
+    }
+
+    /// Starts the daemon with `backend`, takes its readiness, slab growth, RSS and
+    /// inotify watches, and stops it.
+    fn daemon_setup(
+        &mut self,
+        root: &Path,
+        dst: &Path,
+        backend: Backend,
+        what: &str,
+    ) -> Result<Setup> {
+        settle(self.cold)?;
+        let slab0 = proc::slab_kib()?;
+        match self.try_start_daemon(root, dst, backend, what)? {
+            Started::Ready(daemon) => {
+                let slab1 = slab_after_ready()?;
+                let rss_kib = proc::rss_kib(daemon.pid())?;
+                let watches = proc::inotify_watches(daemon.pid());
+                let after = daemon.ready_after;
+                eprintln!(
+                    "{what}: watcher --backend {} ready after {}",
+                    backend.name(),
+                    dur(after)
+                );
+                daemon.stop(&mut self.report, what)?;
+                Ok(Setup::Ok {
+                    after,
+                    slab_kib: slab1 as i64 - slab0 as i64,
+                    rss_kib,
+                    watches,
+                })
+            }
+            Started::Exited {
+                status,
+                error,
+                after,
+                ..
+            } => {
+                eprintln!(
+                    "{what}: watcher --backend {} exited ({status}): {error}",
+                    backend.name()
+                );
+                Ok(Setup::Failed {
+                    msg: format!("exited ({status}): {error}"),
+                    after,
+                })
+            }
+        }
+    }
+
+    /// Runs `run`; when it fails for want of inotify watches, raises
+    /// `fs.inotify.max_user_watches` for a second run and restores it afterwards.
+    fn with_watch_limit(
+        &mut self,
+        what: &str,
+        who: &str,
+        dirs: usize,
+        mut run: impl FnMut(&mut Self) -> Result<Setup>,
+    ) -> Result<Limited> {
+        let limit: usize = read_trimmed(MAX_USER_WATCHES)?
+            .parse()
+            .context("parsing max_user_watches")?;
+        let outcome = run(self)?;
+        let Setup::Failed { msg, after } = &outcome else {
+            return Ok(Limited {
+                refused: None,
+                outcome,
+                limit,
+            });
+        };
+        if !(limit < dirs || is_watch_limit_message(msg)) {
+            return Ok(Limited {
+                refused: None,
+                outcome,
+                limit,
+            });
+        }
+        // Other inotify users of the same user count against the same limit.
+        let raised = limit + 2 * dirs;
+        let _restore = SysctlOverride::set(MAX_USER_WATCHES, &raised.to_string())?;
+        self.report.note(format!(
+            "{what}: {who} failed with max_user_watches = {}; it was raised to {} for a second run, then restored",
+            thousands(limit),
+            thousands(raised)
+        ));
+        let refused = Refused {
+            limit,
+            msg: msg.clone(),
+            after: *after,
+        };
+        Ok(Limited {
+            refused: Some(refused),
+            outcome: run(self)?,
+            limit: raised,
+        })
+    }
+
+    fn record_inotifywait_command(&mut self, what: &str, root: &Path) -> Result<()> {
+        self.report.command(
+            &format!("{what}: inotifywait -r (timed to `Watches established.` on stderr)"),
+            report::command_line("inotifywait", inotifywait_ready_args(root)?, &self.workdir),
+        );
+        Ok(())
+    }
+
+    fn inotifywait_ready(&mut self, root: &Path, what: &str) -> Result<Setup> {
         settle(self.cold)?;
         let slab0 = proc::slab_kib()?;
         let mut cmd = Command::new("inotifywait");
-        cmd.args(inotifywait_ready_args(&tree.root)?);
+        cmd.args(inotifywait_ready_args(root)?);
         let spawned = Instant::now();
         let (mut guard, log) = proc::spawn_logged("inotifywait", cmd, self.echo)?;
         let found = log.wait_for(0, WATCHES_TIMEOUT, |l| l.contains("Watches established"))?;
         let outcome = match found {
             Wait::Found(_, at) => {
-                let slab1 = proc::slab_kib()?;
-                InotifyReady::Ok {
+                let slab1 = slab_after_ready()?;
+                Setup::Ok {
                     after: at - spawned,
                     slab_kib: slab1 as i64 - slab0 as i64,
                     rss_kib: proc::rss_kib(guard.pid())?,
@@ -424,7 +743,7 @@ impl Ctx {
                 let why = log
                     .last_matching(|l| l.contains("Failed") || l.contains("rror"))
                     .unwrap_or_else(|| log.tail(1).trim().to_owned());
-                InotifyReady::Failed {
+                Setup::Failed {
                     msg: format!(
                         "exited ({}): {}",
                         status_str(st),
@@ -433,18 +752,17 @@ impl Ctx {
                     after,
                 }
             }
-            Wait::Timeout => InotifyReady::Failed {
+            Wait::Timeout => Setup::Failed {
                 msg: format!("no `Watches established.` within {WATCHES_TIMEOUT:?}"),
                 after: spawned.elapsed(),
             },
         };
         guard.stop(Signal::SIGTERM, Duration::from_secs(5))?;
         eprintln!(
-            "ready: inotifywait {}",
+            "{what}: inotifywait {}",
             match &outcome {
-                InotifyReady::Ok { after, .. } =>
-                    format!("established watches after {}", dur(*after)),
-                InotifyReady::Failed { msg, .. } => format!("failed: {msg}"),
+                Setup::Ok { after, .. } => format!("established watches after {}", dur(*after)),
+                Setup::Failed { msg, .. } => format!("failed: {msg}"),
             }
         );
         Ok(outcome)
@@ -488,52 +806,67 @@ impl Ctx {
             "burst: writing the files took {} with nothing watching",
             dur(plain)
         ));
-
-        // watcher
-        let daemon = self.start_daemon(&tree.root, &dst, "burst")?;
-        let runs0 = daemon.rsync_runs();
-        let cpu0 = proc::cpu_time(daemon.pid())?;
-        eprintln!("burst: watcher ready; writing {what}");
-        let (written, complete) = burst_once(&src_dirs, &dst_dirs, per_dir)?;
-        let settled = proc::wait_rsync_idle(
-            daemon.pid(),
-            Duration::from_secs(1),
-            Duration::from_secs(30),
-        )?;
-        let runs = daemon.rsync_runs() - runs0;
-        let cpu = proc::cpu_time(daemon.pid())?.saturating_sub(cpu0);
-        daemon.stop(&mut self.report, "burst")?;
-        if !settled {
-            self.report
-                .note("burst: watcher still ran rsync 30 s after the replica was complete");
-        }
-        let w_ok = match &complete {
-            Ok(t) => {
-                let bad = verify(&dst_dirs, per_dir)?;
-                if bad > 0 {
-                    self.report.note(format!(
-                        "burst: {bad} replica files had wrong contents after the watcher run"
-                    ));
-                }
-                eprintln!("burst: watcher replica complete after {}", dur(*t));
-                true
+        let clear = |dirs: &[PathBuf]| -> Result<()> {
+            for d in dirs {
+                tree::remove(d)?;
             }
-            Err(e) => {
-                self.report.note(format!("burst (watcher): {e}"));
-                false
-            }
+            Ok(())
         };
-        self.report.note(format!(
-            "burst: the watcher's own CPU time during the burst: {}",
-            dur(cpu)
-        ));
-        let w = BurstTimes { written, complete };
+
+        // watcher, once per backend, each time on the tree without the burst directories
+        let mut daemon_runs: Vec<(Backend, BurstTimes, usize, bool)> = Vec::new();
+        for backend in self.backends.clone() {
+            clear(&src_dirs)?;
+            clear(&dst_dirs)?;
+            let b = backend.name();
+            let daemon = self.start_daemon(&tree.root, &dst, backend, "burst")?;
+            let runs0 = daemon.rsync_runs();
+            let cpu0 = proc::cpu_time(daemon.pid())?;
+            eprintln!("burst: watcher --backend {b} ready; writing {what}");
+            let (written, complete) = burst_once(&src_dirs, &dst_dirs, per_dir)?;
+            let settled = proc::wait_rsync_idle(
+                daemon.pid(),
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+            )?;
+            let runs = daemon.rsync_runs() - runs0;
+            let cpu = proc::cpu_time(daemon.pid())?.saturating_sub(cpu0);
+            daemon.stop(&mut self.report, "burst")?;
+            if !settled {
+                self.report.note(format!(
+                    "burst ({b} backend): watcher still ran rsync 30 s after the replica was complete"
+                ));
+            }
+            let ok = match &complete {
+                Ok(t) => {
+                    let bad = verify(&dst_dirs, per_dir)?;
+                    if bad > 0 {
+                        self.report.note(format!(
+                            "burst ({b} backend): {bad} replica files had wrong contents after the watcher run"
+                        ));
+                    }
+                    eprintln!(
+                        "burst: watcher --backend {b}: replica complete after {}",
+                        dur(*t)
+                    );
+                    true
+                }
+                Err(e) => {
+                    self.report.note(format!("burst ({b} backend): {e}"));
+                    false
+                }
+            };
+            self.report.note(format!(
+                "burst ({b} backend): the watcher's own CPU time during the burst: {}",
+                dur(cpu)
+            ));
+            daemon_runs.push((backend, BurstTimes { written, complete }, runs, ok));
+        }
 
         // inotifywait script, on the same tree without the burst directories
         let script = if self.inotifywait {
-            for d in src_dirs.iter().chain(&dst_dirs) {
-                tree::remove(d)?;
-            }
+            clear(&src_dirs)?;
+            clear(&dst_dirs)?;
             let script = self.start_script(&tree, &dst, "burst")?;
             eprintln!("burst: script watching; writing {what}");
             let (written, complete) = burst_once(&src_dirs, &dst_dirs, per_dir)?;
@@ -549,40 +882,48 @@ impl Ctx {
             None
         };
 
-        let rows: [(String, BurstMetric); 3] = [
-            (
-                format!("burst: first write to replica complete ({what})"),
-                |b| b.complete.as_ref().ok().copied(),
-            ),
-            ("burst: writing the files".to_owned(), |b| Some(b.written)),
-            ("burst: last write to replica complete".to_owned(), |b| {
-                b.complete
-                    .as_ref()
-                    .ok()
-                    .map(|c| c.saturating_sub(b.written))
-            }),
-        ];
-        for (metric, get) in rows {
-            let cell = |b: &BurstTimes| get(b).map_or_else(|| "incomplete".to_owned(), dur);
-            let r = match (script.as_ref().and_then(get), get(&w)) {
-                (Some(s), Some(w)) => ratio(s, w),
-                _ => String::new(),
-            };
+        for (backend, w, runs, ok) in &daemon_runs {
+            let b = backend.name();
+            let rows: [(String, BurstMetric); 3] = [
+                (
+                    format!("burst, {b} backend: first write to replica complete ({what})"),
+                    |b| b.complete.as_ref().ok().copied(),
+                ),
+                (format!("burst, {b} backend: writing the files"), |b| {
+                    Some(b.written)
+                }),
+                (
+                    format!("burst, {b} backend: last write to replica complete"),
+                    |b| {
+                        b.complete
+                            .as_ref()
+                            .ok()
+                            .map(|c| c.saturating_sub(b.written))
+                    },
+                ),
+            ];
+            for (metric, get) in rows {
+                let cell = |b: &BurstTimes| get(b).map_or_else(|| "incomplete".to_owned(), dur);
+                let r = match (script.as_ref().and_then(get), get(w)) {
+                    (Some(s), Some(w)) => ratio(s, w),
+                    _ => String::new(),
+                };
+                self.report.row(
+                    metric,
+                    cell(w),
+                    script.as_ref().map_or_else(|| "skipped".to_owned(), cell),
+                    "",
+                    r,
+                );
+            }
             self.report.row(
-                metric,
-                cell(&w),
-                script.as_ref().map_or_else(|| "skipped".to_owned(), cell),
+                format!("burst, {b} backend: rsync runs"),
+                runs.to_string(),
                 "",
-                r,
+                goal("<= 10", *runs <= 10 && *ok),
+                "",
             );
         }
-        self.report.row(
-            "burst: rsync runs",
-            runs.to_string(),
-            "",
-            goal("<= 10", runs <= 10 && w_ok),
-            "",
-        );
         Ok(())
     }
 
@@ -616,17 +957,21 @@ impl Ctx {
         self.rsync_seed(&tree.root, &dst, "latency")?;
         let mut rng = StdRng::seed_from_u64(0x5eed);
 
-        let daemon = self.start_daemon(&tree.root, &dst, "latency")?;
-        eprintln!("latency: watcher ready; {n} samples");
-        let (w, busy) = samples(&tree, &dst, daemon.pid(), n, "w", &mut rng)?;
-        daemon.stop(&mut self.report, "latency")?;
-        self.busy_note("watcher", busy);
-        let w = Stats::of(&w);
+        let mut daemon_runs: Vec<(Backend, Stats)> = Vec::new();
+        for backend in self.backends.clone() {
+            let b = backend.name();
+            let daemon = self.start_daemon(&tree.root, &dst, backend, "latency")?;
+            eprintln!("latency: watcher --backend {b} ready; {n} samples");
+            let (w, busy) = samples(&tree, &dst, daemon.pid(), n, b, &mut rng)?;
+            daemon.stop(&mut self.report, "latency")?;
+            self.busy_note(&format!("{b} backend"), busy);
+            daemon_runs.push((backend, Stats::of(&w)));
+        }
 
         let s = if self.inotifywait {
             let script = self.start_script(&tree, &dst, "latency")?;
             eprintln!("latency: script watching; {n} samples");
-            let (s, busy) = samples(&tree, &dst, script.guard.pid(), n, "s", &mut rng)?;
+            let (s, busy) = samples(&tree, &dst, script.guard.pid(), n, "script", &mut rng)?;
             drop(script);
             self.busy_note("script", busy);
             Some(Stats::of(&s))
@@ -637,51 +982,69 @@ impl Ctx {
         };
 
         let what = format!("{} samples, {}-file tree", n, thousands(tree.files()));
-        // (name, watcher, script, goal text, goal limit)
-        let rows = [
-            ("p50", w.p50, s.as_ref().map(|s| s.p50), "< 30 ms", Some(30)),
-            (
-                "p95",
-                w.p95,
-                s.as_ref().map(|s| s.p95),
-                "< 100 ms",
-                Some(100),
-            ),
-            ("max", w.max, s.as_ref().map(|s| s.max), "", None),
-        ];
-        for (name, wv, sv, goal_text, limit_ms) in rows {
-            let g = match limit_ms {
-                Some(l) => goal(goal_text, wv.is_some_and(|v| v < Duration::from_millis(l))),
-                None => String::new(),
-            };
-            let r = match (sv.flatten(), wv) {
-                (Some(sv), Some(wv)) => ratio(sv, wv),
-                _ => String::new(),
-            };
+        for (backend, w) in &daemon_runs {
+            let b = backend.name();
+            // (name, watcher, script, goal text, goal limit)
+            let rows = [
+                ("p50", w.p50, s.as_ref().map(|s| s.p50), "< 30 ms", Some(30)),
+                (
+                    "p95",
+                    w.p95,
+                    s.as_ref().map(|s| s.p95),
+                    "< 100 ms",
+                    Some(100),
+                ),
+                ("max", w.max, s.as_ref().map(|s| s.max), "", None),
+            ];
+            for (name, wv, sv, goal_text, limit_ms) in rows {
+                let g = match limit_ms {
+                    Some(l) => goal(goal_text, wv.is_some_and(|v| v < Duration::from_millis(l))),
+                    None => String::new(),
+                };
+                let r = match (sv.flatten(), wv) {
+                    (Some(sv), Some(wv)) => ratio(sv, wv),
+                    _ => String::new(),
+                };
+                self.report.row(
+                    format!("latency, {b} backend: {name} ({what})"),
+                    stat_cell(wv),
+                    sv.map_or_else(|| "skipped".to_owned(), stat_cell),
+                    g,
+                    r,
+                );
+            }
             self.report.row(
-                format!("latency: {name} ({what})"),
-                stat_cell(wv),
-                sv.map_or_else(|| "skipped".to_owned(), stat_cell),
-                g,
-                r,
+                format!(
+                    "latency, {b} backend: samples over {}",
+                    dur(SAMPLE_TIMEOUT).replace(".00", "")
+                ),
+                format!("{}/{n}", w.timeouts),
+                s.as_ref()
+                    .map_or_else(|| "skipped".to_owned(), |s| format!("{}/{n}", s.timeouts)),
+                "",
+                "",
             );
         }
-        self.report.row(
-            format!(
-                "latency: samples over {}",
-                dur(SAMPLE_TIMEOUT).replace(".00", "")
-            ),
-            format!("{}/{n}", w.timeouts),
-            s.as_ref()
-                .map_or_else(|| "skipped".to_owned(), |s| format!("{}/{n}", s.timeouts)),
-            "",
-            "",
-        );
         Ok(())
     }
 }
 
-enum InotifyReady {
+/// How a start with a given backend (or `inotifywait -r`) ended.
+enum Started {
+    Ready(Daemon),
+    /// The daemon exited before `ready`: its exit status, its last error line, its last
+    /// lines and when it exited.
+    Exited {
+        status: String,
+        error: String,
+        tail: String,
+        after: Duration,
+    },
+}
+
+/// Readiness of one watcher: time from spawn, system-wide slab growth, RSS and inotify
+/// watches at that point; or why it never got there.
+enum Setup {
     Ok {
         after: Duration,
         slab_kib: i64,
@@ -692,6 +1055,47 @@ enum InotifyReady {
         msg: String,
         after: Duration,
     },
+}
+
+/// A first run refused for want of inotify watches.
+struct Refused {
+    limit: usize,
+    msg: String,
+    after: Duration,
+}
+
+/// The outcome of [`Ctx::with_watch_limit`]: the last run, the `max_user_watches` it
+/// ran with, and the refused first run if the limit had to be raised.
+struct Limited {
+    refused: Option<Refused>,
+    outcome: Setup,
+    limit: usize,
+}
+
+/// Whether a failure message says that inotify watches ran out (`inotifywait`:
+/// `upper limit on inotify watches reached`; the daemon names the sysctl).
+fn is_watch_limit_message(msg: &str) -> bool {
+    msg.contains("upper limit") || msg.contains("max_user_watches")
+}
+
+/// One row of the watch set-up table: the metric, a cell per column of `outcomes`
+/// (fanotify, inotify backend, inotifywait -r) and the three ratios.
+fn setup_row(
+    metric: &str,
+    outcomes: [&Setup; 3],
+    cell: impl Fn(&Setup) -> String,
+    ratio: impl Fn(&Setup, &Setup) -> String,
+) -> Vec<String> {
+    let [f, i, s] = outcomes;
+    vec![
+        metric.to_owned(),
+        cell(f),
+        cell(i),
+        cell(s),
+        ratio(i, f),
+        ratio(s, f),
+        ratio(s, i),
+    ]
 }
 
 fn inotifywait_ready_args(src: &Path) -> Result<Vec<String>> {
@@ -828,12 +1232,12 @@ fn stat_cell(v: Option<Duration>) -> String {
 }
 
 /// Writes back a sysctl's old value when dropped.
-struct RaisedSysctl {
+struct SysctlOverride {
     path: &'static str,
     old: String,
 }
 
-impl RaisedSysctl {
+impl SysctlOverride {
     fn set(path: &'static str, value: &str) -> Result<Self> {
         let old = read_trimmed(path)?;
         fs::write(path, value).with_context(|| format!("writing {path}"))?;
@@ -841,7 +1245,7 @@ impl RaisedSysctl {
     }
 }
 
-impl Drop for RaisedSysctl {
+impl Drop for SysctlOverride {
     fn drop(&mut self) {
         if let Err(e) = fs::write(self.path, &self.old) {
             eprintln!(
@@ -857,6 +1261,14 @@ fn read_trimmed(path: &str) -> Result<String> {
         .with_context(|| format!("reading {path}"))?
         .trim()
         .to_owned())
+}
+
+/// `Slab` of `/proc/meminfo` a moment after a watcher got ready: the kernel folds its
+/// per-CPU counters into that figure only every `vm.stat_interval` (1 s by default), so
+/// an immediate reading can miss what the set-up allocated.
+fn slab_after_ready() -> Result<u64> {
+    proc::sleep(SLAB_LAG)?;
+    proc::slab_kib()
 }
 
 /// Flushes dirty data (and with `cold`, drops the page, dentry and inode caches) and

@@ -451,6 +451,7 @@ fn odd_names() -> Vec<OsString> {
         "host::module",
         "percent%s%n",
         "#hash",
+        ";semicolon first",
         "~tilde",
         ".hidden",
         "...",
@@ -590,6 +591,63 @@ fn odd_file_names_replicate() {
         &skip_nothing,
         &format!("{ctx}: renamed and deleted"),
     );
+    d.stop();
+}
+
+/// An entry replaced by one of another type under the same name: the replica must
+/// follow, whatever the old entry held (a directory's children are gone, and the same
+/// names may now resolve through a symlink to something else).
+#[test]
+fn type_changes_replicate() {
+    let Some(_timer) = harness::begin("type_changes_replicate") else {
+        return;
+    };
+    let ctx = "type_changes_replicate";
+    let s = Scratch::new("type-changes");
+    let a = s.src.join("a");
+    let with_children = |d: &Path| {
+        mkdir_p(&d.join("sub"));
+        write(&d.join("f"), "child\n");
+        write(&d.join("sub/g"), "grandchild\n");
+    };
+    mkdir_p(&a);
+    with_children(&a.join("tdir"));
+    write(&a.join("t"), "target file\n");
+    for d in [
+        "dir-to-file-link",
+        "dir-to-dir-link",
+        "dir-to-file",
+        "dir-to-dangling-link",
+    ] {
+        with_children(&a.join(d));
+    }
+    write(&a.join("file-to-dir"), "file\n");
+    std::os::unix::fs::symlink("t", a.join("link-to-dir")).expect("symlink");
+    std::os::unix::fs::symlink("tdir", a.join("link-to-file")).expect("symlink");
+    let d = Daemon::start(&s.src, &s.dst, &[]);
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: right after `ready`"),
+    );
+
+    let rm_rf = |p: &Path| std::fs::remove_dir_all(p).expect("rm -rf");
+    rm_rf(&a.join("dir-to-file-link"));
+    std::os::unix::fs::symlink("t", a.join("dir-to-file-link")).expect("symlink");
+    rm_rf(&a.join("dir-to-dir-link"));
+    std::os::unix::fs::symlink("tdir", a.join("dir-to-dir-link")).expect("symlink");
+    rm_rf(&a.join("dir-to-dangling-link"));
+    std::os::unix::fs::symlink("nowhere/f", a.join("dir-to-dangling-link")).expect("symlink");
+    rm_rf(&a.join("dir-to-file"));
+    write(&a.join("dir-to-file"), "now a file\n");
+    std::fs::remove_file(a.join("file-to-dir")).expect("rm");
+    with_children(&a.join("file-to-dir"));
+    std::fs::remove_file(a.join("link-to-dir")).expect("rm");
+    with_children(&a.join("link-to-dir"));
+    std::fs::remove_file(a.join("link-to-file")).expect("rm");
+    write(&a.join("link-to-file"), "now a file\n");
+    wait_converged(&s.src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
     d.stop();
 }
 

@@ -176,7 +176,10 @@ impl Drop for RsyncDaemon {
             let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-            eprintln!("rsync daemon log ({}), last lines:\n{tail}", self.log_file.display());
+            eprintln!(
+                "rsync daemon log ({}), last lines:\n{tail}",
+                self.log_file.display()
+            );
         }
         if !self.stopped {
             // Its own process group (it forks one child per connection).

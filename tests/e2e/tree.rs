@@ -244,6 +244,7 @@ pub fn wait_converged(
 ) -> Duration {
     let start = Instant::now();
     let mut attempts = 0u32;
+    let mut next_report = Duration::from_secs(10);
     loop {
         attempts += 1;
         let last = match compare(src, dst, skip) {
@@ -255,6 +256,16 @@ pub fn wait_converged(
             Ok(d) => d,
             Err(e) => vec![format!("could not walk the trees: {e}")],
         };
+        if start.elapsed() >= next_report {
+            // What is still missing, for a failure that later goes away by chance.
+            eprintln!(
+                "not converged after {:?} ({context}); {} difference(s):\n{}",
+                start.elapsed(),
+                last.len(),
+                summarize(&last, 5)
+            );
+            next_report += Duration::from_secs(10);
+        }
         if start.elapsed() >= timeout {
             panic!(
                 "replica {} did not converge with source {} within {timeout:?} ({context}); \
