@@ -159,6 +159,49 @@ impl DirtySet {
     }
 }
 
+impl DirtySet {
+    /// Bounds memory: while more than `limit` paths are dirty, the deepest marks are folded
+    /// into their parent directories as subtrees (syncing more, losing nothing). Returns
+    /// how many marks were folded away.
+    pub fn collapse(&mut self, limit: usize) -> usize {
+        let before = self.len;
+        while self.len > limit.max(1) {
+            let depth = deepest_mark(&self.root, 0);
+            if depth == 0 {
+                break;
+            }
+            fold_at(&mut self.root, depth - 1);
+            self.len = usize::from(self.root.mark != Mark::Clean) + count_marks(&self.root.children);
+        }
+        before - self.len
+    }
+}
+
+/// Depth (components) of the deepest marked node below `node` at `depth`.
+fn deepest_mark(node: &Node, depth: usize) -> usize {
+    let own = if node.mark == Mark::Clean { 0 } else { depth };
+    node.children
+        .values()
+        .map(|c| deepest_mark(c, depth + 1))
+        .max()
+        .unwrap_or(0)
+        .max(own)
+}
+
+/// Turns every node `levels` below `node` that has marked descendants into a subtree.
+fn fold_at(node: &mut Node, levels: usize) {
+    if levels == 0 {
+        if count_marks(&node.children) > 0 {
+            node.children = HashMap::new();
+            node.mark = Mark::Subtree;
+        }
+        return;
+    }
+    for child in node.children.values_mut() {
+        fold_at(child, levels - 1);
+    }
+}
+
 fn count_marks(children: &HashMap<Vec<u8>, Node>) -> usize {
     let mut count = 0;
     let mut stack: Vec<&Node> = children.values().collect();
@@ -336,5 +379,33 @@ mod tests {
             prop_assert_eq!(set.len(), out.len());
             prop_assert_eq!(set.take(), out);
         }
+    }
+
+    #[test]
+    fn collapse_folds_deepest_marks_into_their_directories() {
+        let mut set = DirtySet::new();
+        for i in 0..100 {
+            set.mark(Path::new(&format!("a/b/f{i}")), E);
+        }
+        set.mark(Path::new("c"), E);
+        set.mark(Path::new("a/x"), E);
+        assert_eq!(set.len(), 102);
+        let folded = set.collapse(10);
+        assert_eq!(folded, 99);
+        assert_eq!(set.take(), batch(&["a/x", "c"], &["a/b"]));
+
+        // Already under the limit: nothing changes.
+        set.mark(Path::new("d/e"), E);
+        assert_eq!(set.collapse(10), 0);
+        assert_eq!(set.take(), batch(&["d/e"], &[]));
+    }
+
+    #[test]
+    fn collapse_can_reach_the_root() {
+        let mut set = DirtySet::new();
+        set.mark(Path::new("a"), E);
+        set.mark(Path::new("b"), E);
+        set.collapse(1);
+        assert_eq!(set.take(), batch(&[], &[""]));
     }
 }
