@@ -136,7 +136,15 @@ impl Drop for Guard {
 
 /// Spawns `cmd` with stdout and stderr merged into one pipe read by a [`LogTail`].
 /// `cmd` should not be used again: it may hold the write end of the pipe.
-pub fn spawn_logged(name: &str, mut cmd: Command, echo: bool) -> Result<(Guard, LogTail)> {
+pub fn spawn_logged(
+    name: &str,
+    mut cmd: Command,
+    echo: bool,
+    cg: Option<&Cgroup>,
+) -> Result<(Guard, LogTail)> {
+    if let Some(cg) = cg {
+        cg.enter_on_exec(&mut cmd);
+    }
     let (reader, writer) = std::io::pipe().context("creating a pipe")?;
     let writer2 = writer.try_clone().context("duplicating a pipe")?;
     cmd.stdin(Stdio::null())
@@ -424,10 +432,146 @@ pub fn cpu_time(pid: i32) -> Result<Duration> {
             .context("parsing /proc/PID/stat")
     };
     let total = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_nanos(total * 1_000_000_000 / clock_ticks()))
+}
+
+/// User + system CPU time of a process and of its reaped children (utime, stime, cutime,
+/// cstime of `/proc/PID/stat`); zero for a process that is gone.
+fn cpu_with_children(pid: i32) -> Duration {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let Some(close) = s.rfind(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = s[close + 1..].split_whitespace().collect();
+    let ticks: u64 = (11..15)
+        .filter_map(|i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks())
+}
+
+fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
-    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
+    u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
+}
+
+/// CPU time of a process tree as `/proc` shows it: every live process of the tree with
+/// the children it reaped. Children reaped by a process that has exited since are lost,
+/// so this is a lower bound; a [`Cgroup`] is exact.
+pub fn tree_cpu(root: i32) -> Duration {
+    let mut total = cpu_with_children(root);
+    for p in descendants(root) {
+        total += cpu_with_children(p.pid);
+    }
+    total
+}
+
+/// A cgroup v2 of its own for one competitor: `cpu.stat` `usage_usec` counts the CPU
+/// time of every process that ever ran in it, and `cgroup.procs` lists them.
+pub struct Cgroup {
+    path: std::path::PathBuf,
+    procs: fs::File,
+}
+
+impl Cgroup {
+    /// The mount point of the cgroup v2 hierarchy (also in hybrid set-ups), if writable.
+    fn mount() -> Option<std::path::PathBuf> {
+        let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+        mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f.get(1)?))
+            })
+            .next()
+    }
+
+    /// Creates `watcher-bench-PID-NAME` at the top of the cgroup v2 hierarchy; None when
+    /// there is none or it is not writable.
+    pub fn create(name: &str) -> Option<Self> {
+        let path = Self::mount()?.join(format!("watcher-bench-{}-{name}", std::process::id()));
+        fs::create_dir(&path).ok()?;
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(path.join("cgroup.procs"));
+        match procs {
+            Ok(procs) => Some(Self { path, procs }),
+            Err(_) => {
+                let _ = fs::remove_dir(&path);
+                None
+            }
+        }
+    }
+
+    /// Whether cgroups can be used here (creates and removes one).
+    pub fn available() -> bool {
+        Self::create("probe").is_some()
+    }
+
+    /// Makes the child of `cmd` join this cgroup before it executes, so that everything it
+    /// starts is counted.
+    fn enter_on_exec(&self, cmd: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = self.procs.as_raw_fd();
+        // SAFETY: the closure only calls write(2), which is async-signal-safe, on a
+        // descriptor that stays open as long as `self` (the caller holds it across spawn).
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = nix::libc::write(fd, b"0".as_ptr().cast(), 1);
+                if r == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// CPU time of every process that ran in the cgroup.
+    pub fn usage(&self) -> Duration {
+        let text = fs::read_to_string(self.path.join("cpu.stat")).unwrap_or_default();
+        let usec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Duration::from_micros(usec)
+    }
+
+    /// Processes in the cgroup now.
+    pub fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            for p in self.pids() {
+                let _ = signal::kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            if fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// The `comm` and parent of a process, or None when it is gone.
+pub fn comm_ppid(pid: i32) -> Option<(String, i32)> {
+    read_stat(pid).map(|p| (p.comm, p.ppid))
 }
 
 /// Number of inotify watches held by `pid` (lines `inotify wd:` of its fdinfo).

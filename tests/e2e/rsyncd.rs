@@ -1,6 +1,6 @@
 //! A real rsync daemon on 127.0.0.1, serving one writable module with a password.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -134,6 +134,10 @@ impl RsyncDaemon {
                 s.set_read_timeout(Some(Duration::from_secs(5))).ok();
                 let mut buf = [0u8; 8];
                 if s.read_exact(&mut buf).is_ok() && &buf == b"@RSYNCD:" {
+                    // Leave politely (ask for the module list), so the daemon's log shows
+                    // no protocol error for this probe.
+                    let _ = s.write_all(b"@RSYNCD: 32.0\n#list\n");
+                    let _ = s.read_to_end(&mut Vec::new());
                     return Ok(());
                 }
             }

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod dirty;
 pub mod event;
@@ -20,5 +21,6 @@ pub mod flush;
 pub mod logging;
 pub mod resolve;
 pub mod rsync;
+pub mod status;
 pub mod target;
 pub mod watch;

@@ -1,0 +1,424 @@
+//! The competitors: how each is started on a source and replica, when it is ready, what
+//! CPU it used, and the exact command line that reproduces it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+
+use crate::proc::{self, Cgroup, Guard, LogTail, Wait};
+use crate::report;
+
+/// The inotify events both inotifywait scripts listen to.
+pub const INOTIFY_EVENTS: &str = "create,delete,moved_to,close_write";
+/// How long a competitor may take to be ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(900);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Comp {
+    /// `watcher sync --backend fanotify`.
+    Fanotify,
+    /// `watcher sync --backend inotify`.
+    Inotify,
+    /// inotifywait piped into one rsync of the changed path per event.
+    PerEvent,
+    /// inotifywait piped into one `rsync -a --delete` of the whole tree per event.
+    FullTree,
+    /// lsyncd with `default.rsync`.
+    Lsyncd,
+    /// One plain `rsync -a --delete` of the whole tree (the cost of a rescan).
+    Rsync,
+}
+
+impl Comp {
+    pub const ALL: [Comp; 6] = [
+        Comp::Fanotify,
+        Comp::Inotify,
+        Comp::PerEvent,
+        Comp::FullTree,
+        Comp::Lsyncd,
+        Comp::Rsync,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Comp::Fanotify => "watcher (fanotify)",
+            Comp::Inotify => "watcher (inotify)",
+            Comp::PerEvent => "per-event script",
+            Comp::FullTree => "full-tree script",
+            Comp::Lsyncd => "lsyncd",
+            Comp::Rsync => "rsync -a --delete",
+        }
+    }
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Comp::Fanotify => "fanotify",
+            Comp::Inotify => "inotify",
+            Comp::PerEvent => "per-event",
+            Comp::FullTree => "full-tree",
+            Comp::Lsyncd => "lsyncd",
+            Comp::Rsync => "rsync",
+        }
+    }
+
+    /// Whether it keeps running and follows changes (all but plain rsync).
+    pub fn is_live(self) -> bool {
+        self != Comp::Rsync
+    }
+
+    /// Whether it watches with one inotify watch per directory.
+    pub fn uses_inotify(self) -> bool {
+        matches!(
+            self,
+            Comp::Inotify | Comp::PerEvent | Comp::FullTree | Comp::Lsyncd
+        )
+    }
+
+    /// The program it needs on PATH besides rsync.
+    pub fn needs(self) -> Option<&'static str> {
+        match self {
+            Comp::PerEvent | Comp::FullTree => Some("inotifywait"),
+            Comp::Lsyncd => Some("lsyncd"),
+            _ => None,
+        }
+    }
+}
+
+/// What starting a competitor needs to know.
+pub struct Env<'a> {
+    pub watcher: &'a Path,
+    pub watcher_args: &'a [String],
+    pub workdir: &'a Path,
+    pub echo: bool,
+    pub cgroups: bool,
+}
+
+/// A live competitor that is ready: every directory watched.
+pub struct Running {
+    pub comp: Comp,
+    pub guard: Guard,
+    pub log: LogTail,
+    cg: Option<Cgroup>,
+    /// From spawn to ready.
+    pub ready_after: Duration,
+    ready_line: usize,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.guard.pid()
+    }
+
+    /// CPU time of the competitor and everything it started, so far.
+    pub fn cpu(&self) -> Duration {
+        match &self.cg {
+            Some(cg) => cg.usage(),
+            None => proc::tree_cpu(self.pid()),
+        }
+    }
+
+    /// Counts the rsync processes it starts from now on (see [`RsyncCounter`]).
+    pub fn count_rsyncs(&self) -> RsyncCounter {
+        RsyncCounter::start(self.cg.as_ref().map(|c| c.path_for_counter()), self.pid())
+    }
+
+    /// Stops it: SIGTERM for the daemon, which then logs its `stopped` summary (returned);
+    /// SIGKILL for the others.
+    pub fn stop(mut self) -> Result<Option<String>> {
+        if matches!(self.comp, Comp::Fanotify | Comp::Inotify) {
+            self.guard.stop(Signal::SIGTERM, Duration::from_secs(60))?;
+            let found = self.log.wait_for(self.ready_line, Duration::from_secs(5), |l| {
+                proc::has_word(l, "stopped")
+            })?;
+            if let Wait::Found(..) = found {
+                return Ok(self.log.last_matching(|l| proc::has_word(l, "stopped")));
+            }
+            return Ok(None);
+        }
+        self.guard.stop(Signal::SIGKILL, Duration::from_secs(5))?;
+        Ok(None)
+    }
+}
+
+/// Samples the processes of a competitor every millisecond (its cgroup's `cgroup.procs`,
+/// else its process tree every 5 ms) and counts distinct rsync processes whose parent is
+/// not an rsync (rsync forks its receiver and generator). A run shorter than the period
+/// can be missed, so this is a lower bound, close for runs of a few milliseconds.
+pub struct RsyncCounter {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RsyncCounter {
+    fn start(procs: Option<PathBuf>, root: i32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicUsize::new(0));
+        let (s, c) = (Arc::clone(&stop), Arc::clone(&count));
+        let thread = thread::spawn(move || {
+            let mut seen: std::collections::HashSet<i32> = std::collections::HashSet::new();
+            let end = Instant::now() + Duration::from_secs(4 * 3600);
+            while !s.load(Ordering::Relaxed) && Instant::now() < end {
+                let pids: Vec<i32> = match &procs {
+                    Some(p) => std::fs::read_to_string(p)
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|l| l.trim().parse().ok())
+                        .collect(),
+                    None => proc::descendants(root).iter().map(|p| p.pid).collect(),
+                };
+                for pid in pids {
+                    if seen.insert(pid)
+                        && let Some((comm, ppid)) = proc::comm_ppid(pid)
+                        && comm.starts_with("rsync")
+                        && proc::comm_ppid(ppid).is_none_or(|(pc, _)| !pc.starts_with("rsync"))
+                    {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                thread::sleep(Duration::from_millis(if procs.is_some() { 1 } else { 5 }));
+            }
+        });
+        Self {
+            stop,
+            count,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RsyncCounter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Cgroup {
+    fn path_for_counter(&self) -> PathBuf {
+        self.dir().join("cgroup.procs")
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("path is not UTF-8: {}", p.display()))
+}
+
+/// The bash script of an inotifywait competitor.
+fn script(comp: Comp, src: &Path, dst: &Path) -> Result<String> {
+    let s = path_str(src)?;
+    let d = path_str(dst)?;
+    let (sq, dq) = (report::sh_quote(s), report::sh_quote(d));
+    let body = match comp {
+        Comp::PerEvent => format!(
+            "rsync -a -r --relative --delete --delete-missing-args --force \
+             \"{s}/./${{f#{s}/}}\" {dq}/"
+        ),
+        _ => format!("rsync -a --delete {sq}/ {dq}/"),
+    };
+    Ok(format!(
+        "inotifywait -mrq --format '%w%f' -e {INOTIFY_EVENTS} {sq} \
+         | while read f; do {body}; done"
+    ))
+}
+
+/// The lsyncd configuration: `default.rsync`, a 1 s delay, and no start-up sync (the
+/// replica is seeded beforehand, as for the daemon's `--no-initial-sync`).
+fn lsyncd_config(src: &Path, dst: &Path) -> Result<String> {
+    Ok(format!(
+        "settings {{ nodaemon = true }}\n\
+         sync {{ default.rsync, source = \"{}\", target = \"{}\", delay = 1, init = false }}\n",
+        path_str(src)?,
+        path_str(dst)?
+    ))
+}
+
+/// Exact command lines of a competitor (several lines for lsyncd: config and command).
+pub fn command_lines(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<String>> {
+    let w = env.workdir;
+    Ok(match comp {
+        Comp::Fanotify | Comp::Inotify => vec![report::command_line(
+            "RUST_LOG=info watcher",
+            watcher_args(env, comp, src, dst)?,
+            w,
+        )],
+        Comp::PerEvent | Comp::FullTree => {
+            vec![report::bash_c_line(&script(comp, src, dst)?, w)]
+        }
+        Comp::Lsyncd => vec![
+            report::hide_workdir(
+                &format!(
+                    "cat > lsyncd.conf.lua <<'EOF'\n{}EOF",
+                    lsyncd_config(src, dst)?
+                ),
+                w,
+            ),
+            "lsyncd lsyncd.conf.lua".to_owned(),
+        ],
+        Comp::Rsync => vec![report::command_line(
+            "rsync",
+            ["-a", "--delete", &format!("{}/", path_str(src)?), &format!("{}/", path_str(dst)?)],
+            w,
+        )],
+    })
+}
+
+fn watcher_args(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<String>> {
+    let backend = if comp == Comp::Inotify { "inotify" } else { "fanotify" };
+    let mut args: Vec<String> = vec![
+        "sync".into(),
+        path_str(src)?.into(),
+        path_str(dst)?.into(),
+        "--no-initial-sync".into(),
+        "--backend".into(),
+        backend.into(),
+    ];
+    args.extend(env.watcher_args.iter().cloned());
+    Ok(args)
+}
+
+/// Inotify watches held by `root` and its descendants.
+fn watches(root: i32) -> usize {
+    proc::inotify_watches(root)
+        + proc::descendants(root)
+            .iter()
+            .map(|p| proc::inotify_watches(p.pid))
+            .sum::<usize>()
+}
+
+/// Starts a live competitor on `src` -> `dst` (a tree of `dirs` directories) and waits
+/// until it is ready: the daemon's `ready` line, or one inotify watch per directory.
+pub fn start(env: &Env, comp: Comp, src: &Path, dst: &Path, dirs: usize) -> Result<Running> {
+    let cg = if env.cgroups {
+        Cgroup::create(comp.key())
+    } else {
+        None
+    };
+    let mut cmd = match comp {
+        Comp::Fanotify | Comp::Inotify => {
+            let mut c = Command::new(env.watcher);
+            c.args(watcher_args(env, comp, src, dst)?)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1");
+            c
+        }
+        Comp::PerEvent | Comp::FullTree => {
+            let mut c = Command::new("bash");
+            c.arg("-c").arg(script(comp, src, dst)?);
+            c
+        }
+        Comp::Lsyncd => {
+            let conf = env.workdir.join(format!("lsyncd-{}.conf.lua", std::process::id()));
+            std::fs::write(&conf, lsyncd_config(src, dst)?)
+                .with_context(|| format!("writing {}", conf.display()))?;
+            let mut c = Command::new("lsyncd");
+            c.arg(conf);
+            c
+        }
+        Comp::Rsync => bail!("plain rsync is not a live competitor"),
+    };
+    // Keep the scripts' and lsyncd's children from inheriting a locale that slows them.
+    cmd.env("LC_ALL", "C");
+    let spawned = Instant::now();
+    let (mut guard, log) = proc::spawn_logged(comp.key(), cmd, env.echo, cg.as_ref())?;
+    let deadline = spawned + READY_TIMEOUT;
+    let (ready_after, ready_line) = if matches!(comp, Comp::Fanotify | Comp::Inotify) {
+        match log.wait_for(0, READY_TIMEOUT, |l| proc::has_word(l, "ready"))? {
+            Wait::Found(i, at) => (at - spawned, i),
+            Wait::Eof => bail!(
+                "{} exited before `ready`; last lines:\n{}",
+                comp.name(),
+                log.tail(15)
+            ),
+            Wait::Timeout => bail!("{} not ready within {READY_TIMEOUT:?}", comp.name()),
+        }
+    } else {
+        let bound = READY_TIMEOUT.as_millis() / 5 + 1;
+        let mut at = None;
+        for _ in 0..bound {
+            proc::check_interrupted()?;
+            if let Some(st) = guard.try_wait()? {
+                bail!(
+                    "{} exited ({st}) while setting up watches; last lines:\n{}",
+                    comp.name(),
+                    log.tail(15)
+                );
+            }
+            if watches(guard.pid()) >= dirs {
+                at = Some(spawned.elapsed());
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let Some(at) = at else {
+            bail!(
+                "{} watched only {} of {dirs} directories after {READY_TIMEOUT:?}",
+                comp.name(),
+                watches(guard.pid())
+            );
+        };
+        (at, log.count(0, |_| true))
+    };
+    Ok(Running {
+        comp,
+        guard,
+        log,
+        cg,
+        ready_after,
+        ready_line,
+    })
+}
+
+/// One plain `rsync -a --delete SRC/ DST/`: wall time and CPU time.
+pub fn rsync_once(env: &Env, src: &Path, dst: &Path) -> Result<(Duration, Duration)> {
+    let cg = if env.cgroups {
+        Cgroup::create("rsync")
+    } else {
+        None
+    };
+    let mut cmd = Command::new("rsync");
+    cmd.args(["-a", "--delete"])
+        .arg(format!("{}/", path_str(src)?))
+        .arg(format!("{}/", path_str(dst)?));
+    let start = Instant::now();
+    let (mut guard, log) = proc::spawn_logged("rsync", cmd, env.echo, cg.as_ref())?;
+    let mut cpu = Duration::ZERO;
+    let status = loop {
+        proc::check_interrupted()?;
+        if cg.is_none() {
+            cpu = cpu.max(proc::tree_cpu(guard.pid()));
+        }
+        if let Some(st) = guard.try_wait()? {
+            break st;
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    let wall = start.elapsed();
+    if let Some(cg) = &cg {
+        cpu = cg.usage();
+    }
+    if !status.success() {
+        bail!("rsync -a --delete failed ({status}):\n{}", log.tail(10));
+    }
+    Ok((wall, cpu))
+}

@@ -1,0 +1,1183 @@
+//! The configuration file: the daemon's settings and the source trees ("sync groups") it
+//! replicates, each with one or more targets.
+//!
+//! ```toml
+//! [daemon]
+//! backend = "auto"                     # "auto" | "fanotify" | "inotify"
+//! state_dir = "/var/lib/watcher"
+//! status_socket = "/run/watcher/status.sock"
+//! metrics = "127.0.0.1:9469"           # loopback only; absent = no metrics endpoint
+//! rsync = "rsync"
+//!
+//! [[sync]]
+//! name = "data"                        # default: the source's last component
+//! source = "/srv/data"
+//! exclude = ["*.swp", ".cache/"]
+//! rsync_args = ["--numeric-ids"]
+//! hard_links = false
+//! delay_ms = 100
+//! max_delay_ms = 1000
+//! max_batch = 10000
+//! initial_sync = true
+//! verify_interval = "6h"               # absent = no periodic verify
+//!
+//! [[sync.target]]
+//! dest = "backup1::data"
+//! password_file = "/etc/watcher/backup1.pass"
+//!
+//! [[sync.target]]
+//! dest = "/mnt/replica/data"
+//! ```
+//!
+//! Every error names the file, the line and the key as a dotted path
+//! (`/etc/watcher/watcher.toml:14: sync[0].delay_ms: expected a non-negative integer`).
+//! [`parse`] checks the text and the sources on disk; [`load`] also refuses a config file
+//! that others may write and password files that others may read.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::backend::BackendKind;
+use crate::flush::FlushConfig;
+
+/// Where the daemon looks for its configuration unless told otherwise.
+pub const DEFAULT_PATH: &str = "/etc/watcher/watcher.toml";
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/watcher";
+const DEFAULT_STATUS_SOCKET: &str = "/run/watcher/status.sock";
+const DEFAULT_RSYNC: &str = "rsync";
+const DEFAULT_DELAY_MS: u64 = 100;
+const DEFAULT_MAX_DELAY_MS: u64 = 1_000;
+const DEFAULT_MAX_BATCH: u64 = 10_000;
+const DEFAULT_MAX_BACKLOG: u64 = 1_000_000;
+
+/// A checked configuration file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The `[daemon]` table.
+    pub daemon: DaemonConfig,
+    /// The `[[sync]]` groups, in file order (at least one).
+    pub groups: Vec<GroupConfig>,
+}
+
+/// Settings of the daemon as a whole: the `[daemon]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Change-capture backend: `"auto"` (default), `"fanotify"` or `"inotify"`.
+    pub backend: BackendKind,
+    /// Where the daemon keeps its state (default `/var/lib/watcher`).
+    pub state_dir: PathBuf,
+    /// Unix socket answering status queries (default `/run/watcher/status.sock`).
+    pub status_socket: PathBuf,
+    /// Address of the metrics endpoint, always a loopback address; `None` = no endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// The rsync binary: a bare name looked up in `PATH` (default `rsync`) or an absolute path.
+    pub rsync: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    /// The values used for keys the `[daemon]` table leaves out.
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Auto,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            status_socket: PathBuf::from(DEFAULT_STATUS_SOCKET),
+            metrics: None,
+            rsync: PathBuf::from(DEFAULT_RSYNC),
+        }
+    }
+}
+
+/// One source tree and where it is replicated: a `[[sync]]` table.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Unique name of the group; defaults to the source path's last component.
+    pub name: String,
+    /// The source directory: absolute, existing, canonical.
+    pub source: PathBuf,
+    /// Replicas of the source (at least one), names unique within the group.
+    pub targets: Vec<TargetConfig>,
+    /// rsync exclude patterns (none empty), applied by the event filter and passed to rsync.
+    pub excludes: Vec<String>,
+    /// Extra rsync options for every target of the group; each starts with `-`.
+    pub rsync_args: Vec<OsString>,
+    /// Preserve hard links (`rsync -H`).
+    pub hard_links: bool,
+    /// Flush timing: `delay_ms` (100), `max_delay_ms` (1000, at least `delay_ms`) and
+    /// `max_batch` (10000, at least 1).
+    pub flush: FlushConfig,
+    /// Run a full sync at start-up (default true).
+    pub initial_sync: bool,
+    /// Interval of a periodic full verification pass; `None` = never.
+    pub verify_interval: Option<Duration>,
+}
+
+/// One replica of a group's source: a `[[sync.target]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// Name of the target, unique within its group; defaults to `dest`.
+    pub name: String,
+    /// The rsync destination: a local directory (absolute), `host::module`, `rsync://...`
+    /// or `host:/path` over ssh.
+    pub dest: OsString,
+    /// rsync daemon password file (only for `host::module` and `rsync://` targets).
+    pub password_file: Option<PathBuf>,
+    /// Extra rsync options for this target, after the group's.
+    pub rsync_args: Vec<OsString>,
+    /// Dirty paths held for this target before subtrees are collapsed (default 1 000 000).
+    pub max_backlog: usize,
+}
+
+impl TargetConfig {
+    /// The extra rsync arguments for this target: the group's, then `--password-file=FILE`
+    /// when one is set, then the target's own.
+    pub fn rsync_args(&self, group: &GroupConfig) -> Vec<OsString> {
+        let mut args = group.rsync_args.clone();
+        if let Some(file) = &self.password_file {
+            let mut arg = OsString::from("--password-file=");
+            arg.push(file.as_os_str());
+            args.push(arg);
+        }
+        args.extend(self.rsync_args.iter().cloned());
+        args
+    }
+}
+
+/// Why a configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file does not exist.
+    #[error("config file {} does not exist", .path.display())]
+    NotFound {
+        /// The file asked for.
+        path: PathBuf,
+    },
+    /// The file exists but could not be read.
+    #[error("cannot read config file {}", .path.display())]
+    Read {
+        /// The file asked for.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is writable by group or others, who could then make the daemon copy or
+    /// delete anything.
+    #[error(
+        "config file {} is writable by group or others (mode {mode:04o}): whoever can edit it controls what the daemon copies and deletes; fix it with `chmod 600 {}`",
+        .path.display(),
+        .path.display()
+    )]
+    Permissions {
+        /// The config file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A syntax error, a wrong or unknown key, or a value that fails a check.
+    #[error("{}", located(.path, *.line, *.column, .key, .message))]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// 1-based column (in characters), given for syntax errors.
+        column: Option<usize>,
+        /// Dotted path of the key, e.g. `sync[0].target[1].password_file`; empty when a
+        /// syntax error cannot be placed under a key.
+        key: String,
+        /// What is wrong and, where there is one, how to fix it.
+        message: String,
+    },
+}
+
+fn located(path: &Path, line: usize, column: Option<usize>, key: &str, message: &str) -> String {
+    let mut text = format!("{}:{line}", path.display());
+    if let Some(column) = column {
+        let _ = write!(text, ":{column}");
+    }
+    text.push_str(": ");
+    if !key.is_empty() {
+        text.push_str(key);
+        text.push_str(": ");
+    }
+    text.push_str(message);
+    text
+}
+
+/// Reads and checks the config file at `path`: everything [`parse`] checks, and also that
+/// the file is not writable by group or others and that every password file exists, is
+/// readable by its owner only and (when running as root) is owned by root, as rsync demands.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let read_error = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ConfigError::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    // Checked on the open file, so the mode is that of the text read below.
+    let meta = file.metadata().map_err(read_error)?;
+    let mode = meta.mode() & 0o7777;
+    if meta.is_file() && mode & 0o022 != 0 {
+        return Err(ConfigError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read_error)?;
+    let cx = Ctx { path, text: &text };
+    let (config, password_files) = cx.config()?;
+    for (span, key, file) in password_files {
+        check_password_file(&file).map_err(|message| cx.error(&span, key, message))?;
+    }
+    Ok(config)
+}
+
+/// Checks `text` as the contents of the config file `path` (named in errors). Sources must
+/// exist; file permissions and password files are not looked at.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    Ctx { path, text }.config().map(|(config, _)| config)
+}
+
+/// rsync refuses a password file that others can read ("password file must not be
+/// other-accessible") and, when running as root, one not owned by root. This is stricter
+/// on the mode (group bits too) and says how to fix it.
+fn check_password_file(file: &Path) -> Result<(), String> {
+    let shown = file.display();
+    let meta = match std::fs::metadata(file) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("password file {shown} does not exist"));
+        }
+        Err(e) => return Err(format!("cannot access password file {shown}: {e}")),
+    };
+    if !meta.is_file() {
+        return Err(format!("password file {shown} is not a regular file"));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "password file {shown} is accessible by group or others (mode {mode:04o}) and rsync refuses such a file; fix it with `chmod 600 {shown}`"
+        ));
+    }
+    if nix::unistd::Uid::effective().is_root() && meta.uid() != 0 {
+        return Err(format!(
+            "password file {shown} is owned by uid {} but the daemon runs as root and rsync then demands a file owned by root; fix it with `chown root {shown}`",
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The file as written, with positions.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    daemon: Option<RawDaemon>,
+    #[serde(default)]
+    sync: Vec<Spanned<RawGroup>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    backend: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    status_socket: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    rsync: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: Option<Spanned<String>>,
+    source: Spanned<String>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    #[serde(default)]
+    rsync_args: Vec<Spanned<String>>,
+    hard_links: Option<bool>,
+    delay_ms: Option<Spanned<i64>>,
+    max_delay_ms: Option<Spanned<i64>>,
+    max_batch: Option<Spanned<i64>>,
+    initial_sync: Option<bool>,
+    verify_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    target: Vec<Spanned<RawTarget>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    name: Option<Spanned<String>>,
+    dest: Spanned<String>,
+    password_file: Option<Spanned<String>>,
+    #[serde(default)]
+    rsync_args: Vec<Spanned<String>>,
+    max_backlog: Option<Spanned<i64>>,
+}
+
+/// What kind of place a `dest` names, the way rsync tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DestKind {
+    Local,
+    /// `host::module` or `rsync://`: an rsync daemon, which may want a password.
+    Daemon,
+    /// `host:path`: rsync over ssh.
+    Ssh,
+}
+
+fn dest_kind(dest: &str) -> DestKind {
+    if dest.starts_with("rsync://") {
+        return DestKind::Daemon;
+    }
+    let head = dest.find('/').map_or(dest, |i| &dest[..i]);
+    if head.contains("::") {
+        DestKind::Daemon
+    } else if head.contains(':') {
+        DestKind::Ssh
+    } else {
+        DestKind::Local
+    }
+}
+
+/// A local target's directory as far as it can be resolved, for overlap checks.
+struct LocalDest {
+    path: PathBuf,
+    span: Range<usize>,
+    key: String,
+}
+
+/// Positions kept from parsing, for checks across groups.
+struct GroupSpans {
+    header: Range<usize>,
+    name: Option<Range<usize>>,
+    source: Range<usize>,
+    local_dests: Vec<LocalDest>,
+}
+
+type PasswordFiles = Vec<(Range<usize>, String, PathBuf)>;
+
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn error(
+        &self,
+        span: &Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let (line, _) = position(self.text, span.start);
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            column: None,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn config(&self) -> Result<(Config, PasswordFiles), ConfigError> {
+        let raw = self.deserialize()?;
+        let daemon = self.daemon(raw.daemon.as_ref())?;
+        if raw.sync.is_empty() {
+            return Err(self.error(
+                &(0..0),
+                "sync",
+                "no [[sync]] groups: add one with a source and at least one [[sync.target]]",
+            ));
+        }
+        let mut groups = Vec::with_capacity(raw.sync.len());
+        let mut spans = Vec::with_capacity(raw.sync.len());
+        let mut password_files = Vec::new();
+        for (i, group) in raw.sync.iter().enumerate() {
+            let (config, group_spans) = self.group(i, group, &mut password_files)?;
+            groups.push(config);
+            spans.push(group_spans);
+        }
+        self.across_groups(&groups, &spans)?;
+        let config = Config {
+            path: self.path.to_path_buf(),
+            daemon,
+            groups,
+        };
+        Ok((config, password_files))
+    }
+
+    fn deserialize(&self) -> Result<RawFile, ConfigError> {
+        let (table, errors) = DeTable::parse_recoverable(self.text);
+        if let Some(error) = errors.first() {
+            let span = error.span().unwrap_or(0..0);
+            let (line, column) = position(self.text, span.start);
+            return Err(ConfigError::Invalid {
+                path: self.path.to_path_buf(),
+                line,
+                column: Some(column),
+                key: key_at(table.get_ref(), &span).unwrap_or_default(),
+                message: error.message().to_owned(),
+            });
+        }
+        toml::from_str::<RawFile>(self.text).map_err(|error| {
+            let span = error.span().unwrap_or(0..0);
+            let key = key_at(table.get_ref(), &span).unwrap_or_default();
+            let (key, message) = explain(key, error.message());
+            self.error(&span, key, message)
+        })
+    }
+
+    fn daemon(&self, raw: Option<&RawDaemon>) -> Result<DaemonConfig, ConfigError> {
+        let mut config = DaemonConfig::default();
+        let Some(raw) = raw else {
+            return Ok(config);
+        };
+        if let Some(backend) = &raw.backend {
+            config.backend = match backend.get_ref().as_str() {
+                "auto" => BackendKind::Auto,
+                "fanotify" => BackendKind::Fanotify,
+                "inotify" => BackendKind::Inotify,
+                other => {
+                    return Err(self.error(
+                        &backend.span(),
+                        "daemon.backend",
+                        format!("unknown backend {other:?}, expected \"auto\", \"fanotify\" or \"inotify\""),
+                    ));
+                }
+            };
+        }
+        if let Some(dir) = &raw.state_dir {
+            config.state_dir = self.absolute(dir, "daemon.state_dir")?;
+        }
+        if let Some(socket) = &raw.status_socket {
+            config.status_socket = self.absolute(socket, "daemon.status_socket")?;
+        }
+        if let Some(metrics) = &raw.metrics {
+            let addr: SocketAddr = metrics.get_ref().parse().map_err(|_| {
+                self.error(
+                    &metrics.span(),
+                    "daemon.metrics",
+                    format!(
+                        "{:?} is not an address and port such as \"127.0.0.1:9469\" or \"[::1]:9469\"",
+                        metrics.get_ref()
+                    ),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(self.error(
+                    &metrics.span(),
+                    "daemon.metrics",
+                    format!(
+                        "{addr} is not a loopback address; the metrics endpoint has no authentication, so bind it to 127.0.0.1 or [::1]"
+                    ),
+                ));
+            }
+            config.metrics = Some(addr);
+        }
+        if let Some(rsync) = &raw.rsync {
+            let path = Path::new(rsync.get_ref());
+            let bare =
+                !rsync.get_ref().is_empty() && path.components().count() == 1 && path.is_relative();
+            if !bare && !path.is_absolute() {
+                return Err(self.error(
+                    &rsync.span(),
+                    "daemon.rsync",
+                    format!(
+                        "{:?} must be a program name looked up in PATH or an absolute path",
+                        rsync.get_ref()
+                    ),
+                ));
+            }
+            config.rsync = path.to_path_buf();
+        }
+        Ok(config)
+    }
+
+    fn absolute(&self, value: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        let path = Path::new(value.get_ref());
+        if path.is_absolute() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(self.error(
+                &value.span(),
+                key,
+                format!("{:?} is not an absolute path", value.get_ref()),
+            ))
+        }
+    }
+
+    fn count(
+        &self,
+        value: Option<&Spanned<i64>>,
+        key: &str,
+        default: u64,
+        min: u64,
+    ) -> Result<u64, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let n = u64::try_from(*value.get_ref()).map_err(|_| {
+            self.error(
+                &value.span(),
+                key,
+                format!("expected a non-negative integer, got {}", value.get_ref()),
+            )
+        })?;
+        if n < min {
+            return Err(self.error(
+                &value.span(),
+                key,
+                format!("must be at least {min}, got {n}"),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn rsync_args(
+        &self,
+        args: &[Spanned<String>],
+        key: &str,
+    ) -> Result<Vec<OsString>, ConfigError> {
+        args.iter()
+            .enumerate()
+            .map(|(i, arg)| {
+                let text = arg.get_ref();
+                let key = format!("{key}[{i}]");
+                if !text.starts_with('-') || text == "-" || text == "--" {
+                    return Err(self.error(
+                        &arg.span(),
+                        key,
+                        format!(
+                            "{text:?} is not an rsync option; rsync would take it as another source or destination (write options with a value as \"--option=value\")"
+                        ),
+                    ));
+                }
+                if text.starts_with("--password-file") {
+                    return Err(self.error(
+                        &arg.span(),
+                        key,
+                        "set the password file with the target's password_file key, whose permissions are checked",
+                    ));
+                }
+                Ok(OsString::from(text))
+            })
+            .collect()
+    }
+
+    fn group(
+        &self,
+        i: usize,
+        raw: &Spanned<RawGroup>,
+        password_files: &mut PasswordFiles,
+    ) -> Result<(GroupConfig, GroupSpans), ConfigError> {
+        let key = format!("sync[{i}]");
+        let header = raw.span();
+        let raw = raw.get_ref();
+
+        let source = self.source(&raw.source, &format!("{key}.source"))?;
+        let name = match &raw.name {
+            Some(name) => {
+                check_name(name.get_ref())
+                    .map_err(|m| self.error(&name.span(), format!("{key}.name"), m))?;
+                name.get_ref().clone()
+            }
+            None => Path::new(raw.source.get_ref())
+                .file_name()
+                .or_else(|| source.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| check_name(n).is_ok())
+                .ok_or_else(|| {
+                    self.error(
+                        &raw.source.span(),
+                        format!("{key}.source"),
+                        format!(
+                            "cannot name the group after source {:?}; set `name`",
+                            raw.source.get_ref()
+                        ),
+                    )
+                })?,
+        };
+
+        let mut excludes = Vec::with_capacity(raw.exclude.len());
+        for (j, pattern) in raw.exclude.iter().enumerate() {
+            if pattern.get_ref().is_empty() {
+                return Err(self.error(
+                    &pattern.span(),
+                    format!("{key}.exclude[{j}]"),
+                    "empty exclude pattern",
+                ));
+            }
+            excludes.push(pattern.get_ref().clone());
+        }
+        let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
+
+        let delay_key = format!("{key}.delay_ms");
+        let max_delay_key = format!("{key}.max_delay_ms");
+        let delay = self.count(raw.delay_ms.as_ref(), &delay_key, DEFAULT_DELAY_MS, 0)?;
+        let max_delay = self.count(
+            raw.max_delay_ms.as_ref(),
+            &max_delay_key,
+            DEFAULT_MAX_DELAY_MS,
+            0,
+        )?;
+        let max_batch = self.count(
+            raw.max_batch.as_ref(),
+            &format!("{key}.max_batch"),
+            DEFAULT_MAX_BATCH,
+            1,
+        )?;
+        if max_delay < delay {
+            return Err(match (&raw.max_delay_ms, &raw.delay_ms) {
+                (Some(m), _) => self.error(
+                    &m.span(),
+                    max_delay_key,
+                    format!("max_delay_ms ({max_delay}) is less than delay_ms ({delay})"),
+                ),
+                (None, Some(d)) => self.error(
+                    &d.span(),
+                    delay_key,
+                    format!(
+                        "delay_ms ({delay}) exceeds max_delay_ms ({max_delay}, the default); raise max_delay_ms too"
+                    ),
+                ),
+                (None, None) => self.error(&header, key, "max_delay_ms is less than delay_ms"),
+            });
+        }
+
+        let verify_interval = match &raw.verify_interval {
+            None => None,
+            Some(text) => {
+                let vkey = format!("{key}.verify_interval");
+                let interval = humantime::parse_duration(text.get_ref()).map_err(|e| {
+                    self.error(
+                        &text.span(),
+                        vkey.clone(),
+                        format!(
+                            "invalid duration {:?} ({e}); write it like \"6h\" or \"30m\"",
+                            text.get_ref()
+                        ),
+                    )
+                })?;
+                if interval.is_zero() {
+                    return Err(self.error(
+                        &text.span(),
+                        vkey,
+                        "must be longer than zero; leave it out for no periodic verify",
+                    ));
+                }
+                Some(interval)
+            }
+        };
+
+        if raw.target.is_empty() {
+            return Err(self.error(
+                &header,
+                format!("{key}.target"),
+                "no targets: add at least one [[sync.target]] with a dest",
+            ));
+        }
+        let mut targets = Vec::with_capacity(raw.target.len());
+        let mut local_dests = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (j, target) in raw.target.iter().enumerate() {
+            let tkey = format!("{key}.target[{j}]");
+            let config = self.target(
+                &tkey,
+                target.get_ref(),
+                &source,
+                &mut local_dests,
+                password_files,
+            )?;
+            if let Some(first) = names.insert(config.name.clone(), j) {
+                let (span, name_key, how) = match &target.get_ref().name {
+                    Some(n) => (n.span(), format!("{tkey}.name"), "choose another name"),
+                    None => (
+                        target.get_ref().dest.span(),
+                        format!("{tkey}.dest"),
+                        "a target's name defaults to its dest; set a distinct `name`",
+                    ),
+                };
+                return Err(self.error(
+                    &span,
+                    name_key,
+                    format!(
+                        "target name {:?} is already used by {key}.target[{first}]; {how}",
+                        config.name
+                    ),
+                ));
+            }
+            targets.push(config);
+        }
+
+        let config = GroupConfig {
+            name,
+            source,
+            targets,
+            excludes,
+            rsync_args,
+            hard_links: raw.hard_links.unwrap_or(false),
+            flush: FlushConfig {
+                delay: Duration::from_millis(delay),
+                max_delay: Duration::from_millis(max_delay),
+                max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
+            },
+            initial_sync: raw.initial_sync.unwrap_or(true),
+            verify_interval,
+        };
+        let spans = GroupSpans {
+            header,
+            name: raw.name.as_ref().map(|n| n.span()),
+            source: raw.source.span(),
+            local_dests,
+        };
+        Ok((config, spans))
+    }
+
+    fn source(&self, raw: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        let text = raw.get_ref();
+        let path = Path::new(text);
+        let fail = |message: String| self.error(&raw.span(), key, message);
+        if !path.is_absolute() {
+            return Err(fail(format!("source {text:?} is not an absolute path")));
+        }
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(fail(format!("source {text} does not exist")));
+            }
+            Err(e) => return Err(fail(format!("cannot access source {text}: {e}"))),
+            Ok(meta) if !meta.is_dir() => {
+                return Err(fail(format!("source {text} is not a directory")));
+            }
+            Ok(_) => {}
+        }
+        path.canonicalize()
+            .map_err(|e| fail(format!("cannot resolve source {text}: {e}")))
+    }
+
+    fn target(
+        &self,
+        key: &str,
+        raw: &RawTarget,
+        source: &Path,
+        local_dests: &mut Vec<LocalDest>,
+        password_files: &mut PasswordFiles,
+    ) -> Result<TargetConfig, ConfigError> {
+        let dest = raw.dest.get_ref();
+        let dest_key = format!("{key}.dest");
+        let dest_error = |message: String| self.error(&raw.dest.span(), dest_key.clone(), message);
+        if dest.is_empty() {
+            return Err(dest_error("dest is empty".into()));
+        }
+        if dest.starts_with('-') {
+            return Err(dest_error(format!(
+                "dest {dest:?} starts with '-' and would be read as an rsync option"
+            )));
+        }
+        let kind = dest_kind(dest);
+        if kind == DestKind::Local {
+            let path = Path::new(dest);
+            if !path.is_absolute() {
+                return Err(dest_error(format!(
+                    "local dest {dest:?} is not an absolute path (remote targets look like host::module, rsync://host/module or host:/path)"
+                )));
+            }
+            if let Ok(meta) = std::fs::metadata(path)
+                && !meta.is_dir()
+            {
+                return Err(dest_error(format!(
+                    "dest {dest} exists and is not a directory"
+                )));
+            }
+            let resolved = resolve(path);
+            if let Some(message) = overlap(&resolved, source) {
+                return Err(dest_error(message));
+            }
+            local_dests.push(LocalDest {
+                path: resolved,
+                span: raw.dest.span(),
+                key: dest_key.clone(),
+            });
+        }
+
+        let name = match &raw.name {
+            Some(name) if name.get_ref().is_empty() => {
+                return Err(self.error(&name.span(), format!("{key}.name"), "name is empty"));
+            }
+            Some(name) => name.get_ref().clone(),
+            None => dest.clone(),
+        };
+
+        let password_file = match &raw.password_file {
+            None => None,
+            Some(file) => {
+                let pkey = format!("{key}.password_file");
+                let why = match kind {
+                    DestKind::Daemon => None,
+                    DestKind::Local => Some("is a local directory"),
+                    DestKind::Ssh => Some("goes over ssh, which authenticates with ssh keys"),
+                };
+                if let Some(why) = why {
+                    return Err(self.error(
+                        &file.span(),
+                        pkey,
+                        format!(
+                            "password_file is only for rsync daemon targets (host::module or rsync://...), and {dest} {why}"
+                        ),
+                    ));
+                }
+                let path = self.absolute(file, &pkey)?;
+                password_files.push((file.span(), pkey, path.clone()));
+                Some(path)
+            }
+        };
+
+        let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
+        let max_backlog = self.count(
+            raw.max_backlog.as_ref(),
+            &format!("{key}.max_backlog"),
+            DEFAULT_MAX_BACKLOG,
+            1,
+        )?;
+        Ok(TargetConfig {
+            name,
+            dest: OsString::from(dest),
+            password_file,
+            rsync_args,
+            max_backlog: usize::try_from(max_backlog).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Unique group names, no shared or nested sources, no local target overlapping any
+    /// source or another local target.
+    fn across_groups(
+        &self,
+        groups: &[GroupConfig],
+        spans: &[GroupSpans],
+    ) -> Result<(), ConfigError> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, (group, span)) in groups.iter().zip(spans).enumerate() {
+            if let Some(first) = names.insert(&group.name, i) {
+                let line = position(self.text, spans[first].header.start).0;
+                return Err(match &span.name {
+                    Some(name) => self.error(
+                        name,
+                        format!("sync[{i}].name"),
+                        format!(
+                            "group name {:?} is already used by sync[{first}] (line {line}); choose another name",
+                            group.name
+                        ),
+                    ),
+                    None => self.error(
+                        &span.source,
+                        format!("sync[{i}].source"),
+                        format!(
+                            "group name {:?}, taken from the source's last component, is already used by sync[{first}] (line {line}); set a distinct `name`",
+                            group.name
+                        ),
+                    ),
+                });
+            }
+        }
+
+        for (i, group) in groups.iter().enumerate() {
+            for (first, earlier) in groups[..i].iter().enumerate() {
+                let relation = if group.source == earlier.source {
+                    "is also the source of"
+                } else if group.source.starts_with(&earlier.source) {
+                    "lies inside the source of"
+                } else if earlier.source.starts_with(&group.source) {
+                    "contains the source of"
+                } else {
+                    continue;
+                };
+                return Err(self.error(
+                    &spans[i].source,
+                    format!("sync[{i}].source"),
+                    format!(
+                        "{} {relation} sync[{first}] ({}); sources may not overlap, use one group with excludes instead",
+                        group.source.display(),
+                        earlier.source.display()
+                    ),
+                ));
+            }
+        }
+
+        let all_dests: Vec<&LocalDest> = spans.iter().flat_map(|s| &s.local_dests).collect();
+        for (n, dest) in all_dests.iter().enumerate() {
+            for (i, group) in groups.iter().enumerate() {
+                if let Some(message) = overlap(&dest.path, &group.source) {
+                    return Err(self.error(
+                        &dest.span,
+                        dest.key.clone(),
+                        format!("{message} (sync[{i}])"),
+                    ));
+                }
+            }
+            for earlier in &all_dests[..n] {
+                if dest.path.starts_with(&earlier.path) || earlier.path.starts_with(&dest.path) {
+                    return Err(self.error(
+                        &dest.span,
+                        dest.key.clone(),
+                        format!(
+                            "local target {} overlaps {} ({}); each rsync --delete would undo the other",
+                            dest.path.display(),
+                            earlier.key,
+                            earlier.path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a local target at `target` cannot serve `source`, if it cannot.
+fn overlap(target: &Path, source: &Path) -> Option<String> {
+    if target.starts_with(source) {
+        Some(format!(
+            "target {} lies inside source {}: the daemon would copy its own copies",
+            target.display(),
+            source.display()
+        ))
+    } else if source.starts_with(target) {
+        Some(format!(
+            "source {} lies inside target {}: syncing with --delete would remove the source",
+            source.display(),
+            target.display()
+        ))
+    } else {
+        None
+    }
+}
+
+/// `path` (absolute) with every existing prefix canonicalized and the rest normalized
+/// lexically.
+fn resolve(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    let mut exists = true;
+    for component in path.components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => {
+                out.push(name);
+                if exists {
+                    match out.canonicalize() {
+                        Ok(canonical) => out = canonical,
+                        Err(_) => exists = false,
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Group names end up in logs, metrics and file names under the state directory.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        Err("name is empty".into())
+    } else if name == "." || name == ".." || name.contains('/') {
+        Err(format!(
+            "name {name:?} may not be \".\", \"..\" or contain '/'"
+        ))
+    } else if name.chars().any(char::is_control) {
+        Err(format!("name {name:?} contains control characters"))
+    } else {
+        Ok(())
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// The dotted key path of the most specific key, value or array element covering `span`.
+fn key_at(table: &DeTable<'_>, span: &Range<usize>) -> Option<String> {
+    let mut best: Option<Best> = None;
+    walk_table(table, "", 0, span.start, &mut best);
+    best.map(|b| b.path)
+}
+
+struct Best {
+    len: usize,
+    depth: usize,
+    path: String,
+}
+
+fn consider(span: Range<usize>, path: &str, depth: usize, offset: usize, best: &mut Option<Best>) {
+    let covers =
+        span.start <= offset && (offset < span.end || (span.is_empty() && offset == span.start));
+    if !covers {
+        return;
+    }
+    let len = span.len();
+    let better = best
+        .as_ref()
+        .is_none_or(|b| len < b.len || (len == b.len && depth > b.depth));
+    if better {
+        *best = Some(Best {
+            len,
+            depth,
+            path: path.to_owned(),
+        });
+    }
+}
+
+fn walk_table(
+    table: &DeTable<'_>,
+    prefix: &str,
+    depth: usize,
+    offset: usize,
+    best: &mut Option<Best>,
+) {
+    for (key, value) in table {
+        let path = join_key(prefix, key.get_ref());
+        consider(key.span(), &path, depth, offset, best);
+        consider(value.span(), &path, depth, offset, best);
+        walk_value(value.get_ref(), &path, depth + 1, offset, best);
+    }
+}
+
+fn walk_value(
+    value: &DeValue<'_>,
+    path: &str,
+    depth: usize,
+    offset: usize,
+    best: &mut Option<Best>,
+) {
+    match value {
+        DeValue::Table(table) => walk_table(table, path, depth, offset, best),
+        DeValue::Array(array) => {
+            for (i, element) in array.iter().enumerate() {
+                let path = format!("{path}[{i}]");
+                consider(element.span(), &path, depth, offset, best);
+                walk_value(element.get_ref(), &path, depth + 1, offset, best);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn join_key(prefix: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let key = if bare {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    };
+    if prefix.is_empty() {
+        key
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// Rewrites a deserializer message in the file's terms; returns the key and the message.
+fn explain(key: String, message: &str) -> (String, String) {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        // "unknown field `x`, expected one of `a`, `b`" or "..., there are no fields"
+        let known: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
+        let unknown = rest.split('`').next().unwrap_or_default();
+        let text = match closest(unknown, &known) {
+            Some(close) => format!("unknown key `{unknown}`; did you mean `{close}`?"),
+            None if known.is_empty() => format!("unknown key `{unknown}`"),
+            None => format!("unknown key `{unknown}`; known keys: {}", known.join(", ")),
+        };
+        return (key, text);
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.trim_end_matches('`');
+        let key = if key.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{key}.{field}")
+        };
+        return (key, "required key is missing".to_owned());
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ")
+        && let Some((got, expected)) = rest.split_once(", expected ")
+    {
+        let expected = match expected {
+            "i64" | "u64" | "i32" | "u32" | "usize" => "a non-negative integer",
+            "a boolean" => "true or false",
+            "a sequence" => "an array",
+            s if s.starts_with("struct ") => "a table",
+            s => s,
+        };
+        let got = got.replace("map", "table").replace("sequence", "array");
+        return (key, format!("expected {expected}, got {got}"));
+    }
+    (key, message.to_owned())
+}
+
+/// The known key closest to `unknown`, if it is close enough to be a typo.
+fn closest<'k>(unknown: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(unknown, k), *k))
+        .filter(|(d, k)| {
+            *d <= 2.max(k.len() / 3)
+                || (unknown.len() >= 3 && (k.starts_with(unknown) || unknown.starts_with(k)))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
