@@ -32,7 +32,11 @@ fn paths() -> Vec<PathBuf> {
 
 fn filter() -> Filter {
     let mut b = FilterBuilder::new();
-    let excludes = ["*.tmp".to_owned(), "node_modules".to_owned(), ".cache/".to_owned()];
+    let excludes = [
+        "*.tmp".to_owned(),
+        "node_modules".to_owned(),
+        ".cache/".to_owned(),
+    ];
     b.add_root(Path::new("/srv/source"), &excludes)
         .expect("adding the source root");
     b.add_root(Path::new("/srv/other"), &[])

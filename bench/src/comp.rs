@@ -72,14 +72,6 @@ impl Comp {
         self != Comp::Rsync
     }
 
-    /// Whether it watches with one inotify watch per directory.
-    pub fn uses_inotify(self) -> bool {
-        matches!(
-            self,
-            Comp::Inotify | Comp::PerEvent | Comp::FullTree | Comp::Lsyncd
-        )
-    }
-
     /// The program it needs on PATH besides rsync.
     pub fn needs(self) -> Option<&'static str> {
         match self {
@@ -133,9 +125,11 @@ impl Running {
     pub fn stop(mut self) -> Result<Option<String>> {
         if matches!(self.comp, Comp::Fanotify | Comp::Inotify) {
             self.guard.stop(Signal::SIGTERM, Duration::from_secs(60))?;
-            let found = self.log.wait_for(self.ready_line, Duration::from_secs(5), |l| {
-                proc::has_word(l, "stopped")
-            })?;
+            let found = self
+                .log
+                .wait_for(self.ready_line, Duration::from_secs(5), |l| {
+                    proc::has_word(l, "stopped")
+                })?;
             if let Wait::Found(..) = found {
                 return Ok(self.log.last_matching(|l| proc::has_word(l, "stopped")));
             }
@@ -274,14 +268,23 @@ pub fn command_lines(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Ve
         ],
         Comp::Rsync => vec![report::command_line(
             "rsync",
-            ["-a", "--delete", &format!("{}/", path_str(src)?), &format!("{}/", path_str(dst)?)],
+            [
+                "-a",
+                "--delete",
+                &format!("{}/", path_str(src)?),
+                &format!("{}/", path_str(dst)?),
+            ],
             w,
         )],
     })
 }
 
 fn watcher_args(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<String>> {
-    let backend = if comp == Comp::Inotify { "inotify" } else { "fanotify" };
+    let backend = if comp == Comp::Inotify {
+        "inotify"
+    } else {
+        "fanotify"
+    };
     let mut args: Vec<String> = vec![
         "sync".into(),
         path_str(src)?.into(),
@@ -325,7 +328,9 @@ pub fn start(env: &Env, comp: Comp, src: &Path, dst: &Path, dirs: usize) -> Resu
             c
         }
         Comp::Lsyncd => {
-            let conf = env.workdir.join(format!("lsyncd-{}.conf.lua", std::process::id()));
+            let conf = env
+                .workdir
+                .join(format!("lsyncd-{}.conf.lua", std::process::id()));
             std::fs::write(&conf, lsyncd_config(src, dst)?)
                 .with_context(|| format!("writing {}", conf.display()))?;
             let mut c = Command::new("lsyncd");

@@ -1,106 +1,111 @@
-//! `watcher-bench`: measures the watcher daemon against the classic inotifywait script.
+//! `watcher-bench`: the watcher daemon against the classic inotifywait scripts, lsyncd
+//! and plain rsync, each started for real on the same generated trees.
 //!
-//! Scenarios:
-//! - `ready`: time from spawn to `ready` on a large tree, kernel slab growth and RSS,
-//!   against the time `inotifywait -r` takes to establish its watches; then the same
-//!   for the fanotify backend, the inotify backend and `inotifywait -r` side by side on a
-//!   tree with a given number of directories;
-//! - `burst`: many new files at once, time until the replica has them all, and the
-//!   number of rsync runs it took;
-//! - `latency`: one small new file at a time, time until the replica has it.
+//! Scenarios: `ready` (start-up on trees of growing size, cold and warm), `latency` (one
+//! change at a time), `burst` (many new files at once), `churn` (mixed operations at a
+//! steady rate, then convergence), `scale` (event rate the daemon takes in, and the
+//! criterion microbenchmark of its filter and dirty set). Results: a Markdown table and
+//! SVG plots in `--results DIR`.
 //!
-//! Run as root (fanotify filesystem marks need it). Every child runs in a process group
-//! of its own and is killed when the harness stops, and the generated trees are removed.
+//! Run as root (fanotify filesystem marks, dropping caches, cgroups and loop mounts need
+//! it). Every child runs in a process group of its own and is killed when the harness
+//! stops; the generated trees, cgroups and the loop image are removed.
 
+mod comp;
 mod proc;
 mod report;
-mod scenarios;
+mod scen;
+mod svg;
 mod tree;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
+use crate::comp::Comp;
 use crate::report::Report;
-use crate::scenarios::{Backend, Ctx, Sizes};
+use crate::scen::{Ctx, Sizes};
+use crate::svg::Chart;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Scenario {
     Ready,
-    Burst,
     Latency,
+    Burst,
+    Churn,
+    Scale,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Scale {
-    /// 100,000-file `ready` tree, 10,000 directories for the watch set-up comparison,
-    /// 10,000-file trees for `burst` and `latency`.
+    /// Trees of 10^4 and 10^5 files for `ready`, 10^4-file trees elsewhere, a
+    /// 10,000-file burst; 3 runs each. Under 10 minutes on 2 cores.
     Small,
-    /// 1,000,000-file `ready` tree, 100,000 directories for the watch set-up comparison,
-    /// 100,000-file trees for `burst` and `latency`.
+    /// Trees of 10^4, 10^5 and 10^6 files for `ready`, 10^5-file trees elsewhere, a
+    /// 100,000-file burst; 1 run each.
     Large,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Cache {
+    Warm,
+    Cold,
 }
 
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Benchmarks the watcher daemon against an inotifywait script"
+    about = "Benchmarks the watcher daemon against inotifywait scripts, lsyncd and rsync"
 )]
 struct Cli {
     /// Scenarios to run, in this order (default: all).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
 
-    #[arg(long, value_enum, default_value_t = Scale::Large)]
+    #[arg(long, value_enum, default_value_t = Scale::Small)]
     scale: Scale,
 
+    /// Runs of each measurement (default: 3 for small, 1 for large).
+    #[arg(long)]
+    repeat: Option<usize>,
+
+    /// Competitors (default: all whose programs are installed).
+    #[arg(long = "only", value_enum, value_delimiter = ',')]
+    only: Vec<Comp>,
+
+    /// Cache states of `ready` (default: warm,cold).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "warm,cold")]
+    cache: Vec<Cache>,
+
+    /// Where the Markdown table and the SVG plots go.
+    #[arg(long, default_value = "bench/results")]
+    results: PathBuf,
+
     /// Directory under which a scratch directory is made (and removed) for the trees;
-    /// default: the system's temporary directory.
+    /// default: the system's temporary directory (or the loop image).
     #[arg(long)]
     workdir: Option<PathBuf>,
+
+    /// Create an ext4 image of this size (e.g. `8G`) in the work directory's parent
+    /// (or /var/tmp), loop-mount it and run there; unmounted and removed at the end.
+    #[arg(long, value_name = "SIZE")]
+    loop_image: Option<String>,
 
     /// The watcher binary; default: `watcher` next to this program.
     #[arg(long)]
     watcher: Option<PathBuf>,
 
-    /// Also write the results table (Markdown) to this file.
-    #[arg(long)]
-    out: Option<PathBuf>,
-
-    /// Backends `burst` and `latency` run the daemon with, one run each, e.g.
-    /// `--backend fanotify,inotify` (`ready` always measures both).
-    #[arg(
-        long = "backend",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "fanotify"
-    )]
-    backends: Vec<Backend>,
-
-    /// Directories (the root included) of the watch set-up comparison of `ready`;
-    /// default: 100,000 (`--scale large`) or 10,000 (`--scale small`).
-    #[arg(long)]
-    setup_dirs: Option<usize>,
-
-    /// Set fs.inotify.max_user_watches to this for `ready`, restored afterwards: a value
-    /// below the tree's directories shows how each inotify user is refused (after which
-    /// the limit is raised for a second run).
-    #[arg(long)]
-    max_user_watches: Option<usize>,
-
-    /// Extra argument for `watcher sync` (repeatable), e.g. `--watcher-arg=--delay=5`
-    /// (not `--backend`: use the option of this program).
+    /// Extra argument for `watcher sync` (repeatable).
     #[arg(long = "watcher-arg", allow_hyphen_values = true)]
     watcher_args: Vec<String>,
 
-    /// Drop the page, dentry and inode caches before each `ready` measurement, so that
-    /// `inotifywait -r` walks the tree from disk.
+    /// Skip the criterion microbenchmark of `scale`.
     #[arg(long)]
-    cold: bool,
+    no_criterion: bool,
 
-    /// Echo the output of the daemon and the competitors on stderr.
+    /// Echo the output of the competitors on stderr.
     #[arg(long, short)]
     verbose: bool,
 }
@@ -116,7 +121,85 @@ fn main() -> ExitCode {
     }
 }
 
-/// Ok(false) when a scenario failed but a table was still printed.
+/// An ext4 image mounted on a directory; unmounted and removed when dropped.
+struct LoopImage {
+    image: PathBuf,
+    mount: PathBuf,
+    mounted: bool,
+}
+
+impl LoopImage {
+    fn create(dir: &Path, size: &str) -> Result<Self> {
+        let id = std::process::id();
+        let mut me = Self {
+            image: dir.join(format!("watcher-bench-{id}.img")),
+            mount: dir.join(format!("watcher-bench-{id}.mnt")),
+            mounted: false,
+        };
+        run_ok(Command::new("truncate").args(["-s", size]).arg(&me.image))?;
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-i", "8192"])
+                .arg(&me.image),
+        )?;
+        std::fs::create_dir_all(&me.mount)?;
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&me.image)
+                .arg(&me.mount),
+        )?;
+        me.mounted = true;
+        Ok(me)
+    }
+}
+
+impl Drop for LoopImage {
+    fn drop(&mut self) {
+        if self.mounted {
+            let mut ok = false;
+            for _ in 0..20 {
+                if Command::new("umount")
+                    .arg(&self.mount)
+                    .status()
+                    .is_ok_and(|s| s.success())
+                {
+                    ok = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+            }
+        }
+        let _ = std::fs::remove_dir(&self.mount);
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Writes back a sysctl's old value when dropped.
+struct SysctlOverride {
+    path: &'static str,
+    old: String,
+}
+
+impl Drop for SysctlOverride {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, &self.old);
+    }
+}
+
+/// Ok(false) when a scenario failed but the results were still written.
 fn run() -> Result<bool> {
     let cli = Cli::parse();
     proc::install_interrupt_handler()?;
@@ -139,61 +222,121 @@ fn run() -> Result<bool> {
         bail!("rsync is not on PATH");
     }
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("warning: not running as root; fanotify filesystem marks need root");
+        bail!("run as root: fanotify marks, dropping caches and cgroups need it");
     }
+    if !proc::on_path("lsyncd") && proc::on_path("apt-get") {
+        eprintln!("installing lsyncd with apt-get");
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", "lsyncd"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    let mut comps: Vec<Comp> = if cli.only.is_empty() {
+        Comp::ALL.to_vec()
+    } else {
+        cli.only.clone()
+    };
+    let mut notes = Vec::new();
+    comps.retain(|c| match c.needs() {
+        Some(p) if !proc::on_path(p) => {
+            notes.push(format!("{} skipped: `{p}` is not installed", c.name()));
+            false
+        }
+        _ => true,
+    });
 
-    let base = cli.workdir.unwrap_or_else(std::env::temp_dir);
+    let base = cli.workdir.clone().unwrap_or_else(std::env::temp_dir);
+    let image = match &cli.loop_image {
+        Some(size) => {
+            let dir = cli
+                .workdir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+            eprintln!(
+                "creating and mounting a {size} ext4 image in {}",
+                dir.display()
+            );
+            Some(LoopImage::create(&dir, size)?)
+        }
+        None => None,
+    };
+    let base = image.as_ref().map_or(base, |i| i.mount.clone());
     let scratch = tempfile::Builder::new()
         .prefix("watcher-bench-")
         .tempdir_in(&base)
         .with_context(|| format!("creating a scratch directory in {}", base.display()))?;
-    let mut sizes = match cli.scale {
-        Scale::Small => Sizes::SMALL,
-        Scale::Large => Sizes::LARGE,
+    let sizes = match cli.scale {
+        Scale::Small => Sizes::small(),
+        Scale::Large => Sizes::large(),
     };
-    if let Some(dirs) = cli.setup_dirs {
-        if dirs == 0 {
-            bail!("--setup-dirs must be at least 1");
+    let repeat = cli
+        .repeat
+        .unwrap_or(match cli.scale {
+            Scale::Small => 3,
+            Scale::Large => 1,
+        })
+        .max(1);
+
+    // Every inotify user needs a watch per directory; several may run at once.
+    let biggest = sizes.ready_files.iter().max().copied().unwrap_or(0) / 10 * 11 / 10 + 10_000;
+    let wanted = 4 * biggest;
+    let path = "/proc/sys/fs/inotify/max_user_watches";
+    let old = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let _watches = match old.parse::<usize>() {
+        Ok(n) if n < wanted => {
+            std::fs::write(path, wanted.to_string()).context("raising max_user_watches")?;
+            notes.push(format!("fs.inotify.max_user_watches raised from {n} to {wanted} for the run, restored afterwards"));
+            Some(SysctlOverride { path, old })
         }
-        sizes.setup_dirs = dirs;
-    }
-    let mut backends: Vec<Backend> = Vec::new();
-    for b in cli.backends {
-        if !backends.contains(&b) {
-            backends.push(b);
-        }
-    }
-    let inotifywait = proc::on_path("inotifywait");
-    if !inotifywait {
-        eprintln!("inotifywait is not on PATH (package inotify-tools): comparisons are skipped");
-    }
+        _ => None,
+    };
+    let cgroups = proc::Cgroup::available();
+
     let mut ctx = Ctx {
         watcher,
-        watcher_args: cli.watcher_args,
+        watcher_args: cli.watcher_args.clone(),
         workdir: scratch.path().to_owned(),
-        sizes,
         echo: cli.verbose,
-        inotifywait,
-        cold: cli.cold,
-        backends,
-        max_user_watches: cli.max_user_watches,
+        cgroups,
+        repeat,
+        sizes,
+        comps,
+        cache: cli.cache.iter().map(|c| *c == Cache::Cold).collect(),
+        criterion: !cli.no_criterion,
         report: Report::default(),
+        ready_plot: Vec::new(),
+        latency_plot: Vec::new(),
+        burst_plot: Vec::new(),
     };
-
+    for n in notes {
+        ctx.report.note(n);
+    }
     let scenarios = if cli.scenarios.is_empty() {
-        vec![Scenario::Ready, Scenario::Burst, Scenario::Latency]
+        vec![
+            Scenario::Ready,
+            Scenario::Latency,
+            Scenario::Burst,
+            Scenario::Churn,
+            Scenario::Scale,
+        ]
     } else {
-        cli.scenarios
+        cli.scenarios.clone()
     };
+    let fs_desc = filesystem(&base, image.is_some(), cli.loop_image.as_deref());
     let load_before = load_average();
-    let fanotify_before = fanotify_holders();
+    let started = std::time::Instant::now();
     let mut all_ok = true;
-    for s in scenarios {
+    for s in &scenarios {
         eprintln!("== {s:?}");
         let r = match s {
             Scenario::Ready => ctx.ready(),
-            Scenario::Burst => ctx.burst(),
             Scenario::Latency => ctx.latency(),
+            Scenario::Burst => ctx.burst(),
+            Scenario::Churn => ctx.churn(),
+            Scenario::Scale => ctx.scale(),
         };
         if let Err(e) = r {
             proc::check_interrupted()?;
@@ -203,73 +346,165 @@ fn run() -> Result<bool> {
         }
     }
 
-    let header = vec![
-        format!("scale: {:?}", cli.scale).to_lowercase(),
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--watcher="))
+        .collect();
+    let mut shown_args = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--watcher" {
+            skip = true;
+            continue;
+        }
+        shown_args.push(a);
+    }
+    ctx.report.header = vec![
+        format!("command: `cargo xtask bench {}`", shown_args.join(" ")),
         format!(
-            "backends of `burst` and `latency`: {}",
-            ctx.backends
-                .iter()
-                .map(|b| b.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+            "scale: {:?}, runs per measurement: {repeat}, total time {}",
+            cli.scale,
+            report::dur(started.elapsed())
+        )
+        .to_lowercase(),
         format!(
-            "fs.inotify.max_user_watches (outside the runs that change it): {}",
-            std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-                .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+            "CPUs: {} ({})",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model()
         ),
-        format!(
-            "caches before `ready`: {}",
-            if cli.cold { "dropped (cold)" } else { "warm" }
-        ),
+        format!("memory: {}", mem_total()),
         format!("kernel: {}", first_line("uname", &["-sr"])),
-        format!(
-            "CPUs: {}",
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        ),
+        format!("filesystem: {fs_desc}"),
         format!("rsync: {}", first_line("rsync", &["--version"])),
+        format!("inotifywait: {}", first_line("inotifywait", &["--help"])),
+        format!("lsyncd: {}", first_line("lsyncd", &["--version"])),
+        format!(
+            "CPU accounting: {}",
+            if cgroups {
+                "a cgroup v2 per competitor (`cpu.stat` `usage_usec`)"
+            } else {
+                "`/proc/PID/stat` of the process tree (no writable cgroup v2)"
+            }
+        ),
         format!(
             "load average (1, 5, 15 min) before / after: {load_before} / {}",
             load_average()
         ),
         format!(
-            "other fanotify listeners (processes) before / after: {fanotify_before} / {}",
-            fanotify_holders()
-        ),
-        format!(
-            "inotifywait: {}",
-            if inotifywait {
-                first_line("inotifywait", &["--help"])
-            } else {
-                "not installed".to_owned()
-            }
+            "other fanotify listeners (processes): {}",
+            proc::fanotify_holders().len()
         ),
     ];
-    let table = ctx.report.render(&header);
-    println!("{table}");
-    if let Some(out) = cli.out {
-        std::fs::write(&out, &table).with_context(|| format!("writing {}", out.display()))?;
+
+    std::fs::create_dir_all(&cli.results)
+        .with_context(|| format!("creating {}", cli.results.display()))?;
+    let charts = [
+        (
+            "ready.svg",
+            "Start-up time vs tree size",
+            Chart {
+                title: "ready: spawn to ready".into(),
+                x_label: "files in the tree".into(),
+                y_label: "seconds (log)".into(),
+                log_x: true,
+                log_y: true,
+                series: std::mem::take(&mut ctx.ready_plot),
+            },
+        ),
+        (
+            "latency.svg",
+            "Latency distribution of a lone change",
+            Chart {
+                title: "latency: distribution (CDF)".into(),
+                x_label: "milliseconds (log)".into(),
+                y_label: "fraction of samples".into(),
+                log_x: true,
+                log_y: false,
+                series: std::mem::take(&mut ctx.latency_plot),
+            },
+        ),
+        (
+            "burst.svg",
+            "Burst convergence: replica files over time",
+            Chart {
+                title: "burst: replica files over time (first run)".into(),
+                x_label: "seconds since the first write".into(),
+                y_label: "burst files in the replica".into(),
+                log_x: false,
+                log_y: false,
+                series: std::mem::take(&mut ctx.burst_plot),
+            },
+        ),
+    ];
+    for (file, caption, chart) in charts {
+        if chart.series.is_empty() {
+            continue;
+        }
+        let p = cli.results.join(file);
+        std::fs::write(&p, chart.render()).with_context(|| format!("writing {}", p.display()))?;
+        ctx.report.plots.push((file.to_owned(), caption.to_owned()));
     }
+    let table = ctx.report.render();
+    println!("{table}");
+    let md = cli.results.join("RESULTS.md");
+    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("results in {}", cli.results.display());
+    drop(ctx);
     scratch.close().context("removing the scratch directory")?;
+    drop(image);
     Ok(all_ok)
 }
 
-/// The first three fields of `/proc/loadavg`: other work on the machine skews the
-/// numbers, the slab readings most (they are system-wide).
+fn filesystem(base: &Path, loop_image: bool, size: Option<&str>) -> String {
+    let ty = first_line("stat", &["-f", "-c", "%T", &base.to_string_lossy()]);
+    if loop_image {
+        format!(
+            "{ty} on a loop-mounted image of {} (`mkfs.ext4 -i 8192`)",
+            size.unwrap_or("?")
+        )
+    } else {
+        format!(
+            "{ty} ({})",
+            first_line("df", &["--output=source", &base.to_string_lossy()])
+        )
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown model".to_owned())
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or_else(
+            || "unknown".to_owned(),
+            |k| format!("{:.1} GiB", k as f64 / 1024.0 / 1024.0),
+        )
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_owned())
-}
-
-/// Processes that hold a fanotify group, as `N (comm, comm)`.
-fn fanotify_holders() -> String {
-    let holders = proc::fanotify_holders();
-    if holders.is_empty() {
-        return "0".to_owned();
-    }
-    let names: Vec<&str> = holders.iter().map(|p| p.comm.as_str()).collect();
-    format!("{} ({})", holders.len(), names.join(", "))
 }
 
 /// First line of a command's output (stdout, else stderr), or `unknown`.

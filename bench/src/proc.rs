@@ -417,24 +417,6 @@ pub fn rss_kib(pid: i32) -> Result<u64> {
     kib_field(Path::new(&format!("/proc/{pid}/status")), "VmRSS")
 }
 
-/// User + system CPU time of a process itself (not its children).
-pub fn cpu_time(pid: i32) -> Result<Duration> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let close = s.rfind(')').context("malformed /proc/PID/stat")?;
-    // After the comm: state(3) ppid(4) ... utime(14) stime(15); field 3 is index 0 here.
-    let fields: Vec<&str> = s[close + 1..].split_whitespace().collect();
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .context("short /proc/PID/stat")?
-            .parse::<u64>()
-            .context("parsing /proc/PID/stat")
-    };
-    let total = ticks(11)? + ticks(12)?;
-    Ok(Duration::from_nanos(total * 1_000_000_000 / clock_ticks()))
-}
-
 /// User + system CPU time of a process and of its reaped children (utime, stime, cutime,
 /// cstime of `/proc/PID/stat`); zero for a process that is gone.
 fn cpu_with_children(pid: i32) -> Duration {
@@ -483,7 +465,11 @@ impl Cgroup {
             .lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f.get(1)?))
+                if f.get(2) == Some(&"cgroup2") {
+                    f.get(1).map(std::path::PathBuf::from)
+                } else {
+                    None
+                }
             })
             .next()
     }

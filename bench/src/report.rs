@@ -182,7 +182,11 @@ impl Section {
             head.push("case".to_owned());
         }
         head.push("metric".to_owned());
-        head.extend(pairs.iter().map(|(a, b)| format!("{} / {}", a.name(), b.name())));
+        head.extend(
+            pairs
+                .iter()
+                .map(|(a, b)| format!("{} / {}", a.name(), b.name())),
+        );
         out.push_str(&row_line(&head));
         out.push_str(&row_line(&vec!["---".to_owned(); head.len()]));
         for r in rows {
@@ -273,6 +277,8 @@ pub struct Report {
     pub notes: Vec<String>,
     /// (what, exact command lines), in the order they were first run.
     pub commands: Vec<(String, Vec<String>)>,
+    /// Free-form Markdown sections after the scenario tables.
+    pub extra: Vec<String>,
     /// Plot files written beside the table: (file name, caption).
     pub plots: Vec<(String, String)>,
 }
@@ -296,11 +302,12 @@ impl Report {
         for h in &self.header {
             out.push_str(&format!("- {h}\n"));
         }
-        out.push_str(
-            "\nCells: median of the repeated runs, [min–max] when there are several.\n",
-        );
+        out.push_str("\nCells: median of the repeated runs, [min–max] when there are several.\n");
         for s in &self.sections {
             s.render(&mut out);
+        }
+        for e in &self.extra {
+            out.push_str(e);
         }
         if !self.plots.is_empty() {
             out.push_str("\n## Plots\n\n");

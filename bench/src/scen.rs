@@ -29,6 +29,9 @@ const SAMPLE_GAP: Duration = Duration::from_millis(200);
 /// Period of the replica file count samples of `burst`.
 const BURST_SAMPLE: Duration = Duration::from_millis(200);
 
+/// Median ready times of one competitor and cache state: (files, seconds).
+type ReadyCurve = (Comp, bool, Vec<(f64, f64)>);
+
 /// Sizes of one scale.
 #[derive(Clone)]
 pub struct Sizes {
@@ -148,7 +151,7 @@ impl Ctx {
             ],
         );
         let comps = self.comps.clone();
-        let mut plot: Vec<(Comp, bool, Vec<(f64, f64)>)> = Vec::new();
+        let mut plot: Vec<ReadyCurve> = Vec::new();
         for (k, &files) in self.sizes.ready_files.clone().iter().enumerate() {
             let src = base.join(format!("src{k}"));
             let dst = base.join(format!("dst{k}"));
@@ -177,7 +180,8 @@ impl Ctx {
                                 Ok(r) => r,
                                 Err(e) => {
                                     proc::check_interrupted()?;
-                                    self.report.note(format!("ready ({group}, {}): {e:#}", c.name()));
+                                    self.report
+                                        .note(format!("ready ({group}, {}): {e:#}", c.name()));
                                     sec.push(&group, c, 0, None);
                                     continue;
                                 }
@@ -194,7 +198,12 @@ impl Ctx {
                             r.stop()?;
                             (after, cpu, slab, Some(rss as f64))
                         };
-                        eprintln!("ready: {group}, run {}: {} {}", rep + 1, c.name(), dur(after));
+                        eprintln!(
+                            "ready: {group}, run {}: {} {}",
+                            rep + 1,
+                            c.name(),
+                            dur(after)
+                        );
                         sec.push(&group, c, 0, Some(after.as_secs_f64()));
                         sec.push(&group, c, 1, Some(cpu.as_secs_f64()));
                         if c != Comp::Rsync {
@@ -278,7 +287,11 @@ impl Ctx {
                         continue;
                     }
                 };
-                eprintln!("latency: run {}: {} ready; {per_run} samples", rep + 1, c.name());
+                eprintln!(
+                    "latency: run {}: {} ready; {per_run} samples",
+                    rep + 1,
+                    c.name()
+                );
                 let s = samples(&tree, &dst, r.pid(), per_run, c.key(), rep, &mut rng)?;
                 r.stop()?;
                 sec.push("", c, 0, percentile(&s, 0.5).map(|d| d.as_secs_f64()));
@@ -292,8 +305,17 @@ impl Ctx {
             for (col, p) in [(1, 0.95), (2, 0.99), (3, 1.0)] {
                 sec.push("", *c, col, percentile(s, p).map(|d| d.as_secs_f64()));
             }
-            sec.push("", *c, 4, Some(s.iter().filter(|v| v.is_none()).count() as f64));
-            let mut ok: Vec<f64> = s.iter().flatten().map(|d| d.as_secs_f64() * 1000.0).collect();
+            sec.push(
+                "",
+                *c,
+                4,
+                Some(s.iter().filter(|v| v.is_none()).count() as f64),
+            );
+            let mut ok: Vec<f64> = s
+                .iter()
+                .flatten()
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .collect();
             ok.sort_by(f64::total_cmp);
             let total = s.len() as f64;
             self.latency_plot.push(Series {
@@ -327,7 +349,11 @@ impl Ctx {
         let (nfiles, ndirs) = (self.sizes.burst_files, self.sizes.burst_dirs);
         let per_dir = nfiles.div_ceil(ndirs);
         let rel: Vec<PathBuf> = (0..ndirs)
-            .map(|d| PathBuf::from("burst").join(format!("b{:03}", d / 100)).join(format!("b{:02}", d % 100)))
+            .map(|d| {
+                PathBuf::from("burst")
+                    .join(format!("b{:03}", d / 100))
+                    .join(format!("b{:02}", d % 100))
+            })
             .collect();
         let src_dirs: Vec<PathBuf> = rel.iter().map(|r| tree.root.join(r)).collect();
         let dst_dirs: Vec<PathBuf> = rel.iter().map(|r| dst.join(r)).collect();
@@ -341,7 +367,11 @@ impl Ctx {
                 2,
                 thousands(tree.files()),
                 dur(self.sizes.burst_timeout),
-                if self.cgroups { "cgroup v2 `cpu.stat` `usage_usec`" } else { "`/proc/PID/stat` utime+stime+cutime+cstime of the process tree" }
+                if self.cgroups {
+                    "cgroup v2 `cpu.stat` `usage_usec`"
+                } else {
+                    "`/proc/PID/stat` utime+stime+cutime+cstime of the process tree"
+                }
             )],
             &[
                 ("first write to replica complete", Unit::Secs, true),
@@ -368,7 +398,18 @@ impl Ctx {
                     let (_, cpu) = comp::rsync_once(&self.env(), &tree.root, &dst)?;
                     let done = start.elapsed();
                     let n = count_files(&dst_dirs);
-                    BurstOut { complete: Some(done), written, rsyncs: 1, cpu, files: n, curve: vec![(0.0, 0.0), (written.as_secs_f64(), 0.0), (done.as_secs_f64(), n as f64)] }
+                    BurstOut {
+                        complete: Some(done),
+                        written,
+                        rsyncs: 1,
+                        cpu,
+                        files: n,
+                        curve: vec![
+                            (0.0, 0.0),
+                            (written.as_secs_f64(), 0.0),
+                            (done.as_secs_f64(), n as f64),
+                        ],
+                    }
                 } else {
                     let r = match self.start("burst", c, &tree, &dst) {
                         Ok(r) => r,
@@ -378,7 +419,8 @@ impl Ctx {
                             continue;
                         }
                     };
-                    let out = burst_run(&r, &src_dirs, &dst_dirs, per_dir, self.sizes.burst_timeout)?;
+                    let out =
+                        burst_run(&r, &src_dirs, &dst_dirs, per_dir, self.sizes.burst_timeout)?;
                     r.stop()?;
                     out
                 };
@@ -400,12 +442,19 @@ impl Ctx {
                         thousands(out.files),
                         thousands(total),
                         dur(self.sizes.burst_timeout),
-                        if rep + 1 < self.repeat { "not repeated" } else { "given up" }
+                        if rep + 1 < self.repeat {
+                            "not repeated"
+                        } else {
+                            "given up"
+                        }
                     ));
                 } else {
                     let bad = verify(&dst_dirs, per_dir)?;
                     if bad > 0 {
-                        self.report.note(format!("burst ({}): {bad} replica files with wrong contents", c.name()));
+                        self.report.note(format!(
+                            "burst ({}): {bad} replica files with wrong contents",
+                            c.name()
+                        ));
                     }
                 }
                 sec.push("", c, 0, out.complete.map(|d| d.as_secs_f64()));
@@ -464,7 +513,8 @@ impl Ctx {
                 proc::check_interrupted()?;
                 let area_src = tree.root.join("churn");
                 tree::remove(&area_src)?;
-                let start_dirs: Vec<PathBuf> = (0..50).map(|d| area_src.join(format!("c{d:02}"))).collect();
+                let start_dirs: Vec<PathBuf> =
+                    (0..50).map(|d| area_src.join(format!("c{d:02}"))).collect();
                 tree::write_files(&start_dirs, 10, &|d, f| format!("churn {d} {f}\n"))?;
                 seed(&tree.root, &dst)?;
                 let r = match self.start("churn", c, &tree, &dst) {
@@ -489,7 +539,8 @@ impl Ctx {
                     state.step()?;
                 }
                 let end = Instant::now();
-                let (converged, diff, content) = converge(&tree.root, &dst, self.sizes.converge_timeout)?;
+                let (converged, diff, content) =
+                    converge(&tree.root, &dst, self.sizes.converge_timeout)?;
                 let cpu = r.cpu().saturating_sub(cpu0);
                 let rsyncs = counter.finish();
                 r.stop()?;
@@ -562,7 +613,11 @@ impl Ctx {
                         .split_whitespace()
                         .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
                 };
-                eprintln!("scale: {}: {} files, {stopped}", c.name(), thousands(created));
+                eprintln!(
+                    "scale: {}: {} files, {stopped}",
+                    c.name(),
+                    thousands(created)
+                );
                 sec.push("", c, 0, Some(created as f64 / took));
                 sec.push("", c, 1, field("events").map(|e| e / took));
                 sec.push("", c, 2, field("overflows"));
@@ -581,19 +636,37 @@ impl Ctx {
         };
         eprintln!("scale: cargo bench -p watcher-bench --bench pipeline");
         let args = [
-            "bench", "-p", "watcher-bench", "--bench", "pipeline", "--",
-            "--warm-up-time", "1", "--measurement-time", "3", "--output-format", "bencher",
+            "bench",
+            "-p",
+            "watcher-bench",
+            "--bench",
+            "pipeline",
+            "--",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "3",
+            "--output-format",
+            "bencher",
         ];
-        self.report.command("scale: microbenchmark", vec![format!("cargo {}", args.join(" "))]);
+        self.report.command(
+            "scale: microbenchmark",
+            vec![format!("cargo {}", args.join(" "))],
+        );
         let out = Command::new(cargo)
             .args(args)
             .output()
             .context("running cargo bench")?;
         if !out.status.success() {
-            bail!("cargo bench failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "cargo bench failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut md = String::from("\n## Pipeline microbenchmark (criterion, one core)\n\n100,000 events per iteration through `watcher::filter::Filter::lookup` (one root with three excludes, one in ten paths excluded, and a second root) and `watcher::dirty::DirtySet::mark` + `take`.\n\n| benchmark | time per 100,000 events | events/s per core |\n| --- | --- | --- |\n");
+        let mut md = String::from(
+            "\n## Pipeline microbenchmark (criterion, one core)\n\n100,000 events per iteration through `watcher::filter::Filter::lookup` (one root with three excludes, one in ten paths excluded, and a second root) and `watcher::dirty::DirtySet::mark` + `take`.\n\n| benchmark | time per 100,000 events | events/s per core |\n| --- | --- | --- |\n",
+        );
         for l in text.lines().filter(|l| l.starts_with("test ")) {
             let name = l.split_whitespace().nth(1).unwrap_or("?");
             let ns: Option<f64> = l
@@ -803,7 +876,9 @@ fn create_fast(root: &Path, d: Duration) -> Result<usize> {
             .collect();
         let mut total = 0;
         for h in hs {
-            total += h.join().map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+            total += h
+                .join()
+                .map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
         }
         Ok(total)
     })
@@ -887,7 +962,9 @@ impl ChurnState {
         } else if roll < 60 {
             let i = self.rng.random_range(0..self.files.len());
             use std::io::Write;
-            let mut fh = fs::OpenOptions::new().append(true).open(abs(&self.files[i]))?;
+            let mut fh = fs::OpenOptions::new()
+                .append(true)
+                .open(abs(&self.files[i]))?;
             writeln!(fh, "modified {}", self.next)?;
             self.next += 1;
         } else if roll < 70 {

@@ -39,7 +39,9 @@ struct Axis {
 
 impl Axis {
     fn new(vals: impl Iterator<Item = f64>, log: bool) -> Self {
-        let v: Vec<f64> = vals.filter(|v| v.is_finite() && (!log || *v > 0.0)).collect();
+        let v: Vec<f64> = vals
+            .filter(|v| v.is_finite() && (!log || *v > 0.0))
+            .collect();
         let mut lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let mut hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         if !lo.is_finite() {
@@ -123,17 +125,23 @@ fn label(v: f64) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 impl Chart {
     pub fn render(&self) -> String {
         let xa = Axis::new(
-            self.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)),
+            self.series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.0)),
             self.log_x,
         );
         let ya = Axis::new(
-            self.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)),
+            self.series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.1)),
             self.log_y,
         );
         let pw = W - LEFT - RIGHT;
@@ -199,7 +207,11 @@ impl Chart {
                 .filter(|p| (!self.log_x || p.0 > 0.0) && (!self.log_y || p.1 > 0.0))
                 .map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1)))
                 .collect();
-            let dash = if se.dashed { r#" stroke-dasharray="6 4""# } else { "" };
+            let dash = if se.dashed {
+                r#" stroke-dasharray="6 4""#
+            } else {
+                ""
+            };
             if pts.len() > 1 {
                 let _ = writeln!(
                     s,

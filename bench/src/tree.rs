@@ -1,6 +1,5 @@
 //! Generated directory trees: `dNNNN/dNN/fN`, 100 subdirectories per top directory and
-//! 10 small files per subdirectory. [`DirTree`] has the same layout but an exact number of
-//! directories, for comparing per-directory watch set-up.
+//! 10 small files per subdirectory (about 10 files per directory).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -51,55 +50,6 @@ impl Tree {
             start.elapsed(),
         ))
     }
-}
-
-/// A generated tree of exactly `dirs` directories, the root included: top directories
-/// `dNNNN` with up to [`SUBDIRS`] subdirectories `dNN` each (the last top directory takes
-/// what is left), and [`FILES_PER_DIR`] small files in every directory without
-/// subdirectories.
-pub struct DirTree {
-    pub root: PathBuf,
-    pub dirs: usize,
-    pub files: usize,
-}
-
-impl DirTree {
-    /// Writes the tree under `root`, which must not exist yet; `dirs` is at least 1.
-    pub fn generate(root: &Path, dirs: usize) -> Result<(Self, Duration)> {
-        let start = Instant::now();
-        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let leaves = dir_tree_leaves(dirs);
-        let paths: Vec<PathBuf> = leaves.iter().map(|l| root.join(l)).collect();
-        write_files(&paths, FILES_PER_DIR, &|d, f| format!("tree {d} {f}\n"))?;
-        Ok((
-            Self {
-                root: root.to_owned(),
-                dirs: dirs.max(1),
-                files: paths.len() * FILES_PER_DIR,
-            },
-            start.elapsed(),
-        ))
-    }
-}
-
-/// Relative paths of the directories without subdirectories of a [`DirTree`] of `dirs`
-/// directories (none when `dirs` is 1: the root alone, left empty).
-fn dir_tree_leaves(dirs: usize) -> Vec<PathBuf> {
-    let mut left = dirs.saturating_sub(1);
-    let mut leaves = Vec::new();
-    let mut top = 0;
-    while left > 0 {
-        let subs = (left - 1).min(SUBDIRS);
-        left -= 1 + subs;
-        let top_dir = PathBuf::from(format!("d{top:04}"));
-        if subs == 0 {
-            leaves.push(top_dir);
-        } else {
-            leaves.extend((0..subs).map(|s| top_dir.join(format!("d{s:02}"))));
-        }
-        top += 1;
-    }
-    leaves
 }
 
 /// Name of file `i` in a generated directory.
@@ -213,31 +163,6 @@ mod tests {
             Duration::from_secs(1),
         )?;
         assert_eq!(left, 0);
-        Ok(())
-    }
-
-    /// Directories under `root`, `root` included.
-    fn count_dirs(root: &Path) -> usize {
-        1 + fs::read_dir(root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| count_dirs(&e.path()))
-            .sum::<usize>()
-    }
-
-    #[test]
-    fn exact_dir_count() -> Result<()> {
-        for dirs in [1, 2, 101, 102, 103, 250] {
-            let tmp = tempfile::tempdir()?;
-            let root = tmp.path().join("t");
-            let (tree, _) = DirTree::generate(&root, dirs)?;
-            assert_eq!(tree.dirs, dirs);
-            assert_eq!(count_dirs(&root), dirs, "dirs = {dirs}");
-        }
-        // 990 top directories of 100 subdirectories, then one of 8.
-        assert_eq!(dir_tree_leaves(100_000).len(), 990 * SUBDIRS + 8);
         Ok(())
     }
 }

@@ -26,6 +26,13 @@ pub struct Cli {
 pub enum Command {
     /// Replicate SOURCE to TARGET and keep it in step until SIGINT/SIGTERM.
     Sync(SyncArgs),
+    /// Run as a service from the configuration file (several trees and targets, journal, status).
+    Run(RunArgs),
+    /// Work with the configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Show what the running daemon is doing, per sync group and target.
+    Status(StatusArgs),
     /// Print changes under PATHs as they happen (like `inotifywait -mr`, without per-directory watches).
     Watch(WatchArgs),
     /// Show which backends this kernel and the filesystems of PATHs support, and why not.
@@ -68,6 +75,45 @@ pub struct SyncArgs {
     /// Log what each batch would change (rsync --dry-run --itemize-changes); change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Journal unsynced changes in this directory, so a restart after a crash resumes them.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Serve `watcher status` on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub status_socket: Option<PathBuf>,
+    /// Compare the whole tree with the target this often (e.g. 6h, 30m) and repair drift.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub verify_interval: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file.
+    #[arg(long, short = 'c', value_name = "PATH", default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Log what each batch would change (rsync --dry-run --itemize-changes); change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration file without running anything.
+    Check {
+        /// Configuration file.
+        #[arg(long, short = 'c', value_name = "PATH", default_value = crate::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The daemon's status socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/watcher/status.sock")]
+    pub socket: PathBuf,
+    /// Print the raw JSON snapshot.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

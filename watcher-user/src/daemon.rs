@@ -1,68 +1,110 @@
 //! Wiring: backend thread -> filter -> dirty set per target -> flush policy -> rsync.
-//! Owns the event loop, signals and the summary at exit.
+//! Owns the event loop, signals, reloads, the journal and status hooks, and the summary.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::backend::{self, Backend, BackendKind, OwnPids};
+use crate::backend::{self, Backend, OwnPids};
+use crate::config::Config;
 use crate::dirty::{Batch, DirtySet, Scope};
 use crate::event::{ChangeKind, Event};
 use crate::filter::{Filter, FilterBuilder, GroupId};
-use crate::flush::{Decision, FlushConfig, FlushPolicy};
+use crate::flush::{Decision, FlushPolicy};
+use crate::journal::Journal;
 use crate::rsync::{self, ExitClass, RsyncOptions};
+use crate::status::{self, LastSync, LastVerify, StatusSnapshot, TargetState as Phase};
 use crate::target::Target;
 
-/// Everything `watcher sync` needs, validated.
-#[derive(Debug, Clone)]
-pub struct SyncConfig {
-    /// Canonical source directory.
-    pub source: PathBuf,
-    pub targets: Vec<Target>,
-    pub excludes: Vec<String>,
-    pub flush: FlushConfig,
-    pub backend: BackendKind,
-    pub initial_sync: bool,
-    pub rsync: RsyncOptions,
+/// How the daemon runs, beyond what the configuration says.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Re-read on SIGHUP (a config file given with `watcher run`).
+    pub config_path: Option<PathBuf>,
+    /// Journal dirty paths under the configured state directory.
+    pub journal: bool,
+    /// Serve `watcher status` on the configured socket (and metrics, if configured).
+    pub status: bool,
+    /// rsync --dry-run --itemize-changes; nothing on any target changes.
+    pub dry_run: bool,
 }
 
 /// Longest wait between retries of a failing target.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// How often journals are made durable and the status snapshot is refreshed.
+const HOUSEKEEPING: Duration = Duration::from_millis(200);
+/// How often a long whole-tree run reports progress in the log.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Batches of events in flight from the reader thread; when full, the reader stops reading
 /// and the kernel queue absorbs the burst (or overflows, which triggers a rescan).
 const EVENT_CHANNEL_BATCHES: usize = 256;
 
-/// Per-target state: its own backlog, so a slow target never holds back another.
+/// What a flush is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlushKind {
+    /// Dirty paths (or the whole root, for the initial sync and rescans).
+    Changes,
+    /// A scheduled whole-tree pass that counts what it had to repair.
+    Verify,
+}
+
+/// Per-target state: its own backlog, so a slow or unreachable target never holds back another.
 struct TargetState {
-    target: Target,
     group: GroupId,
+    group_name: String,
+    name: String,
+    target: Target,
+    root: PathBuf,
+    rsync: RsyncOptions,
     dirty: DirtySet,
+    /// When the oldest change still in `dirty` was marked.
+    dirty_since: Option<Instant>,
     policy: FlushPolicy,
-    in_flight: bool,
+    max_backlog: usize,
+    in_flight: Option<InFlight>,
     retry_at: Option<Instant>,
     failures: u32,
+    retries_total: u64,
     /// Set after a fatal rsync error: the target is no longer synced.
     fatal: Option<String>,
-    /// The first full sync (or none, if disabled) has completed.
+    /// A whole-tree sync has completed since start (or none was needed).
     in_step: bool,
     runs: u64,
+    journal: Option<Journal>,
+    verify_interval: Option<Duration>,
+    verify_due: Option<Instant>,
+    last_sync: Option<LastSync>,
+    last_verify: Option<LastVerify>,
+}
+
+struct InFlight {
+    kind: FlushKind,
+    paths: usize,
+    /// Oldest change the batch carries.
+    oldest: Instant,
+    journal_seq: Option<u64>,
 }
 
 /// What a flush task reports back.
 struct FlushDone {
     target: usize,
+    kind: FlushKind,
     batch: Batch,
     class: ExitClass,
+    code: Option<i32>,
     detail: String,
     runs: u64,
+    /// Paths rsync itemized (verify passes count repairs this way).
+    itemized: u64,
+    elapsed: Duration,
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -71,12 +113,65 @@ fn backoff(failures: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl TargetState {
+    /// Marks `rel` dirty, journaling it; folds the backlog when it passes its bound.
+    fn mark(&mut self, rel: &Path, scope: Scope, now: Instant) {
+        if self.dirty.is_empty() {
+            self.dirty_since = Some(now);
+        }
+        self.dirty.mark(rel, scope);
+        if let Some(journal) = self.journal.as_mut()
+            && let Err(e) = journal.record(rel, scope)
+        {
+            tracing::error!(target = %self.target, error = %e, "journal write failed; continuing without it");
+            self.journal = None;
+        }
+        if self.dirty.len() > self.max_backlog {
+            let folded = self.dirty.collapse(self.max_backlog / 2);
+            tracing::warn!(target = %self.target, folded, "backlog over its bound: folded paths into their directories");
+        }
+    }
+
+    /// The oldest change not yet confirmed by rsync.
+    fn oldest_unsynced(&self) -> Option<Instant> {
+        let flying = self
+            .in_flight
+            .as_ref()
+            .filter(|f| f.kind == FlushKind::Changes && f.paths > 0)
+            .map(|f| f.oldest);
+        match (flying, self.dirty_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        if self.fatal.is_some() {
+            Phase::Failed
+        } else if !self.in_step {
+            Phase::InitialSync
+        } else if self.failures > 0 {
+            Phase::Retrying
+        } else if self.in_flight.is_some() || !self.dirty.is_empty() {
+            Phase::Syncing
+        } else {
+            Phase::InStep
+        }
+    }
+}
+
 /// Marks what `event` dirtied in every target of its group. Returns whether anything was marked.
-fn route(filter: &Filter, targets: &mut [TargetState], event: &Event) -> bool {
+fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Instant) -> bool {
     let mut mark = |group: GroupId, rel: &Path, scope: Scope| {
         let mut any = false;
         for t in targets.iter_mut().filter(|t| t.group == group) {
-            t.dirty.mark(rel, scope);
+            t.mark(rel, scope, now);
             any = true;
         }
         any
@@ -127,14 +222,27 @@ fn route(filter: &Filter, targets: &mut [TargetState], event: &Event) -> bool {
 /// Runs the rsync processes for one batch; stops at the first run that does not succeed.
 async fn flush(
     index: usize,
+    kind: FlushKind,
     batch: Batch,
     root: PathBuf,
     target: Target,
     opts: RsyncOptions,
     own_pids: Arc<OwnPids>,
 ) -> FlushDone {
+    let started = Instant::now();
+    let mut done = FlushDone {
+        target: index,
+        kind,
+        batch,
+        class: ExitClass::Success,
+        code: Some(0),
+        detail: String::new(),
+        runs: 0,
+        itemized: 0,
+        elapsed: Duration::ZERO,
+    };
     let planned = {
-        let batch = batch.clone();
+        let batch = done.batch.clone();
         let (root, target, opts) = (root.clone(), target.clone(), opts.clone());
         tokio::task::spawn_blocking(move || {
             rsync::plan(&batch, &root, &target, &opts, |p| {
@@ -143,22 +251,34 @@ async fn flush(
         })
         .await
     };
-    let runs = match planned {
+    let mut runs = match planned {
         Ok(runs) => runs,
         Err(e) => {
-            return FlushDone {
-                target: index,
-                batch,
-                class: ExitClass::Transient,
-                detail: format!("planning the batch failed: {e}"),
-                runs: 0,
-            };
+            done.class = ExitClass::Transient;
+            done.detail = format!("planning the batch failed: {e}");
+            return done;
         }
     };
-    let mut done = 0;
+    let whole_tree = done.batch.covers_root();
+    let itemize = kind == FlushKind::Verify || opts.dry_run;
+    for run in &mut runs {
+        if kind == FlushKind::Verify && !opts.dry_run {
+            run.args.insert(1, "--itemize-changes".into());
+        }
+        if whole_tree {
+            // Overall progress on stdout, parsed for the log (rsync 3.1+).
+            run.args.insert(1, "--info=progress2".into());
+        }
+    }
     for run in &runs {
-        let result = rsync::execute(&opts.binary, run, &own_pids, opts.dry_run).await;
-        done += 1;
+        let label = match kind {
+            FlushKind::Verify => "verify",
+            FlushKind::Changes if whole_tree => "full sync",
+            FlushKind::Changes => "batch",
+        };
+        let progress = whole_tree.then(|| rsync::Progress::new(label, &target, PROGRESS_EVERY));
+        let result = rsync::execute(&opts.binary, run, &own_pids, itemize, progress).await;
+        done.runs += 1;
         match result {
             Ok(r) => {
                 tracing::info!(
@@ -168,83 +288,708 @@ async fn flush(
                     elapsed_ms = r.elapsed.as_millis() as u64,
                     "rsync finished"
                 );
-                for line in r.stdout.lines() {
-                    tracing::info!(target = %target, "dry run: {line}");
+                done.itemized += r.itemized;
+                if opts.dry_run {
+                    for line in r.stdout.lines() {
+                        tracing::info!(target = %target, "dry run: {line}");
+                    }
                 }
+                done.code = r.code;
                 if r.class != ExitClass::Success {
-                    let detail = format!(
+                    done.class = r.class;
+                    done.detail = format!(
                         "rsync exited with {:?} ({}): {}\n  command: {}",
                         r.code,
                         rsync::describe(r.code),
                         r.stderr,
                         rsync::display_args(&opts.binary, &run.args)
                     );
-                    return FlushDone {
-                        target: index,
-                        batch,
-                        class: r.class,
-                        detail,
-                        runs: done,
-                    };
+                    break;
                 }
                 if !r.stderr.is_empty() {
                     tracing::debug!(target = %target, stderr = %r.stderr, "rsync warnings");
                 }
             }
             Err(e) => {
-                return FlushDone {
-                    target: index,
-                    batch,
-                    class: ExitClass::Transient,
-                    detail: format!("cannot run {}: {e}", opts.binary.display()),
-                    runs: done,
-                };
+                done.class = ExitClass::Transient;
+                done.code = None;
+                done.detail = format!("cannot run {}: {e}", opts.binary.display());
+                break;
             }
         }
     }
-    FlushDone {
-        target: index,
-        batch,
-        class: ExitClass::Success,
-        detail: String::new(),
-        runs: done,
-    }
+    done.elapsed = started.elapsed();
+    done
 }
 
-/// Counters for the summary at exit.
+/// Counters for status and the summary at exit.
 #[derive(Debug, Default)]
 struct Stats {
     event_batches: u64,
     events: u64,
     overflows: u64,
     rescans: u64,
+    /// For events/s in status: (when, events) at the last refresh.
+    rate_mark: Option<(Instant, u64)>,
+    events_per_sec: f64,
 }
 
-/// `watcher sync`: returns the process exit code.
-pub fn run_sync(cfg: SyncConfig) -> anyhow::Result<i32> {
-    let version = rsync::probe(&cfg.rsync.binary)?;
+/// `watcher sync` / `watcher run`: returns the process exit code.
+pub fn run(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
+    let version = rsync::probe(&config.daemon.rsync)?;
     tracing::debug!(version, "rsync self-test passed");
-    for target in &cfg.targets {
-        target.check_overlap(&cfg.source)?;
-    }
-    let mut builder = FilterBuilder::new();
-    let group = builder.add_root(&cfg.source, &cfg.excludes)?;
-    let filter = builder.build()?;
-
-    let own_pids = Arc::new(OwnPids::new());
-    let backend = backend::start(
-        cfg.backend,
-        std::slice::from_ref(&cfg.source),
-        own_pids.clone(),
-    )
-    .context("starting change capture")?;
-    tracing::info!(source = %cfg.source.display(), backend = backend.name(), "watching");
-
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(event_loop(cfg, filter, group, backend, own_pids))
+    runtime.block_on(supervise(config, opts))
+}
+
+/// Everything built from one configuration.
+struct Engine {
+    config: Config,
+    filter: Filter,
+    targets: Vec<TargetState>,
+    backend_name: &'static str,
+    events: mpsc::Receiver<Vec<Event>>,
+    reader: Option<std::thread::JoinHandle<Result<(), backend::BackendError>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A configuration that passed every check, with its backend started (so no change is
+/// missed), not yet running.
+struct Prepared {
+    config: Config,
+    filter: Filter,
+    groups: Vec<GroupId>,
+    backend: Box<dyn Backend>,
+}
+
+/// What ended one engine's event loop.
+enum Outcome {
+    Exit(i32),
+    Reload(Box<Config>),
+}
+
+async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
+    let own_pids = Arc::new(OwnPids::new());
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let signals = Signals {
+        term: &mut sigterm,
+        int: &mut sigint,
+        hup: &mut sighup,
+    };
+
+    let (status_tx, status_rx) = watch::channel(StatusSnapshot::default());
+    let mut servers = JoinSet::new();
+    if opts.status {
+        let socket = status::StatusSocket::bind(&config.daemon.status_socket)
+            .context("opening the status socket")?;
+        let rx = status_rx.clone();
+        servers.spawn(async move {
+            if let Err(e) = socket.serve(rx).await {
+                tracing::error!(error = %e, "status socket stopped");
+            }
+        });
+        if let Some(addr) = config.daemon.metrics {
+            let listener =
+                status::MetricsListener::bind(addr).context("opening the metrics endpoint")?;
+            let rx = status_rx.clone();
+            servers.spawn(async move {
+                if let Err(e) = listener.serve(rx).await {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            });
+        }
+    }
+
+    let started = SystemTime::now();
+    let prepared = Engine::prepare(config, &own_pids)?;
+    let mut engine = prepared.into_engine(&opts, Vec::new())?;
+    let mut signals = signals;
+    let code = loop {
+        match engine
+            .run(&opts, &own_pids, &status_tx, started, &mut signals)
+            .await?
+        {
+            Outcome::Exit(code) => break code,
+            Outcome::Reload(new_config) => match Engine::prepare(*new_config, &own_pids) {
+                Ok(prepared) => {
+                    // The new marks are set: stop the old reader, take in its last events,
+                    // and carry every dirty path and journal over.
+                    let backlog = engine.stop_and_hand_over().await;
+                    engine = prepared.into_engine(&opts, backlog)?;
+                    tracing::info!("configuration reloaded");
+                    notify(&[sd_notify::NotifyState::Ready]);
+                }
+                Err(e) => {
+                    tracing::error!("reload failed, keeping the running configuration: {e:#}");
+                    notify(&[sd_notify::NotifyState::Ready]);
+                }
+            },
+        }
+    };
+    servers.abort_all();
+    Ok(code)
+}
+
+struct Signals<'a> {
+    term: &'a mut tokio::signal::unix::Signal,
+    int: &'a mut tokio::signal::unix::Signal,
+    hup: &'a mut tokio::signal::unix::Signal,
+}
+
+/// Dirty paths and journals carried across a reload, keyed by group and target name.
+type Backlog = Vec<(String, String, Batch, Option<Journal>)>;
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    // Not under systemd (no NOTIFY_SOCKET) is the normal case outside a service.
+    let _ = sd_notify::notify(states);
+}
+
+fn target_states(
+    config: &Config,
+    groups: &[GroupId],
+    opts: &RunOptions,
+    filter: &Filter,
+    backlog: &mut Backlog,
+) -> anyhow::Result<Vec<TargetState>> {
+    let now = Instant::now();
+    let mut targets = Vec::new();
+    for (group, g) in groups.iter().zip(&config.groups) {
+        for t in &g.targets {
+            let target = Target::parse(&t.dest)
+                .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
+            target.check_overlap(filter.root(*group))?;
+            let mut policy = FlushPolicy::new(g.flush);
+            let mut state = TargetState {
+                group: *group,
+                group_name: g.name.clone(),
+                name: t.name.clone(),
+                target,
+                root: filter.root(*group).to_path_buf(),
+                rsync: RsyncOptions {
+                    binary: config.daemon.rsync.clone(),
+                    hardlinks: g.hard_links,
+                    excludes: filter.excludes(*group).to_vec(),
+                    extra_args: t.rsync_args(g),
+                    dry_run: opts.dry_run,
+                },
+                dirty: DirtySet::new(),
+                dirty_since: None,
+                policy: FlushPolicy::new(g.flush),
+                max_backlog: t.max_backlog.max(1),
+                in_flight: None,
+                retry_at: None,
+                failures: 0,
+                retries_total: 0,
+                fatal: None,
+                in_step: true,
+                runs: 0,
+                journal: None,
+                verify_interval: g.verify_interval,
+                verify_due: g.verify_interval.map(|i| now + i),
+                last_sync: None,
+                last_verify: None,
+            };
+            let (carried, carried_journal) = match backlog
+                .iter()
+                .position(|(gn, tn, _, _)| *gn == g.name && *tn == t.name)
+            {
+                Some(i) => {
+                    let (_, _, batch, journal) = backlog.swap_remove(i);
+                    (Some(batch), journal)
+                }
+                None => (None, None),
+            };
+            let mut needs_full_sync = g.initial_sync && carried.is_none();
+            if carried_journal.is_some() {
+                state.journal = carried_journal;
+            } else if opts.journal {
+                let key = format!("{}-{}", g.name, t.name);
+                let (journal, recovered) = Journal::open(&config.daemon.state_dir, &key)
+                    .with_context(|| {
+                        format!(
+                            "opening the journal in {}",
+                            config.daemon.state_dir.display()
+                        )
+                    })?;
+                if !recovered.marks.is_empty() {
+                    tracing::info!(group = %g.name, target = %t.name, paths = recovered.marks.len(),
+                        "resuming unsynced changes from the journal");
+                }
+                for (rel, scope) in &recovered.marks {
+                    state.dirty.mark(rel, *scope);
+                }
+                if recovered.existed && !recovered.clean {
+                    // The previous run did not stop cleanly: what changed while nobody was
+                    // watching is unknown, so the whole tree is compared.
+                    tracing::warn!(group = %g.name, target = %t.name,
+                        "previous run did not shut down cleanly: re-syncing the whole tree");
+                    needs_full_sync = true;
+                }
+                state.journal = Some(journal);
+            }
+            if let Some(batch) = carried {
+                state.dirty.merge(batch);
+            }
+            if needs_full_sync {
+                state.mark(Path::new(""), Scope::Subtree, now);
+                state.in_step = false;
+            }
+            if !state.dirty.is_empty() {
+                state.dirty_since = Some(now);
+                policy.on_change(now);
+            }
+            state.policy = policy;
+            targets.push(state);
+        }
+    }
+    Ok(targets)
+}
+
+impl Prepared {
+    /// Builds the targets (with carried-over backlogs) and starts reading events.
+    fn into_engine(self, opts: &RunOptions, mut backlog: Backlog) -> anyhow::Result<Engine> {
+        let targets = target_states(&self.config, &self.groups, opts, &self.filter, &mut backlog)?;
+        for (group, target, batch, _) in &backlog {
+            if !batch.is_empty() {
+                tracing::warn!(group = %group, target = %target, paths = batch.len(),
+                    "target removed from the configuration; its unsynced paths are dropped");
+            }
+        }
+        let backend_name = self.backend.name();
+        for g in &self.config.groups {
+            tracing::info!(group = %g.name, source = %g.source.display(), backend = backend_name,
+                targets = g.targets.len(), "watching");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (events, reader) = spawn_reader(self.backend, stop.clone());
+        Ok(Engine {
+            config: self.config,
+            filter: self.filter,
+            targets,
+            backend_name,
+            events,
+            reader: Some(reader),
+            stop,
+        })
+    }
+}
+
+impl Engine {
+    /// Validates the configuration, builds the filter and starts the backend.
+    fn prepare(config: Config, own_pids: &Arc<OwnPids>) -> anyhow::Result<Prepared> {
+        let mut builder = FilterBuilder::new();
+        let mut groups = Vec::new();
+        for g in &config.groups {
+            let id = builder
+                .add_root(&g.source, &g.excludes)
+                .with_context(|| format!("sync group {}", g.name))?;
+            groups.push(id);
+            for t in &g.targets {
+                let target = Target::parse(&t.dest)
+                    .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
+                target
+                    .check_overlap(&g.source)
+                    .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
+            }
+        }
+        let filter = builder.build()?;
+        let roots: Vec<PathBuf> = config.groups.iter().map(|g| g.source.clone()).collect();
+        let backend = backend::start(config.daemon.backend, &roots, own_pids.clone())
+            .context("starting change capture")?;
+        Ok(Prepared {
+            config,
+            filter,
+            groups,
+            backend,
+        })
+    }
+
+    /// The dirty paths of every target and their journals, after the reader stopped and its
+    /// last events were routed.
+    async fn stop_and_hand_over(mut self) -> Backlog {
+        self.stop.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        while let Some(batch) = self.events.recv().await {
+            for event in &batch {
+                route(&self.filter, &mut self.targets, event, now);
+            }
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+        }
+        self.targets
+            .into_iter()
+            .map(|mut t| (t.group_name, t.name, t.dirty.take(), t.journal.take()))
+            .collect()
+    }
+    fn snapshot(&self, stats: &Stats, started: SystemTime) -> StatusSnapshot {
+        let now = Instant::now();
+        let mut groups: Vec<status::GroupStatus> = Vec::new();
+        for g in &self.config.groups {
+            let targets = self
+                .targets
+                .iter()
+                .filter(|t| t.group_name == g.name)
+                .map(|t| status::TargetStatus {
+                    name: t.name.clone(),
+                    dest: t.target.to_string(),
+                    state: t.phase(),
+                    dirty_paths: t.dirty.len() as u64,
+                    oldest_unsynced_ms: t
+                        .oldest_unsynced()
+                        .map(|o| now.saturating_duration_since(o).as_millis() as u64),
+                    in_flight_paths: t.in_flight.as_ref().map_or(0, |f| f.paths as u64),
+                    last_sync: t.last_sync.clone(),
+                    consecutive_failures: t.failures,
+                    rsync_runs: t.runs,
+                    retries_total: t.retries_total,
+                    verify: t.last_verify.clone(),
+                })
+                .collect();
+            groups.push(status::GroupStatus {
+                name: g.name.clone(),
+                source: g.source.display().to_string(),
+                targets,
+            });
+        }
+        StatusSnapshot {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_unix_ms: unix_ms(started),
+            backend: self.backend_name.to_string(),
+            events_total: stats.events,
+            events_per_sec: stats.events_per_sec,
+            overflows: stats.overflows,
+            rescans: stats.rescans,
+            groups,
+        }
+    }
+
+    async fn run(
+        &mut self,
+        opts: &RunOptions,
+        own_pids: &Arc<OwnPids>,
+        status_tx: &watch::Sender<StatusSnapshot>,
+        started: SystemTime,
+        signals: &mut Signals<'_>,
+    ) -> anyhow::Result<Outcome> {
+        let mut tasks: JoinSet<FlushDone> = JoinSet::new();
+        let mut stats = Stats::default();
+        let mut ready_logged = false;
+        let mut shutting_down = false;
+        let mut reload: Option<Box<Config>> = None;
+        let mut reader_done = false;
+        let mut exit_code = 0;
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog =
+            sd_notify::watchdog_enabled().map(|period| tokio::time::interval(period / 2));
+        if self.targets.iter().any(|t| !t.in_step) {
+            tracing::info!("initial sync started");
+        }
+
+        loop {
+            let now = Instant::now();
+            let mut wake: Option<Instant> = None;
+            let mut wake_at = |at: Instant| wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
+            // Draining for a reload or exit: flush everything now, start no verify pass.
+            let draining = shutting_down || reload.is_some();
+            for (index, t) in self.targets.iter_mut().enumerate() {
+                if t.in_flight.is_some() || t.fatal.is_some() {
+                    continue;
+                }
+                if let Some(at) = t.retry_at {
+                    if now < at && !draining {
+                        wake_at(at);
+                        continue;
+                    }
+                    t.retry_at = None;
+                }
+                let mut kind = FlushKind::Changes;
+                let decision = if t.dirty.is_empty() {
+                    match t.verify_due {
+                        Some(due) if !draining && now >= due => {
+                            kind = FlushKind::Verify;
+                            Decision::FlushNow
+                        }
+                        Some(due) if !draining => {
+                            wake_at(due);
+                            Decision::Idle
+                        }
+                        _ => Decision::Idle,
+                    }
+                } else if draining {
+                    Decision::FlushNow
+                } else {
+                    t.policy.decide(now, t.dirty.len(), false)
+                };
+                match decision {
+                    Decision::FlushNow => {
+                        let batch = if kind == FlushKind::Verify {
+                            Batch {
+                                entries: Vec::new(),
+                                subtrees: vec![PathBuf::new()],
+                            }
+                        } else {
+                            t.dirty.take()
+                        };
+                        let journal_seq = match (kind, t.journal.as_mut()) {
+                            (FlushKind::Changes, Some(j)) => j.batch_taken().ok(),
+                            _ => None,
+                        };
+                        t.in_flight = Some(InFlight {
+                            kind,
+                            paths: batch.len(),
+                            oldest: t.dirty_since.take().unwrap_or(now),
+                            journal_seq,
+                        });
+                        t.policy.on_flush_started(now);
+                        tracing::debug!(target = %t.target, paths = batch.len(), ?kind, "flushing");
+                        tasks.spawn(flush(
+                            index,
+                            kind,
+                            batch,
+                            t.root.clone(),
+                            t.target.clone(),
+                            t.rsync.clone(),
+                            own_pids.clone(),
+                        ));
+                    }
+                    Decision::WaitUntil(at) => wake_at(at),
+                    Decision::Idle | Decision::Busy => {}
+                }
+            }
+            if !ready_logged && self.targets.iter().all(|t| t.in_step || t.fatal.is_some()) {
+                ready_logged = true;
+                tracing::info!(targets = self.targets.len(), "ready");
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
+            if self.targets.iter().all(|t| t.fatal.is_some()) {
+                exit_code = 1;
+                break;
+            }
+            let idle = self
+                .targets
+                .iter()
+                .all(|t| t.in_flight.is_none() && (t.dirty.is_empty() || t.fatal.is_some()));
+            if reload.is_some() && idle {
+                break;
+            }
+            if shutting_down && reader_done && idle {
+                break;
+            }
+
+            let sleep = tokio::time::sleep_until(
+                wake.map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+            );
+            tokio::select! {
+                msg = self.events.recv(), if !reader_done => match msg {
+                    Some(batch) => {
+                        let now = Instant::now();
+                        stats.event_batches += 1;
+                        stats.events += batch.len() as u64;
+                        let mut touched = vec![false; self.targets.len()];
+                        for event in &batch {
+                            match event {
+                                Event::Overflow => stats.overflows += 1,
+                                Event::Rescan { .. } => stats.rescans += 1,
+                                Event::Change { .. } => {}
+                            }
+                            let before: Vec<usize> = self.targets.iter().map(|t| t.dirty.len()).collect();
+                            if route(&self.filter, &mut self.targets, event, now) {
+                                for (i, t) in self.targets.iter().enumerate() {
+                                    touched[i] |= t.dirty.len() != before[i] || !t.dirty.is_empty();
+                                }
+                            }
+                        }
+                        for (t, touched) in self.targets.iter_mut().zip(touched) {
+                            if touched {
+                                t.policy.on_change(now);
+                            }
+                        }
+                    }
+                    None => {
+                        reader_done = true;
+                        if !shutting_down {
+                            tracing::error!("the event reader stopped; flushing and exiting");
+                            shutting_down = true;
+                            exit_code = 1;
+                        }
+                    }
+                },
+                Some(joined) = tasks.join_next() => {
+                    let done = joined.context("a flush task panicked")?;
+                    self.finish(done, shutting_down, &mut exit_code);
+                },
+                _ = housekeeping.tick() => {
+                    for t in &mut self.targets {
+                        if let Some(j) = t.journal.as_mut()
+                            && let Err(e) = j.sync()
+                        {
+                            tracing::error!(target = %t.target, error = %e, "journal sync failed; continuing without it");
+                            t.journal = None;
+                        }
+                    }
+                    let now = Instant::now();
+                    if let Some((at, count)) = stats.rate_mark {
+                        let secs = now.saturating_duration_since(at).as_secs_f64();
+                        if secs >= 1.0 {
+                            stats.events_per_sec = (stats.events - count) as f64 / secs;
+                            stats.rate_mark = Some((now, stats.events));
+                        }
+                    } else {
+                        stats.rate_mark = Some((now, stats.events));
+                    }
+                    status_tx.send_replace(self.snapshot(&stats, started));
+                },
+                _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                },
+                _ = sleep => {},
+                _ = signals.term.recv() => begin_shutdown(&mut shutting_down, &self.stop, "SIGTERM")?,
+                _ = signals.int.recv() => begin_shutdown(&mut shutting_down, &self.stop, "SIGINT")?,
+                _ = signals.hup.recv() => {
+                    if let Some(path) = opts.config_path.as_deref().filter(|_| !shutting_down) {
+                        notify(&[sd_notify::NotifyState::Reloading]);
+                        match crate::config::load(path) {
+                            Ok(cfg) => {
+                                tracing::info!(config = %path.display(), "SIGHUP: reloading once in-flight syncs finish");
+                                reload = Some(Box::new(cfg));
+                            }
+                            Err(e) => {
+                                tracing::error!("SIGHUP: {e}; keeping the running configuration");
+                                notify(&[sd_notify::NotifyState::Ready]);
+                            }
+                        }
+                    } else {
+                        tracing::info!("SIGHUP ignored: no configuration file to reload");
+                    }
+                },
+            }
+        }
+
+        if let Some(cfg) = reload {
+            status_tx.send_replace(self.snapshot(&stats, started));
+            return Ok(Outcome::Reload(cfg));
+        }
+        notify(&[sd_notify::NotifyState::Stopping]);
+        self.stop.store(true, Ordering::Relaxed);
+        self.events.close();
+        if let Some(reader) = self.reader.take() {
+            match tokio::task::spawn_blocking(move || reader.join()).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::error!("event reader failed: {}", backend::error_chain(&e));
+                    exit_code = 1;
+                }
+                _ => bail!("the event reader thread panicked"),
+            }
+        }
+        let unsynced: usize = self.targets.iter().map(|t| t.dirty.len()).sum();
+        for t in &mut self.targets {
+            if let Some(journal) = t.journal.take() {
+                let result = if t.dirty.is_empty() && t.in_flight.is_none() {
+                    journal.close_clean()
+                } else {
+                    let mut journal = journal;
+                    journal.sync()
+                };
+                if let Err(e) = result {
+                    tracing::error!(target = %t.target, error = %e, "closing the journal failed");
+                }
+            }
+        }
+        tracing::info!(
+            events = stats.events,
+            event_batches = stats.event_batches,
+            overflows = stats.overflows,
+            rescans = stats.rescans,
+            rsync_runs = self.targets.iter().map(|t| t.runs).sum::<u64>(),
+            unsynced,
+            "stopped"
+        );
+        Ok(Outcome::Exit(exit_code))
+    }
+
+    /// Takes a finished flush into account: confirm, retry, or give up on the target.
+    fn finish(&mut self, done: FlushDone, shutting_down: bool, exit_code: &mut i32) {
+        let now = Instant::now();
+        let t = &mut self.targets[done.target];
+        let flight = t.in_flight.take();
+        t.runs += done.runs;
+        t.policy.on_flush_finished(now);
+        let record = LastSync {
+            finished_unix_ms: unix_ms(SystemTime::now()),
+            ok: done.class == ExitClass::Success,
+            code: done.code,
+            paths: done.batch.len() as u64,
+            elapsed_ms: done.elapsed.as_millis() as u64,
+            detail: done.detail.lines().next().unwrap_or("").to_string(),
+        };
+        if done.kind == FlushKind::Verify {
+            t.verify_due = t.verify_interval.map(|i| now + i);
+            t.last_verify = Some(LastVerify {
+                finished_unix_ms: record.finished_unix_ms,
+                fixed_paths: done.itemized,
+                ok: record.ok,
+            });
+            if record.ok {
+                tracing::info!(target = %t.target, repaired = done.itemized, "verify pass done");
+            } else {
+                tracing::warn!(target = %t.target, "verify pass failed: {}", done.detail);
+            }
+            return;
+        }
+        t.last_sync = Some(record);
+        match done.class {
+            ExitClass::Success => {
+                t.failures = 0;
+                if let (Some(j), Some(seq)) = (
+                    t.journal.as_mut(),
+                    flight.as_ref().and_then(|f| f.journal_seq),
+                ) && let Err(e) = j.confirmed(seq)
+                {
+                    tracing::error!(target = %t.target, error = %e, "journal write failed; continuing without it");
+                    t.journal = None;
+                }
+                if done.batch.covers_root() && !t.in_step {
+                    t.in_step = true;
+                    tracing::info!(target = %t.target, elapsed_ms = done.elapsed.as_millis() as u64, "initial sync done");
+                }
+            }
+            ExitClass::Transient => {
+                let oldest = flight.map(|f| f.oldest).unwrap_or(now);
+                t.dirty.merge(done.batch);
+                t.dirty_since = Some(t.dirty_since.map_or(oldest, |d| d.min(oldest)));
+                if shutting_down {
+                    tracing::error!(target = %t.target, paths = t.dirty.len(),
+                        "{}; exiting with changes not synced", done.detail);
+                    t.fatal = Some(done.detail);
+                    *exit_code = 1;
+                } else {
+                    t.failures += 1;
+                    t.retries_total += 1;
+                    let wait = backoff(t.failures);
+                    tracing::warn!(target = %t.target, retry_in_ms = wait.as_millis() as u64,
+                        paths = t.dirty.len(), "{}", done.detail);
+                    t.retry_at = Some(now + wait);
+                }
+            }
+            ExitClass::Fatal => {
+                t.dirty.merge(done.batch);
+                tracing::error!(target = %t.target, paths = t.dirty.len(),
+                    "{}; this target is no longer synced", done.detail);
+                t.fatal = Some(done.detail);
+                *exit_code = 1;
+            }
+        }
+    }
 }
 
 /// Starts the reader thread: it owns the backend and forwards event batches.
@@ -263,225 +1008,13 @@ fn spawn_reader(
     (rx, handle)
 }
 
-async fn event_loop(
-    cfg: SyncConfig,
-    filter: Filter,
-    group: GroupId,
-    backend: Box<dyn Backend>,
-    own_pids: Arc<OwnPids>,
-) -> anyhow::Result<i32> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (mut events, reader) = spawn_reader(backend, stop.clone());
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-
-    let mut targets: Vec<TargetState> = cfg
-        .targets
-        .iter()
-        .map(|target| {
-            let mut dirty = DirtySet::new();
-            let mut policy = FlushPolicy::new(cfg.flush);
-            if cfg.initial_sync {
-                dirty.mark(Path::new(""), Scope::Subtree);
-                policy.on_change(Instant::now());
-            }
-            TargetState {
-                target: target.clone(),
-                group,
-                dirty,
-                policy,
-                in_flight: false,
-                retry_at: None,
-                failures: 0,
-                fatal: None,
-                in_step: !cfg.initial_sync,
-                runs: 0,
-            }
-        })
-        .collect();
-    if cfg.initial_sync {
-        tracing::info!("initial sync started");
-    }
-
-    let mut tasks: JoinSet<FlushDone> = JoinSet::new();
-    let mut stats = Stats::default();
-    let mut ready_logged = false;
-    let mut shutting_down = false;
-    let mut reader_done = false;
-    let mut exit_code = 0;
-
-    loop {
-        let now = Instant::now();
-        let mut wake: Option<Instant> = None;
-        for (index, t) in targets.iter_mut().enumerate() {
-            if t.in_flight || t.fatal.is_some() || t.dirty.is_empty() {
-                continue;
-            }
-            if let Some(at) = t.retry_at {
-                if now < at && !shutting_down {
-                    wake = Some(wake.map_or(at, |w| w.min(at)));
-                    continue;
-                }
-                t.retry_at = None;
-            }
-            let decision = if shutting_down {
-                Decision::FlushNow
-            } else {
-                t.policy.decide(now, t.dirty.len(), false)
-            };
-            match decision {
-                Decision::FlushNow => {
-                    let batch = t.dirty.take();
-                    t.in_flight = true;
-                    t.policy.on_flush_started(now);
-                    tracing::debug!(target = %t.target, paths = batch.len(), "flushing");
-                    tasks.spawn(flush(
-                        index,
-                        batch,
-                        filter.root(t.group).to_path_buf(),
-                        t.target.clone(),
-                        rsync_options(&cfg, &filter, t.group),
-                        own_pids.clone(),
-                    ));
-                }
-                Decision::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
-                Decision::Idle | Decision::Busy => {}
-            }
-        }
-        if !ready_logged && targets.iter().all(|t| t.in_step || t.fatal.is_some()) {
-            ready_logged = true;
-            tracing::info!(targets = targets.len(), "ready");
-        }
-        if targets.iter().all(|t| t.fatal.is_some()) {
-            exit_code = 1;
-            stop.store(true, Ordering::Relaxed);
-            break;
-        }
-        if shutting_down
-            && reader_done
-            && targets
-                .iter()
-                .all(|t| !t.in_flight && (t.dirty.is_empty() || t.fatal.is_some()))
-        {
-            break;
-        }
-
-        let sleep = tokio::time::sleep_until(
-            wake.map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
-        );
-        tokio::select! {
-            msg = events.recv(), if !reader_done => match msg {
-                Some(batch) => {
-                    let now = Instant::now();
-                    stats.event_batches += 1;
-                    stats.events += batch.len() as u64;
-                    let mut touched = false;
-                    for event in &batch {
-                        match event {
-                            Event::Overflow => stats.overflows += 1,
-                            Event::Rescan { .. } => stats.rescans += 1,
-                            Event::Change { .. } => {}
-                        }
-                        touched |= route(&filter, &mut targets, event);
-                    }
-                    if touched {
-                        for t in targets.iter_mut() {
-                            if !t.dirty.is_empty() {
-                                t.policy.on_change(now);
-                            }
-                        }
-                    }
-                }
-                None => {
-                    reader_done = true;
-                    if !shutting_down {
-                        tracing::error!("the event reader stopped; flushing and exiting");
-                        shutting_down = true;
-                        exit_code = 1;
-                    }
-                }
-            },
-            Some(joined) = tasks.join_next() => {
-                let done = joined.context("a flush task panicked")?;
-                let now = Instant::now();
-                let t = &mut targets[done.target];
-                t.in_flight = false;
-                t.runs += done.runs;
-                t.policy.on_flush_finished(now);
-                match done.class {
-                    ExitClass::Success => {
-                        t.failures = 0;
-                        if done.batch.covers_root() && !t.in_step {
-                            t.in_step = true;
-                            tracing::info!(target = %t.target, "initial sync done");
-                        }
-                    }
-                    ExitClass::Transient => {
-                        t.dirty.merge(done.batch);
-                        if shutting_down {
-                            tracing::error!(target = %t.target, paths = t.dirty.len(),
-                                "{}; exiting with changes not synced", done.detail);
-                            t.fatal = Some(done.detail);
-                            exit_code = 1;
-                        } else {
-                            t.failures += 1;
-                            let wait = backoff(t.failures);
-                            tracing::warn!(target = %t.target, retry_in_ms = wait.as_millis() as u64,
-                                paths = t.dirty.len(), "{}", done.detail);
-                            t.retry_at = Some(now + wait);
-                        }
-                    }
-                    ExitClass::Fatal => {
-                        t.dirty.merge(done.batch);
-                        tracing::error!(target = %t.target, paths = t.dirty.len(),
-                            "{}; this target is no longer synced", done.detail);
-                        t.fatal = Some(done.detail);
-                        exit_code = 1;
-                    }
-                }
-            },
-            _ = sleep => {},
-            _ = sigterm.recv() => begin_shutdown(&mut shutting_down, &stop, "SIGTERM")?,
-            _ = sigint.recv() => begin_shutdown(&mut shutting_down, &stop, "SIGINT")?,
-        }
-    }
-
-    stop.store(true, Ordering::Relaxed);
-    drop(events);
-    match reader.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "event reader failed");
-            exit_code = 1;
-        }
-        Err(_) => bail!("the event reader thread panicked"),
-    }
-    tracing::info!(
-        events = stats.events,
-        event_batches = stats.event_batches,
-        overflows = stats.overflows,
-        rescans = stats.rescans,
-        rsync_runs = targets.iter().map(|t| t.runs).sum::<u64>(),
-        unsynced = targets.iter().map(|t| t.dirty.len()).sum::<usize>(),
-        "stopped"
-    );
-    Ok(exit_code)
-}
-
-fn rsync_options(cfg: &SyncConfig, filter: &Filter, group: GroupId) -> RsyncOptions {
-    RsyncOptions {
-        excludes: filter.excludes(group).to_vec(),
-        ..cfg.rsync.clone()
-    }
-}
-
 /// First signal: stop reading, flush what is dirty, exit. Second: exit now.
 fn begin_shutdown(shutting_down: &mut bool, stop: &AtomicBool, signal: &str) -> anyhow::Result<()> {
     if *shutting_down {
         bail!("{signal} again: exiting without flushing");
     }
     tracing::info!(signal, "flushing pending changes, then exiting");
+    notify(&[sd_notify::NotifyState::Stopping]);
     *shutting_down = true;
     stop.store(true, Ordering::Relaxed);
     Ok(())

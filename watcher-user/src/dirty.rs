@@ -171,7 +171,8 @@ impl DirtySet {
                 break;
             }
             fold_at(&mut self.root, depth - 1);
-            self.len = usize::from(self.root.mark != Mark::Clean) + count_marks(&self.root.children);
+            self.len =
+                usize::from(self.root.mark != Mark::Clean) + count_marks(&self.root.children);
         }
         before - self.len
     }

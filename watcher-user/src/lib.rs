@@ -18,6 +18,7 @@ pub mod dirty;
 pub mod event;
 pub mod filter;
 pub mod flush;
+pub mod journal;
 pub mod logging;
 pub mod resolve;
 pub mod rsync;

@@ -210,13 +210,112 @@ pub struct RunResult {
     pub class: ExitClass,
     /// The last part of rsync's stderr, for the log.
     pub stderr: String,
-    /// Standard output (only kept for dry runs).
+    /// Standard output without progress lines (only kept when asked for).
     pub stdout: String,
+    /// Lines of `--itemize-changes` output: paths rsync changed (or would change).
+    pub itemized: u64,
     pub elapsed: Duration,
 }
 
-/// Keep at most this much of rsync's stderr.
-const STDERR_TAIL: usize = 8 * 1024;
+/// Keep at most this much of rsync's stderr and stdout.
+const OUTPUT_TAIL: usize = 64 * 1024;
+
+/// Reports a long whole-tree run's progress (from `--info=progress2`): redrawn in place on a
+/// terminal, logged every `every` otherwise.
+pub struct Progress {
+    label: &'static str,
+    target: String,
+    every: Duration,
+    last: Option<Instant>,
+    terminal: bool,
+}
+
+impl Progress {
+    /// Progress of `label` ("full sync", "verify") towards `target`.
+    pub fn new(label: &'static str, target: &Target, every: Duration) -> Self {
+        use std::io::IsTerminal;
+        Progress {
+            label,
+            target: target.to_string(),
+            every,
+            last: None,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// One progress2 line: "  1,234,567  45%  12.34MB/s  0:00:12 (xfr#12, to-chk=100/2000)".
+    fn update(&mut self, line: &str) {
+        let now = Instant::now();
+        let period = if self.terminal {
+            Duration::from_millis(200)
+        } else {
+            self.every
+        };
+        if self.last.is_some_and(|t| now.duration_since(t) < period) {
+            return;
+        }
+        self.last = Some(now);
+        let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+        if self.terminal {
+            eprint!("\r\x1b[K{} {}: {line}", self.label, self.target);
+        } else {
+            tracing::info!(target = %self.target, "{} progress: {line}", self.label);
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal && self.last.is_some() {
+            eprintln!();
+        }
+    }
+}
+
+/// A progress2 update: bytes, a percentage, a rate and an ETA, ended by a carriage return.
+fn is_progress(segment: &str) -> bool {
+    segment.contains('%') && segment.contains("/s") && segment.starts_with(' ')
+}
+
+/// `--itemize-changes` lines start with an update type and a file type (`>f`, `cd`, `*deleting`).
+fn is_itemized(line: &str) -> bool {
+    let b = line.as_bytes();
+    line.starts_with("*deleting")
+        || (b.len() > 12 && b"<>ch.*".contains(&b[0]) && b"fdLDS".contains(&b[1]) && b[11] == b' ')
+}
+
+/// Splits stdout into progress updates (ended by '\r') and lines (ended by '\n').
+struct StdoutSink {
+    progress: Option<Progress>,
+    keep: bool,
+    kept: Vec<u8>,
+    itemized: u64,
+    partial: Vec<u8>,
+}
+
+impl StdoutSink {
+    fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            if b == b'\r' || b == b'\n' {
+                let segment = std::mem::take(&mut self.partial);
+                let text = String::from_utf8_lossy(&segment);
+                if is_progress(&text) {
+                    if let Some(p) = self.progress.as_mut() {
+                        p.update(&text);
+                    }
+                } else if !text.trim().is_empty() {
+                    if is_itemized(&text) {
+                        self.itemized += 1;
+                    }
+                    if self.keep && self.kept.len() < OUTPUT_TAIL {
+                        self.kept.extend_from_slice(&segment);
+                        self.kept.push(b'\n');
+                    }
+                }
+            } else {
+                self.partial.push(b);
+            }
+        }
+    }
+}
 
 /// Spawns rsync for `run`, feeding the list on stdin. Its pid is in `own_pids` while it runs
 /// so the backend ignores its writes.
@@ -225,6 +324,7 @@ pub async fn execute(
     run: &Run,
     own_pids: &Arc<OwnPids>,
     keep_stdout: bool,
+    progress: Option<Progress>,
 ) -> std::io::Result<RunResult> {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(binary)
@@ -234,11 +334,7 @@ pub async fn execute(
         } else {
             Stdio::piped()
         })
-        .stdout(if keep_stdout {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -256,13 +352,25 @@ pub async fn execute(
     });
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
-    let (out, err) = tokio::join!(
+    let mut sink = StdoutSink {
+        progress,
+        keep: keep_stdout,
+        kept: Vec::new(),
+        itemized: 0,
+        partial: Vec::new(),
+    };
+    let (_, err) = tokio::join!(
         async {
-            let mut buf = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
             if let Some(s) = stdout.as_mut() {
-                let _ = s.read_to_end(&mut buf).await;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.feed(&buf[..n]);
+                }
             }
-            buf
+            sink.feed(b"\n");
         },
         async {
             let mut buf = Vec::new();
@@ -272,6 +380,9 @@ pub async fn execute(
             buf
         }
     );
+    if let Some(p) = &sink.progress {
+        p.finish();
+    }
     let status = child.wait().await;
     if let Some(task) = stdin_task {
         let _ = task.await;
@@ -281,12 +392,13 @@ pub async fn execute(
     }
     let status = status?;
     let code = status.code();
-    let err = &err[err.len().saturating_sub(STDERR_TAIL)..];
+    let err = &err[err.len().saturating_sub(OUTPUT_TAIL)..];
     Ok(RunResult {
         code,
         class: classify(code),
         stderr: String::from_utf8_lossy(err).trim_end().to_owned(),
-        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stdout: String::from_utf8_lossy(&sink.kept).into_owned(),
+        itemized: sink.itemized,
         elapsed: started.elapsed(),
     })
 }
@@ -518,5 +630,24 @@ mod tests {
         assert_eq!(runs[0].stdin, b"f\0");
         assert_eq!(runs[1].stdin, b"d\0.\0");
         assert!(runs[1].args.iter().any(|a| a == "--no-recursive"));
+    }
+
+    #[test]
+    fn stdout_is_split_into_progress_and_itemized_lines() {
+        let mut sink = StdoutSink {
+            progress: None,
+            keep: true,
+            kept: Vec::new(),
+            itemized: 0,
+            partial: Vec::new(),
+        };
+        sink.feed(b"        32,768  50%   31.25MB/s    0:00:00 (xfr#1, to-chk=1/3)\r");
+        sink.feed(b">f+++++++++ a file\n*deleting   gone\n.d..t...... dir/\ncd+++++++++ new/\n");
+        sink.feed(b"        65,536 100%   31.25MB/s    0:00:00 (xfr#2, to-chk=0/3)\n");
+        sink.feed(b"\nsent 1 bytes  received 2 bytes\n");
+        assert_eq!(sink.itemized, 4);
+        let kept = String::from_utf8(sink.kept).unwrap();
+        assert!(kept.contains(">f+++++++++ a file") && kept.contains("sent 1 bytes"));
+        assert!(!kept.contains("xfr#"));
     }
 }
