@@ -591,6 +591,39 @@ fn odd_file_names_replicate() {
         &skip_nothing,
         &format!("{ctx}: renamed and deleted"),
     );
+
+    // One change at a time, so no batch is big enough to be widened to a whole-tree
+    // sync: names at the top that a list reader could take for comments or options.
+    let late = ["#late", ";late", "-late", "--late", " late", "\nlate"];
+    for n in late {
+        write(&s.src.join(n), n);
+    }
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        &format!("{ctx}: late names created"),
+    );
+    for n in late {
+        let to = format!("{n}-renamed");
+        rename(&s.src.join(n), &s.src.join(&to));
+        wait_converged(
+            &s.src,
+            &s.dst,
+            Duration::from_secs(30),
+            &skip_nothing,
+            &format!("{ctx}: renamed {n:?} alone"),
+        );
+        std::fs::remove_file(s.src.join(&to)).expect("delete late name");
+        wait_converged(
+            &s.src,
+            &s.dst,
+            Duration::from_secs(30),
+            &skip_nothing,
+            &format!("{ctx}: deleted {to:?} alone"),
+        );
+    }
     d.stop();
 }
 

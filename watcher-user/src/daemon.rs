@@ -83,6 +83,8 @@ struct TargetState {
     verify_due: Option<Instant>,
     last_sync: Option<LastSync>,
     last_verify: Option<LastVerify>,
+    /// Marked since the flush policy last heard of it.
+    touched: bool,
 }
 
 struct InFlight {
@@ -125,6 +127,7 @@ impl TargetState {
         if self.dirty.is_empty() {
             self.dirty_since = Some(now);
         }
+        self.touched = true;
         self.dirty.mark(rel, scope);
         if let Some(journal) = self.journal.as_mut()
             && let Err(e) = journal.record(rel, scope)
@@ -493,6 +496,7 @@ fn target_states(
                 verify_due: g.verify_interval.map(|i| now + i),
                 last_sync: None,
                 last_verify: None,
+                touched: false,
             };
             let (carried, carried_journal) = match backlog
                 .iter()
@@ -544,6 +548,7 @@ fn target_states(
                 policy.on_change(now);
             }
             state.policy = policy;
+            state.touched = false;
             targets.push(state);
         }
     }
@@ -794,22 +799,16 @@ impl Engine {
                         let now = Instant::now();
                         stats.event_batches += 1;
                         stats.events += batch.len() as u64;
-                        let mut touched = vec![false; self.targets.len()];
                         for event in &batch {
                             match event {
                                 Event::Overflow => stats.overflows += 1,
                                 Event::Rescan { .. } => stats.rescans += 1,
                                 Event::Change { .. } => {}
                             }
-                            let before: Vec<usize> = self.targets.iter().map(|t| t.dirty.len()).collect();
-                            if route(&self.filter, &mut self.targets, event, now) {
-                                for (i, t) in self.targets.iter().enumerate() {
-                                    touched[i] |= t.dirty.len() != before[i] || !t.dirty.is_empty();
-                                }
-                            }
+                            route(&self.filter, &mut self.targets, event, now);
                         }
-                        for (t, touched) in self.targets.iter_mut().zip(touched) {
-                            if touched {
+                        for t in &mut self.targets {
+                            if std::mem::take(&mut t.touched) {
                                 t.policy.on_change(now);
                             }
                         }
