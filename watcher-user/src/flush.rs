@@ -5,6 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+/// How long a lone change waits for the rest of its burst (a write is create, modify, close).
+pub const LONE_SETTLE: Duration = Duration::from_millis(3);
+
 /// Timing knobs of the flush policy.
 #[derive(Debug, Clone, Copy)]
 pub struct FlushConfig {
@@ -103,8 +106,18 @@ impl FlushPolicy {
         if in_flight {
             return Decision::Busy;
         }
-        if pending >= self.cfg.max_batch || (self.lone && self.first_pending.is_some()) {
+        if pending >= self.cfg.max_batch {
             return Decision::FlushNow;
+        }
+        if let (true, Some(first)) = (self.lone, self.first_pending) {
+            // A lone change goes out almost at once; the short settle lets the events of one
+            // write (create, modify, close) travel in one batch instead of two.
+            let at = after(first, LONE_SETTLE.min(self.cfg.delay));
+            return if now >= at {
+                Decision::FlushNow
+            } else {
+                Decision::WaitUntil(at)
+            };
         }
         // Pending paths with no recorded change are a failed batch put back: retry after a
         // quiet period from when that flush finished.
@@ -160,8 +173,14 @@ mod tests {
                 &[Decide(0, 0, false, Idle), Decide(5_000, 0, true, Idle)],
             ),
             (
-                "lone change goes out at once",
-                &[Change(0), Decide(0, 1, false, Now)],
+                "lone change goes out at once, after the short settle",
+                &[
+                    Change(0),
+                    Decide(0, 1, false, Until(3)),
+                    Change(1),
+                    Decide(2, 2, false, Until(3)),
+                    Decide(3, 2, false, Now),
+                ],
             ),
             (
                 "lone change long after a flush",
@@ -170,7 +189,7 @@ mod tests {
                     Started(0),
                     Finished(20),
                     Change(500),
-                    Decide(500, 1, false, Now),
+                    Decide(503, 1, false, Now),
                 ],
             ),
             (
@@ -193,8 +212,8 @@ mod tests {
                 "change during flight joins the next batch",
                 &[
                     Change(0),
-                    Decide(0, 1, false, Now),
-                    Started(0),
+                    Decide(3, 1, false, Now),
+                    Started(3),
                     Change(10),
                     Decide(10, 1, true, Busy),
                     Change(30),
@@ -366,7 +385,7 @@ mod tests {
         assert!(sim.pending.is_empty(), "everything flushed eventually");
         let max_delay = FlushConfig::default().max_delay.as_millis() as u64;
         // The first change of the burst goes out alone, at once.
-        assert_eq!(sim.flushes[0], (0, vec![0]));
+        assert_eq!(sim.flushes[0], (3, vec![0]));
         for (start, batch) in &sim.flushes {
             for arrived in batch {
                 assert!(
@@ -399,6 +418,6 @@ mod tests {
             sim.tick(at, at % 500 == 0);
         }
         let starts: Vec<u64> = sim.flushes.iter().map(|f| f.0).collect();
-        assert_eq!(starts, vec![0, 500, 1_000, 1_500, 2_000, 2_500]);
+        assert_eq!(starts, vec![3, 503, 1_003, 1_503, 2_003, 2_503]);
     }
 }
