@@ -136,11 +136,12 @@ fn nul_list<'a>(paths: impl Iterator<Item = &'a Path>) -> (Vec<u8>, usize) {
 /// The rsync runs that bring `target` in line with `root` for the paths in `batch`.
 ///
 /// - A batch covering the root is one whole-tree `rsync -a --delete`.
-/// - Otherwise one recursive `--files-from` run for files, symlinks, missing paths and
-///   subtrees (`--delete-missing-args --force` removes what no longer exists, even non-empty
-///   directories; `--delete` removes what a listed subtree no longer holds), plus, when the
-///   batch has directories whose own attributes changed, a non-recursive run for them so a
-///   chmod of a huge directory does not walk its contents.
+/// - A batch without subtrees is one non-recursive `--files-from` run: files, symlinks and
+///   directories (their own attributes: a chmod of a huge directory does not walk it);
+///   `--delete-missing-args --force` removes what no longer exists, even non-empty directories.
+/// - Otherwise one recursive run for files, missing paths and subtrees (`--delete` removes what
+///   a listed subtree no longer holds), then, when the batch has directory entries, a
+///   non-recursive run for them (last, so their mtimes are final).
 ///
 /// `is_dir` tells which entries are directories now (the source is read at flush time).
 pub fn plan(
@@ -165,8 +166,6 @@ pub fn plan(
             paths: 0,
         }];
     }
-    let (dirs, others): (Vec<&PathBuf>, Vec<&PathBuf>) =
-        batch.entries.iter().partition(|p| is_dir(&root.join(p)));
     let list_args = |recursive: bool| {
         let mut args = common_args(opts);
         if recursive {
@@ -183,17 +182,26 @@ pub fn plan(
         args
     };
     let mut runs = Vec::new();
-    if !others.is_empty() || !batch.subtrees.is_empty() {
-        let (stdin, paths) = nul_list(
-            others
-                .iter()
-                .map(|p| p.as_path())
-                .chain(batch.subtrees.iter().map(|p| p.as_path())),
-        );
-        let mut args = list_args(true);
+    if batch.subtrees.is_empty() {
+        // Nothing to recurse into: one non-recursive run carries files and directories.
+        let (stdin, paths) = nul_list(batch.entries.iter().map(|p| p.as_path()));
+        let mut args = list_args(false);
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
+        return runs;
     }
+    let (dirs, others): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        batch.entries.iter().partition(|p| is_dir(&root.join(p)));
+    let (stdin, paths) = nul_list(
+        others
+            .iter()
+            .map(|p| p.as_path())
+            .chain(batch.subtrees.iter().map(|p| p.as_path())),
+    );
+    let mut args = list_args(true);
+    tail(&mut args);
+    runs.push(Run { args, stdin, paths });
+    // After the recursive run, which changes directory mtimes as it fills them.
     if !dirs.is_empty() {
         let (stdin, paths) = nul_list(dirs.iter().map(|p| p.as_path()));
         let mut args = list_args(false);
@@ -592,6 +600,25 @@ mod tests {
     }
 
     #[test]
+    fn entries_without_subtrees_are_one_non_recursive_run() {
+        let batch = Batch {
+            entries: vec!["d".into(), "f".into(), "".into()],
+            subtrees: vec![],
+        };
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Local("/d".into()),
+            &opts(),
+            |_| true,
+        );
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].stdin, b"d\0f\0.\0");
+        assert!(runs[0].args.iter().any(|a| a == "--no-recursive"));
+        assert!(!runs[0].args.iter().any(|a| a == "--delete"));
+    }
+
+    #[test]
     fn entries_and_subtrees_share_one_recursive_run() {
         let batch = Batch {
             entries: vec!["a\nb".into(), "-x".into()],
@@ -613,10 +640,10 @@ mod tests {
     }
 
     #[test]
-    fn directory_entries_get_a_non_recursive_run() {
+    fn directory_entries_get_a_non_recursive_run_after_subtrees() {
         let batch = Batch {
             entries: vec!["d".into(), "f".into(), "".into()],
-            subtrees: vec![],
+            subtrees: vec!["t".into()],
         };
         let is_dir = |p: &Path| p == Path::new("/s/d") || p == Path::new("/s/");
         let runs = plan(
@@ -627,7 +654,7 @@ mod tests {
             is_dir,
         );
         assert_eq!(runs.len(), 2);
-        assert_eq!(runs[0].stdin, b"f\0");
+        assert_eq!(runs[0].stdin, b"f\0t\0");
         assert_eq!(runs[1].stdin, b"d\0.\0");
         assert!(runs[1].args.iter().any(|a| a == "--no-recursive"));
     }
