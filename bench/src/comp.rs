@@ -115,6 +115,22 @@ impl Running {
         }
     }
 
+    /// Exact rsync runs since ready, from the log: the daemon's `rsync finished` lines,
+    /// lsyncd's `Calling rsync` lines; None for the scripts.
+    pub fn rsync_runs(&self) -> Option<usize> {
+        match self.comp {
+            Comp::Fanotify | Comp::Inotify => Some(
+                self.log
+                    .count(self.ready_line, |l| l.contains("rsync finished")),
+            ),
+            Comp::Lsyncd => Some(
+                self.log
+                    .count(self.ready_line, |l| l.contains("Calling rsync")),
+            ),
+            _ => None,
+        }
+    }
+
     /// Counts the rsync processes it starts from now on (see [`RsyncCounter`]).
     pub fn count_rsyncs(&self) -> RsyncCounter {
         RsyncCounter::start(self.cg.as_ref().map(|c| c.path_for_counter()), self.pid())

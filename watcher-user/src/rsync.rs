@@ -104,7 +104,9 @@ fn source_arg(root: &Path) -> OsString {
 }
 
 fn common_args(opts: &RsyncOptions) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["-a".into()];
+    // Compare mtimes to the nanosecond (rsync 3.1.3+): by default rsync compares whole
+    // seconds and skips a file rewritten at the same size within the same second.
+    let mut args: Vec<OsString> = vec!["-a".into(), "--modify-window=-1".into()];
     if opts.hardlinks {
         args.push("-H".into());
     }
@@ -125,25 +127,65 @@ fn nul_list<'a>(paths: impl Iterator<Item = &'a Path>) -> (Vec<u8>, usize) {
     let mut n = 0;
     for p in paths {
         let bytes = p.as_os_str().as_bytes();
-        // The root itself is "." to rsync; an empty line would be skipped.
-        out.extend_from_slice(if bytes.is_empty() { b"." } else { bytes });
+        if bytes.is_empty() {
+            // The root itself; an empty line would be skipped.
+            out.push(b'.');
+        } else {
+            // rsync reads names starting with '#' or ';' in a files-from list as comments,
+            // even with --from0; "./" keeps them names without changing what is implied.
+            out.extend_from_slice(b"./");
+            out.extend_from_slice(bytes);
+        }
         out.push(0);
         n += 1;
     }
     (out, n)
 }
 
+/// Where a dirty path's ancestors stopped being directories, if they did: a directory that
+/// was replaced by a file or a symlink, or removed. Listing a path below it would make
+/// rsync fail ("Not a directory") or follow a symlink into a real directory on the target;
+/// listing the ancestor itself syncs (or deletes) exactly what changed.
+fn first_non_dir_ancestor(
+    rel: &Path,
+    root: &Path,
+    is_dir: &impl Fn(&Path) -> bool,
+    known: &mut hashbrown::HashMap<PathBuf, bool>,
+) -> Option<PathBuf> {
+    let mut ancestor = PathBuf::new();
+    let mut components = rel.components().peekable();
+    while let Some(component) = components.next() {
+        if components.peek().is_none() {
+            break;
+        }
+        ancestor.push(component);
+        let dir = match known.get(&ancestor) {
+            Some(d) => *d,
+            None => {
+                let d = is_dir(&root.join(&ancestor));
+                known.insert(ancestor.clone(), d);
+                d
+            }
+        };
+        if !dir {
+            return Some(ancestor);
+        }
+    }
+    None
+}
+
 /// The rsync runs that bring `target` in line with `root` for the paths in `batch`.
 ///
 /// - A batch covering the root is one whole-tree `rsync -a --delete`.
-/// - A batch without subtrees is one non-recursive `--files-from` run: files, symlinks and
-///   directories (their own attributes: a chmod of a huge directory does not walk it);
-///   `--delete-missing-args --force` removes what no longer exists, even non-empty directories.
-/// - Otherwise one recursive run for files, missing paths and subtrees (`--delete` removes what
-///   a listed subtree no longer holds), then, when the batch has directory entries, a
-///   non-recursive run for them (last, so their mtimes are final).
+/// - Subtrees go in one recursive `--files-from` run (`--delete` removes what a listed
+///   subtree no longer holds).
+/// - Entries (files, symlinks, missing paths, directories' own attributes) go in one
+///   non-recursive run, after the subtrees so directory mtimes end up final: a chmod of a
+///   huge directory does not walk it, `--delete-missing-args --force` removes what no longer
+///   exists (non-empty directories too), and `--ignore-times` sends a listed file even if a
+///   rewrite kept its size and mtime (it changed: the kernel said so).
 ///
-/// `is_dir` tells which entries are directories now (the source is read at flush time).
+/// `is_dir` tells which paths are directories now (the source is read at flush time).
 pub fn plan(
     batch: &Batch,
     root: &Path,
@@ -166,12 +208,37 @@ pub fn plan(
             paths: 0,
         }];
     }
+    let mut known = hashbrown::HashMap::new();
+    let mut entries: std::collections::BTreeSet<&[u8]> = std::collections::BTreeSet::new();
+    let mut collapsed: Vec<PathBuf> = Vec::new();
+    let mut subtrees: Vec<&Path> = Vec::new();
+    for (path, subtree) in batch
+        .subtrees
+        .iter()
+        .map(|p| (p, true))
+        .chain(batch.entries.iter().map(|p| (p, false)))
+    {
+        match first_non_dir_ancestor(path, root, &is_dir, &mut known) {
+            Some(ancestor) => collapsed.push(ancestor),
+            None if subtree => subtrees.push(path),
+            None => {
+                entries.insert(path.as_os_str().as_bytes());
+            }
+        }
+    }
+    for ancestor in &collapsed {
+        entries.insert(ancestor.as_os_str().as_bytes());
+    }
     let list_args = |recursive: bool| {
         let mut args = common_args(opts);
         if recursive {
             args.extend(["-r".into(), "--delete".into()]);
         } else {
-            args.extend(["--no-recursive".into(), "--dirs".into()]);
+            args.extend([
+                "--no-recursive".into(),
+                "--dirs".into(),
+                "--ignore-times".into(),
+            ]);
         }
         args.extend([
             "--delete-missing-args".into(),
@@ -182,28 +249,14 @@ pub fn plan(
         args
     };
     let mut runs = Vec::new();
-    if batch.subtrees.is_empty() {
-        // Nothing to recurse into: one non-recursive run carries files and directories.
-        let (stdin, paths) = nul_list(batch.entries.iter().map(|p| p.as_path()));
-        let mut args = list_args(false);
+    if !subtrees.is_empty() {
+        let (stdin, paths) = nul_list(subtrees.into_iter());
+        let mut args = list_args(true);
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
-        return runs;
     }
-    let (dirs, others): (Vec<&PathBuf>, Vec<&PathBuf>) =
-        batch.entries.iter().partition(|p| is_dir(&root.join(p)));
-    let (stdin, paths) = nul_list(
-        others
-            .iter()
-            .map(|p| p.as_path())
-            .chain(batch.subtrees.iter().map(|p| p.as_path())),
-    );
-    let mut args = list_args(true);
-    tail(&mut args);
-    runs.push(Run { args, stdin, paths });
-    // After the recursive run, which changes directory mtimes as it fills them.
-    if !dirs.is_empty() {
-        let (stdin, paths) = nul_list(dirs.iter().map(|p| p.as_path()));
+    if !entries.is_empty() {
+        let (stdin, paths) = nul_list(entries.into_iter().map(|b| Path::new(OsStr::from_bytes(b))));
         let mut args = list_args(false);
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
@@ -414,7 +467,7 @@ pub async fn execute(
 /// rsync is missing, too old, or does not behave as the daemon relies on.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("cannot run {binary}: {source} (install rsync 3.1 or later)")]
+    #[error("cannot run {binary}: {source} (install rsync 3.1.3 or later)")]
     Spawn {
         binary: PathBuf,
         #[source]
@@ -422,7 +475,9 @@ pub enum ProbeError {
     },
     #[error("{binary} --version printed no version")]
     NoVersion { binary: PathBuf },
-    #[error("{binary} is version {version}; --delete-missing-args needs 3.1.0 or later")]
+    #[error(
+        "{binary} is version {version}; 3.1.3 or later is needed (--delete-missing-args, nanosecond --modify-window)"
+    )]
     TooOld { binary: PathBuf, version: String },
     #[error("{binary} {version} failed the --files-from/--delete-missing-args self-test: {detail}")]
     Misbehaves {
@@ -456,7 +511,7 @@ pub fn probe(binary: &Path) -> Result<String, ProbeError> {
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|n| n.parse().ok())
         .collect();
-    if numbers.as_slice() < [3, 1, 0].as_slice() {
+    if numbers.as_slice() < [3, 1, 3].as_slice() {
         return Err(ProbeError::TooOld {
             binary: binary.to_path_buf(),
             version,
@@ -569,6 +624,10 @@ mod tests {
         }
     }
 
+    fn args(run: &Run) -> Vec<&str> {
+        run.args.iter().map(|a| a.to_str().unwrap()).collect()
+    }
+
     #[test]
     fn root_batch_is_one_whole_tree_run() {
         let batch = Batch {
@@ -583,11 +642,11 @@ mod tests {
             |_| false,
         );
         assert_eq!(runs.len(), 1);
-        let args: Vec<_> = runs[0].args.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
-            args,
+            args(&runs[0]),
             [
                 "-a",
+                "--modify-window=-1",
                 "--exclude=*.swp",
                 "--delete",
                 "--force",
@@ -600,10 +659,47 @@ mod tests {
     }
 
     #[test]
-    fn entries_without_subtrees_are_one_non_recursive_run() {
+    fn entries_are_one_non_recursive_run_with_safe_names() {
+        let batch = Batch {
+            entries: vec![
+                "#hash".into(),
+                "a\nb".into(),
+                "-x".into(),
+                "".into(),
+                ";semi".into(),
+            ],
+            subtrees: vec![],
+        };
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Remote("h::m".into()),
+            &opts(),
+            |_| true,
+        );
+        assert_eq!(runs.len(), 1);
+        // Sorted by bytes; "./" keeps '#' and ';' from being read as comments.
+        assert_eq!(runs[0].stdin, b".\0./#hash\0./-x\0./;semi\0./a\nb\0");
+        assert_eq!(runs[0].paths, 5);
+        let a = args(&runs[0]);
+        for want in [
+            "--no-recursive",
+            "--dirs",
+            "--ignore-times",
+            "--delete-missing-args",
+            "--force",
+        ] {
+            assert!(a.contains(&want), "{want} missing from {a:?}");
+        }
+        assert!(!a.contains(&"--delete") && !a.contains(&"-r"));
+        assert_eq!(&a[a.len() - 2..], ["/s/", "h::m/"]);
+    }
+
+    #[test]
+    fn subtrees_run_recursively_before_the_entries() {
         let batch = Batch {
             entries: vec!["d".into(), "f".into(), "".into()],
-            subtrees: vec![],
+            subtrees: vec!["t".into()],
         };
         let runs = plan(
             &batch,
@@ -612,40 +708,27 @@ mod tests {
             &opts(),
             |_| true,
         );
-        assert_eq!(runs.len(), 1);
-        assert_eq!(runs[0].stdin, b"d\0f\0.\0");
-        assert!(runs[0].args.iter().any(|a| a == "--no-recursive"));
-        assert!(!runs[0].args.iter().any(|a| a == "--delete"));
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].stdin, b"./t\0");
+        assert!(args(&runs[0]).contains(&"-r") && args(&runs[0]).contains(&"--delete"));
+        assert!(!args(&runs[0]).contains(&"--ignore-times"));
+        assert_eq!(runs[1].stdin, b".\0./d\0./f\0");
+        assert!(args(&runs[1]).contains(&"--no-recursive"));
     }
 
     #[test]
-    fn entries_and_subtrees_share_one_recursive_run() {
+    fn paths_below_a_replaced_directory_collapse_to_it() {
+        // "x" was a directory and is now a file or a symlink; "gone" no longer exists.
         let batch = Batch {
-            entries: vec!["a\nb".into(), "-x".into()],
-            subtrees: vec!["dir".into()],
+            entries: vec![
+                "gone/sub/f".into(),
+                "ok/f".into(),
+                "x/a".into(),
+                "x/b/c".into(),
+            ],
+            subtrees: vec!["x/d".into(), "ok/new".into()],
         };
-        let runs = plan(
-            &batch,
-            Path::new("/s"),
-            &Target::Remote("h::m".into()),
-            &opts(),
-            |_| false,
-        );
-        assert_eq!(runs.len(), 1);
-        assert_eq!(runs[0].stdin, b"a\nb\0-x\0dir\0");
-        assert_eq!(runs[0].paths, 3);
-        let args: Vec<_> = runs[0].args.iter().map(|a| a.to_str().unwrap()).collect();
-        assert!(args.contains(&"-r") && args.contains(&"--delete-missing-args"));
-        assert_eq!(&args[args.len() - 2..], ["/s/", "h::m/"]);
-    }
-
-    #[test]
-    fn directory_entries_get_a_non_recursive_run_after_subtrees() {
-        let batch = Batch {
-            entries: vec!["d".into(), "f".into(), "".into()],
-            subtrees: vec!["t".into()],
-        };
-        let is_dir = |p: &Path| p == Path::new("/s/d") || p == Path::new("/s/");
+        let is_dir = |p: &Path| p == Path::new("/s/ok");
         let runs = plan(
             &batch,
             Path::new("/s"),
@@ -654,9 +737,8 @@ mod tests {
             is_dir,
         );
         assert_eq!(runs.len(), 2);
-        assert_eq!(runs[0].stdin, b"f\0t\0");
-        assert_eq!(runs[1].stdin, b"d\0.\0");
-        assert!(runs[1].args.iter().any(|a| a == "--no-recursive"));
+        assert_eq!(runs[0].stdin, b"./ok/new\0");
+        assert_eq!(runs[1].stdin, b"./gone\0./ok/f\0./x\0");
     }
 
     #[test]

@@ -1,0 +1,585 @@
+//! Running `watcher run --config FILE` as a child process: the configuration file, the
+//! process, its log, other invocations of the binary (`status`, `config check`), and a
+//! restartable rsync daemon.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::harness::{STOP_TIMEOUT, WATCHER, poll_until};
+
+// ---------------------------------------------------------------------------------------
+// The configuration file
+
+/// A `[[sync.target]]` table.
+#[derive(Clone, Debug)]
+pub struct TargetSpec {
+    pub name: String,
+    pub dest: String,
+    pub password_file: Option<PathBuf>,
+}
+
+impl TargetSpec {
+    pub fn local(name: &str, dir: &Path) -> TargetSpec {
+        TargetSpec {
+            name: name.into(),
+            dest: dir.to_str().expect("UTF-8 temp path").into(),
+            password_file: None,
+        }
+    }
+}
+
+/// A `[[sync]]` table.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    pub name: String,
+    pub source: PathBuf,
+    pub targets: Vec<TargetSpec>,
+    /// `verify_interval`, e.g. `"2s"`.
+    pub verify_interval: Option<String>,
+}
+
+impl GroupSpec {
+    pub fn new(name: &str, source: &Path, targets: Vec<TargetSpec>) -> GroupSpec {
+        GroupSpec {
+            name: name.into(),
+            source: source.to_path_buf(),
+            targets,
+            verify_interval: None,
+        }
+    }
+}
+
+/// A whole configuration file.
+#[derive(Clone, Debug)]
+pub struct ConfigSpec {
+    pub state_dir: PathBuf,
+    pub status_socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub groups: Vec<GroupSpec>,
+}
+
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(p.to_str().expect("UTF-8 temp path"))
+}
+
+impl ConfigSpec {
+    /// A configuration with its state and socket in `dir` and no groups yet.
+    pub fn in_dir(dir: &Path) -> ConfigSpec {
+        ConfigSpec {
+            state_dir: dir.join("state"),
+            status_socket: dir.join("status.sock"),
+            metrics: None,
+            groups: Vec::new(),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::from("[daemon]\nbackend = \"auto\"\n");
+        s.push_str(&format!("state_dir = {}\n", toml_path(&self.state_dir)));
+        s.push_str(&format!(
+            "status_socket = {}\n",
+            toml_path(&self.status_socket)
+        ));
+        if let Some(m) = self.metrics {
+            s.push_str(&format!("metrics = {}\n", toml_str(&m.to_string())));
+        }
+        for g in &self.groups {
+            s.push_str("\n[[sync]]\n");
+            s.push_str(&format!("name = {}\n", toml_str(&g.name)));
+            s.push_str(&format!("source = {}\n", toml_path(&g.source)));
+            s.push_str("delay_ms = 100\nmax_delay_ms = 1000\n");
+            if let Some(v) = &g.verify_interval {
+                s.push_str(&format!("verify_interval = {}\n", toml_str(v)));
+            }
+            for t in &g.targets {
+                s.push_str("\n[[sync.target]]\n");
+                s.push_str(&format!("name = {}\n", toml_str(&t.name)));
+                s.push_str(&format!("dest = {}\n", toml_str(&t.dest)));
+                if let Some(p) = &t.password_file {
+                    s.push_str(&format!("password_file = {}\n", toml_path(p)));
+                }
+            }
+        }
+        s
+    }
+
+    /// Writes the file with mode 0600 (replacing it in one rename, so a daemon reading it
+    /// on SIGHUP never sees half of it).
+    pub fn write(&self, path: &Path) {
+        write_config_text(path, &self.render());
+    }
+}
+
+/// Writes `text` to `path` with mode 0600, through a temporary file and a rename.
+pub fn write_config_text(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path)
+        .unwrap_or_else(|e| panic!("rename {} -> {}: {e}", tmp.display(), path.display()));
+}
+
+/// A loopback port nobody listened on a moment ago.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+// ---------------------------------------------------------------------------------------
+// The daemon process
+
+/// Lines a child printed (stderr and stdout), shared with the reader threads.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+
+    /// Every line so far (a copy).
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.count(needle) > 0
+    }
+
+    pub fn tail(&self, n: usize) -> String {
+        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+fn spawn_reader(from: impl Read + Send + 'static, tag: String, log: Log) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("log {tag}"))
+        .spawn(move || {
+            let mut reader = BufReader::new(from);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                            buf.pop();
+                        }
+                        let line = String::from_utf8_lossy(&buf).into_owned();
+                        eprintln!("[{tag}] {line}");
+                        log.push(line);
+                    }
+                }
+            }
+        })
+        .expect("spawn log reader thread")
+}
+
+/// Kernel kills the child when the spawning thread dies, so no daemon outlives its test.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A running `watcher run --config FILE`, in its own process group (with the rsync
+/// processes it starts). Killed with its group on drop unless it has exited.
+pub struct Service {
+    child: Child,
+    pub log: Log,
+    readers: Vec<JoinHandle<()>>,
+    pub name: String,
+    exited: Option<ExitStatus>,
+}
+
+impl Service {
+    /// Spawns `watcher run --config CONFIG` with `RUST_LOG=info`; returns at once.
+    pub fn spawn(config: &Path) -> Service {
+        let mut cmd = Command::new(WATCHER);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        die_with_parent(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {WATCHER}: {e}"));
+        let name = format!("watcher {}", child.id());
+        eprintln!("[{name}] started: run --config {}", config.display());
+        let log = Log::default();
+        let readers = vec![
+            spawn_reader(
+                child.stderr.take().expect("stderr piped"),
+                name.clone(),
+                log.clone(),
+            ),
+            spawn_reader(
+                child.stdout.take().expect("stdout piped"),
+                format!("{name} stdout"),
+                log.clone(),
+            ),
+        ];
+        Service {
+            child,
+            log,
+            readers,
+            name,
+            exited: None,
+        }
+    }
+
+    /// Spawns and waits for `ready`.
+    pub fn start(config: &Path, ready_timeout: Duration) -> Service {
+        let mut s = Service::spawn(config);
+        s.wait_for_line("ready", ready_timeout);
+        s
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap_or_else(|e| panic!("kill({}, {sig}): {e}", self.pid()));
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.log.count(needle)
+    }
+
+    fn take_in_last_lines(&mut self) {
+        // The pipes close at exit (a leftover grandchild may hold them: bounded).
+        poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            self.readers.iter().all(|r| r.is_finished())
+        });
+    }
+
+    fn check_alive(&mut self, waiting_for: &str) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            self.exited = Some(status);
+            self.take_in_last_lines();
+            panic!(
+                "{} exited ({status}) while waiting for {waiting_for:?}; last lines:\n{}",
+                self.name,
+                self.log.tail(40)
+            );
+        }
+    }
+
+    /// Waits until at least `n` lines contain `needle`; returns how many do.
+    pub fn wait_for_count(&mut self, needle: &str, n: usize, timeout: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            let c = self.log.count(needle);
+            if c >= n {
+                return c;
+            }
+            self.check_alive(needle);
+            if start.elapsed() >= timeout {
+                panic!(
+                    "{}: {c} line(s) containing {needle:?} within {timeout:?}, expected at \
+                     least {n}; last lines:\n{}",
+                    self.name,
+                    self.log.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> usize {
+        self.wait_for_count(needle, 1, timeout)
+    }
+
+    /// Waits until `cond` holds for the log, failing the test after `timeout`.
+    pub fn wait_for(&mut self, what: &str, timeout: Duration, mut cond: impl FnMut(&Log) -> bool) {
+        let start = Instant::now();
+        loop {
+            if cond(&self.log) {
+                return;
+            }
+            self.check_alive(what);
+            if start.elapsed() >= timeout {
+                panic!(
+                    "{}: {what}: not within {timeout:?}; last lines:\n{}",
+                    self.name,
+                    self.log.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                self.take_in_last_lines();
+                return status;
+            }
+            if start.elapsed() >= timeout {
+                panic!(
+                    "{} did not exit within {timeout:?}; last lines:\n{}",
+                    self.name,
+                    self.log.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL to the daemon and every process of its group (its rsync runs): nothing
+    /// gets to flush, close a journal or finish a transfer.
+    pub fn kill9(&mut self) {
+        let pgid = Pid::from_raw(-(self.child.id() as i32));
+        kill(pgid, Signal::SIGKILL).unwrap_or_else(|e| panic!("kill -9 -{}: {e}", self.pid()));
+        let status = self.wait_exit(Duration::from_secs(20));
+        eprintln!("[{}] killed: {status}", self.name);
+        // Leftover rsync processes of the group die too; wait until none is left, so
+        // none writes into the replica behind the next daemon's back.
+        let group = self.child.id() as i32;
+        let gone = poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
+            live_in_group(group) == 0
+        });
+        assert!(
+            gone,
+            "{}: processes of its group outlived SIGKILL",
+            self.name
+        );
+    }
+
+    /// SIGTERM, then the exit: status 0 and a `stopped` line.
+    pub fn stop(mut self) {
+        self.signal(Signal::SIGTERM);
+        let status = self.wait_exit(STOP_TIMEOUT);
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM (expected 0); last lines:\n{}",
+            self.name,
+            self.log.tail(40)
+        );
+        assert!(
+            self.log.contains("stopped"),
+            "{} exited 0 but never logged `stopped`; last lines:\n{}",
+            self.name,
+            self.log.tail(40)
+        );
+    }
+}
+
+/// Processes of process group `pgid` that are not zombies (a zombie writes nothing).
+fn live_in_group(pgid: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|d| {
+            d.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|d| std::fs::read_to_string(d.path().join("stat")).ok())
+        .filter(|stat| {
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap_or("Z");
+            let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+            state != "Z" && pgrp == Some(pgid)
+        })
+        .count()
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let pgid = Pid::from_raw(-(self.child.id() as i32));
+            let _ = kill(pgid, Signal::SIGKILL);
+            let _ = kill(pgid, Signal::SIGCONT);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Other invocations of the binary
+
+/// What a finished command printed.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `watcher ARGS...` to completion, killing it after `timeout`.
+pub fn run_watcher(args: &[&OsStr], timeout: Duration) -> Output {
+    let mut cmd = Command::new(WATCHER);
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    die_with_parent(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {WATCHER}: {e}"));
+    let collect = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().expect("stdout piped")));
+    let err = collect(Box::new(child.stderr.take().expect("stderr piped")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if start.elapsed() >= timeout {
+            let _ = kill(Pid::from_raw(-(child.id() as i32)), Signal::SIGKILL);
+            let _ = child.wait();
+            panic!("watcher {args:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
+}
+
+/// `GET /metrics` over a plain TcpStream; returns the whole response.
+pub fn http_get_metrics(addr: SocketAddr) -> String {
+    use std::io::Write;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to metrics endpoint {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap_or_else(|e| panic!("send request to {addr}: {e}"));
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .unwrap_or_else(|e| panic!("read response from {addr}: {e}"));
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// An rsync daemon brought back on the port of one that was killed
+
+/// `rsync --daemon` started with the configuration the fixture in `rsyncd.rs` wrote in
+/// `dir`, on a given port. Killed with its group on drop.
+pub struct RsyncdAgain {
+    child: Child,
+}
+
+impl RsyncdAgain {
+    pub fn start(dir: &Path, port: u16) -> RsyncdAgain {
+        let conf = dir.join("rsyncd.conf");
+        assert!(conf.is_file(), "no rsyncd.conf in {}", dir.display());
+        let stderr = std::fs::File::create(dir.join("rsyncd.stderr.again"))
+            .expect("create rsyncd stderr file");
+        let mut cmd = Command::new("rsync");
+        cmd.arg("--daemon")
+            .arg("--no-detach")
+            .arg(format!("--config={}", conf.display()))
+            .arg(format!("--port={port}"))
+            .arg("--address=127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .process_group(0);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn rsync --daemon");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "rsync --daemon on port {port} exited: {status}; stderr: {}",
+                    std::fs::read_to_string(dir.join("rsyncd.stderr.again")).unwrap_or_default()
+                );
+            }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::Write;
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                let mut greeting = [0u8; 8];
+                if s.read_exact(&mut greeting).is_ok() && &greeting == b"@RSYNCD:" {
+                    let _ = s.write_all(b"@RSYNCD: 32.0\n#list\n");
+                    let _ = s.read_to_end(&mut Vec::new());
+                    eprintln!("rsync daemon {} back on 127.0.0.1:{port}", child.id());
+                    return RsyncdAgain { child };
+                }
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = kill(Pid::from_raw(-(child.id() as i32)), Signal::SIGKILL);
+                let _ = child.wait();
+                panic!("rsync --daemon did not greet on port {port} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RsyncdAgain {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
