@@ -460,7 +460,17 @@ fn run() -> Result<bool> {
 }
 
 fn filesystem(base: &Path, loop_image: bool, size: Option<&str>) -> String {
-    let ty = first_line("stat", &["-f", "-c", "%T", &base.to_string_lossy()]);
+    // The mount with the longest mount point that contains `base`.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let ty = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((*f.get(1)?, *f.get(2)?))
+        })
+        .filter(|(m, _)| base.starts_with(m))
+        .max_by_key(|(m, _)| m.len())
+        .map_or_else(|| "unknown".to_owned(), |(_, t)| t.to_owned());
     if loop_image {
         format!(
             "{ty} on a loop-mounted image of {} (`mkfs.ext4 -i 8192`)",

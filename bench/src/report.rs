@@ -15,6 +15,8 @@ pub enum Unit {
     Count,
     /// KiB (possibly negative), shown as KiB or MiB.
     Kib,
+    /// KiB, shown as KiB or MiB without a sign.
+    Size,
     /// A plain number with one decimal.
     Num,
 }
@@ -25,6 +27,7 @@ impl Unit {
             Unit::Secs => dur(Duration::from_secs_f64(v.max(0.0))),
             Unit::Count => thousands(v.round().max(0.0) as usize),
             Unit::Kib => mib(v.round() as i64),
+            Unit::Size => mib(v.round() as i64).trim_start_matches('+').to_owned(),
             Unit::Num => {
                 if v.abs() >= 100.0 {
                     thousands(v.round().max(0.0) as usize)
@@ -290,9 +293,10 @@ impl Report {
         self.notes.push(s);
     }
 
-    /// Records the command lines of `what` once.
+    /// Records the command lines of `what` (the first run's; later runs differ only in
+    /// the tree's directory names).
     pub fn command(&mut self, what: &str, lines: Vec<String>) {
-        if !self.commands.iter().any(|(w, l)| w == what && *l == lines) {
+        if !self.commands.iter().any(|(w, _)| w == what) {
             self.commands.push((what.to_owned(), lines));
         }
     }

@@ -69,12 +69,12 @@ impl Sizes {
             tree_files: 10_000,
             burst_files: 10_000,
             burst_dirs: 1_000,
-            burst_timeout: Duration::from_secs(45),
+            burst_timeout: Duration::from_secs(20),
             latency_samples: 50,
             churn_secs: 5,
             churn_rate: 100,
             converge_timeout: Duration::from_secs(30),
-            scale_secs: 4,
+            scale_secs: 2,
         }
     }
 }
@@ -147,7 +147,7 @@ impl Ctx {
                 ("spawn to ready", Unit::Secs, true),
                 ("CPU to ready", Unit::Secs, true),
                 ("slab growth", Unit::Kib, false),
-                ("RSS", Unit::Kib, false),
+                ("RSS", Unit::Size, false),
             ],
         );
         let comps = self.comps.clone();
@@ -207,7 +207,9 @@ impl Ctx {
                         sec.push(&group, c, 0, Some(after.as_secs_f64()));
                         sec.push(&group, c, 1, Some(cpu.as_secs_f64()));
                         if c != Comp::Rsync {
-                            sec.push(&group, c, 2, slab);
+                            if !cold {
+                                sec.push(&group, c, 2, slab);
+                            }
                             sec.push(&group, c, 3, rss);
                         }
                     }

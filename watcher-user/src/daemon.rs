@@ -38,6 +38,8 @@ pub struct RunOptions {
 /// Longest wait between retries of a failing target.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Consecutive usage or protocol errors after which a target is given up.
+const FATAL_AFTER: u32 = 3;
 /// How often journals are made durable and the status snapshot is refreshed.
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
 /// How often a long whole-tree run reports progress in the log.
@@ -85,6 +87,8 @@ struct TargetState {
     last_verify: Option<LastVerify>,
     /// Marked since the flush policy last heard of it.
     touched: bool,
+    /// Consecutive runs that ended in a usage or protocol error.
+    fatal_streak: u32,
 }
 
 struct InFlight {
@@ -497,6 +501,7 @@ fn target_states(
                 last_sync: None,
                 last_verify: None,
                 touched: false,
+                fatal_streak: 0,
             };
             let (carried, carried_journal) = match backlog
                 .iter()
@@ -946,7 +951,18 @@ impl Engine {
             return;
         }
         t.last_sync = Some(record);
-        match done.class {
+        let mut class = done.class;
+        if class == ExitClass::Fatal {
+            // rsync also reports a source path that changed shape mid-transfer as a protocol
+            // error (code 2, "invalid path from sender"): only a repeated one is final.
+            t.fatal_streak += 1;
+            if t.fatal_streak < FATAL_AFTER {
+                class = ExitClass::Transient;
+            }
+        } else {
+            t.fatal_streak = 0;
+        }
+        match class {
             ExitClass::Success => {
                 t.failures = 0;
                 if let (Some(j), Some(seq)) = (

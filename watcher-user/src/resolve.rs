@@ -58,6 +58,16 @@ impl Resolver {
         }
     }
 
+    /// Forgets the cached paths at or below `prefix` on `fsid`: that directory moved or was
+    /// removed. Paths elsewhere stay right.
+    pub fn invalidate_under(&mut self, fsid: Fsid, prefix: &Path) {
+        if let Some(level) = self.cache.get_mut(&fsid) {
+            let before = level.len();
+            level.retain(|_, path| !path.starts_with(prefix));
+            self.len -= before - level.len();
+        }
+    }
+
     /// Forgets everything (after an overflow, when renames may have been lost).
     pub fn clear(&mut self) {
         self.cache.clear();

@@ -228,6 +228,9 @@ impl Translator {
             if let (Some(from), Some(to)) = (ev.rename_source(), ev.rename_target()) {
                 let old = self.path_of(fs, from.handle(), from.name(), out);
                 let new = self.path_of(fs, to.handle(), to.name(), out);
+                if is_dir {
+                    self.directory_moved(fs, old.as_deref(), new.as_deref(), ev.self_handle());
+                }
                 if let Some(path) = old {
                     out.push(Event::Change {
                         kind: ChangeKind::MovedFrom,
@@ -245,10 +248,10 @@ impl Translator {
                     });
                 }
             } else {
+                if is_dir {
+                    self.resolver.invalidate(fs);
+                }
                 self.rescan_fs(Some(fs), out);
-            }
-            if is_dir {
-                self.resolver.invalidate(fs);
             }
         }
 
@@ -287,6 +290,25 @@ impl Translator {
                 }
             },
         };
+        if is_dir {
+            match kind {
+                ChangeKind::MovedFrom | ChangeKind::Deleted => match &path {
+                    Some(p) => self.resolver.invalidate_under(fs, p),
+                    None => self.resolver.invalidate(fs),
+                },
+                ChangeKind::Created | ChangeKind::MovedTo => {
+                    if kind == ChangeKind::MovedTo && path.is_none() {
+                        self.resolver.invalidate(fs);
+                    }
+                    // The new directory's own handle comes with the event: remembering it
+                    // lets events inside it resolve even after it is gone again.
+                    if let (Some(p), Some(handle)) = (&path, ev.self_handle()) {
+                        self.resolver.remember(fs, handle, p.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
         if let Some(path) = path {
             out.push(Event::Change {
                 kind,
@@ -295,8 +317,22 @@ impl Translator {
                 pid,
             });
         }
-        if is_dir && matches!(kind, ChangeKind::MovedFrom | ChangeKind::MovedTo) {
-            self.resolver.invalidate(fs);
+    }
+
+    /// A directory moved from `old` to `new`: cached paths below the old name are stale.
+    fn directory_moved(
+        &mut self,
+        fs: Fsid,
+        old: Option<&Path>,
+        new: Option<&Path>,
+        handle: Option<&[u8]>,
+    ) {
+        match old {
+            Some(old) => self.resolver.invalidate_under(fs, old),
+            None => self.resolver.invalidate(fs),
+        }
+        if let (Some(new), Some(handle)) = (new, handle) {
+            self.resolver.remember(fs, handle, new.to_path_buf());
         }
     }
 
@@ -584,8 +620,9 @@ mod tests {
                 change(ChangeKind::MovedTo, "/srv/data/e", true)
             ]
         );
-        // The cached path of the moved directory is stale now: it must not be used again.
-        assert_eq!(t.resolver.cached(), 0);
+        // The cached path of the moved directory is stale now: it must not be used again;
+        // the root's path is still right.
+        assert_eq!(t.resolver.cached(), 1);
         let out = run(&mut t, &dirent(FAN_CREATE, DIR, b"f"));
         assert_eq!(
             out,
@@ -593,6 +630,8 @@ mod tests {
                 path: "/srv/data".into()
             }]
         );
+        let out = run(&mut t, &dirent(FAN_CREATE, ROOT, b"g"));
+        assert_eq!(out, [change(ChangeKind::Created, "/srv/data/g", false)]);
     }
 
     #[test]
@@ -600,7 +639,7 @@ mod tests {
         let mut t = translator();
         let out = run(&mut t, &dirent(FAN_MOVED_FROM | FAN_ONDIR, ROOT, b"d"));
         assert_eq!(out, [change(ChangeKind::MovedFrom, "/srv/data/d", true)]);
-        assert_eq!(t.resolver.cached(), 0);
+        assert_eq!(t.resolver.cached(), 1);
     }
 
     #[test]
@@ -631,6 +670,33 @@ mod tests {
         ev.set_mask(FAN_CREATE);
         assert_eq!(
             run(&mut t, &ev),
+            [Event::Rescan {
+                path: "/srv/data".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_new_directory_is_remembered_from_its_own_handle() {
+        const NEW: &[u8] = b"handle-new";
+        let mut t = translator();
+        let mut ev = dirent(FAN_CREATE | FAN_ONDIR, DIR, b"sub");
+        ev.set_self_handle(NEW);
+        assert_eq!(
+            run(&mut t, &ev),
+            [change(ChangeKind::Created, "/srv/data/d/sub", true)]
+        );
+        // Events inside it resolve from the cache, even once it is deleted on disk.
+        let out = run(&mut t, &dirent(FAN_DELETE, NEW, b"f"));
+        assert_eq!(
+            out,
+            [change(ChangeKind::Deleted, "/srv/data/d/sub/f", false)]
+        );
+        // Its removal forgets it.
+        run(&mut t, &dirent(FAN_DELETE | FAN_ONDIR, DIR, b"sub"));
+        let out = run(&mut t, &dirent(FAN_DELETE, NEW, b"g"));
+        assert_eq!(
+            out,
             [Event::Rescan {
                 path: "/srv/data".into()
             }]
