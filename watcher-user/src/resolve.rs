@@ -89,7 +89,14 @@ impl Resolver {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EXDEV))?;
         let fd = match open_by_handle_at(mount.as_fd(), handle) {
             Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => return Ok(Resolved::Gone),
+            // ESTALE: the directory is gone. ENOMEM: seen (Linux 6.x, ext4) for handles of
+            // directories removed while the kernel tried to reconnect them to the tree; the
+            // marks are filesystem-wide, so this happens for every `rm -rf` anywhere on the
+            // filesystem, and a rescan of every root each time would cost far more than the
+            // event is worth. Either way the removal itself arrives as an event in a parent.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE) | Some(libc::ENOMEM)) => {
+                return Ok(Resolved::Gone);
+            }
             Err(e) => return Err(e),
         };
         // A directory removed while someone still holds it open resolves, with nlink 0.
