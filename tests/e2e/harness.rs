@@ -43,6 +43,14 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// The backend under test: `WATCHER_E2E_BACKEND` (fanotify, inotify) or the daemon's own
+/// choice when unset. `cargo xtask test` runs the suite once per backend.
+pub fn backend() -> Option<String> {
+    std::env::var("WATCHER_E2E_BACKEND")
+        .ok()
+        .filter(|b| !b.is_empty())
+}
+
 /// Prints how long a test took when dropped (seen with `--nocapture` or on failure).
 pub struct TestTimer {
     test: &'static str,
@@ -209,11 +217,11 @@ impl Daemon {
     /// Spawns `watcher sync SRC DST ARGS...` with `RUST_LOG=info` and returns at once.
     pub fn spawn(src: &Path, dst: impl AsRef<OsStr>, args: &[OsString]) -> Daemon {
         let mut cmd = Command::new(WATCHER);
-        cmd.arg("sync")
-            .arg(src)
-            .arg(dst.as_ref())
-            .args(args)
-            .env("RUST_LOG", "info")
+        cmd.arg("sync").arg(src).arg(dst.as_ref()).args(args);
+        if let Some(backend) = backend() {
+            cmd.args(["--backend", &backend]);
+        }
+        cmd.env("RUST_LOG", "info")
             .env_remove("RUST_LOG_STYLE")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

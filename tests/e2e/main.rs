@@ -373,11 +373,15 @@ fn overflow_burst_converges() {
     churn.populate(150);
     mark_root(&s.src);
 
-    // A fanotify group takes the queue limit at creation: lower it for this daemon's
-    // start only, with no other daemon starting meanwhile.
+    // A fanotify group or an inotify instance takes the queue limit at creation: lower it
+    // for this daemon's start only, with no other daemon starting meanwhile.
+    let queue_limit = match harness::backend().as_deref() {
+        Some("inotify") => "/proc/sys/fs/inotify/max_queued_events",
+        _ => "/proc/sys/fs/fanotify/max_queued_events",
+    };
     let mut d = {
         let _no_other_start = QUEUE_LIMIT_LOCK.write().unwrap_or_else(|e| e.into_inner());
-        let _limit = SysctlGuard::set("/proc/sys/fs/fanotify/max_queued_events", "64");
+        let _limit = SysctlGuard::set(queue_limit, "64");
         let mut d = Daemon::spawn(&s.src, &s.dst, &[]);
         d.wait_for_line("ready", READY_TIMEOUT);
         d

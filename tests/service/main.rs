@@ -9,7 +9,10 @@
 //! source exactly, so a lost change fails it.
 //!
 //! They need root (filesystem-wide fanotify marks). Run with
-//! `cargo test -p watcher-user --test service -- --test-threads=1`.
+//! `cargo test -p watcher-user --test service -- --test-threads=1`. As in the end-to-end
+//! suite, `WATCHER_E2E_BACKEND=fanotify|inotify` picks the backend (default: the daemon's
+//! choice), `WATCHER_E2E_SEED=N` replays the churn of the outage test, and
+//! `WATCHER_E2E_KEEP=1` keeps the trees of a failed test.
 
 #[allow(dead_code)]
 #[path = "../e2e/churn.rs"]

@@ -69,6 +69,15 @@ pub struct ConfigSpec {
     pub groups: Vec<GroupSpec>,
 }
 
+/// The backend under test: `WATCHER_E2E_BACKEND` (`fanotify`, `inotify`), as in the
+/// end-to-end suite, or the daemon's own choice (`auto`) when unset.
+pub fn backend() -> String {
+    std::env::var("WATCHER_E2E_BACKEND")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "auto".into())
+}
+
 /// A TOML basic string.
 pub fn toml_str(s: &str) -> String {
     let mut out = String::from("\"");
@@ -100,7 +109,7 @@ impl ConfigSpec {
     }
 
     pub fn render(&self) -> String {
-        let mut s = String::from("[daemon]\nbackend = \"auto\"\n");
+        let mut s = format!("[daemon]\nbackend = {}\n", toml_str(&backend()));
         s.push_str(&format!("state_dir = {}\n", toml_path(&self.state_dir)));
         s.push_str(&format!(
             "status_socket = {}\n",

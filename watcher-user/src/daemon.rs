@@ -15,7 +15,7 @@ use crate::backend::{self, Backend, OwnPids};
 use crate::config::Config;
 use crate::dirty::{Batch, DirtySet, Scope};
 use crate::event::{ChangeKind, Event};
-use crate::filter::{Filter, FilterBuilder, GroupId};
+use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::flush::{Decision, FlushPolicy};
 use crate::journal::Journal;
 use crate::rsync::{self, ExitClass, RsyncOptions};
@@ -187,8 +187,17 @@ fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Insta
         Event::Change {
             kind, path, is_dir, ..
         } => {
-            let Some((group, rel)) = filter.lookup(path, *is_dir) else {
-                return false;
+            let adds_or_removes = !matches!(kind, ChangeKind::Modified | ChangeKind::Attrib);
+            let (group, rel) = match filter.classify(path, *is_dir) {
+                Match::Inside(group, rel) => (group, rel),
+                // An excluded name still changes its directory's mtime as it comes and goes.
+                Match::Excluded(group, rel) if adds_or_removes => {
+                    if let Some(parent) = rel.parent() {
+                        mark(group, parent, Scope::Entry);
+                    }
+                    return false;
+                }
+                Match::Excluded(..) | Match::Outside => return false,
             };
             // A directory that appears may already hold files nobody reported to us.
             let scope = if *is_dir && matches!(kind, ChangeKind::Created | ChangeKind::MovedTo) {
@@ -199,9 +208,7 @@ fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Insta
             let marked = mark(group, rel, scope);
             // Adding or removing a name changes the parent's mtime, and rsync does not carry
             // the times of directories it only implies from a listed path.
-            if !matches!(kind, ChangeKind::Modified | ChangeKind::Attrib)
-                && let Some(parent) = rel.parent()
-            {
+            if adds_or_removes && let Some(parent) = rel.parent() {
                 mark(group, parent, Scope::Entry);
             }
             marked

@@ -165,6 +165,14 @@ impl FilterBuilder {
     }
 }
 
+/// Where a path falls: in a root, in a root but excluded, or outside every root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Match<'p> {
+    Inside(GroupId, &'p Path),
+    Excluded(GroupId, &'p Path),
+    Outside,
+}
+
 /// Immutable map from absolute paths to source roots; cheap to query.
 #[derive(Debug)]
 pub struct Filter {
@@ -175,9 +183,18 @@ pub struct Filter {
 impl Filter {
     /// One walk down the trie: which group `path` (absolute) belongs to and its path relative to that root ("" for the root itself), or None when outside every root or excluded.
     pub fn lookup<'p>(&self, path: &'p Path, is_dir: bool) -> Option<(GroupId, &'p Path)> {
+        match self.classify(path, is_dir) {
+            Match::Inside(g, rel) => Some((g, rel)),
+            Match::Excluded(..) | Match::Outside => None,
+        }
+    }
+
+    /// Like [`lookup`](Self::lookup), but tells an excluded path inside a root (whose parent
+    /// directory still changes when it comes and goes) from a path outside every root.
+    pub fn classify<'p>(&self, path: &'p Path, is_dir: bool) -> Match<'p> {
         let mut comps = path.components();
         if comps.next() != Some(Component::RootDir) {
-            return None;
+            return Match::Outside;
         }
         let mut node = &self.trie;
         loop {
@@ -186,12 +203,20 @@ impl Filter {
                 let accepted = self.groups[g.0]
                     .excludes
                     .accepts(rel.as_os_str().as_bytes(), is_dir);
-                return accepted.then_some((g, rel));
+                return if accepted {
+                    Match::Inside(g, rel)
+                } else {
+                    Match::Excluded(g, rel)
+                };
             }
-            match comps.next()? {
-                Component::Normal(name) => node = node.children.get(name.as_bytes())?,
+            let child = match comps.next() {
+                Some(Component::Normal(name)) => node.children.get(name.as_bytes()),
                 // `..` could climb out of the root; `.` never appears mid-path here.
-                _ => return None,
+                _ => None,
+            };
+            match child {
+                Some(child) => node = child,
+                None => return Match::Outside,
             }
         }
     }
@@ -1028,5 +1053,22 @@ mod tests {
         assert_eq!(f.groups_at_or_below(Path::new("/hom")), vec![]);
         assert_eq!(f.groups_at_or_below(Path::new("/etc")), vec![]);
         assert_eq!(f.groups_at_or_below(Path::new("home")), vec![]);
+    }
+
+    #[test]
+    fn classify_tells_excluded_from_outside() {
+        let mut b = FilterBuilder::new();
+        let g = b.add_root(Path::new("/srv/data"), &["*.swp".into()]).unwrap();
+        let f = b.build().unwrap();
+        assert_eq!(
+            f.classify(Path::new("/srv/data/d/x.swp"), false),
+            Match::Excluded(g, Path::new("d/x.swp"))
+        );
+        assert_eq!(
+            f.classify(Path::new("/srv/data/d/x"), false),
+            Match::Inside(g, Path::new("d/x"))
+        );
+        assert_eq!(f.classify(Path::new("/srv/other/x.swp"), false), Match::Outside);
+        assert_eq!(f.classify(Path::new("relative"), false), Match::Outside);
     }
 }

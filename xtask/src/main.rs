@@ -55,6 +55,14 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace"]).arg("--").args(&args);
+            status(&mut cmd)?;
+            // The end-to-end suite once more on the fallback backend: the same cases, the
+            // same assertions, events from recursive inotify instead of fanotify.
+            let mut cmd = cargo();
+            cmd.args(["test", "-p", "watcher-user", "--test", "e2e"])
+                .env("WATCHER_E2E_BACKEND", "inotify")
+                .arg("--")
+                .args(&args);
             status(&mut cmd)
         }
         Task::Bench { args } => {
