@@ -218,7 +218,7 @@ impl Daemon {
     pub fn spawn(src: &Path, dst: impl AsRef<OsStr>, args: &[OsString]) -> Daemon {
         let mut cmd = Command::new(WATCHER);
         cmd.arg("sync").arg(src).arg(dst.as_ref()).args(args);
-        if let Some(backend) = backend() {
+        if let Some(backend) = backend().filter(|_| !args.iter().any(|a| a == "--backend")) {
             cmd.args(["--backend", &backend]);
         }
         cmd.env("RUST_LOG", "info")

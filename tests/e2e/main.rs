@@ -885,3 +885,75 @@ fn sigterm_flushes_pending_changes() {
     assert!(d.log.contains("stopped"), "{ctx}: no `stopped` line");
     assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after exit"));
 }
+
+/// `mkdir -p a/b/c && echo x > a/b/c/f` in one burst: the file lands in a directory that
+/// did not exist a moment ago (the classic inotify script's race).
+#[test]
+fn nested_mkdir_burst_replicates() {
+    let Some(_timer) = harness::begin("nested_mkdir_burst_replicates") else {
+        return;
+    };
+    let s = Scratch::new("nested-mkdir");
+    let d = Daemon::start(&s.src, &s.dst, &[]);
+    for round in 0..20 {
+        let deep = s.src.join(format!("a{round}/b/c"));
+        mkdir_p(&deep);
+        write(&deep.join("f"), format!("x {round}\n"));
+        mkdir_p(&deep.join("d/e"));
+        write(&deep.join("d/e/g"), "g\n");
+    }
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        "nested_mkdir_burst_replicates",
+    );
+    d.stop();
+}
+
+/// The inotify backend needs one watch per directory: with too few available it must
+/// refuse to start, naming the sysctl and the numbers, instead of watching part of the tree.
+#[test]
+fn inotify_refuses_a_tree_larger_than_the_watch_limit() {
+    let Some(_timer) = harness::begin("inotify_refuses_a_tree_larger_than_the_watch_limit") else {
+        return;
+    };
+    let s = Scratch::new("watch-limit");
+    for i in 0..300 {
+        mkdir_p(&s.src.join(format!("d{i}/sub")));
+    }
+    let mut d = {
+        let _no_other_start = QUEUE_LIMIT_LOCK.write().unwrap_or_else(|e| e.into_inner());
+        let in_use: usize = std::fs::read_dir("/proc")
+            .map(|procs| {
+                procs
+                    .flatten()
+                    .filter_map(|p| std::fs::read_dir(p.path().join("fdinfo")).ok())
+                    .flat_map(|fds| fds.flatten())
+                    .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+                    .map(|text| text.matches("inotify wd:").count())
+                    .sum()
+            })
+            .unwrap_or(0);
+        // Room for the watches already in use plus 100: the tree needs 601.
+        let limit = (in_use + 100).to_string();
+        let _limit = SysctlGuard::set("/proc/sys/fs/inotify/max_user_watches", &limit);
+        let mut d = Daemon::spawn(&s.src, &s.dst, &args(&["--backend", "inotify"]));
+        let status = d.wait_exit(Duration::from_secs(60));
+        assert!(!status.success(), "started although the tree does not fit");
+        d
+    };
+    d.wait_exit(Duration::from_secs(1));
+    let log = d.log.tail(20);
+    for needle in ["max_user_watches", "601", "sysctl"] {
+        assert!(
+            log.contains(needle),
+            "refusal does not mention {needle:?}:\n{log}"
+        );
+    }
+    assert!(
+        !s.dst.join("d0").exists(),
+        "nothing may be synced by a daemon that refused to start"
+    );
+}

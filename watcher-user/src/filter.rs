@@ -1058,7 +1058,9 @@ mod tests {
     #[test]
     fn classify_tells_excluded_from_outside() {
         let mut b = FilterBuilder::new();
-        let g = b.add_root(Path::new("/srv/data"), &["*.swp".into()]).unwrap();
+        let g = b
+            .add_root(Path::new("/srv/data"), &["*.swp".into()])
+            .unwrap();
         let f = b.build().unwrap();
         assert_eq!(
             f.classify(Path::new("/srv/data/d/x.swp"), false),
@@ -1068,7 +1070,10 @@ mod tests {
             f.classify(Path::new("/srv/data/d/x"), false),
             Match::Inside(g, Path::new("d/x"))
         );
-        assert_eq!(f.classify(Path::new("/srv/other/x.swp"), false), Match::Outside);
+        assert_eq!(
+            f.classify(Path::new("/srv/other/x.swp"), false),
+            Match::Outside
+        );
         assert_eq!(f.classify(Path::new("relative"), false), Match::Outside);
     }
 }
