@@ -44,7 +44,8 @@ use nix::sys::time::TimeSpec;
 use churn::{Churn, Pace};
 use harness::{READY_TIMEOUT, Scratch, poll_until};
 use service::{
-    ConfigSpec, GroupSpec, Log, RsyncdAgain, Service, TargetSpec, run_watcher, write_config_text,
+    ConfigSpec, GroupSpec, Log, READY, RsyncdAgain, Service, TargetSpec, run_watcher,
+    write_config_text,
 };
 use tree::{assert_equal_now, skip_nothing, wait_converged};
 
@@ -53,8 +54,6 @@ use tree::{assert_equal_now, skip_nothing, wait_converged};
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Start-up of a daemon that has a whole large tree to sync first.
 const BIG_READY_TIMEOUT: Duration = Duration::from_secs(180);
-/// The part of a `ready` line that no other line has.
-const READY: &str = "ready targets=";
 const UNCLEAN: &str = "previous run did not shut down cleanly";
 
 // ---------------------------------------------------------------------------------------
@@ -622,7 +621,6 @@ fn rsync_daemon_outage_does_not_hold_back_other_target() {
         show_lags(&lags_down),
     );
     println!("{summary}");
-    eprintln!("{summary}");
     for (n, lag) in lags_down.iter().enumerate() {
         assert!(
             lag.is_some_and(|l| l < MAX_LOCAL_LAG),
@@ -733,10 +731,11 @@ fn verify_pass_repairs_drift_on_target() {
         !s.dst.join("d002/stray").exists(),
         "{ctx}: stray file survived"
     );
-    let rsync_runs = d.count("rsync finished");
-    // The source did not change: only verify passes ran rsync (one per pass).
-    let verify_passes = d.count("verify pass done");
-    eprintln!("{ctx}: {rsync_runs} rsync runs, {verify_passes} verify passes");
+    eprintln!(
+        "{ctx}: {} rsync runs, {} verify passes",
+        d.count("rsync finished"),
+        d.count("verify pass done")
+    );
     d.stop();
 }
 
@@ -857,7 +856,6 @@ fn status_socket_reports_groups_and_targets() {
         out.stderr
     );
     println!("{ctx}: `watcher status` output:\n{}", out.stdout);
-    eprintln!("{ctx}: `watcher status` output:\n{}", out.stdout);
     for needle in [
         format!("alpha: {}", s.src.display()),
         format!("beta: {}", src_b.display()),

@@ -164,6 +164,9 @@ pub fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------
 // The daemon process
 
+/// The part of the `ready` line (`INFO ready targets=N`) that no other line has.
+pub const READY: &str = "ready targets=";
+
 /// Lines a child printed (stderr and stdout), shared with the reader threads.
 #[derive(Clone, Default)]
 pub struct Log(Arc<Mutex<Vec<String>>>);
@@ -286,7 +289,7 @@ impl Service {
     /// Spawns and waits for `ready`.
     pub fn start(config: &Path, ready_timeout: Duration) -> Service {
         let mut s = Service::spawn(config);
-        s.wait_for_line("ready", ready_timeout);
+        s.wait_for_line(READY, ready_timeout);
         s
     }
 

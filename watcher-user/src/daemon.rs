@@ -191,8 +191,12 @@ fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Insta
             let (group, rel) = match filter.classify(path, *is_dir) {
                 Match::Inside(group, rel) => (group, rel),
                 // An excluded name still changes its directory's mtime as it comes and goes.
-                Match::Excluded(group, rel) if adds_or_removes => {
-                    if let Some(parent) = rel.parent() {
+                Match::Excluded(_, rel) if adds_or_removes => {
+                    // Only if the directory itself is synced (it may be excluded as well).
+                    if rel.parent().is_some()
+                        && let Some(dir) = path.parent()
+                        && let Match::Inside(group, parent) = filter.classify(dir, true)
+                    {
                         mark(group, parent, Scope::Entry);
                     }
                     return false;

@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the system packages the daemon and its tests need (rsync, inotify-tools).
+    /// Install the system packages the daemon, its tests and benchmarks need (rsync,
+    /// inotify-tools, lsyncd).
     Setup,
     /// Build the daemon and replicate a small generated example tree, showing live changes.
     Run {
@@ -111,7 +112,11 @@ fn on_path(tool: &str) -> bool {
 
 /// Installs missing Debian packages; does nothing when every tool is present.
 fn setup() -> anyhow::Result<()> {
-    let wanted = [("rsync", "rsync"), ("inotifywait", "inotify-tools")];
+    let wanted = [
+        ("rsync", "rsync"),
+        ("inotifywait", "inotify-tools"),
+        ("lsyncd", "lsyncd"),
+    ];
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(tool, _)| !on_path(tool))
