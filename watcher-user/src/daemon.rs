@@ -38,6 +38,8 @@ pub struct RunOptions {
 /// Longest wait between retries of a failing target.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Partial transfers (rsync code 23) retried at once before backing off.
+const PARTIAL_RETRIES: u32 = 5;
 /// Consecutive usage or protocol errors after which a target is given up.
 const FATAL_AFTER: u32 = 3;
 /// How often journals are made durable and the status snapshot is refreshed.
@@ -718,10 +720,11 @@ impl Engine {
             let now = Instant::now();
             let mut wake: Option<Instant> = None;
             let mut wake_at = |at: Instant| wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
-            // Draining for a reload or exit: flush everything now, start no verify pass.
-            let draining = shutting_down || reload.is_some();
+            // Draining for exit: flush everything now, start no verify pass. A reload starts
+            // nothing new: the next engine takes the dirty paths over.
+            let draining = shutting_down;
             for (index, t) in self.targets.iter_mut().enumerate() {
-                if t.in_flight.is_some() || t.fatal.is_some() {
+                if t.in_flight.is_some() || t.fatal.is_some() || reload.is_some() {
                     continue;
                 }
                 if let Some(at) = t.retry_at {
@@ -798,7 +801,7 @@ impl Engine {
                 .targets
                 .iter()
                 .all(|t| t.in_flight.is_none() && (t.dirty.is_empty() || t.fatal.is_some()));
-            if reload.is_some() && idle {
+            if reload.is_some() && self.targets.iter().all(|t| t.in_flight.is_none()) {
                 break;
             }
             if shutting_down && reader_done && idle {
@@ -1001,7 +1004,13 @@ impl Engine {
                 } else {
                     t.failures += 1;
                     t.retries_total += 1;
-                    let wait = backoff(t.failures);
+                    // A partial transfer under churn is usually a path that changed shape
+                    // while rsync read it: retry soon, and back off only if it persists.
+                    let wait = match done.code {
+                        Some(23) if t.failures <= PARTIAL_RETRIES => FIRST_BACKOFF,
+                        Some(23) => backoff(t.failures - PARTIAL_RETRIES),
+                        _ => backoff(t.failures),
+                    };
                     tracing::warn!(target = %t.target, retry_in_ms = wait.as_millis() as u64,
                         paths = t.dirty.len(), "{}", done.detail);
                     t.retry_at = Some(now + wait);
