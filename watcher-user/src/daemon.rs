@@ -788,7 +788,14 @@ impl Engine {
                     Decision::Idle | Decision::Busy => {}
                 }
             }
-            if !ready_logged && self.targets.iter().all(|t| t.in_step || t.fatal.is_some()) {
+            // An unreachable target must not hold the service in start-up forever: its
+            // initial sync keeps being retried after `ready`, and status shows it.
+            if !ready_logged
+                && self
+                    .targets
+                    .iter()
+                    .all(|t| t.in_step || t.fatal.is_some() || t.failures > 0)
+            {
                 ready_logged = true;
                 tracing::info!(targets = self.targets.len(), "ready");
                 notify(&[sd_notify::NotifyState::Ready]);
