@@ -132,6 +132,12 @@ impl LogLines {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
     }
 
+    /// Every line so far (a copy).
+    #[allow(dead_code)] // used by the service tests, which share this harness
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn count(&self, needle: &str) -> usize {
         let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
         lines.iter().filter(|l| l.contains(needle)).count()
@@ -151,7 +157,11 @@ impl LogLines {
 
 /// Reads `from` line by line (bytes, not UTF-8: paths in logs may be anything), stores
 /// each line and forwards it to the test's stderr (shown when the test fails).
-fn spawn_reader(from: impl Read + Send + 'static, tag: String, lines: LogLines) -> JoinHandle<()> {
+pub fn spawn_reader(
+    from: impl Read + Send + 'static,
+    tag: String,
+    lines: LogLines,
+) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name(format!("log {tag}"))
         .spawn(move || {
@@ -178,7 +188,7 @@ fn spawn_reader(from: impl Read + Send + 'static, tag: String, lines: LogLines) 
 /// Makes the kernel kill the child when the thread that spawned it dies, so a test
 /// binary that is killed leaves no daemons behind. Every daemon is stopped (or killed
 /// on drop) before its test's thread ends.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {

@@ -3,20 +3,19 @@
 //! restartable rsync daemon.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::harness::{STOP_TIMEOUT, WATCHER, poll_until};
+use crate::harness::{LogLines, STOP_TIMEOUT, WATCHER, die_with_parent, poll_until, spawn_reader};
 
 // ---------------------------------------------------------------------------------------
 // The configuration file
@@ -167,71 +166,8 @@ pub fn free_port() -> u16 {
 /// The part of the `ready` line (`INFO ready targets=N`) that no other line has.
 pub const READY: &str = "ready targets=";
 
-/// Lines a child printed (stderr and stdout), shared with the reader threads.
-#[derive(Clone, Default)]
-pub struct Log(Arc<Mutex<Vec<String>>>);
-
-impl Log {
-    fn push(&self, line: String) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-    }
-
-    /// Every line so far (a copy).
-    pub fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    pub fn count(&self, needle: &str) -> usize {
-        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        lines.iter().filter(|l| l.contains(needle)).count()
-    }
-
-    pub fn contains(&self, needle: &str) -> bool {
-        self.count(needle) > 0
-    }
-
-    pub fn tail(&self, n: usize) -> String {
-        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-}
-
-fn spawn_reader(from: impl Read + Send + 'static, tag: String, log: Log) -> JoinHandle<()> {
-    std::thread::Builder::new()
-        .name(format!("log {tag}"))
-        .spawn(move || {
-            let mut reader = BufReader::new(from);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                            buf.pop();
-                        }
-                        let line = String::from_utf8_lossy(&buf).into_owned();
-                        eprintln!("[{tag}] {line}");
-                        log.push(line);
-                    }
-                }
-            }
-        })
-        .expect("spawn log reader thread")
-}
-
-/// Kernel kills the child when the spawning thread dies, so no daemon outlives its test.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+/// Lines a child printed, shared with the reader threads (the e2e harness's type).
+pub type Log = LogLines;
 
 /// A running `watcher run --config FILE`, in its own process group (with the rsync
 /// processes it starts). Killed with its group on drop unless it has exited.
