@@ -219,21 +219,32 @@ pub struct Daemon {
     child: Child,
     pub log: LogLines,
     readers: Vec<JoinHandle<()>>,
-    name: String,
+    pub name: String,
     exited: Option<ExitStatus>,
 }
 
 impl Daemon {
     /// Spawns `watcher sync SRC DST ARGS...` with `RUST_LOG=info` and returns at once.
     pub fn spawn(src: &Path, dst: impl AsRef<OsStr>, args: &[OsString]) -> Daemon {
-        let mut cmd = Command::new(WATCHER);
-        cmd.arg("sync").arg(src).arg(dst.as_ref()).args(args);
+        let mut all: Vec<OsString> = vec!["sync".into(), src.into(), dst.as_ref().into()];
+        all.extend(args.iter().cloned());
         if let Some(backend) = backend().filter(|_| !args.iter().any(|a| a == "--backend")) {
-            cmd.args(["--backend", &backend]);
+            all.extend(["--backend".into(), backend.into()]);
         }
-        cmd.env("RUST_LOG", "info")
+        Daemon::spawn_with(&all)
+    }
+
+    /// Spawns `watcher ARGS...` (any long-running subcommand) with `RUST_LOG=info`, in its
+    /// own process group, its output collected; returns at once.
+    pub fn spawn_with(args: &[OsString]) -> Daemon {
+        let mut cmd = Command::new(WATCHER);
+        cmd.args(args)
+            .env("RUST_LOG", "info")
             .env_remove("RUST_LOG_STYLE")
             .env("NO_COLOR", "1")
+            // Not a systemd service, whatever the test runner's environment says.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -245,12 +256,7 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {WATCHER}: {e}"));
         let name = format!("watcher {}", child.id());
-        eprintln!(
-            "[{name}] started: sync {:?} {:?} {:?}",
-            src,
-            dst.as_ref(),
-            args
-        );
+        eprintln!("[{name}] started: {args:?}");
         let log = LogLines::default();
         let readers = vec![
             spawn_reader(
@@ -308,22 +314,74 @@ impl Daemon {
 
     /// Waits until a line containing `needle` was printed; returns how many there are.
     pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> usize {
+        self.wait_for_count(needle, 1, timeout)
+    }
+
+    /// Waits until at least `n` lines contain `needle`; returns how many do.
+    pub fn wait_for_count(&mut self, needle: &str, n: usize, timeout: Duration) -> usize {
         let start = Instant::now();
         loop {
-            let n = self.log.count(needle);
-            if n > 0 {
-                return n;
+            let c = self.log.count(needle);
+            if c >= n {
+                return c;
             }
             self.check_alive(needle);
             if start.elapsed() >= timeout {
                 panic!(
-                    "{}: no line containing {needle:?} within {timeout:?}; last lines:\n{}",
+                    "{}: {c} line(s) containing {needle:?} within {timeout:?}, expected at \
+                     least {n}; last lines:\n{}",
                     self.name,
                     self.log.tail(40)
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits until `cond` holds for the log, failing the test after `timeout`.
+    #[allow(dead_code)] // used by the service tests, which share this harness
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&LogLines) -> bool,
+    ) {
+        let start = Instant::now();
+        loop {
+            if cond(&self.log) {
+                return;
+            }
+            self.check_alive(what);
+            if start.elapsed() >= timeout {
+                panic!(
+                    "{}: {what}: not within {timeout:?}; last lines:\n{}",
+                    self.name,
+                    self.log.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL to the daemon and every process of its group (its rsync runs): nothing
+    /// gets to flush, close a journal or finish a transfer.
+    #[allow(dead_code)] // used by the service tests, which share this harness
+    pub fn kill9(&mut self) {
+        let group = self.child.id() as i32;
+        kill(Pid::from_raw(-group), Signal::SIGKILL)
+            .unwrap_or_else(|e| panic!("kill -9 -{group}: {e}"));
+        let status = self.wait_exit(Duration::from_secs(20));
+        eprintln!("[{}] killed: {status}", self.name);
+        // Leftover rsync processes of the group die too; wait until none is left, so
+        // none writes into the replica behind the next daemon's back.
+        let gone = poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
+            live_in_group(group) == 0
+        });
+        assert!(
+            gone,
+            "{}: processes of its group outlived SIGKILL",
+            self.name
+        );
     }
 
     /// How many lines containing `needle` the daemon has printed so far.
@@ -420,6 +478,32 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Processes of process group `pgid` that are not zombies (a zombie writes nothing).
+fn live_in_group(pgid: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|d| {
+            d.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|d| std::fs::read_to_string(d.path().join("stat")).ok())
+        .filter(|stat| {
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap_or("Z");
+            let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+            state != "Z" && pgrp == Some(pgid)
+        })
+        .count()
 }
 
 /// Convenience: `&["--a", "b"]` as owned arguments.

@@ -293,7 +293,7 @@ fn kill_9_mid_burst_then_restart_converges() {
     mark_root(&s.src);
     let (config, _) = one_group_config(&s);
 
-    let mut d = Service::start(&config, READY_TIMEOUT);
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
     assert_equal_now(
         &s.src,
         &s.dst,
@@ -337,7 +337,7 @@ fn kill_9_mid_burst_then_restart_converges() {
     chmod(&s.src.join("base/d002/f001"), 0o600);
     std::fs::remove_file(s.src.join("burst/b000/f000")).expect("rm");
 
-    let mut d2 = Service::spawn(&config);
+    let mut d2 = Service::spawn_run(&config);
     d2.wait_for_line(READY, BIG_READY_TIMEOUT);
     let resumed = d2.count("resuming unsynced changes from the journal");
     eprintln!(
@@ -363,7 +363,7 @@ fn kill_9_mid_burst_then_restart_converges() {
     d2.stop();
 
     // A clean stop is recorded as such: the next start claims no crash.
-    let d3 = Service::start(&config, BIG_READY_TIMEOUT);
+    let d3 = Service::start_run(&config, BIG_READY_TIMEOUT);
     assert!(
         !d3.log.contains(UNCLEAN),
         "{ctx}: a start after a clean stop reported an unclean shutdown"
@@ -388,7 +388,7 @@ fn kill_9_during_initial_sync_then_restart_converges() {
     eprintln!("{ctx}: {total} files written in {:?}", t.elapsed());
     let (config, _) = one_group_config(&s);
 
-    let mut d = Service::spawn(&config);
+    let mut d = Service::spawn_run(&config);
     d.wait_for_line("initial sync started", READY_TIMEOUT);
     let replica_tree = s.dst.join("tree");
     d.wait_for(
@@ -419,7 +419,7 @@ fn kill_9_during_initial_sync_then_restart_converges() {
     rename(&s.src.join("tree/d001"), &s.src.join("tree/d001-moved"));
     write(&s.src.join("tree/d002/f000"), "changed while down\n");
 
-    let mut d2 = Service::spawn(&config);
+    let mut d2 = Service::spawn_run(&config);
     d2.wait_for_line(READY, BIG_READY_TIMEOUT);
     assert!(
         d2.log.contains(UNCLEAN),
@@ -559,7 +559,7 @@ fn rsync_daemon_outage_does_not_hold_back_other_target() {
     ));
     spec.write(&config);
 
-    let d = Service::start(&config, READY_TIMEOUT);
+    let d = Service::start_run(&config, READY_TIMEOUT);
     assert_equal_now(
         &s.src,
         &s.dst,
@@ -690,7 +690,7 @@ fn verify_pass_repairs_drift_on_target() {
     spec.groups.push(group);
     spec.write(&config);
 
-    let mut d = Service::start(&config, READY_TIMEOUT);
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
     wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
 
     // A pass that started after convergence has nothing to repair.
@@ -773,7 +773,7 @@ fn status_socket_reports_groups_and_targets() {
     spec.write(&config);
     let socket = spec.status_socket.clone();
 
-    let d = Service::start(&config, READY_TIMEOUT);
+    let d = Service::start_run(&config, READY_TIMEOUT);
     wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
     wait_converged(&src_b, &dst_b, CONVERGE_TIMEOUT, &skip_nothing, ctx);
 
@@ -932,7 +932,7 @@ fn sighup_reload_adds_a_target_without_losing_changes() {
     let (config, mut spec) = one_group_config(&s);
     let dst2 = s.path().join("dst2");
 
-    let mut d = Service::start(&config, READY_TIMEOUT);
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
     write(&s.src.join("base/d000/new"), "after ready\n");
     wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
 

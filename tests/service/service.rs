@@ -9,13 +9,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::harness::{LogLines, STOP_TIMEOUT, WATCHER, die_with_parent, poll_until, spawn_reader};
+use crate::harness::{Daemon, LogLines, WATCHER, die_with_parent};
 
 // ---------------------------------------------------------------------------------------
 // The configuration file
@@ -166,239 +165,23 @@ pub fn free_port() -> u16 {
 /// The part of the `ready` line (`INFO ready targets=N`) that no other line has.
 pub const READY: &str = "ready targets=";
 
-/// Lines a child printed, shared with the reader threads (the e2e harness's type).
+/// Lines a child printed (the e2e harness's type).
 pub type Log = LogLines;
 
-/// A running `watcher run --config FILE`, in its own process group (with the rsync
-/// processes it starts). Killed with its group on drop unless it has exited.
-pub struct Service {
-    child: Child,
-    pub log: Log,
-    readers: Vec<JoinHandle<()>>,
-    pub name: String,
-    exited: Option<ExitStatus>,
-}
+/// A running `watcher run --config FILE`: the e2e harness's daemon process.
+pub type Service = Daemon;
 
-impl Service {
+impl Daemon {
     /// Spawns `watcher run --config CONFIG` with `RUST_LOG=info`; returns at once.
-    pub fn spawn(config: &Path) -> Service {
-        let mut cmd = Command::new(WATCHER);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {WATCHER}: {e}"));
-        let name = format!("watcher {}", child.id());
-        eprintln!("[{name}] started: run --config {}", config.display());
-        let log = Log::default();
-        let readers = vec![
-            spawn_reader(
-                child.stderr.take().expect("stderr piped"),
-                name.clone(),
-                log.clone(),
-            ),
-            spawn_reader(
-                child.stdout.take().expect("stdout piped"),
-                format!("{name} stdout"),
-                log.clone(),
-            ),
-        ];
-        Service {
-            child,
-            log,
-            readers,
-            name,
-            exited: None,
-        }
+    pub fn spawn_run(config: &Path) -> Service {
+        Daemon::spawn_with(&["run".into(), "--config".into(), config.into()])
     }
 
-    /// Spawns and waits for `ready`.
-    pub fn start(config: &Path, ready_timeout: Duration) -> Service {
-        let mut s = Service::spawn(config);
+    /// Spawns `watcher run --config CONFIG` and waits for `ready`.
+    pub fn start_run(config: &Path, ready_timeout: Duration) -> Service {
+        let mut s = Daemon::spawn_run(config);
         s.wait_for_line(READY, ready_timeout);
         s
-    }
-
-    pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    pub fn signal(&self, sig: Signal) {
-        kill(self.pid(), sig).unwrap_or_else(|e| panic!("kill({}, {sig}): {e}", self.pid()));
-    }
-
-    pub fn count(&self, needle: &str) -> usize {
-        self.log.count(needle)
-    }
-
-    fn take_in_last_lines(&mut self) {
-        // The pipes close at exit (a leftover grandchild may hold them: bounded).
-        poll_until(Duration::from_secs(5), Duration::from_millis(20), || {
-            self.readers.iter().all(|r| r.is_finished())
-        });
-    }
-
-    fn check_alive(&mut self, waiting_for: &str) {
-        if let Some(status) = self.child.try_wait().expect("try_wait") {
-            self.exited = Some(status);
-            self.take_in_last_lines();
-            panic!(
-                "{} exited ({status}) while waiting for {waiting_for:?}; last lines:\n{}",
-                self.name,
-                self.log.tail(40)
-            );
-        }
-    }
-
-    /// Waits until at least `n` lines contain `needle`; returns how many do.
-    pub fn wait_for_count(&mut self, needle: &str, n: usize, timeout: Duration) -> usize {
-        let start = Instant::now();
-        loop {
-            let c = self.log.count(needle);
-            if c >= n {
-                return c;
-            }
-            self.check_alive(needle);
-            if start.elapsed() >= timeout {
-                panic!(
-                    "{}: {c} line(s) containing {needle:?} within {timeout:?}, expected at \
-                     least {n}; last lines:\n{}",
-                    self.name,
-                    self.log.tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> usize {
-        self.wait_for_count(needle, 1, timeout)
-    }
-
-    /// Waits until `cond` holds for the log, failing the test after `timeout`.
-    pub fn wait_for(&mut self, what: &str, timeout: Duration, mut cond: impl FnMut(&Log) -> bool) {
-        let start = Instant::now();
-        loop {
-            if cond(&self.log) {
-                return;
-            }
-            self.check_alive(what);
-            if start.elapsed() >= timeout {
-                panic!(
-                    "{}: {what}: not within {timeout:?}; last lines:\n{}",
-                    self.name,
-                    self.log.tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        if let Some(s) = self.exited {
-            return s;
-        }
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                self.exited = Some(status);
-                self.take_in_last_lines();
-                return status;
-            }
-            if start.elapsed() >= timeout {
-                panic!(
-                    "{} did not exit within {timeout:?}; last lines:\n{}",
-                    self.name,
-                    self.log.tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL to the daemon and every process of its group (its rsync runs): nothing
-    /// gets to flush, close a journal or finish a transfer.
-    pub fn kill9(&mut self) {
-        let pgid = Pid::from_raw(-(self.child.id() as i32));
-        kill(pgid, Signal::SIGKILL).unwrap_or_else(|e| panic!("kill -9 -{}: {e}", self.pid()));
-        let status = self.wait_exit(Duration::from_secs(20));
-        eprintln!("[{}] killed: {status}", self.name);
-        // Leftover rsync processes of the group die too; wait until none is left, so
-        // none writes into the replica behind the next daemon's back.
-        let group = self.child.id() as i32;
-        let gone = poll_until(Duration::from_secs(20), Duration::from_millis(20), || {
-            live_in_group(group) == 0
-        });
-        assert!(
-            gone,
-            "{}: processes of its group outlived SIGKILL",
-            self.name
-        );
-    }
-
-    /// SIGTERM, then the exit: status 0 and a `stopped` line.
-    pub fn stop(mut self) {
-        self.signal(Signal::SIGTERM);
-        let status = self.wait_exit(STOP_TIMEOUT);
-        assert!(
-            status.success(),
-            "{} exited with {status} after SIGTERM (expected 0); last lines:\n{}",
-            self.name,
-            self.log.tail(40)
-        );
-        assert!(
-            self.log.contains("stopped"),
-            "{} exited 0 but never logged `stopped`; last lines:\n{}",
-            self.name,
-            self.log.tail(40)
-        );
-    }
-}
-
-/// Processes of process group `pgid` that are not zombies (a zombie writes nothing).
-fn live_in_group(pgid: i32) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.filter_map(Result::ok)
-        .filter(|d| {
-            d.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|d| std::fs::read_to_string(d.path().join("stat")).ok())
-        .filter(|stat| {
-            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-                return false;
-            };
-            let mut fields = rest.split_whitespace();
-            let state = fields.next().unwrap_or("Z");
-            let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
-            state != "Z" && pgrp == Some(pgid)
-        })
-        .count()
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let pgid = Pid::from_raw(-(self.child.id() as i32));
-            let _ = kill(pgid, Signal::SIGKILL);
-            let _ = kill(pgid, Signal::SIGCONT);
-            let _ = self.child.wait();
-        }
     }
 }
 
