@@ -211,7 +211,14 @@ fn run_example(root: &Path, keep_running: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = Command::new("rsync")
-            .args(["-a", "-n", "-i", "--delete", "--exclude=*.tmp"])
+            .args([
+                "-a",
+                "-n",
+                "-i",
+                "--delete",
+                "--modify-window=-1",
+                "--exclude=*.tmp",
+            ])
             .arg(format!("{}/", src.display()))
             .arg(format!("{}/", dst.display()))
             .output()?;
