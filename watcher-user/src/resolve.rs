@@ -87,7 +87,15 @@ impl Resolver {
             .find(|(f, _)| *f == fsid)
             .map(|(_, fd)| fd)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EXDEV))?;
-        let fd = match open_by_handle_at(mount.as_fd(), handle) {
+        // A real allocation failure would pass on a second try; a directory being torn down
+        // answers ENOMEM again.
+        let opened = match open_by_handle_at(mount.as_fd(), handle) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                open_by_handle_at(mount.as_fd(), handle)
+            }
+            other => other,
+        };
+        let fd = match opened {
             Ok(fd) => fd,
             // ESTALE: the directory is gone. ENOMEM: seen (Linux 6.x, ext4) for handles of
             // directories removed while the kernel tried to reconnect them to the tree; the
