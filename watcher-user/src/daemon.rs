@@ -1061,3 +1061,132 @@ fn begin_shutdown(shutting_down: &mut bool, stop: &AtomicBool, signal: &str) -> 
     stop.store(true, Ordering::Relaxed);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flush::FlushConfig;
+
+    fn target(group: GroupId) -> TargetState {
+        TargetState {
+            group,
+            group_name: "g".into(),
+            name: "t".into(),
+            target: Target::Remote("host::m".into()),
+            root: "/srv/data".into(),
+            rsync: RsyncOptions::default(),
+            dirty: DirtySet::new(),
+            dirty_since: None,
+            policy: FlushPolicy::new(FlushConfig::default()),
+            max_backlog: 1_000,
+            in_flight: None,
+            retry_at: None,
+            failures: 0,
+            retries_total: 0,
+            fatal: None,
+            in_step: true,
+            runs: 0,
+            journal: None,
+            verify_interval: None,
+            verify_due: None,
+            last_sync: None,
+            last_verify: None,
+            touched: false,
+            fatal_streak: 0,
+        }
+    }
+
+    fn change(kind: ChangeKind, path: &str, is_dir: bool) -> Event {
+        Event::Change {
+            kind,
+            path: path.into(),
+            is_dir,
+            pid: 1,
+        }
+    }
+
+    fn batch(entries: &[&str], subtrees: &[&str]) -> Batch {
+        Batch {
+            entries: entries.iter().map(PathBuf::from).collect(),
+            subtrees: subtrees.iter().map(PathBuf::from).collect(),
+        }
+    }
+
+    #[test]
+    fn events_mark_what_rsync_must_look_at() {
+        use ChangeKind::*;
+        let table: &[(Event, Batch)] = &[
+            (
+                change(Modified, "/srv/data/d/f", false),
+                batch(&["d/f"], &[]),
+            ),
+            (change(Attrib, "/srv/data/d", true), batch(&["d"], &[])),
+            // A new name changes its directory's mtime too.
+            (
+                change(Created, "/srv/data/d/f", false),
+                batch(&["d", "d/f"], &[]),
+            ),
+            (
+                change(Deleted, "/srv/data/f", false),
+                batch(&["", "f"], &[]),
+            ),
+            // A directory that appears brings whatever it already holds.
+            (
+                change(Created, "/srv/data/d/new", true),
+                batch(&["d"], &["d/new"]),
+            ),
+            (change(MovedTo, "/srv/data/n", true), batch(&[""], &["n"])),
+            (
+                change(MovedFrom, "/srv/data/old", true),
+                batch(&["", "old"], &[]),
+            ),
+            // Excluded: not synced, but its directory's mtime is.
+            (
+                change(Created, "/srv/data/d/x.swp", false),
+                batch(&["d"], &[]),
+            ),
+            (
+                change(Modified, "/srv/data/d/x.swp", false),
+                batch(&[], &[]),
+            ),
+            // Inside an excluded directory: nothing at all.
+            (
+                change(Created, "/srv/data/.cache/a/b", false),
+                batch(&[], &[]),
+            ),
+            (change(Created, "/srv/other/f", false), batch(&[], &[])),
+            (
+                Event::Rescan {
+                    path: "/srv/data/d".into(),
+                },
+                batch(&[], &["d"]),
+            ),
+            (
+                Event::Rescan {
+                    path: "/srv".into(),
+                },
+                batch(&[], &[""]),
+            ),
+            (Event::Overflow, batch(&[], &[""])),
+        ];
+        for (event, want) in table {
+            let mut builder = FilterBuilder::new();
+            let group = builder
+                .add_root(Path::new("/srv/data"), &["*.swp".into(), ".cache/".into()])
+                .unwrap();
+            let filter = builder.build().unwrap();
+            let mut targets = vec![target(group), target(group)];
+            route(&filter, &mut targets, event, Instant::now());
+            for t in &mut targets {
+                assert_eq!(&t.dirty.take(), want, "{event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(3), Duration::from_secs(2));
+        assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+}
