@@ -1,0 +1,87 @@
+//! The record the eBPF probes write into the ring buffer, and the names of their maps.
+//! Both sides compile this file, so the layout cannot drift.
+#![no_std]
+
+/// Bytes kept of each user path (with its NUL). A longer path is reported as truncated,
+/// and user space rescans instead of guessing.
+pub const PATH_LEN: usize = 512;
+
+/// What a record reports, normalised from the syscall that made it.
+pub mod op {
+    /// open/openat/openat2/creat with write, create or truncate flags, or of a directory
+    /// (`flags`: open flags, `ret`: the new fd, `fd1`/`path1`: where).
+    pub const OPEN: u32 = 1;
+    /// close of an fd the probe tracked since its open (`fd1`; `flags` is [`super::TRACK_WRITE`] or [`super::TRACK_DIR`]).
+    pub const CLOSE: u32 = 2;
+    /// Content changed through an fd: ftruncate, fallocate (`fd1`).
+    pub const FD_MODIFY: u32 = 3;
+    /// Metadata changed through an fd: fchmod, fchown, fsetxattr, fremovexattr, futimens (`fd1`).
+    pub const FD_ATTRIB: u32 = 4;
+    /// Content changed by path: truncate (`fd1`/`path1`).
+    pub const PATH_MODIFY: u32 = 5;
+    /// Metadata changed by path: chmod, chown, utimensat, setxattr... (`fd1`/`path1`,
+    /// `flags`: the AT_ flags, AT_EMPTY_PATH meaning `fd1` itself).
+    pub const PATH_ATTRIB: u32 = 6;
+    /// unlink/unlinkat/rmdir (`flags` & AT_REMOVEDIR for a directory).
+    pub const UNLINK: u32 = 7;
+    /// mkdir/mkdirat.
+    pub const MKDIR: u32 = 8;
+    /// mknod/mknodat.
+    pub const MKNOD: u32 = 9;
+    /// rename/renameat/renameat2 (`fd1`/`path1` old, `fd2`/`path2` new, `flags`).
+    pub const RENAME: u32 = 10;
+    /// link/linkat (`fd1`/`path1` old, `fd2`/`path2` new, `flags`).
+    pub const LINK: u32 = 11;
+    /// symlink/symlinkat (`fd1`/`path1`: the new link).
+    pub const SYMLINK: u32 = 12;
+}
+
+/// Kinds of tracked fds (values of the tracked-fd map and `flags` of a CLOSE).
+pub const TRACK_WRITE: u32 = 1;
+pub const TRACK_DIR: u32 = 2;
+
+/// Values of the ignored-tgid map: the daemon (kept until user space removes it) and
+/// processes it forked (removed when they exit).
+pub const IGNORE_SELF: u32 = 1;
+pub const IGNORE_CHILD: u32 = 2;
+
+/// Indexes of the per-CPU counter array.
+pub mod counter {
+    /// Records dropped because the ring buffer was full.
+    pub const LOST: u32 = 0;
+    /// Syscalls of interest made by ignored processes, dropped in the kernel.
+    pub const OWN_DROPPED: u32 = 1;
+    /// Records written.
+    pub const WRITTEN: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+/// Map and program names in the object.
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_IGNORED: &str = "IGNORED";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const PROG_SYS_EXIT: &str = "watcher_sys_exit";
+pub const PROG_PROCESS_EXIT: &str = "watcher_process_exit";
+
+/// One successful syscall that changed (or may change) a path.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Record {
+    pub tgid: u32,
+    pub pid: u32,
+    /// One of [`op`].
+    pub op: u32,
+    pub flags: u32,
+    /// The syscall's return value (the fd for OPEN).
+    pub ret: i64,
+    /// Directory fd for `path1`, or the fd of an fd-based call.
+    pub fd1: i32,
+    /// Directory fd for `path2`.
+    pub fd2: i32,
+    /// `bpf_probe_read_user_str`'s result for each path: bytes copied with the NUL, 0 for
+    /// no path (NULL pointer), negative on a fault. `PATH_LEN` means possibly truncated.
+    pub len1: i32,
+    pub len2: i32,
+    pub path1: [u8; PATH_LEN],
+    pub path2: [u8; PATH_LEN],
+}
