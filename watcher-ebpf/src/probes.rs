@@ -1,0 +1,362 @@
+//! The eBPF probes of the ebpf backend: one raw tracepoint on `sys_exit` (no tracefs needed)
+//! that reports every successful path-changing syscall as a [`Record`] in a ring buffer,
+//! and one on `sched_process_exit` that forgets exited children of the daemon.
+//!
+//! Records are written at syscall exit, where the return value says whether the call
+//! succeeded and the arguments are still in the saved registers (and the path strings in
+//! the caller's memory, just read by the syscall), so no entry/exit map is needed.
+//! Paths are the caller's strings as given; user space resolves relative ones.
+//! Syscall numbers are x86_64's.
+
+use aya_ebpf::helpers::generated::bpf_probe_read_user_str;
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::macros::{map, raw_tracepoint};
+use aya_ebpf::maps::{LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::RawTracePointContext;
+use watcher_ebpf_common::{IGNORE_CHILD, PATH_LEN, Record, TRACK_DIR, TRACK_WRITE, counter, op};
+
+/// Records; user space sets the size at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+/// Processes whose syscalls are not reported: the daemon and its descendants.
+#[map]
+static IGNORED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
+
+/// fds opened for writing or on a directory, keyed by tgid << 32 | fd: their close is reported.
+#[map]
+static TRACKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1 << 16, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+// struct pt_regs on x86_64.
+const REG_R10: usize = 56;
+const REG_R8: usize = 72;
+const REG_DX: usize = 96;
+const REG_SI: usize = 104;
+const REG_DI: usize = 112;
+const REG_ORIG_AX: usize = 120;
+
+const AT_FDCWD: i32 = -100;
+const AT_REMOVEDIR: u32 = 0x200;
+const O_WRONLY: u32 = 0o1;
+const O_RDWR: u32 = 0o2;
+const O_CREAT: u32 = 0o100;
+const O_TRUNC: u32 = 0o1000;
+const O_DIRECTORY: u32 = 0o200000;
+const CLONE_THREAD: u64 = 0x10000;
+
+mod nr {
+    pub const CLOSE: u64 = 3;
+    pub const OPEN: u64 = 2;
+    pub const CLONE: u64 = 56;
+    pub const FORK: u64 = 57;
+    pub const VFORK: u64 = 58;
+    pub const TRUNCATE: u64 = 76;
+    pub const FTRUNCATE: u64 = 77;
+    pub const RENAME: u64 = 82;
+    pub const MKDIR: u64 = 83;
+    pub const RMDIR: u64 = 84;
+    pub const CREAT: u64 = 85;
+    pub const LINK: u64 = 86;
+    pub const UNLINK: u64 = 87;
+    pub const SYMLINK: u64 = 88;
+    pub const CHMOD: u64 = 90;
+    pub const FCHMOD: u64 = 91;
+    pub const CHOWN: u64 = 92;
+    pub const FCHOWN: u64 = 93;
+    pub const LCHOWN: u64 = 94;
+    pub const UTIME: u64 = 132;
+    pub const MKNOD: u64 = 133;
+    pub const SETXATTR: u64 = 188;
+    pub const LSETXATTR: u64 = 189;
+    pub const FSETXATTR: u64 = 190;
+    pub const REMOVEXATTR: u64 = 197;
+    pub const LREMOVEXATTR: u64 = 198;
+    pub const FREMOVEXATTR: u64 = 199;
+    pub const UTIMES: u64 = 235;
+    pub const OPENAT: u64 = 257;
+    pub const MKDIRAT: u64 = 258;
+    pub const MKNODAT: u64 = 259;
+    pub const FCHOWNAT: u64 = 260;
+    pub const FUTIMESAT: u64 = 261;
+    pub const UNLINKAT: u64 = 263;
+    pub const RENAMEAT: u64 = 264;
+    pub const LINKAT: u64 = 265;
+    pub const SYMLINKAT: u64 = 266;
+    pub const FCHMODAT: u64 = 268;
+    pub const UTIMENSAT: u64 = 280;
+    pub const FALLOCATE: u64 = 285;
+    pub const RENAMEAT2: u64 = 316;
+    pub const CLONE3: u64 = 435;
+    pub const OPENAT2: u64 = 437;
+    pub const FCHMODAT2: u64 = 452;
+    pub const SETXATTRAT: u64 = 463;
+    pub const REMOVEXATTRAT: u64 = 466;
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn reg(regs: *const u8, offset: usize) -> u64 {
+    // SAFETY: reading saved registers through the helper, which checks the address.
+    unsafe { bpf_probe_read_kernel(regs.add(offset) as *const u64) }.unwrap_or(0)
+}
+
+/// Where the path arguments of a syscall are: (dirfd, path) twice, as register values.
+struct Args {
+    op: u32,
+    flags: u32,
+    fd1: i32,
+    path1: u64,
+    fd2: i32,
+    path2: u64,
+}
+
+impl Args {
+    fn path(op: u32, fd1: u64, path1: u64) -> Args {
+        Args {
+            op,
+            flags: 0,
+            fd1: fd1 as i32,
+            path1,
+            fd2: 0,
+            path2: 0,
+        }
+    }
+    fn fd(op: u32, fd: u64) -> Args {
+        Args::path(op, fd, 0)
+    }
+    fn flags(mut self, flags: u64) -> Args {
+        self.flags = flags as u32;
+        self
+    }
+    fn two(mut self, fd2: u64, path2: u64) -> Args {
+        self.fd2 = fd2 as i32;
+        self.path2 = path2;
+        self
+    }
+}
+
+const CWD: u64 = AT_FDCWD as i64 as u64;
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    if ret < 0 {
+        return 0;
+    }
+    let nr = reg(regs, REG_ORIG_AX);
+    // The cheap test first: most syscalls are none of these.
+    if !matches!(
+        nr,
+        nr::OPEN
+            | nr::OPENAT
+            | nr::OPENAT2
+            | nr::CREAT
+            | nr::CLOSE
+            | nr::CLONE
+            | nr::CLONE3
+            | nr::FORK
+            | nr::VFORK
+            | nr::TRUNCATE
+            | nr::FTRUNCATE
+            | nr::FALLOCATE
+            | nr::RENAME
+            | nr::RENAMEAT
+            | nr::RENAMEAT2
+            | nr::MKDIR
+            | nr::MKDIRAT
+            | nr::MKNOD
+            | nr::MKNODAT
+            | nr::RMDIR
+            | nr::UNLINK
+            | nr::UNLINKAT
+            | nr::LINK
+            | nr::LINKAT
+            | nr::SYMLINK
+            | nr::SYMLINKAT
+            | nr::CHMOD
+            | nr::FCHMOD
+            | nr::FCHMODAT
+            | nr::FCHMODAT2
+            | nr::CHOWN
+            | nr::FCHOWN
+            | nr::LCHOWN
+            | nr::FCHOWNAT
+            | nr::UTIME
+            | nr::UTIMES
+            | nr::FUTIMESAT
+            | nr::UTIMENSAT
+            | nr::SETXATTR
+            | nr::LSETXATTR
+            | nr::FSETXATTR
+            | nr::REMOVEXATTR
+            | nr::LREMOVEXATTR
+            | nr::FREMOVEXATTR
+            | nr::SETXATTRAT
+            | nr::REMOVEXATTRAT
+    ) {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // SAFETY: a plain lookup; the value is copied at once.
+    if unsafe { IGNORED.get(&tgid) }.is_some() {
+        if matches!(nr, nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK) && ret > 0 {
+            let flags = match nr {
+                nr::CLONE => reg(regs, REG_DI),
+                // struct clone_args starts with its u64 flags.
+                // SAFETY: user memory read through the checking helper.
+                nr::CLONE3 => {
+                    unsafe { bpf_probe_read_user(reg(regs, REG_DI) as *const u64) }.unwrap_or(0)
+                }
+                _ => 0,
+            };
+            if flags & CLONE_THREAD == 0 {
+                let _ = IGNORED.insert(&(ret as u32), &IGNORE_CHILD, 0);
+            }
+            return 0;
+        }
+        bump(counter::OWN_DROPPED);
+        return 0;
+    }
+    let di = reg(regs, REG_DI);
+    let si = reg(regs, REG_SI);
+    let dx = reg(regs, REG_DX);
+    let r10 = reg(regs, REG_R10);
+    let r8 = reg(regs, REG_R8);
+    let args = match nr {
+        nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => return 0,
+        nr::OPEN | nr::CREAT | nr::OPENAT | nr::OPENAT2 => {
+            let (dirfd, path, flags) = match nr {
+                nr::OPEN => (CWD, di, si),
+                nr::CREAT => (CWD, di, (O_CREAT | O_WRONLY | O_TRUNC) as u64),
+                nr::OPENAT => (di, si, dx),
+                // struct open_how starts with its u64 flags.
+                // SAFETY: user memory read through the checking helper.
+                _ => (
+                    di,
+                    si,
+                    unsafe { bpf_probe_read_user(dx as *const u64) }.unwrap_or(0),
+                ),
+            };
+            let flags = flags as u32;
+            let kind = if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
+                TRACK_WRITE
+            } else if flags & O_DIRECTORY != 0 {
+                TRACK_DIR
+            } else {
+                return 0;
+            };
+            let key = ((tgid as u64) << 32) | (ret as u64 & 0xffff_ffff);
+            let _ = TRACKED.insert(&key, &kind, 0);
+            Args::path(op::OPEN, dirfd, path).flags(flags as u64)
+        }
+        nr::CLOSE => {
+            let key = ((tgid as u64) << 32) | (di & 0xffff_ffff);
+            // SAFETY: a plain lookup; the value is copied at once.
+            let Some(kind) = (unsafe { TRACKED.get(&key) }).copied() else {
+                return 0;
+            };
+            let _ = TRACKED.remove(&key);
+            Args::fd(op::CLOSE, di).flags(kind as u64)
+        }
+        nr::FTRUNCATE | nr::FALLOCATE => Args::fd(op::FD_MODIFY, di),
+        nr::FCHMOD | nr::FCHOWN | nr::FSETXATTR | nr::FREMOVEXATTR => Args::fd(op::FD_ATTRIB, di),
+        nr::TRUNCATE => Args::path(op::PATH_MODIFY, CWD, di),
+        nr::CHMOD | nr::CHOWN | nr::LCHOWN | nr::UTIME | nr::UTIMES => {
+            Args::path(op::PATH_ATTRIB, CWD, di)
+        }
+        nr::SETXATTR | nr::LSETXATTR | nr::REMOVEXATTR | nr::LREMOVEXATTR => {
+            Args::path(op::PATH_ATTRIB, CWD, di)
+        }
+        nr::FCHMODAT | nr::FUTIMESAT => Args::path(op::PATH_ATTRIB, di, si),
+        nr::FCHMODAT2 => Args::path(op::PATH_ATTRIB, di, si).flags(r10),
+        nr::FCHOWNAT => Args::path(op::PATH_ATTRIB, di, si).flags(r8),
+        nr::UTIMENSAT => Args::path(op::PATH_ATTRIB, di, si).flags(r10),
+        nr::SETXATTRAT | nr::REMOVEXATTRAT => Args::path(op::PATH_ATTRIB, di, si).flags(dx),
+        nr::UNLINK => Args::path(op::UNLINK, CWD, di),
+        nr::RMDIR => Args::path(op::UNLINK, CWD, di).flags(AT_REMOVEDIR as u64),
+        nr::UNLINKAT => Args::path(op::UNLINK, di, si).flags(dx),
+        nr::MKDIR => Args::path(op::MKDIR, CWD, di),
+        nr::MKDIRAT => Args::path(op::MKDIR, di, si),
+        nr::MKNOD => Args::path(op::MKNOD, CWD, di),
+        nr::MKNODAT => Args::path(op::MKNOD, di, si),
+        nr::RENAME => Args::path(op::RENAME, CWD, di).two(CWD, si),
+        nr::RENAMEAT => Args::path(op::RENAME, di, si).two(dx, r10),
+        nr::RENAMEAT2 => Args::path(op::RENAME, di, si).two(dx, r10).flags(r8),
+        nr::LINK => Args::path(op::LINK, CWD, di).two(CWD, si),
+        nr::LINKAT => Args::path(op::LINK, di, si).two(dx, r10).flags(r8),
+        nr::SYMLINK => Args::path(op::SYMLINK, CWD, si),
+        nr::SYMLINKAT => Args::path(op::SYMLINK, si, dx),
+        _ => return 0,
+    };
+    emit(tgid, id as u32, ret, &args);
+    0
+}
+
+#[inline(always)]
+fn emit(tgid: u32, pid: u32, ret: i64, args: &Args) {
+    let Some(mut entry) = EVENTS.reserve::<Record>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` is the reserved, exclusively owned record; user strings are read
+    // through the checking helper into its arrays.
+    unsafe {
+        (*rec).tgid = tgid;
+        (*rec).pid = pid;
+        (*rec).op = args.op;
+        (*rec).flags = args.flags;
+        (*rec).ret = ret;
+        (*rec).fd1 = args.fd1;
+        (*rec).fd2 = args.fd2;
+        (*rec).len1 = read_str(args.path1, &mut (*rec).path1);
+        (*rec).len2 = read_str(args.path2, &mut (*rec).path2);
+    }
+    entry.submit(0);
+    bump(counter::WRITTEN);
+}
+
+#[inline(always)]
+fn read_str(ptr: u64, dst: &mut [u8; PATH_LEN]) -> i32 {
+    if ptr == 0 {
+        dst[0] = 0;
+        return 0;
+    }
+    // SAFETY: user memory read through the checking helper.
+    let n = unsafe {
+        bpf_probe_read_user_str(dst.as_mut_ptr().cast(), PATH_LEN as u32, ptr as *const _)
+    };
+    n as i32
+}
+
+/// A forked child of the daemon exited: its tgid may be reused by anyone.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn watcher_process_exit(_ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if tgid == id as u32 {
+        // SAFETY: a plain lookup; the value is copied at once.
+        if unsafe { IGNORED.get(&tgid) }.copied() == Some(IGNORE_CHILD) {
+            let _ = IGNORED.remove(&tgid);
+        }
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
