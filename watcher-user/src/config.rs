@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [daemon]
-//! backend = "auto"                     # "auto" | "fanotify" | "inotify"
+//! backend = "auto"                     # "auto" | "fanotify" | "inotify" | "ebpf"
 //! state_dir = "/var/lib/watcher"
 //! status_socket = "/run/watcher/status.sock"
 //! metrics = "127.0.0.1:9469"           # loopback only; absent = no metrics endpoint
@@ -76,7 +76,7 @@ pub struct Config {
 /// Settings of the daemon as a whole: the `[daemon]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
-    /// Change-capture backend: `"auto"` (default), `"fanotify"` or `"inotify"`.
+    /// Change-capture backend: `"auto"` (default), `"fanotify"`, `"inotify"` or `"ebpf"`.
     pub backend: BackendKind,
     /// Where the daemon keeps its state (default `/var/lib/watcher`).
     pub state_dir: PathBuf,
@@ -468,11 +468,12 @@ impl Ctx<'_> {
                 "auto" => BackendKind::Auto,
                 "fanotify" => BackendKind::Fanotify,
                 "inotify" => BackendKind::Inotify,
+                "ebpf" => BackendKind::Ebpf,
                 other => {
                     return Err(self.error(
                         &backend.span(),
                         "daemon.backend",
-                        format!("unknown backend {other:?}, expected \"auto\", \"fanotify\" or \"inotify\""),
+                        format!("unknown backend {other:?}, expected \"auto\", \"fanotify\", \"inotify\" or \"ebpf\""),
                     ));
                 }
             };
@@ -1269,10 +1270,10 @@ mod tests {
             "did you mean `backend`?",
         ),
         (
-            "[daemon]\nbackend = \"ebpf\"\n",
+            "[daemon]\nbackend = \"bpf\"\n",
             2,
             "daemon.backend",
-            "unknown backend \"ebpf\", expected \"auto\", \"fanotify\" or \"inotify\"",
+            "unknown backend \"bpf\", expected \"auto\", \"fanotify\", \"inotify\" or \"ebpf\"",
         ),
         (
             "[daemon]\nstate_dir = \"var/lib/watcher\"\n",

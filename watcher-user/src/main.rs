@@ -30,6 +30,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
     if !source.is_dir() {
         anyhow::bail!("source {} is not a directory", source.display());
     }
+    watcher::backend::ebpf::set_ringbuf_bytes(args.ebpf_ringbuf_bytes);
     let defaults = DaemonConfig::default();
     let config = Config {
         path: PathBuf::from("(command line)"),

@@ -1,6 +1,7 @@
 //! Change capture. Every backend turns kernel notifications into [`Event`]s with absolute
 //! paths; nothing downstream knows which backend produced them.
 
+pub mod ebpf;
 pub mod fanotify;
 pub mod inotify;
 mod mountinfo;
@@ -23,6 +24,9 @@ pub enum BackendKind {
     /// One inotify watch per directory: any kernel and filesystem, but start-up walks the
     /// tree and it needs one of fs.inotify.max_user_watches per directory.
     Inotify,
+    /// eBPF probes on syscall exit (any filesystem, no per-directory set-up); needs a
+    /// binary built with the `ebpf` feature and CAP_BPF/CAP_PERFMON (root).
+    Ebpf,
 }
 
 /// Why a backend could not start.
@@ -79,6 +83,14 @@ pub enum BackendError {
         #[source]
         inotify: Box<BackendError>,
     },
+    /// The ebpf backend is not in this binary.
+    #[error(
+        "the ebpf backend is not built into this binary (build watcher-user with --features ebpf)"
+    )]
+    EbpfAbsent,
+    /// The eBPF probes could not be loaded or attached.
+    #[error("ebpf backend: {0}")]
+    Ebpf(String),
     /// Reading events failed after start-up.
     #[error("reading events")]
     Read(#[source] std::io::Error),
@@ -140,6 +152,7 @@ pub fn start(
     match kind {
         BackendKind::Fanotify => start_fanotify(roots, own_pids, "forced with --backend"),
         BackendKind::Inotify => start_inotify(roots, own_pids, "forced with --backend"),
+        BackendKind::Ebpf => start_ebpf(roots, own_pids),
         BackendKind::Auto => match fanotify::FanotifyBackend::start(roots, own_pids.clone()) {
             Ok(backend) => Ok(fanotify_selected(
                 backend,
@@ -184,6 +197,26 @@ fn fanotify_selected(backend: fanotify::FanotifyBackend, reason: &str) -> Box<dy
     Box::new(backend)
 }
 
+#[cfg(feature = "ebpf")]
+fn start_ebpf(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Box<dyn Backend>, BackendError> {
+    let backend = ebpf::EbpfBackend::start(roots, own_pids)?;
+    tracing::info!(
+        backend = "ebpf",
+        reason = "forced with --backend",
+        probes = "raw tracepoints sys_exit, sched_process_exit",
+        "backend selected"
+    );
+    Ok(Box::new(backend))
+}
+
+#[cfg(not(feature = "ebpf"))]
+fn start_ebpf(
+    _roots: &[PathBuf],
+    _own_pids: Arc<OwnPids>,
+) -> Result<Box<dyn Backend>, BackendError> {
+    Err(BackendError::EbpfAbsent)
+}
+
 fn start_inotify(
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
@@ -212,12 +245,7 @@ pub struct Support {
 pub fn check(paths: &[PathBuf]) -> Vec<Support> {
     let mut rows = fanotify::check(paths);
     rows.extend(inotify::check(paths));
-    rows.push(Support {
-        backend: "ebpf",
-        path: None,
-        ok: false,
-        detail: "not built into this binary (no eBPF probes yet)".into(),
-    });
+    rows.extend(ebpf::check());
     rows
 }
 

@@ -1,0 +1,752 @@
+//! The ebpf backend: a raw tracepoint on `sys_exit` (watcher-ebpf) reports every successful
+//! path-changing syscall of every process as a record (syscall, pid, dirfd, the caller's
+//! path string); this side resolves the paths and turns records into [`Event`]s.
+//!
+//! Path resolution is done here, not in the kernel (no kernel struct offsets needed):
+//! an absolute path is taken as is, a relative one is joined to the caller's directory:
+//! `AT_FDCWD` is `/proc/TID/cwd`, a directory fd is the path this side saw it opened with
+//! (directory opens are reported), else `/proc/TGID/fd/N`. Nothing is canonicalised, so a
+//! symlink in the last component is never followed. A path that cannot be resolved (the
+//! process is gone) makes every root rescanned, and is counted.
+//!
+//! fds opened for writing are remembered per (tgid, fd) with their path: the open reports
+//! the file Modified (Created with O_CREAT), and so does its close, which covers the data
+//! written in between. `write` itself is not traced: a long-running writer's data is
+//! seen at its close (or the next open, truncate or metadata change of the file).
+//!
+//! The kernel side drops the syscalls of the daemon and its descendants (a map of ignored
+//! tgids: the daemon's own, plus every process an ignored process forks). Records lost to
+//! a full ring buffer are counted per CPU in the kernel; any increase is an
+//! [`Event::Overflow`].
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use hashbrown::HashMap;
+use watcher_ebpf_common::{PATH_LEN, Record, TRACK_WRITE, op};
+
+use crate::event::{ChangeKind, Event};
+
+const AT_FDCWD: i32 = -100;
+const AT_REMOVEDIR: u32 = 0x200;
+const AT_EMPTY_PATH: u32 = 0x1000;
+const O_CREAT: u32 = 0o100;
+const O_WRONLY: u32 = 0o1;
+const O_RDWR: u32 = 0o2;
+const O_TRUNC: u32 = 0o1000;
+const O_TMPFILE_ONLY: u32 = 0o20000000;
+const RENAME_EXCHANGE: u32 = 2;
+
+/// Default ring buffer size (a power of two, a multiple of the page size).
+pub const DEFAULT_RINGBUF_BYTES: u32 = 16 << 20;
+
+/// Whether this binary holds the eBPF probes (built with the `ebpf` feature).
+pub const BUILT: bool = cfg!(feature = "ebpf");
+
+/// Counts kept by the translator, logged when the backend stops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub records: u64,
+    /// Paths that could not be resolved (every root was rescanned instead).
+    pub unresolved: u64,
+    /// Paths longer than the probe copies (every root was rescanned instead).
+    pub truncated: u64,
+    /// Records from the daemon or its children that got past the kernel filter.
+    pub own_past_filter: u64,
+}
+
+/// How a record's path resolves.
+enum Resolution {
+    Path(PathBuf),
+    /// The record carries no path (NULL): the call was on its fd.
+    NoPath,
+    /// Cannot be resolved: rescan.
+    Lost,
+}
+
+/// Turns records into events. Its only system calls are readlink of `/proc` entries and
+/// lstat of changed paths (for `is_dir` of renames and attribute changes).
+pub struct Translator {
+    roots: Vec<PathBuf>,
+    /// Paths of fds opened for writing or on a directory, per (tgid, fd).
+    fds: HashMap<(u32, i32), PathBuf>,
+    pub stats: Stats,
+}
+
+/// `path` with `.` and `..` removed lexically (paths here are never canonicalised).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir => out.push("/"),
+            Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    out
+}
+
+/// The target of a `/proc` magic link, unless it is gone or names a deleted directory.
+fn proc_link(link: &str) -> Option<PathBuf> {
+    let target = std::fs::read_link(link).ok()?;
+    let bytes = target.as_os_str().as_bytes();
+    if !bytes.starts_with(b"/") || bytes.ends_with(b" (deleted)") {
+        return None;
+    }
+    Some(target)
+}
+
+fn lstat_is_dir(path: &Path) -> Option<bool> {
+    std::fs::symlink_metadata(path).ok().map(|m| m.is_dir())
+}
+
+impl Translator {
+    pub fn new(roots: &[PathBuf]) -> Self {
+        Translator {
+            roots: roots.to_vec(),
+            fds: HashMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Forgets every remembered fd (after lost records, some of them are stale).
+    pub fn clear(&mut self) {
+        self.fds.clear();
+    }
+
+    fn under_roots(&self, path: &Path) -> bool {
+        self.roots.iter().any(|r| path.starts_with(r))
+    }
+
+    fn rescan_all(&self, out: &mut Vec<Event>) {
+        out.extend(self.roots.iter().map(|r| Event::Rescan { path: r.clone() }));
+    }
+
+    /// The path an fd of `tgid` refers to: the one seen at its open, else /proc.
+    fn fd_path(&self, tgid: u32, fd: i32) -> Option<PathBuf> {
+        if let Some(p) = self.fds.get(&(tgid, fd)) {
+            return Some(p.clone());
+        }
+        proc_link(&format!("/proc/{tgid}/fd/{fd}"))
+    }
+
+    fn resolve(&mut self, rec: &Record, dirfd: i32, bytes: &[u8], len: i32) -> Resolution {
+        if len == 0 {
+            return Resolution::NoPath;
+        }
+        if len < 0 {
+            self.stats.unresolved += 1;
+            return Resolution::Lost;
+        }
+        if len as usize >= PATH_LEN {
+            self.stats.truncated += 1;
+            return Resolution::Lost;
+        }
+        let name = &bytes[..(len as usize - 1).min(bytes.len())];
+        if name.first() == Some(&b'/') {
+            return Resolution::Path(normalize(Path::new(OsStr::from_bytes(name))));
+        }
+        let base = if dirfd == AT_FDCWD {
+            proc_link(&format!("/proc/{}/cwd", rec.pid))
+                .or_else(|| proc_link(&format!("/proc/{}/cwd", rec.tgid)))
+        } else {
+            self.fd_path(rec.tgid, dirfd)
+        };
+        match base {
+            Some(base) if name.is_empty() => Resolution::Path(base),
+            Some(base) => Resolution::Path(normalize(&base.join(OsStr::from_bytes(name)))),
+            None if name.is_empty() => Resolution::NoPath,
+            None => {
+                self.stats.unresolved += 1;
+                Resolution::Lost
+            }
+        }
+    }
+
+    /// The first path of `rec` (`fd1`/`path1`), or `fd1` itself for a call without a
+    /// path (or with AT_EMPTY_PATH and ""). None after a rescan was queued.
+    fn first(&mut self, rec: &Record, out: &mut Vec<Event>) -> Option<PathBuf> {
+        match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
+            Resolution::Path(p) => Some(p),
+            Resolution::NoPath => self.fd_or_rescan(rec, rec.fd1, out),
+            Resolution::Lost => {
+                self.rescan_all(out);
+                None
+            }
+        }
+    }
+
+    fn second(&mut self, rec: &Record, out: &mut Vec<Event>) -> Option<PathBuf> {
+        match self.resolve(rec, rec.fd2, &rec.path2, rec.len2) {
+            Resolution::Path(p) => Some(p),
+            Resolution::NoPath | Resolution::Lost => {
+                self.stats.unresolved += 1;
+                self.rescan_all(out);
+                None
+            }
+        }
+    }
+
+    fn fd_or_rescan(&mut self, rec: &Record, fd: i32, out: &mut Vec<Event>) -> Option<PathBuf> {
+        let p = self.fd_path(rec.tgid, fd);
+        if p.is_none() {
+            self.stats.unresolved += 1;
+            self.rescan_all(out);
+        }
+        p
+    }
+
+    fn push(&self, out: &mut Vec<Event>, kind: ChangeKind, path: PathBuf, is_dir: bool, pid: u32) {
+        if self.under_roots(&path) {
+            out.push(Event::Change {
+                kind,
+                path,
+                is_dir,
+                pid: pid as i32,
+            });
+        }
+    }
+
+    /// Appends what `rec` means to `out`.
+    pub fn translate(&mut self, rec: &Record, out: &mut Vec<Event>) {
+        self.stats.records += 1;
+        let pid = rec.tgid;
+        match rec.op {
+            op::OPEN => {
+                let fd = rec.ret as i32;
+                let Some(path) = self.first(rec, out) else {
+                    self.fds.remove(&(rec.tgid, fd));
+                    return;
+                };
+                let writes = rec.flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0;
+                if writes && rec.flags & O_TMPFILE_ONLY == 0 {
+                    let kind = if rec.flags & O_CREAT != 0 {
+                        ChangeKind::Created
+                    } else {
+                        ChangeKind::Modified
+                    };
+                    self.push(out, kind, path.clone(), false, pid);
+                }
+                self.fds.insert((rec.tgid, fd), path);
+            }
+            op::CLOSE => {
+                let key = (rec.tgid, rec.fd1);
+                let path = self.fds.remove(&key);
+                if rec.flags == TRACK_WRITE {
+                    match path {
+                        Some(path) => self.push(out, ChangeKind::Modified, path, false, pid),
+                        None => {
+                            self.stats.unresolved += 1;
+                            self.rescan_all(out);
+                        }
+                    }
+                }
+            }
+            op::FD_MODIFY | op::FD_ATTRIB => {
+                if let Some(path) = self.fd_or_rescan(rec, rec.fd1, out) {
+                    let (kind, is_dir) = if rec.op == op::FD_MODIFY {
+                        (ChangeKind::Modified, false)
+                    } else {
+                        (ChangeKind::Attrib, lstat_is_dir(&path).unwrap_or(false))
+                    };
+                    self.push(out, kind, path, is_dir, pid);
+                }
+            }
+            op::PATH_MODIFY => {
+                if let Some(path) = self.first(rec, out) {
+                    self.push(out, ChangeKind::Modified, path, false, pid);
+                }
+            }
+            op::PATH_ATTRIB => {
+                let empty = rec.len1 == 1 && rec.flags & AT_EMPTY_PATH != 0;
+                let path = if empty {
+                    self.fd_or_rescan(rec, rec.fd1, out)
+                } else {
+                    self.first(rec, out)
+                };
+                if let Some(path) = path {
+                    let is_dir = lstat_is_dir(&path).unwrap_or(false);
+                    self.push(out, ChangeKind::Attrib, path, is_dir, pid);
+                }
+            }
+            op::UNLINK => {
+                if let Some(path) = self.first(rec, out) {
+                    let is_dir = rec.flags & AT_REMOVEDIR != 0;
+                    self.push(out, ChangeKind::Deleted, path, is_dir, pid);
+                }
+            }
+            op::MKDIR | op::MKNOD | op::SYMLINK => {
+                if let Some(path) = self.first(rec, out) {
+                    self.push(out, ChangeKind::Created, path, rec.op == op::MKDIR, pid);
+                }
+            }
+            op::RENAME => {
+                let old = self.first(rec, out);
+                let new = self.second(rec, out);
+                // Gone again already: take it for a directory, which syncs more, never less.
+                let is_dir = new
+                    .as_deref()
+                    .map(|n| lstat_is_dir(n).unwrap_or(true))
+                    .unwrap_or(true);
+                if is_dir && let (Some(o), Some(n)) = (&old, &new) {
+                    self.directory_moved(o, n);
+                }
+                let exchange = rec.flags & RENAME_EXCHANGE != 0;
+                if let Some(o) = old {
+                    let kind = if exchange {
+                        ChangeKind::MovedTo
+                    } else {
+                        ChangeKind::MovedFrom
+                    };
+                    let old_is_dir = if exchange {
+                        lstat_is_dir(&o).unwrap_or(true)
+                    } else {
+                        is_dir
+                    };
+                    self.push(out, kind, o, old_is_dir, pid);
+                }
+                if let Some(n) = new {
+                    self.push(out, ChangeKind::MovedTo, n, is_dir, pid);
+                }
+            }
+            op::LINK => {
+                let empty = rec.len1 == 1 && rec.flags & AT_EMPTY_PATH != 0;
+                let old = if empty {
+                    self.fds.get(&(rec.tgid, rec.fd1)).cloned()
+                } else {
+                    match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
+                        Resolution::Path(p) => Some(p),
+                        _ => None,
+                    }
+                };
+                if let Some(new) = self.second(rec, out) {
+                    self.push(out, ChangeKind::Created, new, false, pid);
+                }
+                // The old name's link count changed.
+                if let Some(old) = old {
+                    self.push(out, ChangeKind::Attrib, old, false, pid);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Remembered fds below a moved directory now live under its new name.
+    fn directory_moved(&mut self, old: &Path, new: &Path) {
+        for path in self.fds.values_mut() {
+            if let Ok(rest) = path.strip_prefix(old) {
+                *path = if rest.as_os_str().is_empty() {
+                    new.to_path_buf()
+                } else {
+                    new.join(rest)
+                };
+            }
+        }
+    }
+}
+
+/// A record from the bytes of a ring buffer entry.
+pub fn parse_record(bytes: &[u8]) -> Option<Record> {
+    if bytes.len() < std::mem::size_of::<Record>() {
+        return None;
+    }
+    // SAFETY: the length is checked; Record is plain old data, read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Record>()) })
+}
+
+#[cfg(feature = "ebpf")]
+pub use loaded::{EbpfBackend, check};
+
+#[cfg(not(feature = "ebpf"))]
+pub fn check() -> Vec<super::Support> {
+    vec![super::Support {
+        backend: "ebpf",
+        path: None,
+        ok: false,
+        detail: "not built into this binary (build watcher-user with --features ebpf; \
+                 `cargo xtask test` installs the toolchain and does)"
+            .into(),
+    }]
+}
+
+#[cfg(feature = "ebpf")]
+mod loaded {
+    use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+    use aya::programs::RawTracePoint;
+    use aya::{Ebpf, EbpfLoader};
+    use watcher_ebpf_common as common;
+
+    use super::{DEFAULT_RINGBUF_BYTES, Translator, parse_record};
+    use crate::backend::{Backend, BackendError, OwnPids, Support};
+    use crate::event::Event;
+
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watcher-ebpf"));
+
+    static RINGBUF_BYTES: AtomicU32 = AtomicU32::new(DEFAULT_RINGBUF_BYTES);
+
+    /// Sets the ring buffer size of backends started from now on (rounded up to a power
+    /// of two of at least one page).
+    pub fn set_ringbuf_bytes(bytes: u32) {
+        let page = 4096u32;
+        RINGBUF_BYTES.store(bytes.max(page).next_power_of_two(), Ordering::Relaxed);
+    }
+
+    fn err(what: &str, e: impl std::fmt::Display) -> BackendError {
+        BackendError::Ebpf(format!("{what}: {e}"))
+    }
+
+    /// The probes, loaded and attached.
+    pub struct EbpfBackend {
+        /// Owns the programs and their links: dropping it detaches them.
+        _ebpf: Ebpf,
+        ring: RingBuf<MapData>,
+        counters: PerCpuArray<MapData, u64>,
+        translator: Translator,
+        own_pids: Arc<OwnPids>,
+        lost_seen: u64,
+        overflows: u64,
+    }
+
+    /// Loads the object and attaches both programs; the daemon's own tgid is ignored from
+    /// the first record on.
+    fn load(ringbuf_bytes: u32) -> Result<Ebpf, BackendError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(common::MAP_EVENTS, ringbuf_bytes)
+            .load(OBJECT)
+            .map_err(|e| err("loading the eBPF object", e))?;
+        {
+            let map = ebpf
+                .map_mut(common::MAP_IGNORED)
+                .ok_or_else(|| err("eBPF object", "no map IGNORED"))?;
+            let mut ignored: BpfHashMap<&mut MapData, u32, u32> =
+                BpfHashMap::try_from(map).map_err(|e| err("map IGNORED", e))?;
+            ignored
+                .insert(std::process::id(), common::IGNORE_SELF, 0)
+                .map_err(|e| err("ignoring the daemon's own tgid", e))?;
+        }
+        for (name, tracepoint) in [
+            (common::PROG_PROCESS_EXIT, "sched_process_exit"),
+            (common::PROG_SYS_EXIT, "sys_exit"),
+        ] {
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| err("eBPF object", format!("no program {name}")))?
+                .try_into()
+                .map_err(|e| err(name, e))?;
+            prog.load()
+                .map_err(|e| err(&format!("loading raw tracepoint program {name}"), e))?;
+            prog.attach(tracepoint).map_err(|e| {
+                err(
+                    &format!("attaching {name} to raw tracepoint {tracepoint}"),
+                    e,
+                )
+            })?;
+        }
+        Ok(ebpf)
+    }
+
+    impl EbpfBackend {
+        pub fn start(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Self, BackendError> {
+            if !cfg!(target_arch = "x86_64") {
+                return Err(BackendError::Ebpf(
+                    "the probes know x86_64's syscall numbers only".into(),
+                ));
+            }
+            let ringbuf_bytes = RINGBUF_BYTES.load(Ordering::Relaxed);
+            let mut ebpf = load(ringbuf_bytes)?;
+            let ring = RingBuf::try_from(
+                ebpf.take_map(common::MAP_EVENTS)
+                    .ok_or_else(|| err("eBPF object", "no map EVENTS"))?,
+            )
+            .map_err(|e| err("map EVENTS", e))?;
+            let counters = PerCpuArray::try_from(
+                ebpf.take_map(common::MAP_COUNTERS)
+                    .ok_or_else(|| err("eBPF object", "no map COUNTERS"))?,
+            )
+            .map_err(|e| err("map COUNTERS", e))?;
+            tracing::debug!(ringbuf_bytes, "ebpf probes attached");
+            let mut me = EbpfBackend {
+                _ebpf: ebpf,
+                ring,
+                counters,
+                translator: Translator::new(roots),
+                own_pids,
+                lost_seen: 0,
+                overflows: 0,
+            };
+            me.lost_seen = me.counter(common::counter::LOST);
+            Ok(me)
+        }
+
+        /// The sum over CPUs of counter `index`.
+        fn counter(&self, index: u32) -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        }
+
+        fn wait_readable(&self, timeout_ms: i32) -> Result<bool, BackendError> {
+            let mut pfd = libc::pollfd {
+                fd: self.ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    return Ok(false);
+                }
+                return Err(BackendError::Read(e));
+            }
+            Ok(n > 0)
+        }
+
+        /// Reads what the ring buffer holds (at most a batch) into events.
+        fn drain(&mut self, own: &hashbrown::HashSet<i32>, out: &mut Vec<Event>) -> usize {
+            let mut n = 0;
+            while n < 4096 {
+                let Some(item) = self.ring.next() else {
+                    break;
+                };
+                n += 1;
+                let Some(rec) = parse_record(&item) else {
+                    continue;
+                };
+                drop(item);
+                if own.contains(&(rec.tgid as i32)) {
+                    self.translator.stats.own_past_filter += 1;
+                    continue;
+                }
+                self.translator.translate(&rec, out);
+            }
+            n
+        }
+
+        fn check_lost(&mut self, out: &mut Vec<Event>) {
+            let lost = self.counter(common::counter::LOST);
+            if lost > self.lost_seen {
+                tracing::warn!(
+                    lost = lost - self.lost_seen,
+                    "ebpf ring buffer overflow (records lost): queue overflow, rescanning every root"
+                );
+                self.lost_seen = lost;
+                self.overflows += 1;
+                self.translator.clear();
+                out.push(Event::Overflow);
+            }
+        }
+    }
+
+    impl Backend for EbpfBackend {
+        fn name(&self) -> &'static str {
+            "ebpf"
+        }
+
+        fn run(
+            mut self: Box<Self>,
+            sink: &mut dyn FnMut(Vec<Event>) -> bool,
+            stop: &AtomicBool,
+        ) -> Result<(), BackendError> {
+            let result = loop {
+                let stopping = stop.load(Ordering::Relaxed);
+                if !stopping && !self.wait_readable(200)? {
+                    let mut out = Vec::new();
+                    self.check_lost(&mut out);
+                    if !out.is_empty() && !sink(out) {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                let own = self.own_pids.snapshot();
+                let mut out = Vec::new();
+                let n = self.drain(&own, &mut out);
+                self.check_lost(&mut out);
+                if !out.is_empty() && !sink(out) {
+                    break Ok(());
+                }
+                if stopping && n == 0 {
+                    break Ok(());
+                }
+            };
+            let s = self.translator.stats;
+            tracing::info!(
+                records = s.records,
+                own_dropped_in_kernel = self.counter(common::counter::OWN_DROPPED),
+                own_past_kernel_filter = s.own_past_filter,
+                unresolved = s.unresolved,
+                truncated = s.truncated,
+                overflows = self.overflows,
+                "ebpf backend stopped"
+            );
+            result
+        }
+    }
+
+    /// Rows for `watcher check`: whether the raw tracepoint probes load and attach here.
+    pub fn check() -> Vec<Support> {
+        let (ok, detail) = match load(4096) {
+            Ok(_) => (
+                true,
+                "raw tracepoint probes on sys_exit and sched_process_exit load and attach; \
+                 ring buffer available (fentry/LSM probes are not built)"
+                    .to_string(),
+            ),
+            Err(e) => (false, crate::backend::error_chain(&e)),
+        };
+        vec![Support {
+            backend: "ebpf",
+            path: None,
+            ok,
+            detail,
+        }]
+    }
+
+    pub use set_ringbuf_bytes as configure_ringbuf;
+}
+
+/// Sets the ring buffer size of ebpf backends started from now on.
+pub fn set_ringbuf_bytes(bytes: u32) {
+    #[cfg(feature = "ebpf")]
+    loaded::configure_ringbuf(bytes);
+    #[cfg(not(feature = "ebpf"))]
+    let _ = bytes;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(op: u32, tgid: u32, fd1: i32, path1: &str) -> Record {
+        let mut rec = Record {
+            tgid,
+            pid: tgid,
+            op,
+            flags: 0,
+            ret: 0,
+            fd1,
+            fd2: 0,
+            len1: 0,
+            len2: 0,
+            path1: [0; PATH_LEN],
+            path2: [0; PATH_LEN],
+        };
+        if !path1.is_empty() {
+            rec.path1[..path1.len()].copy_from_slice(path1.as_bytes());
+            rec.len1 = path1.len() as i32 + 1;
+        }
+        rec
+    }
+
+    fn change(kind: ChangeKind, path: &str, is_dir: bool) -> Event {
+        Event::Change {
+            kind,
+            path: path.into(),
+            is_dir,
+            pid: 7,
+        }
+    }
+
+    #[test]
+    fn open_write_close_is_created_then_modified() {
+        let mut t = Translator::new(&["/nonexistent-root".into()]);
+        let mut out = Vec::new();
+        let mut open = record(op::OPEN, 7, AT_FDCWD, "/nonexistent-root/a/../b");
+        open.flags = O_WRONLY | O_CREAT | O_TRUNC;
+        open.ret = 5;
+        t.translate(&open, &mut out);
+        let mut close = record(op::CLOSE, 7, 5, "");
+        close.flags = TRACK_WRITE;
+        t.translate(&close, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                change(ChangeKind::Created, "/nonexistent-root/b", false),
+                change(ChangeKind::Modified, "/nonexistent-root/b", false),
+            ]
+        );
+    }
+
+    #[test]
+    fn dirfd_relative_paths_use_the_directory_seen_at_open() {
+        let mut t = Translator::new(&["/nonexistent-root".into()]);
+        let mut out = Vec::new();
+        let mut open = record(op::OPEN, 7, AT_FDCWD, "/nonexistent-root/d");
+        open.flags = 0o200000;
+        open.ret = 9;
+        t.translate(&open, &mut out);
+        let mut unlink = record(op::UNLINK, 7, 9, "sub");
+        unlink.flags = AT_REMOVEDIR;
+        t.translate(&unlink, &mut out);
+        t.translate(&record(op::UNLINK, 7, 9, "f"), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                change(ChangeKind::Deleted, "/nonexistent-root/d/sub", true),
+                change(ChangeKind::Deleted, "/nonexistent-root/d/f", false),
+            ]
+        );
+    }
+
+    #[test]
+    fn outside_roots_is_dropped_and_lost_paths_rescan() {
+        let mut t = Translator::new(&["/nonexistent-root".into()]);
+        let mut out = Vec::new();
+        t.translate(&record(op::MKDIR, 7, AT_FDCWD, "/elsewhere/x"), &mut out);
+        assert!(out.is_empty());
+        // A relative path of a process that does not exist.
+        let mut rec = record(op::MKDIR, u32::MAX - 1, AT_FDCWD, "x");
+        rec.pid = u32::MAX - 1;
+        t.translate(&rec, &mut out);
+        assert_eq!(
+            out,
+            vec![Event::Rescan {
+                path: "/nonexistent-root".into()
+            }]
+        );
+        assert_eq!(t.stats.unresolved, 1);
+        // A truncated path.
+        let mut rec = record(op::MKDIR, 7, AT_FDCWD, "/nonexistent-root/x");
+        rec.len1 = PATH_LEN as i32;
+        out.clear();
+        t.translate(&rec, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(t.stats.truncated, 1);
+    }
+
+    #[test]
+    fn renamed_directory_moves_remembered_fds() {
+        let mut t = Translator::new(&["/nonexistent-root".into()]);
+        let mut out = Vec::new();
+        let mut open = record(op::OPEN, 7, AT_FDCWD, "/nonexistent-root/d/e");
+        open.flags = 0o200000;
+        open.ret = 4;
+        t.translate(&open, &mut out);
+        let mut rename = record(op::RENAME, 7, AT_FDCWD, "/nonexistent-root/d");
+        let new = "/nonexistent-root/n";
+        rename.path2[..new.len()].copy_from_slice(new.as_bytes());
+        rename.len2 = new.len() as i32 + 1;
+        rename.fd2 = AT_FDCWD;
+        t.translate(&rename, &mut out);
+        t.translate(&record(op::MKDIR, 7, 4, "x"), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                change(ChangeKind::MovedFrom, "/nonexistent-root/d", true),
+                change(ChangeKind::MovedTo, "/nonexistent-root/n", true),
+                change(ChangeKind::Created, "/nonexistent-root/n/e/x", true),
+            ]
+        );
+    }
+}
