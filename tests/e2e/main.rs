@@ -375,14 +375,19 @@ fn overflow_burst_converges() {
 
     // A fanotify group or an inotify instance takes the queue limit at creation: lower it
     // for this daemon's start only, with no other daemon starting meanwhile.
-    let queue_limit = match harness::backend().as_deref() {
-        Some("inotify") => "/proc/sys/fs/inotify/max_queued_events",
-        _ => "/proc/sys/fs/fanotify/max_queued_events",
+    // The ebpf backend's queue is its ring buffer: one page holds a few records.
+    let (queue_limit, extra) = match harness::backend().as_deref() {
+        Some("inotify") => ("/proc/sys/fs/inotify/max_queued_events", vec![]),
+        Some("ebpf") => (
+            "/proc/sys/fs/fanotify/max_queued_events",
+            args(&["--ebpf-ringbuf-bytes", "4096"]),
+        ),
+        _ => ("/proc/sys/fs/fanotify/max_queued_events", vec![]),
     };
     let mut d = {
         let _no_other_start = QUEUE_LIMIT_LOCK.write().unwrap_or_else(|e| e.into_inner());
         let _limit = SysctlGuard::set(queue_limit, "64");
-        let mut d = Daemon::spawn(&s.src, &s.dst, &[]);
+        let mut d = Daemon::spawn(&s.src, &s.dst, &extra);
         d.wait_for_line("ready", READY_TIMEOUT);
         d
     };
@@ -955,5 +960,61 @@ fn inotify_refuses_a_tree_larger_than_the_watch_limit() {
     assert!(
         !s.dst.join("d0").exists(),
         "nothing may be synced by a daemon that refused to start"
+    );
+}
+
+/// The value of `key=N` in a log line.
+fn log_field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+}
+
+/// The ebpf backend drops the syscalls of the daemon and of the rsync runs it forks in
+/// the kernel: after live syncs, the kernel counted such syscalls, and not one record of
+/// them reached user space.
+#[test]
+fn ebpf_own_rsync_activity_is_filtered_in_the_kernel() {
+    if harness::backend().as_deref() != Some("ebpf") {
+        eprintln!(
+            "ebpf_own_rsync_activity_is_filtered_in_the_kernel: only for WATCHER_E2E_BACKEND=ebpf"
+        );
+        return;
+    }
+    let Some(_timer) = harness::begin("ebpf_own_rsync_activity_is_filtered_in_the_kernel") else {
+        return;
+    };
+    let s = Scratch::new("ebpf-own");
+    for i in 0..20 {
+        write(&s.src.join(format!("before{i}")), format!("before {i}\n"));
+    }
+    let d = Daemon::start(&s.src, &s.dst, &[]);
+    for i in 0..20 {
+        mkdir_p(&s.src.join(format!("dir{i}")));
+        write(&s.src.join(format!("dir{i}/live")), format!("live {i}\n"));
+        wait_converged(
+            &s.src,
+            &s.dst,
+            CONVERGE_TIMEOUT,
+            &skip_nothing,
+            "ebpf_own_rsync_activity_is_filtered_in_the_kernel",
+        );
+    }
+    let log = d.log.clone();
+    d.stop();
+    let line = log
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("ebpf backend stopped"))
+        .expect("the ebpf backend logs its counters when it stops");
+    let dropped = log_field(&line, "own_dropped_in_kernel").expect("own_dropped_in_kernel=N");
+    let past = log_field(&line, "own_past_kernel_filter").expect("own_past_kernel_filter=N");
+    assert!(
+        dropped > 0,
+        "the rsync runs' syscalls should have been dropped in the kernel: {line}"
+    );
+    assert_eq!(
+        past, 0,
+        "records of the daemon's own processes got past the kernel filter: {line}"
     );
 }

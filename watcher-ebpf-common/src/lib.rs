@@ -34,6 +34,22 @@ pub mod op {
     pub const LINK: u32 = 11;
     /// symlink/symlinkat (`fd1`/`path1`: the new link).
     pub const SYMLINK: u32 = 12;
+    /// fork/vfork/clone/clone3 of a new process (`ret`: its tgid): it starts in the
+    /// parent's working directory.
+    pub const FORK: u32 = 13;
+    /// chdir (`fd1` AT_FDCWD, `path1`) or fchdir (`fd1`, no path).
+    pub const CHDIR: u32 = 14;
+    /// dup/dup2/dup3/fcntl(F_DUPFD*) of a tracked fd (`fd1` the old fd, `ret` the new one).
+    pub const DUP: u32 = 15;
+}
+
+/// Offsets in `struct task_struct` that user space reads from the kernel's BTF and puts in
+/// the config map, so the probe can check the caller's parent. Zero: unknown, no check.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct TaskOffsets {
+    pub real_parent: u32,
+    pub tgid: u32,
 }
 
 /// Kinds of tracked fds (values of the tracked-fd map and `flags` of a CLOSE).
@@ -60,6 +76,7 @@ pub mod counter {
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_IGNORED: &str = "IGNORED";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_CONFIG: &str = "CONFIG";
 pub const PROG_SYS_EXIT: &str = "watcher_sys_exit";
 pub const PROG_PROCESS_EXIT: &str = "watcher_process_exit";
 

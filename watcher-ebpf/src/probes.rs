@@ -8,12 +8,14 @@
 //! Paths are the caller's strings as given; user space resolves relative ones.
 //! Syscall numbers are x86_64's.
 
-use aya_ebpf::helpers::generated::bpf_probe_read_user_str;
+use aya_ebpf::helpers::generated::{bpf_get_current_task, bpf_probe_read_user_str};
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user};
 use aya_ebpf::macros::{map, raw_tracepoint};
-use aya_ebpf::maps::{LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::RawTracePointContext;
-use watcher_ebpf_common::{IGNORE_CHILD, PATH_LEN, Record, TRACK_DIR, TRACK_WRITE, counter, op};
+use watcher_ebpf_common::{
+    IGNORE_CHILD, PATH_LEN, Record, TRACK_DIR, TRACK_WRITE, TaskOffsets, counter, op,
+};
 
 /// Records; user space sets the size at load time.
 #[map]
@@ -26,6 +28,10 @@ static IGNORED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
 /// fds opened for writing or on a directory, keyed by tgid << 32 | fd: their close is reported.
 #[map]
 static TRACKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1 << 16, 0);
+
+/// Offsets of `task_struct` fields, from the kernel's BTF (user space fills it).
+#[map]
+static CONFIG: Array<TaskOffsets> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -49,11 +55,17 @@ const CLONE_THREAD: u64 = 0x10000;
 
 mod nr {
     pub const CLOSE: u64 = 3;
+    pub const DUP: u64 = 32;
+    pub const DUP2: u64 = 33;
+    pub const FCNTL: u64 = 72;
+    pub const DUP3: u64 = 292;
     pub const OPEN: u64 = 2;
     pub const CLONE: u64 = 56;
     pub const FORK: u64 = 57;
     pub const VFORK: u64 = 58;
     pub const TRUNCATE: u64 = 76;
+    pub const CHDIR: u64 = 80;
+    pub const FCHDIR: u64 = 81;
     pub const FTRUNCATE: u64 = 77;
     pub const RENAME: u64 = 82;
     pub const MKDIR: u64 = 83;
@@ -163,10 +175,16 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             | nr::OPENAT2
             | nr::CREAT
             | nr::CLOSE
+            | nr::DUP
+            | nr::DUP2
+            | nr::DUP3
+            | nr::FCNTL
             | nr::CLONE
             | nr::CLONE3
             | nr::FORK
             | nr::VFORK
+            | nr::CHDIR
+            | nr::FCHDIR
             | nr::TRUNCATE
             | nr::FTRUNCATE
             | nr::FALLOCATE
@@ -209,24 +227,28 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
     }
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
-    // SAFETY: a plain lookup; the value is copied at once.
-    if unsafe { IGNORED.get(&tgid) }.is_some() {
-        if matches!(nr, nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK) && ret > 0 {
-            let flags = match nr {
-                nr::CLONE => reg(regs, REG_DI),
-                // struct clone_args starts with its u64 flags.
-                // SAFETY: user memory read through the checking helper.
-                nr::CLONE3 => {
-                    unsafe { bpf_probe_read_user(reg(regs, REG_DI) as *const u64) }.unwrap_or(0)
-                }
-                _ => 0,
-            };
-            if flags & CLONE_THREAD == 0 {
-                let _ = IGNORED.insert(&(ret as u32), &IGNORE_CHILD, 0);
+    let forked = matches!(nr, nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK);
+    if forked {
+        let flags = match nr {
+            nr::CLONE => reg(regs, REG_DI),
+            // struct clone_args starts with its u64 flags.
+            // SAFETY: user memory read through the checking helper.
+            nr::CLONE3 => {
+                unsafe { bpf_probe_read_user(reg(regs, REG_DI) as *const u64) }.unwrap_or(0)
             }
+            _ => 0,
+        };
+        // ret is 0 in the child, and a thread id for a new thread.
+        if ret == 0 || flags & CLONE_THREAD != 0 {
             return 0;
         }
-        bump(counter::OWN_DROPPED);
+    }
+    if ignored(tgid) {
+        if forked {
+            let _ = IGNORED.insert(&(ret as u32), &IGNORE_CHILD, 0);
+        } else {
+            bump(counter::OWN_DROPPED);
+        }
         return 0;
     }
     let di = reg(regs, REG_DI);
@@ -235,7 +257,37 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
     let r10 = reg(regs, REG_R10);
     let r8 = reg(regs, REG_R8);
     let args = match nr {
-        nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => return 0,
+        nr::DUP | nr::DUP2 | nr::DUP3 | nr::FCNTL => {
+            // fcntl: only F_DUPFD and F_DUPFD_CLOEXEC make an fd.
+            if nr == nr::FCNTL && si != 0 && si != 1030 {
+                return 0;
+            }
+            if ret as u64 == di {
+                return 0;
+            }
+            let old = ((tgid as u64) << 32) | (di & 0xffff_ffff);
+            // SAFETY: a plain lookup; the value is copied at once.
+            let kind = (unsafe { TRACKED.get(&old) }).copied();
+            let new = ((tgid as u64) << 32) | (ret as u64 & 0xffff_ffff);
+            match kind {
+                Some(kind) => {
+                    let _ = TRACKED.insert(&new, &kind, 0);
+                    Args::fd(op::DUP, di).flags(kind as u64)
+                }
+                // dup2 over a tracked fd closes it.
+                None => {
+                    // SAFETY: a plain lookup; the value is copied at once.
+                    let Some(kind) = (unsafe { TRACKED.get(&new) }).copied() else {
+                        return 0;
+                    };
+                    let _ = TRACKED.remove(&new);
+                    Args::fd(op::CLOSE, ret as u64).flags(kind as u64)
+                }
+            }
+        }
+        nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => Args::fd(op::FORK, 0),
+        nr::CHDIR => Args::path(op::CHDIR, CWD, di),
+        nr::FCHDIR => Args::fd(op::CHDIR, di),
         nr::OPEN | nr::CREAT | nr::OPENAT | nr::OPENAT2 => {
             let (dirfd, path, flags) = match nr {
                 nr::OPEN => (CWD, di, si),
@@ -302,6 +354,41 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
     };
     emit(tgid, id as u32, ret, &args);
     0
+}
+
+/// Whether `tgid` is the daemon or one of its descendants. A child whose parent is
+/// ignored is added on its first reportable syscall, which closes the window between a
+/// fork and the parent's return from it (the child may run first).
+#[inline(always)]
+fn ignored(tgid: u32) -> bool {
+    // SAFETY: a plain lookup; the value is copied at once.
+    if unsafe { IGNORED.get(&tgid) }.is_some() {
+        return true;
+    }
+    let Some(off) = CONFIG.get(0).copied() else {
+        return false;
+    };
+    if off.real_parent == 0 || off.tgid == 0 {
+        return false;
+    }
+    // SAFETY: kernel memory read through the checking helper, at offsets from BTF.
+    let parent_tgid = unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let Ok(parent) = bpf_probe_read_kernel(task.add(off.real_parent as usize) as *const u64)
+        else {
+            return false;
+        };
+        match bpf_probe_read_kernel((parent as *const u8).add(off.tgid as usize) as *const i32) {
+            Ok(t) => t as u32,
+            Err(_) => return false,
+        }
+    };
+    // SAFETY: as above.
+    if unsafe { IGNORED.get(&parent_tgid) }.is_some() {
+        let _ = IGNORED.insert(&tgid, &IGNORE_CHILD, 0);
+        return true;
+    }
+    false
 }
 
 #[inline(always)]

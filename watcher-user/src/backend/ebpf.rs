@@ -3,11 +3,15 @@
 //! path string); this side resolves the paths and turns records into [`Event`]s.
 //!
 //! Path resolution is done here, not in the kernel (no kernel struct offsets needed):
-//! an absolute path is taken as is, a relative one is joined to the caller's directory:
-//! `AT_FDCWD` is `/proc/TID/cwd`, a directory fd is the path this side saw it opened with
-//! (directory opens are reported), else `/proc/TGID/fd/N`. Nothing is canonicalised, so a
-//! symlink in the last component is never followed. A path that cannot be resolved (the
-//! process is gone) makes every root rescanned, and is counted.
+//! an absolute path is taken as is, a relative one is joined to the caller's directory.
+//! For `AT_FDCWD` that is the working directory this side followed since the process was
+//! forked (forks and chdir/fchdir are reported), else `/proc/TID/cwd`; for a directory fd,
+//! the path this side saw it opened with (directory opens are reported), else
+//! `/proc/TGID/fd/N`. So short-lived processes (an rsync receiver, `mkdir`, `mv`) resolve
+//! after they exited. Nothing is canonicalised, so a symlink in the last component is never
+//! followed. A path that cannot be resolved (a process started before the backend that
+//! has exited since) makes every root rescanned, and is counted. chroot is not followed:
+//! the paths of a chrooted writer are taken as relative to `/`.
 //!
 //! fds opened for writing are remembered per (tgid, fd) with their path: the open reports
 //! the file Modified (Created with O_CREAT), and so does its close, which covers the data
@@ -69,8 +73,10 @@ enum Resolution {
 /// lstat of changed paths (for `is_dir` of renames and attribute changes).
 pub struct Translator {
     roots: Vec<PathBuf>,
-    /// Paths of fds opened for writing or on a directory, per (tgid, fd).
-    fds: HashMap<(u32, i32), PathBuf>,
+    /// Paths of fds opened for writing or on a directory, per tgid and fd.
+    fds: HashMap<u32, HashMap<i32, PathBuf>>,
+    /// Working directories of processes forked or changing directory since the start.
+    cwds: HashMap<u32, PathBuf>,
     pub stats: Stats,
 }
 
@@ -109,6 +115,7 @@ impl Translator {
         Translator {
             roots: roots.to_vec(),
             fds: HashMap::new(),
+            cwds: HashMap::new(),
             stats: Stats::default(),
         }
     }
@@ -116,6 +123,44 @@ impl Translator {
     /// Forgets every remembered fd (after lost records, some of them are stale).
     pub fn clear(&mut self) {
         self.fds.clear();
+        self.cwds.clear();
+    }
+
+    fn fd_get(&self, tgid: u32, fd: i32) -> Option<&PathBuf> {
+        self.fds.get(&tgid).and_then(|m| m.get(&fd))
+    }
+
+    fn fd_remove(&mut self, tgid: u32, fd: i32) -> Option<PathBuf> {
+        let m = self.fds.get_mut(&tgid)?;
+        let p = m.remove(&fd);
+        if m.is_empty() {
+            self.fds.remove(&tgid);
+        }
+        p
+    }
+
+    fn fd_insert(&mut self, tgid: u32, fd: i32, path: PathBuf) {
+        self.fds.entry(tgid).or_default().insert(fd, path);
+    }
+
+    /// The working directory of `pid` (a thread of `tgid`).
+    fn cwd(&self, tgid: u32, pid: u32) -> Option<PathBuf> {
+        if let Some(p) = self.cwds.get(&tgid) {
+            return Some(p.clone());
+        }
+        proc_link(&format!("/proc/{pid}/cwd")).or_else(|| proc_link(&format!("/proc/{tgid}/cwd")))
+    }
+
+    /// Forgets processes that no longer exist once the maps grow large (pids of
+    /// processes forked later are overwritten by their fork record anyway).
+    fn prune(&mut self) {
+        const MAX: usize = 1 << 16;
+        if self.cwds.len() + self.fds.len() < MAX {
+            return;
+        }
+        let alive = |tgid: &u32| Path::new(&format!("/proc/{tgid}")).exists();
+        self.cwds.retain(|t, _| alive(t));
+        self.fds.retain(|t, _| alive(t));
     }
 
     fn under_roots(&self, path: &Path) -> bool {
@@ -128,7 +173,7 @@ impl Translator {
 
     /// The path an fd of `tgid` refers to: the one seen at its open, else /proc.
     fn fd_path(&self, tgid: u32, fd: i32) -> Option<PathBuf> {
-        if let Some(p) = self.fds.get(&(tgid, fd)) {
+        if let Some(p) = self.fd_get(tgid, fd) {
             return Some(p.clone());
         }
         proc_link(&format!("/proc/{tgid}/fd/{fd}"))
@@ -139,6 +184,7 @@ impl Translator {
             return Resolution::NoPath;
         }
         if len < 0 {
+            tracing::debug!(op = rec.op, tgid = rec.tgid, len, "ebpf: path not readable");
             self.stats.unresolved += 1;
             return Resolution::Lost;
         }
@@ -151,8 +197,7 @@ impl Translator {
             return Resolution::Path(normalize(Path::new(OsStr::from_bytes(name))));
         }
         let base = if dirfd == AT_FDCWD {
-            proc_link(&format!("/proc/{}/cwd", rec.pid))
-                .or_else(|| proc_link(&format!("/proc/{}/cwd", rec.tgid)))
+            self.cwd(rec.tgid, rec.pid)
         } else {
             self.fd_path(rec.tgid, dirfd)
         };
@@ -161,6 +206,13 @@ impl Translator {
             Some(base) => Resolution::Path(normalize(&base.join(OsStr::from_bytes(name)))),
             None if name.is_empty() => Resolution::NoPath,
             None => {
+                tracing::debug!(
+                    op = rec.op,
+                    tgid = rec.tgid,
+                    dirfd,
+                    name = %String::from_utf8_lossy(name),
+                    "ebpf: unresolved relative path"
+                );
                 self.stats.unresolved += 1;
                 Resolution::Lost
             }
@@ -219,7 +271,7 @@ impl Translator {
             op::OPEN => {
                 let fd = rec.ret as i32;
                 let Some(path) = self.first(rec, out) else {
-                    self.fds.remove(&(rec.tgid, fd));
+                    self.fd_remove(rec.tgid, fd);
                     return;
                 };
                 let writes = rec.flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0;
@@ -231,11 +283,10 @@ impl Translator {
                     };
                     self.push(out, kind, path.clone(), false, pid);
                 }
-                self.fds.insert((rec.tgid, fd), path);
+                self.fd_insert(rec.tgid, fd, path);
             }
             op::CLOSE => {
-                let key = (rec.tgid, rec.fd1);
-                let path = self.fds.remove(&key);
+                let path = self.fd_remove(rec.tgid, rec.fd1);
                 if rec.flags == TRACK_WRITE {
                     match path {
                         Some(path) => self.push(out, ChangeKind::Modified, path, false, pid),
@@ -316,7 +367,7 @@ impl Translator {
             op::LINK => {
                 let empty = rec.len1 == 1 && rec.flags & AT_EMPTY_PATH != 0;
                 let old = if empty {
-                    self.fds.get(&(rec.tgid, rec.fd1)).cloned()
+                    self.fd_get(rec.tgid, rec.fd1).cloned()
                 } else {
                     match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
                         Resolution::Path(p) => Some(p),
@@ -331,13 +382,46 @@ impl Translator {
                     self.push(out, ChangeKind::Attrib, old, false, pid);
                 }
             }
+            op::DUP => {
+                if let Some(path) = self.fd_get(rec.tgid, rec.fd1).cloned() {
+                    self.fd_insert(rec.tgid, rec.ret as i32, path);
+                } else {
+                    self.fd_remove(rec.tgid, rec.ret as i32);
+                }
+            }
+            op::FORK => {
+                let child = rec.ret as u32;
+                self.prune();
+                // The child inherits the working directory and the fds.
+                match self.cwd(rec.tgid, rec.pid) {
+                    Some(cwd) => self.cwds.insert(child, cwd),
+                    None => self.cwds.remove(&child),
+                };
+                match self.fds.get(&rec.tgid).cloned() {
+                    Some(fds) => self.fds.insert(child, fds),
+                    None => self.fds.remove(&child),
+                };
+            }
+            op::CHDIR => {
+                let dir = match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
+                    Resolution::Path(p) => Some(p),
+                    Resolution::NoPath => self.fd_path(rec.tgid, rec.fd1),
+                    Resolution::Lost => None,
+                };
+                match dir {
+                    Some(dir) => self.cwds.insert(rec.tgid, dir),
+                    // Unknown from here on: /proc while the process lives.
+                    None => self.cwds.remove(&rec.tgid),
+                };
+            }
             _ => {}
         }
     }
 
     /// Remembered fds below a moved directory now live under its new name.
     fn directory_moved(&mut self, old: &Path, new: &Path) {
-        for path in self.fds.values_mut() {
+        let fds = self.fds.values_mut().flat_map(|m| m.values_mut());
+        for path in fds.chain(self.cwds.values_mut()) {
             if let Ok(rest) = path.strip_prefix(old) {
                 *path = if rest.as_os_str().is_empty() {
                     new.to_path_buf()
@@ -380,10 +464,16 @@ mod loaded {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+    use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
     use aya::programs::RawTracePoint;
     use aya::{Ebpf, EbpfLoader};
     use watcher_ebpf_common as common;
+
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    struct Offsets(common::TaskOffsets);
+    // SAFETY: plain old data (two u32), no padding.
+    unsafe impl aya::Pod for Offsets {}
 
     use super::{DEFAULT_RINGBUF_BYTES, Translator, parse_record};
     use crate::backend::{Backend, BackendError, OwnPids, Support};
@@ -416,6 +506,21 @@ mod loaded {
         overflows: u64,
     }
 
+    /// `task_struct` offsets from the kernel's BTF; zeros (no parent check) without it.
+    fn task_offsets() -> common::TaskOffsets {
+        let Ok(btf) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            tracing::warn!(
+                "no kernel BTF: children of the daemon are filtered from their parent's fork on"
+            );
+            return common::TaskOffsets::default();
+        };
+        let field = |m| crate::backend::btf::member_offset(&btf, "task_struct", m).unwrap_or(0);
+        common::TaskOffsets {
+            real_parent: field("real_parent"),
+            tgid: field("tgid"),
+        }
+    }
+
     /// Loads the object and attaches both programs; the daemon's own tgid is ignored from
     /// the first record on.
     fn load(ringbuf_bytes: u32) -> Result<Ebpf, BackendError> {
@@ -423,6 +528,17 @@ mod loaded {
             .map_max_entries(common::MAP_EVENTS, ringbuf_bytes)
             .load(OBJECT)
             .map_err(|e| err("loading the eBPF object", e))?;
+        let offsets = task_offsets();
+        {
+            let map = ebpf
+                .map_mut(common::MAP_CONFIG)
+                .ok_or_else(|| err("eBPF object", "no map CONFIG"))?;
+            let mut config: Array<&mut MapData, Offsets> =
+                Array::try_from(map).map_err(|e| err("map CONFIG", e))?;
+            config
+                .set(0, Offsets(offsets), 0)
+                .map_err(|e| err("setting task_struct offsets", e))?;
+        }
         {
             let map = ebpf
                 .map_mut(common::MAP_IGNORED)
@@ -526,6 +642,11 @@ mod loaded {
                 };
                 drop(item);
                 if own.contains(&(rec.tgid as i32)) {
+                    tracing::debug!(
+                        op = rec.op,
+                        tgid = rec.tgid,
+                        "ebpf: own record past the kernel filter"
+                    );
                     self.translator.stats.own_past_filter += 1;
                     continue;
                 }
@@ -723,6 +844,34 @@ mod tests {
         t.translate(&rec, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(t.stats.truncated, 1);
+    }
+
+    #[test]
+    fn working_directories_follow_forks_and_chdir() {
+        let mut t = Translator::new(&["/nonexistent-root".into()]);
+        let mut out = Vec::new();
+        // Process 7 (no longer running) changed to the root, forked 8, which changed into
+        // a subdirectory and made one there.
+        t.translate(
+            &record(op::CHDIR, u32::MAX - 7, AT_FDCWD, "/nonexistent-root"),
+            &mut out,
+        );
+        let mut fork = record(op::FORK, u32::MAX - 7, 0, "");
+        fork.ret = (u32::MAX - 8) as i64;
+        t.translate(&fork, &mut out);
+        t.translate(&record(op::CHDIR, u32::MAX - 8, AT_FDCWD, "sub"), &mut out);
+        let mut mkdir = record(op::MKDIR, u32::MAX - 8, AT_FDCWD, "x");
+        mkdir.pid = 7;
+        t.translate(&mkdir, &mut out);
+        assert_eq!(
+            out,
+            vec![Event::Change {
+                kind: ChangeKind::Created,
+                path: "/nonexistent-root/sub/x".into(),
+                is_dir: true,
+                pid: (u32::MAX - 8) as i32,
+            }]
+        );
     }
 
     #[test]
