@@ -58,6 +58,9 @@ pub struct Stats {
     pub truncated: u64,
     /// Records from the daemon or its children that got past the kernel filter.
     pub own_past_filter: u64,
+    /// Records of processes whose root is not this one's (another mount namespace or a
+    /// chroot this side cannot see into): their paths do not name files here.
+    pub foreign: u64,
 }
 
 /// How a record's path resolves.
@@ -67,6 +70,8 @@ enum Resolution {
     NoPath,
     /// Cannot be resolved: rescan.
     Lost,
+    /// A process under another root: ignore.
+    Foreign,
 }
 
 /// Turns records into events. Its only system calls are readlink of `/proc` entries and
@@ -179,14 +184,29 @@ impl Translator {
         proc_link(&format!("/proc/{tgid}/fd/{fd}"))
     }
 
+    /// A path of `rec` could not be had: a rescan, unless the process lives under another
+    /// root (its paths are not ours to sync; it is still there, so /proc says so).
+    fn lost(&mut self, rec: &Record) -> Resolution {
+        match std::fs::read_link(format!("/proc/{}/root", rec.tgid)) {
+            Ok(root) if root != Path::new("/") => {
+                self.stats.foreign += 1;
+                Resolution::Foreign
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                self.stats.foreign += 1;
+                Resolution::Foreign
+            }
+            _ => self.lost(rec),
+        }
+    }
+
     fn resolve(&mut self, rec: &Record, dirfd: i32, bytes: &[u8], len: i32) -> Resolution {
         if len == 0 {
             return Resolution::NoPath;
         }
         if len < 0 {
             tracing::debug!(op = rec.op, tgid = rec.tgid, len, "ebpf: path not readable");
-            self.stats.unresolved += 1;
-            return Resolution::Lost;
+            return self.lost(rec);
         }
         if len as usize >= PATH_LEN {
             self.stats.truncated += 1;
@@ -213,8 +233,7 @@ impl Translator {
                     name = %String::from_utf8_lossy(name),
                     "ebpf: unresolved relative path"
                 );
-                self.stats.unresolved += 1;
-                Resolution::Lost
+                self.lost(rec)
             }
         }
     }
@@ -229,12 +248,14 @@ impl Translator {
                 self.rescan_all(out);
                 None
             }
+            Resolution::Foreign => None,
         }
     }
 
     fn second(&mut self, rec: &Record, out: &mut Vec<Event>) -> Option<PathBuf> {
         match self.resolve(rec, rec.fd2, &rec.path2, rec.len2) {
             Resolution::Path(p) => Some(p),
+            Resolution::Foreign => None,
             Resolution::NoPath | Resolution::Lost => {
                 self.stats.unresolved += 1;
                 self.rescan_all(out);
@@ -406,7 +427,7 @@ impl Translator {
                 let dir = match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
                     Resolution::Path(p) => Some(p),
                     Resolution::NoPath => self.fd_path(rec.tgid, rec.fd1),
-                    Resolution::Lost => None,
+                    Resolution::Lost | Resolution::Foreign => None,
                 };
                 match dir {
                     Some(dir) => self.cwds.insert(rec.tgid, dir),
@@ -706,6 +727,7 @@ mod loaded {
                 records = s.records,
                 own_dropped_in_kernel = self.counter(common::counter::OWN_DROPPED),
                 own_past_kernel_filter = s.own_past_filter,
+                foreign = s.foreign,
                 unresolved = s.unresolved,
                 truncated = s.truncated,
                 overflows = self.overflows,
