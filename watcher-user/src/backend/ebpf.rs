@@ -196,7 +196,10 @@ impl Translator {
                 self.stats.foreign += 1;
                 Resolution::Foreign
             }
-            _ => self.lost(rec),
+            _ => {
+                self.stats.unresolved += 1;
+                Resolution::Lost
+            }
         }
     }
 
