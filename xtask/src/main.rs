@@ -54,17 +54,27 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup()?;
+            setup_ebpf_toolchain()?;
+            // Every build below has the ebpf backend in, so they share one build.
+            let features = ["--features", "watcher-user/ebpf"];
             let mut cmd = cargo();
-            cmd.args(["test", "--workspace"]).arg("--").args(&args);
-            status(&mut cmd)?;
-            // The end-to-end suite once more on the fallback backend: the same cases, the
-            // same assertions, events from recursive inotify instead of fanotify.
-            let mut cmd = cargo();
-            cmd.args(["test", "-p", "watcher-user", "--test", "e2e"])
-                .env("WATCHER_E2E_BACKEND", "inotify")
+            cmd.args(["test", "--workspace"])
+                .args(features)
                 .arg("--")
                 .args(&args);
-            status(&mut cmd)
+            status(&mut cmd)?;
+            // The end-to-end suite once more per other backend: the same cases, the same
+            // assertions, events from recursive inotify, then from the eBPF probes.
+            for backend in ["inotify", "ebpf"] {
+                let mut cmd = cargo();
+                cmd.args(["test", "-p", "watcher-user", "--test", "e2e"])
+                    .args(features)
+                    .env("WATCHER_E2E_BACKEND", backend)
+                    .arg("--")
+                    .args(&args);
+                status(&mut cmd)?;
+            }
+            Ok(())
         }
         Task::Bench { args } => {
             setup()?;
@@ -143,6 +153,79 @@ fn setup() -> anyhow::Result<()> {
     let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
     install.extend(missing.iter().copied());
     run(&install)
+}
+
+/// The bpf-linker release the eBPF probes are linked with.
+const BPF_LINKER: &str = "0.13.0";
+
+/// What building the eBPF probes needs (watcher-user's `ebpf` feature): the nightly's
+/// `rust-src` (for `-Z build-std=core`) and bpf-linker, built against the nightly's own
+/// libLLVM (the system LLVM is too old). Idempotent; quick when everything is there.
+fn setup_ebpf_toolchain() -> anyhow::Result<()> {
+    let rustup = || Command::new("rustup");
+    let installed = rustup()
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("running rustup (the eBPF probes need rustup's nightly toolchain)")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        eprintln!("xtask: installing rust-src for the nightly toolchain");
+        status(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER)
+        });
+    if linker_ok {
+        return Ok(());
+    }
+    // bpf-linker's llvm-sys looks for LLVM under LLVM_PREFIX: a directory whose lib/ holds
+    // libLLVM.so (and its versioned name) pointing at the nightly's libLLVM.
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("rustc +nightly --print sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.*-rust-* in {}",
+                sysroot.join("lib").display()
+            )
+        })?;
+    let prefix = project_root().join("target/llvm-prefix");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    for name in [
+        std::ffi::OsString::from("libLLVM.so"),
+        libllvm.file_name().unwrap_or_default().to_os_string(),
+    ] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER} against {}",
+        libllvm.display()
+    );
+    status(
+        Command::new("cargo")
+            .args(["+nightly", "install", &format!("bpf-linker@{BPF_LINKER}")])
+            .args(["--no-default-features", "--features", "llvm-22", "--force"])
+            .env("LLVM_PREFIX", &prefix),
+    )
 }
 
 fn nix_is_root() -> bool {

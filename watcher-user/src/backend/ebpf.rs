@@ -203,6 +203,21 @@ impl Translator {
         }
     }
 
+    /// A path cut at the probe's limit: lost if it may lie under a root, else ignored.
+    fn truncated(&mut self, prefix: &Path) -> Resolution {
+        self.stats.truncated += 1;
+        let p = prefix.as_os_str().as_bytes();
+        let may_be_ours = self.roots.iter().any(|r| {
+            let r = r.as_os_str().as_bytes();
+            p.starts_with(r) || r.starts_with(p)
+        });
+        if may_be_ours {
+            Resolution::Lost
+        } else {
+            Resolution::Foreign
+        }
+    }
+
     fn resolve(&mut self, rec: &Record, dirfd: i32, bytes: &[u8], len: i32) -> Resolution {
         if len == 0 {
             return Resolution::NoPath;
@@ -211,13 +226,15 @@ impl Translator {
             tracing::debug!(op = rec.op, tgid = rec.tgid, len, "ebpf: path not readable");
             return self.lost(rec);
         }
-        if len as usize >= PATH_LEN {
-            self.stats.truncated += 1;
-            return Resolution::Lost;
-        }
+        let truncated = len as usize >= PATH_LEN;
         let name = &bytes[..(len as usize - 1).min(bytes.len())];
         if name.first() == Some(&b'/') {
-            return Resolution::Path(normalize(Path::new(OsStr::from_bytes(name))));
+            let path = normalize(Path::new(OsStr::from_bytes(name)));
+            return if truncated {
+                self.truncated(&path)
+            } else {
+                Resolution::Path(path)
+            };
         }
         let base = if dirfd == AT_FDCWD {
             self.cwd(rec.tgid, rec.pid)
@@ -225,8 +242,16 @@ impl Translator {
             self.fd_path(rec.tgid, dirfd)
         };
         match base {
+            Some(base) if base.as_os_str().is_empty() => Resolution::Foreign,
             Some(base) if name.is_empty() => Resolution::Path(base),
-            Some(base) => Resolution::Path(normalize(&base.join(OsStr::from_bytes(name)))),
+            Some(base) => {
+                let path = normalize(&base.join(OsStr::from_bytes(name)));
+                if truncated {
+                    self.truncated(&path)
+                } else {
+                    Resolution::Path(path)
+                }
+            }
             None if name.is_empty() => Resolution::NoPath,
             None => {
                 tracing::debug!(
@@ -234,6 +259,8 @@ impl Translator {
                     tgid = rec.tgid,
                     dirfd,
                     name = %String::from_utf8_lossy(name),
+                    comm = %std::fs::read_to_string(format!("/proc/{}/comm", rec.tgid)).unwrap_or_default().trim(),
+                    known = self.fds.get(&rec.tgid).map(|m| format!("{:?}", m.keys().collect::<Vec<_>>())).unwrap_or_default(),
                     "ebpf: unresolved relative path"
                 );
                 self.lost(rec)
@@ -269,6 +296,9 @@ impl Translator {
 
     fn fd_or_rescan(&mut self, rec: &Record, fd: i32, out: &mut Vec<Event>) -> Option<PathBuf> {
         let p = self.fd_path(rec.tgid, fd);
+        if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return None;
+        }
         if p.is_none() {
             self.stats.unresolved += 1;
             self.rescan_all(out);
@@ -294,9 +324,18 @@ impl Translator {
         match rec.op {
             op::OPEN => {
                 let fd = rec.ret as i32;
-                let Some(path) = self.first(rec, out) else {
-                    self.fd_remove(rec.tgid, fd);
-                    return;
+                let path = match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
+                    Resolution::Path(p) => p,
+                    // Not ours: remembered as such, so its close is no rescan either.
+                    Resolution::Foreign => {
+                        self.fd_insert(rec.tgid, fd, PathBuf::new());
+                        return;
+                    }
+                    Resolution::NoPath | Resolution::Lost => {
+                        self.rescan_all(out);
+                        self.fd_remove(rec.tgid, fd);
+                        return;
+                    }
                 };
                 let writes = rec.flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0;
                 if writes && rec.flags & O_TMPFILE_ONLY == 0 {
@@ -313,6 +352,7 @@ impl Translator {
                 let path = self.fd_remove(rec.tgid, rec.fd1);
                 if rec.flags == TRACK_WRITE {
                     match path {
+                        Some(path) if path.as_os_str().is_empty() => {}
                         Some(path) => self.push(out, ChangeKind::Modified, path, false, pid),
                         None => {
                             self.stats.unresolved += 1;
@@ -430,7 +470,9 @@ impl Translator {
                 let dir = match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
                     Resolution::Path(p) => Some(p),
                     Resolution::NoPath => self.fd_path(rec.tgid, rec.fd1),
-                    Resolution::Lost | Resolution::Foreign => None,
+                    // Outside every root: what it does relative to it is not ours.
+                    Resolution::Foreign => Some(PathBuf::new()),
+                    Resolution::Lost => None,
                 };
                 match dir {
                     Some(dir) => self.cwds.insert(rec.tgid, dir),

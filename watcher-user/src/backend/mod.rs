@@ -1,6 +1,7 @@
 //! Change capture. Every backend turns kernel notifications into [`Event`]s with absolute
 //! paths; nothing downstream knows which backend produced them.
 
+#[cfg(any(test, feature = "ebpf"))]
 mod btf;
 pub mod ebpf;
 pub mod fanotify;
