@@ -78,6 +78,7 @@ pub const MAP_IGNORED: &str = "IGNORED";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const PROG_SYS_EXIT: &str = "watcher_sys_exit";
+pub const PROG_SYS_ENTER: &str = "watcher_sys_enter";
 pub const PROG_PROCESS_EXIT: &str = "watcher_process_exit";
 
 /// One successful syscall that changed (or may change) a path.

@@ -1,6 +1,7 @@
-//! The eBPF probes of the ebpf backend: one raw tracepoint on `sys_exit` (no tracefs needed)
+//! The eBPF probes of the ebpf backend: a raw tracepoint on `sys_exit` (no tracefs needed)
 //! that reports every successful path-changing syscall as a [`Record`] in a ring buffer,
-//! and one on `sched_process_exit` that forgets exited children of the daemon.
+//! one on `sys_enter` for the close of a tracked fd, and one on `sched_process_exit`
+//! that forgets exited children of the daemon.
 //!
 //! Records are written at syscall exit, where the return value says whether the call
 //! succeeded and the arguments are still in the saved registers (and the path strings in
@@ -174,7 +175,6 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             | nr::OPENAT
             | nr::OPENAT2
             | nr::CREAT
-            | nr::CLOSE
             | nr::DUP
             | nr::DUP2
             | nr::DUP3
@@ -313,15 +313,7 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             let _ = TRACKED.insert(&key, &kind, 0);
             Args::path(op::OPEN, dirfd, path).flags(flags as u64)
         }
-        nr::CLOSE => {
-            let key = ((tgid as u64) << 32) | (di & 0xffff_ffff);
-            // SAFETY: a plain lookup; the value is copied at once.
-            let Some(kind) = (unsafe { TRACKED.get(&key) }).copied() else {
-                return 0;
-            };
-            let _ = TRACKED.remove(&key);
-            Args::fd(op::CLOSE, di).flags(kind as u64)
-        }
+        nr::CLOSE => return 0,
         nr::FTRUNCATE | nr::FALLOCATE => Args::fd(op::FD_MODIFY, di),
         nr::FCHMOD | nr::FCHOWN | nr::FSETXATTR | nr::FREMOVEXATTR => Args::fd(op::FD_ATTRIB, di),
         nr::TRUNCATE => Args::path(op::PATH_MODIFY, CWD, di),
@@ -426,6 +418,34 @@ fn read_str(ptr: u64, dst: &mut [u8; PATH_LEN]) -> i32 {
         bpf_probe_read_user_str(dst.as_mut_ptr().cast(), PATH_LEN as u32, ptr as *const _)
     };
     n as i32
+}
+
+/// close of a tracked fd, reported at syscall entry: the fd number is still taken then,
+/// so the record comes before that of any open that gets the same number from another
+/// thread. (close frees the fd even when it fails.)
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn watcher_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if id as u64 != nr::CLOSE {
+        return 0;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = reg(regs, REG_DI);
+    let key = ((tgid as u64) << 32) | (fd & 0xffff_ffff);
+    // SAFETY: a plain lookup; the value is copied at once.
+    let Some(kind) = (unsafe { TRACKED.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = TRACKED.remove(&key);
+    emit(
+        tgid,
+        pid_tgid as u32,
+        0,
+        &Args::fd(op::CLOSE, fd).flags(kind as u64),
+    );
+    0
 }
 
 /// A forked child of the daemon exited: its tgid may be reused by anyone.

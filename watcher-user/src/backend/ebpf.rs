@@ -617,6 +617,7 @@ mod loaded {
         }
         for (name, tracepoint) in [
             (common::PROG_PROCESS_EXIT, "sched_process_exit"),
+            (common::PROG_SYS_ENTER, "sys_enter"),
             (common::PROG_SYS_EXIT, "sys_exit"),
         ] {
             let prog: &mut RawTracePoint = ebpf
@@ -787,7 +788,7 @@ mod loaded {
         let (ok, detail) = match load(4096) {
             Ok(_) => (
                 true,
-                "raw tracepoint probes on sys_exit and sched_process_exit load and attach; \
+                "raw tracepoint probes on sys_enter, sys_exit and sched_process_exit load and attach; \
                  ring buffer available (fentry/LSM probes are not built)"
                     .to_string(),
             ),

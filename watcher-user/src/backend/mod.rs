@@ -205,7 +205,7 @@ fn start_ebpf(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Box<dyn Backe
     tracing::info!(
         backend = "ebpf",
         reason = "forced with --backend",
-        probes = "raw tracepoints sys_exit, sched_process_exit",
+        probes = "raw tracepoints sys_enter, sys_exit, sched_process_exit",
         "backend selected"
     );
     Ok(Box::new(backend))
