@@ -34,8 +34,8 @@ pub mod op {
     pub const LINK: u32 = 11;
     /// symlink/symlinkat (`fd1`/`path1`: the new link).
     pub const SYMLINK: u32 = 12;
-    /// fork/vfork/clone/clone3 of a new process (`ret`: its tgid): it starts in the
-    /// parent's working directory.
+    /// A new process (fork/vfork/clone/clone3), reported by the child (`tgid`) with its
+    /// parent's tgid in `ret`: it starts in the parent's working directory with its fds.
     pub const FORK: u32 = 13;
     /// chdir (`fd1` AT_FDCWD, `path1`) or fchdir (`fd1`, no path).
     pub const CHDIR: u32 = 14;

@@ -10,7 +10,9 @@
 //! Syscall numbers are x86_64's.
 
 use aya_ebpf::helpers::generated::{bpf_get_current_task, bpf_probe_read_user_str};
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+};
 use aya_ebpf::macros::{map, raw_tracepoint};
 use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::RawTracePointContext;
@@ -29,6 +31,22 @@ static IGNORED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
 /// fds opened for writing or on a directory, keyed by tgid << 32 | fd: their close is reported.
 #[map]
 static TRACKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1 << 16, 0);
+
+/// Where an fd opened read-only was opened: an fchmod/fchown/ftruncate through it is
+/// reported with this path (such fds are not reported at open, there are too many).
+#[repr(C)]
+pub struct OpenPath {
+    dirfd: i32,
+    len: i32,
+    path: [u8; PATH_LEN],
+}
+
+#[map]
+static READ_OPENS: LruHashMap<u64, OpenPath> = LruHashMap::with_max_entries(4096, 0);
+
+/// Room to build an [`OpenPath`] (too big for the stack).
+#[map]
+static SCRATCH: PerCpuArray<OpenPath> = PerCpuArray::with_max_entries(1, 0);
 
 /// Offsets of `task_struct` fields, from the kernel's BTF (user space fills it).
 #[map]
@@ -238,15 +256,15 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             }
             _ => 0,
         };
-        // ret is 0 in the child, and a thread id for a new thread.
-        if ret == 0 || flags & CLONE_THREAD != 0 {
+        // A new thread is no new process.
+        if flags & CLONE_THREAD != 0 {
             return 0;
         }
     }
     if ignored(tgid) {
-        if forked {
+        if forked && ret > 0 {
             let _ = IGNORED.insert(&(ret as u32), &IGNORE_CHILD, 0);
-        } else {
+        } else if !forked {
             bump(counter::OWN_DROPPED);
         }
         return 0;
@@ -285,7 +303,18 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
                 }
             }
         }
-        nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => Args::fd(op::FORK, 0),
+        // Reported by the child (ret 0), whose first syscall return this is, so the
+        // record comes before any other of the child's; `ret` becomes the parent's tgid.
+        nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK => {
+            if ret != 0 {
+                return 0;
+            }
+            let Some(parent) = parent_tgid() else {
+                return 0;
+            };
+            emit(tgid, id as u32, parent as i64, &Args::fd(op::FORK, 0));
+            return 0;
+        }
         nr::CHDIR => Args::path(op::CHDIR, CWD, di),
         nr::FCHDIR => Args::fd(op::CHDIR, di),
         nr::OPEN | nr::CREAT | nr::OPENAT | nr::OPENAT2 => {
@@ -307,6 +336,7 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             } else if flags & O_DIRECTORY != 0 {
                 TRACK_DIR
             } else {
+                remember_read_open(tgid, ret, dirfd, path);
                 return 0;
             };
             let key = ((tgid as u64) << 32) | (ret as u64 & 0xffff_ffff);
@@ -314,8 +344,27 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             Args::path(op::OPEN, dirfd, path).flags(flags as u64)
         }
         nr::CLOSE => return 0,
-        nr::FTRUNCATE | nr::FALLOCATE => Args::fd(op::FD_MODIFY, di),
-        nr::FCHMOD | nr::FCHOWN | nr::FSETXATTR | nr::FREMOVEXATTR => Args::fd(op::FD_ATTRIB, di),
+        nr::FTRUNCATE
+        | nr::FALLOCATE
+        | nr::FCHMOD
+        | nr::FCHOWN
+        | nr::FSETXATTR
+        | nr::FREMOVEXATTR => {
+            let (fd_op, path_op) = if matches!(nr, nr::FTRUNCATE | nr::FALLOCATE) {
+                (op::FD_MODIFY, op::PATH_MODIFY)
+            } else {
+                (op::FD_ATTRIB, op::PATH_ATTRIB)
+            };
+            let key = ((tgid as u64) << 32) | (di & 0xffff_ffff);
+            // SAFETY: a plain lookup.
+            if unsafe { TRACKED.get(&key) }.is_none()
+                && let Some(stored) = READ_OPENS.get_ptr(&key)
+            {
+                emit_stored(tgid, id as u32, path_op, stored);
+                return 0;
+            }
+            Args::fd(fd_op, di)
+        }
         nr::TRUNCATE => Args::path(op::PATH_MODIFY, CWD, di),
         nr::CHMOD | nr::CHOWN | nr::LCHOWN | nr::UTIME | nr::UTIMES => {
             Args::path(op::PATH_ATTRIB, CWD, di)
@@ -348,6 +397,24 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// The tgid of the current task's parent, through `task_struct` offsets from BTF.
+#[inline(always)]
+fn parent_tgid() -> Option<u32> {
+    let off = CONFIG.get(0).copied()?;
+    if off.real_parent == 0 || off.tgid == 0 {
+        return None;
+    }
+    // SAFETY: kernel memory read through the checking helper, at offsets from BTF.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let parent =
+            bpf_probe_read_kernel(task.add(off.real_parent as usize) as *const u64).ok()?;
+        let t = bpf_probe_read_kernel((parent as *const u8).add(off.tgid as usize) as *const i32)
+            .ok()?;
+        Some(t as u32)
+    }
+}
+
 /// Whether `tgid` is the daemon or one of its descendants. A child whose parent is
 /// ignored is added on its first reportable syscall, which closes the window between a
 /// fork and the parent's return from it (the child may run first).
@@ -357,30 +424,57 @@ fn ignored(tgid: u32) -> bool {
     if unsafe { IGNORED.get(&tgid) }.is_some() {
         return true;
     }
-    let Some(off) = CONFIG.get(0).copied() else {
+    let Some(parent_tgid) = parent_tgid() else {
         return false;
     };
-    if off.real_parent == 0 || off.tgid == 0 {
-        return false;
-    }
-    // SAFETY: kernel memory read through the checking helper, at offsets from BTF.
-    let parent_tgid = unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let Ok(parent) = bpf_probe_read_kernel(task.add(off.real_parent as usize) as *const u64)
-        else {
-            return false;
-        };
-        match bpf_probe_read_kernel((parent as *const u8).add(off.tgid as usize) as *const i32) {
-            Ok(t) => t as u32,
-            Err(_) => return false,
-        }
-    };
-    // SAFETY: as above.
+    // SAFETY: a plain lookup; the value is copied at once.
     if unsafe { IGNORED.get(&parent_tgid) }.is_some() {
         let _ = IGNORED.insert(&tgid, &IGNORE_CHILD, 0);
         return true;
     }
     false
+}
+
+#[inline(always)]
+fn remember_read_open(tgid: u32, fd: i64, dirfd: u64, path: u64) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; the user string is read through the helper.
+    unsafe {
+        (*scratch).dirfd = dirfd as i32;
+        (*scratch).len = read_str(path, &mut (*scratch).path);
+        let key = ((tgid as u64) << 32) | (fd as u64 & 0xffff_ffff);
+        let _ = READ_OPENS.insert(&key, &*scratch, 0);
+    }
+}
+
+/// A record for a call through a read-only fd, with the path the fd was opened with.
+#[inline(always)]
+fn emit_stored(tgid: u32, pid: u32, op: u32, stored: *const OpenPath) {
+    let Some(mut entry) = EVENTS.reserve::<Record>(0) else {
+        bump(counter::LOST);
+        return;
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` is the reserved record; `stored` a map value, copied by the helper.
+    unsafe {
+        (*rec).tgid = tgid;
+        (*rec).pid = pid;
+        (*rec).op = op;
+        (*rec).flags = 0;
+        (*rec).ret = 0;
+        (*rec).fd1 = (*stored).dirfd;
+        (*rec).fd2 = 0;
+        (*rec).len1 = (*stored).len;
+        (*rec).len2 = 0;
+        (*rec).path2[0] = 0;
+        if bpf_probe_read_kernel_buf((*stored).path.as_ptr(), &mut (*rec).path1).is_err() {
+            (*rec).len1 = -1;
+        }
+    }
+    entry.submit(0);
+    bump(counter::WRITTEN);
 }
 
 #[inline(always)]
@@ -434,6 +528,7 @@ pub fn watcher_sys_enter(ctx: RawTracePointContext) -> i32 {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = reg(regs, REG_DI);
     let key = ((tgid as u64) << 32) | (fd & 0xffff_ffff);
+    let _ = READ_OPENS.remove(&key);
     // SAFETY: a plain lookup; the value is copied at once.
     let Some(kind) = (unsafe { TRACKED.get(&key) }).copied() else {
         return 0;

@@ -172,7 +172,15 @@ impl Translator {
         self.roots.iter().any(|r| path.starts_with(r))
     }
 
-    fn rescan_all(&self, out: &mut Vec<Event>) {
+    fn rescan_all(&self, out: &mut Vec<Event>, rec: &Record, why: &str) {
+        tracing::debug!(
+            op = rec.op,
+            tgid = rec.tgid,
+            fd1 = rec.fd1,
+            path1 = %String::from_utf8_lossy(&rec.path1[..rec.len1.clamp(1, PATH_LEN as i32) as usize - 1]),
+            why,
+            "ebpf: rescanning every root"
+        );
         out.extend(self.roots.iter().map(|r| Event::Rescan { path: r.clone() }));
     }
 
@@ -275,7 +283,7 @@ impl Translator {
             Resolution::Path(p) => Some(p),
             Resolution::NoPath => self.fd_or_rescan(rec, rec.fd1, out),
             Resolution::Lost => {
-                self.rescan_all(out);
+                self.rescan_all(out, rec, "first");
                 None
             }
             Resolution::Foreign => None,
@@ -288,7 +296,7 @@ impl Translator {
             Resolution::Foreign => None,
             Resolution::NoPath | Resolution::Lost => {
                 self.stats.unresolved += 1;
-                self.rescan_all(out);
+                self.rescan_all(out, rec, "second");
                 None
             }
         }
@@ -299,9 +307,8 @@ impl Translator {
         if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return None;
         }
-        if p.is_none() {
-            self.stats.unresolved += 1;
-            self.rescan_all(out);
+        if p.is_none() && matches!(self.lost(rec), Resolution::Lost) {
+            self.rescan_all(out, rec, "fd");
         }
         p
     }
@@ -332,7 +339,7 @@ impl Translator {
                         return;
                     }
                     Resolution::NoPath | Resolution::Lost => {
-                        self.rescan_all(out);
+                        self.rescan_all(out, rec, "open");
                         self.fd_remove(rec.tgid, fd);
                         return;
                     }
@@ -356,7 +363,7 @@ impl Translator {
                         Some(path) => self.push(out, ChangeKind::Modified, path, false, pid),
                         None => {
                             self.stats.unresolved += 1;
-                            self.rescan_all(out);
+                            self.rescan_all(out, rec, "close");
                         }
                     }
                 }
@@ -454,14 +461,14 @@ impl Translator {
                 }
             }
             op::FORK => {
-                let child = rec.ret as u32;
+                let (child, parent) = (rec.tgid, rec.ret as u32);
                 self.prune();
                 // The child inherits the working directory and the fds.
-                match self.cwd(rec.tgid, rec.pid) {
+                match self.cwd(parent, parent) {
                     Some(cwd) => self.cwds.insert(child, cwd),
                     None => self.cwds.remove(&child),
                 };
-                match self.fds.get(&rec.tgid).cloned() {
+                match self.fds.get(&parent).cloned() {
                     Some(fds) => self.fds.insert(child, fds),
                     None => self.fds.remove(&child),
                 };
@@ -924,8 +931,8 @@ mod tests {
             &record(op::CHDIR, u32::MAX - 7, AT_FDCWD, "/nonexistent-root"),
             &mut out,
         );
-        let mut fork = record(op::FORK, u32::MAX - 7, 0, "");
-        fork.ret = (u32::MAX - 8) as i64;
+        let mut fork = record(op::FORK, u32::MAX - 8, 0, "");
+        fork.ret = (u32::MAX - 7) as i64;
         t.translate(&fork, &mut out);
         t.translate(&record(op::CHDIR, u32::MAX - 8, AT_FDCWD, "sub"), &mut out);
         let mut mkdir = record(op::MKDIR, u32::MAX - 8, AT_FDCWD, "x");
