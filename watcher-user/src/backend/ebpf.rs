@@ -268,7 +268,6 @@ impl Translator {
                     dirfd,
                     name = %String::from_utf8_lossy(name),
                     comm = %std::fs::read_to_string(format!("/proc/{}/comm", rec.tgid)).unwrap_or_default().trim(),
-                    known = self.fds.get(&rec.tgid).map(|m| format!("{:?}", m.keys().collect::<Vec<_>>())).unwrap_or_default(),
                     "ebpf: unresolved relative path"
                 );
                 self.lost(rec)
