@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the system packages the daemon, its tests and benchmarks need (rsync,
-    /// inotify-tools, lsyncd).
+    /// inotify-tools, lsyncd), and the toolchain of the ebpf backend (nightly rust-src,
+    /// bpf-linker).
     Setup,
     /// Build the daemon and replicate a small generated example tree, showing live changes.
     Run {
@@ -47,7 +48,10 @@ fn main() -> anyhow::Result<()> {
     let root = project_root();
     std::env::set_current_dir(&root).context("entering the project root")?;
     match cli.task {
-        Task::Setup => setup(),
+        Task::Setup => {
+            setup()?;
+            setup_ebpf_toolchain()
+        }
         Task::Run { keep_running } => {
             setup()?;
             run_example(&root, keep_running)
