@@ -208,7 +208,13 @@ fn setup_ebpf_toolchain() -> anyhow::Result<()> {
                 sysroot.join("lib").display()
             )
         })?;
-    let prefix = project_root().join("target/llvm-prefix");
+    // Next to the installed bpf-linker (whose library path points here), not in this
+    // checkout: a fresh clone or `cargo clean` must not break it.
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = cargo_home.join("watcher-llvm-prefix");
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
     for name in [
