@@ -6,6 +6,23 @@
 /// and user space rescans instead of guessing.
 pub const PATH_LEN: usize = 512;
 
+/// Linux ABI constants both sides interpret records with (x86_64 values; the probe has
+/// no libc).
+pub mod abi {
+    pub const AT_FDCWD: i32 = -100;
+    pub const AT_REMOVEDIR: u32 = 0x200;
+    pub const AT_EMPTY_PATH: u32 = 0x1000;
+    pub const O_WRONLY: u32 = 0o1;
+    pub const O_RDWR: u32 = 0o2;
+    pub const O_CREAT: u32 = 0o100;
+    pub const O_TRUNC: u32 = 0o1000;
+    pub const O_DIRECTORY: u32 = 0o200000;
+    /// `__O_TMPFILE` without the `O_DIRECTORY` bit that `O_TMPFILE` includes.
+    pub const O_TMPFILE_ONLY: u32 = 0o20000000;
+    pub const RENAME_EXCHANGE: u32 = 2;
+    pub const CLONE_THREAD: u64 = 0x10000;
+}
+
 /// What a record reports, normalised from the syscall that made it.
 pub mod op {
     /// open/openat/openat2/creat with write, create or truncate flags, or of a directory

@@ -63,14 +63,9 @@ const REG_SI: usize = 104;
 const REG_DI: usize = 112;
 const REG_ORIG_AX: usize = 120;
 
-const AT_FDCWD: i32 = -100;
-const AT_REMOVEDIR: u32 = 0x200;
-const O_WRONLY: u32 = 0o1;
-const O_RDWR: u32 = 0o2;
-const O_CREAT: u32 = 0o100;
-const O_TRUNC: u32 = 0o1000;
-const O_DIRECTORY: u32 = 0o200000;
-const CLONE_THREAD: u64 = 0x10000;
+use watcher_ebpf_common::abi::{
+    AT_FDCWD, AT_REMOVEDIR, CLONE_THREAD, O_CREAT, O_DIRECTORY, O_RDWR, O_TRUNC, O_WRONLY,
+};
 
 mod nr {
     pub const CLOSE: u64 = 3;

@@ -32,15 +32,10 @@ use watcher_ebpf_common::{PATH_LEN, Record, TRACK_WRITE, op};
 
 use crate::event::{ChangeKind, Event};
 
-const AT_FDCWD: i32 = -100;
-const AT_REMOVEDIR: u32 = 0x200;
-const AT_EMPTY_PATH: u32 = 0x1000;
-const O_CREAT: u32 = 0o100;
-const O_WRONLY: u32 = 0o1;
-const O_RDWR: u32 = 0o2;
-const O_TRUNC: u32 = 0o1000;
-const O_TMPFILE_ONLY: u32 = 0o20000000;
-const RENAME_EXCHANGE: u32 = 2;
+use watcher_ebpf_common::abi::{
+    AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, O_CREAT, O_RDWR, O_TMPFILE_ONLY, O_TRUNC, O_WRONLY,
+    RENAME_EXCHANGE,
+};
 
 /// Default ring buffer size (a power of two, a multiple of the page size).
 pub const DEFAULT_RINGBUF_BYTES: u32 = 16 << 20;
