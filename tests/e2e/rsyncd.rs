@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::harness::die_with_parent;
+
 pub const MODULE: &str = "replica";
 pub const USER: &str = "e2euser";
 const PASSWORD: &str = "e2e-secret-pw";
@@ -30,9 +32,29 @@ fn write_private(path: &Path, text: &str) {
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listened on a moment ago.
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().expect("local addr").port()
+}
+
+/// `rsync --daemon` with `conf` on 127.0.0.1:`port`, in its own process group (it forks
+/// one child per connection), stderr to `stderr`; does not wait for it to listen.
+fn spawn(conf: &Path, port: u16, stderr: &Path) -> Child {
+    let stderr = std::fs::File::create(stderr).expect("create rsyncd stderr file");
+    let mut cmd = Command::new("rsync");
+    cmd.arg("--daemon")
+        .arg("--no-detach")
+        .arg(format!("--config={}", conf.display()))
+        .arg(format!("--port={port}"))
+        .arg("--address=127.0.0.1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .process_group(0);
+    die_with_parent(&mut cmd);
+    cmd.spawn()
+        .expect("spawn rsync --daemon (is rsync installed?)")
 }
 
 impl RsyncDaemon {
@@ -71,30 +93,7 @@ impl RsyncDaemon {
         let mut last_err = String::new();
         for attempt in 1..=5 {
             let port = free_port();
-            let stderr = std::fs::File::create(dir.join(format!("rsyncd.stderr.{attempt}")))
-                .expect("create rsyncd stderr file");
-            let mut cmd = Command::new("rsync");
-            cmd.arg("--daemon")
-                .arg("--no-detach")
-                .arg(format!("--config={}", conf.display()))
-                .arg(format!("--port={port}"))
-                .arg("--address=127.0.0.1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .process_group(0);
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let child = cmd
-                .spawn()
-                .expect("spawn rsync --daemon (is rsync installed?)");
+            let child = spawn(&conf, port, &dir.join(format!("rsyncd.stderr.{attempt}")));
             let mut d = RsyncDaemon {
                 child,
                 port,
@@ -120,6 +119,30 @@ impl RsyncDaemon {
             }
         }
         panic!("could not start an rsync daemon: {last_err}");
+    }
+
+    /// Starts the daemon again on `port` (after it was stopped), with the files
+    /// [`start`](Self::start) wrote in `dir`.
+    #[allow(dead_code)] // used by the service tests, which share this fixture
+    pub fn start_again(dir: &Path, port: u16) -> RsyncDaemon {
+        let conf = dir.join("rsyncd.conf");
+        assert!(conf.is_file(), "no rsyncd.conf in {}", dir.display());
+        let stderr = dir.join("rsyncd.stderr.again");
+        let mut d = RsyncDaemon {
+            child: spawn(&conf, port, &stderr),
+            port,
+            password_file: dir.join("rsync.password"),
+            log_file: dir.join("rsyncd.log"),
+            stopped: false,
+        };
+        if let Err(e) = d.wait_listening(Duration::from_secs(20)) {
+            panic!(
+                "rsync daemon on port {port} did not come back: {e}; stderr: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        eprintln!("rsync daemon {} back on 127.0.0.1:{port}", d.child.id());
+        d
     }
 
     /// Waits until the daemon greets on its port (`@RSYNCD:`), or exits.

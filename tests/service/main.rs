@@ -44,8 +44,7 @@ use nix::sys::time::TimeSpec;
 use churn::{Churn, Pace};
 use harness::{READY_TIMEOUT, Scratch, poll_until};
 use service::{
-    ConfigSpec, GroupSpec, Log, READY, RsyncdAgain, Service, TargetSpec, run_watcher,
-    write_config_text,
+    ConfigSpec, GroupSpec, Log, READY, Service, TargetSpec, run_watcher, write_config_text,
 };
 use tree::{assert_equal_now, skip_nothing, wait_converged};
 
@@ -604,7 +603,7 @@ fn rsync_daemon_outage_does_not_hold_back_other_target() {
         std::thread::sleep(pause);
     }
     let retries_during = retry_warnings(&d.log) - warnings_before;
-    let back = RsyncdAgain::start(&rsyncd_dir, port);
+    let back = rsyncd::RsyncDaemon::start_again(&rsyncd_dir, port);
     eprintln!(
         "{ctx}: rsync daemon back on port {port} after {:?}",
         down_at.elapsed()

@@ -4,11 +4,11 @@
 
 use std::ffi::OsStr;
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -153,11 +153,7 @@ pub fn write_config_text(path: &Path, text: &str) {
         .unwrap_or_else(|e| panic!("rename {} -> {}: {e}", tmp.display(), path.display()));
 }
 
-/// A loopback port nobody listened on a moment ago.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
+pub use crate::rsyncd::free_port;
 
 // ---------------------------------------------------------------------------------------
 // The daemon process
@@ -250,67 +246,4 @@ pub fn http_get_metrics(addr: SocketAddr) -> String {
     s.read_to_end(&mut buf)
         .unwrap_or_else(|e| panic!("read response from {addr}: {e}"));
     String::from_utf8_lossy(&buf).into_owned()
-}
-
-// ---------------------------------------------------------------------------------------
-// An rsync daemon brought back on the port of one that was killed
-
-/// `rsync --daemon` started with the configuration the fixture in `rsyncd.rs` wrote in
-/// `dir`, on a given port. Killed with its group on drop.
-pub struct RsyncdAgain {
-    child: Child,
-}
-
-impl RsyncdAgain {
-    pub fn start(dir: &Path, port: u16) -> RsyncdAgain {
-        let conf = dir.join("rsyncd.conf");
-        assert!(conf.is_file(), "no rsyncd.conf in {}", dir.display());
-        let stderr = std::fs::File::create(dir.join("rsyncd.stderr.again"))
-            .expect("create rsyncd stderr file");
-        let mut cmd = Command::new("rsync");
-        cmd.arg("--daemon")
-            .arg("--no-detach")
-            .arg(format!("--config={}", conf.display()))
-            .arg(format!("--port={port}"))
-            .arg("--address=127.0.0.1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .process_group(0);
-        die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn rsync --daemon");
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!(
-                    "rsync --daemon on port {port} exited: {status}; stderr: {}",
-                    std::fs::read_to_string(dir.join("rsyncd.stderr.again")).unwrap_or_default()
-                );
-            }
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                use std::io::Write;
-                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-                let mut greeting = [0u8; 8];
-                if s.read_exact(&mut greeting).is_ok() && &greeting == b"@RSYNCD:" {
-                    let _ = s.write_all(b"@RSYNCD: 32.0\n#list\n");
-                    let _ = s.read_to_end(&mut Vec::new());
-                    eprintln!("rsync daemon {} back on 127.0.0.1:{port}", child.id());
-                    return RsyncdAgain { child };
-                }
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = kill(Pid::from_raw(-(child.id() as i32)), Signal::SIGKILL);
-                let _ = child.wait();
-                panic!("rsync --daemon did not greet on port {port} within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for RsyncdAgain {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
 }
