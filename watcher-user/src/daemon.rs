@@ -483,7 +483,6 @@ fn target_states(
             let target = Target::parse(&t.dest)
                 .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
             target.check_overlap(filter.root(*group))?;
-            let mut policy = FlushPolicy::new(g.flush);
             let mut state = TargetState {
                 group: *group,
                 group_name: g.name.clone(),
@@ -563,9 +562,9 @@ fn target_states(
             }
             if !state.dirty.is_empty() {
                 state.dirty_since = Some(now);
-                policy.on_change(now);
+                state.policy.on_change(now);
             }
-            state.policy = policy;
+            // The policy was told above; the first events must not count this again.
             state.touched = false;
             targets.push(state);
         }
