@@ -339,7 +339,6 @@ impl Daemon {
     }
 
     /// Waits until `cond` holds for the log, failing the test after `timeout`.
-    #[allow(dead_code)] // used by the service tests, which share this harness
     pub fn wait_for(
         &mut self,
         what: &str,

@@ -891,6 +891,70 @@ fn sigterm_flushes_pending_changes() {
     assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after exit"));
 }
 
+/// Stands in for rsync: while `races-left` beside it holds a positive count, a listed
+/// (non-recursive) run fails the way rsync 3.4+ does when a listed directory vanishes
+/// while it builds its file list; otherwise it runs the real rsync.
+const RACING_RSYNC: &str = r#"#!/bin/sh
+left="$(dirname "$0")/races-left"
+for arg in "$@"; do
+    if [ "$arg" = "--no-recursive" ] && [ -s "$left" ] && [ "$(cat "$left")" -gt 0 ]; then
+        echo $(( $(cat "$left") - 1 )) > "$left"
+        cat > /dev/null
+        echo 'ABORTING due to invalid path from sender: gone/child' >&2
+        echo 'rsync error: protocol incompatibility (code 2) at generator.c(1715)' >&2
+        exit 2
+    fi
+done
+exec rsync "$@"
+"#;
+
+/// rsync aborting with "invalid path from sender" (code 2) is the source changing under
+/// it, not a protocol problem: the daemon retries, turns a run of such aborts into one
+/// whole-tree sync, and keeps the target.
+#[test]
+fn source_races_are_retried_not_fatal() {
+    let Some(_timer) = harness::begin("source_races_are_retried_not_fatal") else {
+        return;
+    };
+    let ctx = "source_races_are_retried_not_fatal";
+    let s = Scratch::new("source-race");
+    let fake = s.path().join("racing-rsync");
+    write(&fake, RACING_RSYNC);
+    chmod(&fake, 0o755);
+    let extra = vec![OsString::from("--rsync"), fake.into_os_string()];
+    let mut d = Daemon::start(&s.src, &s.dst, &extra);
+    let races_left = s.path().join("races-left");
+    let read_left = || std::fs::read_to_string(&races_left).unwrap_or_default();
+
+    // Three aborts in a row: the limit after which the next run covers the whole tree.
+    write(&races_left, "3\n");
+    mkdir_p(&s.src.join("dir"));
+    write(&s.src.join("dir/file"), "after three aborted runs\n");
+    d.wait_for_line("syncing the whole tree", CONVERGE_TIMEOUT);
+    let finished = d.count("rsync finished");
+    d.wait_for_count("rsync finished", finished + 1, CONVERGE_TIMEOUT);
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    assert_eq!(read_left().trim(), "0", "{ctx}: not every abort was met");
+    assert!(
+        !d.log.contains("no longer synced"),
+        "{ctx}: the target was given up"
+    );
+
+    // One more abort is retried alone, and the target still follows changes.
+    write(&races_left, "1\n");
+    write(&s.src.join("dir/file"), "after one more\n");
+    d.wait_for("the last abort", CONVERGE_TIMEOUT, |_| {
+        read_left().trim() == "0"
+    });
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    assert_eq!(
+        d.log.count("syncing the whole tree"),
+        1,
+        "{ctx}: a single abort widened the sync"
+    );
+    d.stop();
+}
+
 /// `mkdir -p a/b/c && echo x > a/b/c/f` in one burst: the file lands in a directory that
 /// did not exist a moment ago (the classic inotify script's race).
 #[test]

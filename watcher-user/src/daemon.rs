@@ -42,6 +42,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const PARTIAL_RETRIES: u32 = 5;
 /// Consecutive usage or protocol errors after which a target is given up.
 const FATAL_AFTER: u32 = 3;
+/// Consecutive runs lost to a source race (a listed directory vanished mid-run) after
+/// which the next run is a whole-tree one, which such a race cannot abort.
+const RACES_BEFORE_WHOLE_TREE: u32 = 3;
 /// How often journals are made durable and the status snapshot is refreshed.
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
 /// How often a long whole-tree run reports progress in the log.
@@ -91,6 +94,8 @@ struct TargetState {
     touched: bool,
     /// Consecutive runs that ended in a usage or protocol error.
     fatal_streak: u32,
+    /// Consecutive runs aborted by a source race.
+    race_streak: u32,
 }
 
 struct InFlight {
@@ -514,6 +519,7 @@ fn target_states(
                 last_verify: None,
                 touched: false,
                 fatal_streak: 0,
+                race_streak: 0,
             };
             let (carried, carried_journal) = match backlog
                 .iter()
@@ -982,6 +988,11 @@ impl Engine {
         } else {
             t.fatal_streak = 0;
         }
+        if class == ExitClass::SourceRace {
+            t.race_streak += 1;
+        } else {
+            t.race_streak = 0;
+        }
         match class {
             ExitClass::Success => {
                 t.failures = 0;
@@ -1020,6 +1031,30 @@ impl Engine {
                     tracing::warn!(target = %t.target, retry_in_ms = wait.as_millis() as u64,
                         paths = t.dirty.len(), "{}", done.detail);
                     t.retry_at = Some(now + wait);
+                }
+            }
+            ExitClass::SourceRace => {
+                let oldest = flight.map(|f| f.oldest).unwrap_or(now);
+                t.dirty.merge(done.batch);
+                t.dirty_since = Some(t.dirty_since.map_or(oldest, |d| d.min(oldest)));
+                t.retries_total += 1;
+                if t.race_streak >= RACES_BEFORE_WHOLE_TREE {
+                    // Listed runs keep losing to the churn: a recursive run of the whole
+                    // root has no list for a vanished directory to break.
+                    t.race_streak = 0;
+                    t.mark(Path::new(""), Scope::Subtree, now);
+                    tracing::warn!(target = %t.target, "rsync lost {RACES_BEFORE_WHOLE_TREE} \
+                        runs in a row to directories changing under it; syncing the whole tree");
+                } else {
+                    tracing::info!(target = %t.target, retry_in_ms = FIRST_BACKOFF.as_millis() as u64,
+                        "a listed directory changed while rsync read it; retrying");
+                    tracing::debug!(target = %t.target, "{}", done.detail);
+                }
+                if shutting_down {
+                    // A race is no reason to stop before the last flush.
+                    t.retry_at = None;
+                } else {
+                    t.retry_at = Some(now + FIRST_BACKOFF);
                 }
             }
             ExitClass::Fatal => {
@@ -1092,6 +1127,7 @@ mod tests {
             last_verify: None,
             touched: false,
             fatal_streak: 0,
+            race_streak: 0,
         }
     }
 

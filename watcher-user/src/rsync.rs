@@ -60,6 +60,10 @@ pub enum ExitClass {
     Transient,
     /// Usage, protocol or unsupported-option errors: retrying cannot help.
     Fatal,
+    /// rsync aborted because a listed path's directory vanished or was replaced while it
+    /// built its file list (code 2, "invalid path from sender", rsync 3.4+): a race with
+    /// the source, never a real protocol problem.
+    SourceRace,
 }
 
 /// Classifies an rsync exit code (None: killed by a signal).
@@ -69,6 +73,18 @@ pub fn classify(code: Option<i32>) -> ExitClass {
         Some(1) | Some(2) | Some(4) => ExitClass::Fatal,
         _ => ExitClass::Transient,
     }
+}
+
+/// What the receiver prints when a listed path's parent is missing from the file list it
+/// got: the sender lost that directory to a concurrent rename or removal.
+const SOURCE_RACE_MESSAGE: &str = "invalid path from sender";
+
+/// Classifies a finished run from its exit code and what it printed.
+pub fn classify_run(code: Option<i32>, stderr: &str) -> ExitClass {
+    if code == Some(2) && stderr.contains(SOURCE_RACE_MESSAGE) {
+        return ExitClass::SourceRace;
+    }
+    classify(code)
 }
 
 /// What rsync's exit code means, for logs.
@@ -454,10 +470,11 @@ pub async fn execute(
     let status = status?;
     let code = status.code();
     let err = &err[err.len().saturating_sub(OUTPUT_TAIL)..];
+    let stderr = String::from_utf8_lossy(err).trim_end().to_owned();
     Ok(RunResult {
         code,
-        class: classify(code),
-        stderr: String::from_utf8_lossy(err).trim_end().to_owned(),
+        class: classify_run(code, &stderr),
+        stderr,
         stdout: String::from_utf8_lossy(&sink.kept).into_owned(),
         itemized: sink.itemized,
         elapsed: started.elapsed(),
@@ -622,6 +639,20 @@ mod tests {
         for (code, class) in table {
             assert_eq!(classify(code), class, "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_lost_parent_directory_is_a_source_race_not_a_protocol_error() {
+        // What rsync 3.4+ prints when a listed directory vanished while the sender read it.
+        let raced = "file has vanished: \"/src/d14/d87\"\n\
+                     ABORTING due to invalid path from sender: d14/d87/d88\n\
+                     rsync error: protocol incompatibility (code 2) at generator.c(1715)";
+        assert_eq!(classify_run(Some(2), raced), ExitClass::SourceRace);
+        let real = "protocol version mismatch -- is your shell clean?\n\
+                    rsync error: protocol incompatibility (code 2) at compat.c(622)";
+        assert_eq!(classify_run(Some(2), real), ExitClass::Fatal);
+        assert_eq!(classify_run(Some(23), raced), ExitClass::Transient);
+        assert_eq!(classify_run(Some(24), ""), ExitClass::Success);
     }
 
     fn args(run: &Run) -> Vec<&str> {
