@@ -39,6 +39,13 @@ pub enum Command {
     Check(CheckArgs),
 }
 
+/// An on/off option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Debug, Args)]
 pub struct SyncArgs {
     /// Source directory.
@@ -64,6 +71,11 @@ pub struct SyncArgs {
     /// records that do not fit are lost and turn into a rescan of every root.
     #[arg(long, value_name = "BYTES", default_value_t = crate::backend::ebpf::DEFAULT_RINGBUF_BYTES)]
     pub ebpf_ringbuf_bytes: u32,
+    /// Whether the ebpf backend's probes drop, in the kernel, changes to files outside
+    /// every source root (other filesystems, other directories); `off` sends every
+    /// change to user space, which filters it there (for measuring what the filter saves).
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub ebpf_kernel_filter: Switch,
     /// Skip the full `rsync -a --delete` at start-up (the target is known to be in step).
     #[arg(long)]
     pub no_initial_sync: bool,

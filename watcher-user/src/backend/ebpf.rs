@@ -549,6 +549,11 @@ mod loaded {
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watcher-ebpf"));
 
     static RINGBUF_BYTES: AtomicU32 = AtomicU32::new(DEFAULT_RINGBUF_BYTES);
+    static KERNEL_FILTER: AtomicBool = AtomicBool::new(true);
+
+    pub fn configure_kernel_filter(on: bool) {
+        KERNEL_FILTER.store(on, Ordering::Relaxed);
+    }
 
     /// Sets the ring buffer size of backends started from now on (rounded up to a power
     /// of two of at least one page).
@@ -812,6 +817,15 @@ pub fn set_ringbuf_bytes(bytes: u32) {
     loaded::configure_ringbuf(bytes);
     #[cfg(not(feature = "ebpf"))]
     let _ = bytes;
+}
+
+/// Whether ebpf backends started from now on filter changes outside the roots in the
+/// kernel (on by default).
+pub fn set_kernel_filter(on: bool) {
+    #[cfg(feature = "ebpf")]
+    loaded::configure_kernel_filter(on);
+    #[cfg(not(feature = "ebpf"))]
+    let _ = on;
 }
 
 #[cfg(test)]
