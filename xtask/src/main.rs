@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the system packages the daemon, its tests and benchmarks need (rsync,
-    /// inotify-tools, lsyncd), and the toolchain of the ebpf backend (nightly rust-src,
+    /// inotify-tools, lsyncd, bpftool), and the toolchain of the ebpf backend (nightly rust-src,
     /// bpf-linker).
     Setup,
     /// Build the daemon and replicate a small generated example tree, showing live changes.
@@ -130,6 +130,8 @@ fn setup() -> anyhow::Result<()> {
         ("rsync", "rsync"),
         ("inotifywait", "inotify-tools"),
         ("lsyncd", "lsyncd"),
+        // An independent BTF reader the ebpf backend's offset test checks against.
+        ("bpftool", "bpftool"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
