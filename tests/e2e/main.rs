@@ -1082,3 +1082,70 @@ fn ebpf_own_rsync_activity_is_filtered_in_the_kernel() {
         "records of the daemon's own processes got past the kernel filter: {line}"
     );
 }
+
+/// Files written outside the root (beside it on the same filesystem, and on another
+/// filesystem) are dropped by the probes in the kernel, never reaching user space, while
+/// a change inside the root still replicates; with `--ebpf-kernel-filter off` they reach
+/// user space and are dropped there.
+#[test]
+fn ebpf_changes_outside_the_roots_are_dropped_in_the_kernel() {
+    const TEST: &str = "ebpf_changes_outside_the_roots_are_dropped_in_the_kernel";
+    if harness::backend().as_deref() != Some("ebpf") {
+        eprintln!("{TEST}: only for WATCHER_E2E_BACKEND=ebpf");
+        return;
+    }
+    let Some(_timer) = harness::begin(TEST) else {
+        return;
+    };
+    let s = Scratch::new("ebpf-outside");
+    let beside = s.path().join("beside");
+    mkdir_p(&beside);
+    // Another filesystem, when this machine has a tmpfs at /dev/shm.
+    let shm = Path::new("/dev/shm");
+    use std::os::unix::fs::MetadataExt;
+    let other_fs = std::fs::metadata(shm)
+        .ok()
+        .filter(|md| md.dev() != std::fs::metadata(s.path()).expect("scratch").dev())
+        .map(|_| {
+            tempfile::Builder::new()
+                .prefix("watcher-e2e-")
+                .tempdir_in(shm)
+                .expect("tempdir in /dev/shm")
+        });
+    const FILES: u64 = 300;
+    let dropped_with = |filter: &str, round: u32| -> u64 {
+        let extra = args(&["--ebpf-kernel-filter", filter]);
+        let d = Daemon::start(&s.src, &s.dst, &extra);
+        for i in 0..FILES {
+            write(&beside.join(format!("f{round}-{i}")), "outside\n");
+            if let Some(dir) = &other_fs {
+                write(&dir.path().join(format!("f{round}-{i}")), "elsewhere\n");
+            }
+        }
+        write(
+            &s.src.join(format!("inside{round}")),
+            format!("inside {round}\n"),
+        );
+        wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, TEST);
+        let log = d.log.clone();
+        d.stop();
+        let line = log
+            .lines()
+            .into_iter()
+            .find(|l| l.contains("ebpf backend stopped"))
+            .expect("the ebpf backend logs its counters when it stops");
+        log_field(&line, "outside_roots_dropped_in_kernel")
+            .expect("outside_roots_dropped_in_kernel=N")
+    };
+    let on = dropped_with("on", 0);
+    let written = if other_fs.is_some() { 2 * FILES } else { FILES };
+    assert!(
+        on >= written,
+        "{TEST}: {on} changes dropped in the kernel for {written} files written outside the root"
+    );
+    let off = dropped_with("off", 1);
+    assert_eq!(
+        off, 0,
+        "{TEST}: the filter dropped changes while turned off"
+    );
+}

@@ -60,14 +60,44 @@ pub mod op {
     pub const DUP: u32 = 15;
 }
 
-/// Offsets in `struct task_struct` that user space reads from the kernel's BTF and puts in
-/// the config map, so the probe can check the caller's parent. Zero: unknown, no check.
+/// Offsets of the kernel struct fields the probes read, from the kernel's BTF (user space
+/// fills the config map). `real_parent`/`tgid` zero: no parent check. `filter` zero: no
+/// filtering by root (some offset unknown, or turned off).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-pub struct TaskOffsets {
+pub struct KernelOffsets {
     pub real_parent: u32,
     pub tgid: u32,
+    /// task_struct.files -> files_struct.fdt -> fdtable.{max_fds, fd}: an fd's `struct file`.
+    pub files: u32,
+    pub fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    /// file.f_path.dentry.
+    pub f_dentry: u32,
+    pub d_parent: u32,
+    pub d_inode: u32,
+    pub d_sb: u32,
+    pub i_ino: u32,
+    pub s_dev: u32,
+    /// Nonzero: drop changes to files outside every root (see [`RootKey`]).
+    pub filter: u32,
 }
+
+/// A directory by filesystem and inode: the kernel's `dev_t` of its superblock
+/// (`MAJOR << 20 | MINOR`) and its inode number. Keys of the roots map.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq, Hash)]
+pub struct RootKey {
+    pub dev: u32,
+    pub pad: u32,
+    pub ino: u64,
+}
+
+/// Values of the roots map: a source root (a file is inside when one of its ancestor
+/// directories is one), or a directory above a root (opening it may lead to a root).
+pub const ROOT: u32 = 1;
+pub const ROOT_ANCESTOR: u32 = 2;
 
 /// Kinds of tracked fds (values of the tracked-fd map and `flags` of a CLOSE).
 pub const TRACK_WRITE: u32 = 1;
@@ -86,6 +116,8 @@ pub mod counter {
     pub const OWN_DROPPED: u32 = 1;
     /// Records written.
     pub const WRITTEN: u32 = 2;
+    /// Changes to files outside every root, dropped in the kernel.
+    pub const OUTSIDE_DROPPED: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -94,6 +126,8 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_IGNORED: &str = "IGNORED";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_ROOTS: &str = "ROOTS";
+pub const MAP_DEVICES: &str = "DEVICES";
 pub const PROG_SYS_EXIT: &str = "watcher_sys_exit";
 pub const PROG_SYS_ENTER: &str = "watcher_sys_enter";
 pub const PROG_PROCESS_EXIT: &str = "watcher_process_exit";

@@ -14,10 +14,11 @@ use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
 };
 use aya_ebpf::macros::{map, raw_tracepoint};
-use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::RawTracePointContext;
 use watcher_ebpf_common::{
-    IGNORE_CHILD, PATH_LEN, Record, TRACK_DIR, TRACK_WRITE, TaskOffsets, counter, op,
+    IGNORE_CHILD, KernelOffsets, PATH_LEN, ROOT, ROOT_ANCESTOR, Record, RootKey, TRACK_DIR,
+    TRACK_WRITE, counter, op,
 };
 
 /// Records; user space sets the size at load time.
@@ -48,9 +49,21 @@ static READ_OPENS: LruHashMap<u64, OpenPath> = LruHashMap::with_max_entries(4096
 #[map]
 static SCRATCH: PerCpuArray<OpenPath> = PerCpuArray::with_max_entries(1, 0);
 
-/// Offsets of `task_struct` fields, from the kernel's BTF (user space fills it).
+/// Offsets of kernel struct fields, from the kernel's BTF (user space fills it).
 #[map]
-static CONFIG: Array<TaskOffsets> = Array::with_max_entries(1, 0);
+static CONFIG: Array<KernelOffsets> = Array::with_max_entries(1, 0);
+
+/// The source roots, and the directories above them, by (device, inode).
+#[map]
+static ROOTS: HashMap<RootKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Devices (kernel `dev_t`) of the filesystems that hold a source root.
+#[map]
+static DEVICES: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+
+/// Ancestors looked at before giving up on finding a root above a file (it is then
+/// reported, and user space decides).
+const MAX_DEPTH: usize = 48;
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -334,6 +347,10 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
                 remember_read_open(tgid, ret, dirfd, path);
                 return 0;
             };
+            if kind == TRACK_WRITE && fd_outside_roots(ret as u64) {
+                bump(counter::OUTSIDE_DROPPED);
+                return 0;
+            }
             let key = ((tgid as u64) << 32) | (ret as u64 & 0xffff_ffff);
             let _ = TRACKED.insert(&key, &kind, 0);
             Args::path(op::OPEN, dirfd, path).flags(flags as u64)
@@ -345,6 +362,10 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
         | nr::FCHOWN
         | nr::FSETXATTR
         | nr::FREMOVEXATTR => {
+            if fd_outside_roots(di) {
+                bump(counter::OUTSIDE_DROPPED);
+                return 0;
+            }
             let (fd_op, path_op) = if matches!(nr, nr::FTRUNCATE | nr::FALLOCATE) {
                 (op::FD_MODIFY, op::PATH_MODIFY)
             } else {
@@ -408,6 +429,85 @@ fn parent_tgid() -> Option<u32> {
             .ok()?;
         Some(t as u32)
     }
+}
+
+#[inline(always)]
+fn read_ptr(base: u64, offset: u32) -> Option<u64> {
+    // SAFETY: kernel memory read through the checking helper, at offsets from BTF.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u64) }.ok()
+}
+
+/// The dentry of the current task's open file `fd`.
+#[inline(always)]
+fn fd_dentry(fd: u64, off: &KernelOffsets) -> Option<u64> {
+    // SAFETY: returns the current task's address; it is only read through the helper.
+    let task = unsafe { bpf_get_current_task() };
+    let files = read_ptr(task, off.files)?;
+    let fdt = read_ptr(files, off.fdt)?;
+    // SAFETY: as in read_ptr.
+    let max_fds =
+        unsafe { bpf_probe_read_kernel((fdt + off.fdt_max_fds as u64) as *const u32) }.ok()?;
+    if fd >= max_fds as u64 {
+        return None;
+    }
+    let array = read_ptr(fdt, off.fdt_fd)?;
+    let file = read_ptr(array, (fd * 8) as u32)?;
+    if file == 0 {
+        return None;
+    }
+    read_ptr(file, off.f_dentry).filter(|&d| d != 0)
+}
+
+/// Whether the file open as `fd` is certainly outside every source root: on a filesystem
+/// holding none, or with no root among its ancestor directories up to its filesystem's
+/// root. Anything unknown (filter off, a removed file, a very deep path) counts as inside.
+#[inline(always)]
+fn fd_outside_roots(fd: u64) -> bool {
+    let Some(off) = CONFIG.get(0) else {
+        return false;
+    };
+    if off.filter == 0 {
+        return false;
+    }
+    let Some(dentry) = fd_dentry(fd, off) else {
+        return false;
+    };
+    let Some(sb) = read_ptr(dentry, off.d_sb) else {
+        return false;
+    };
+    // SAFETY: as in read_ptr.
+    let Ok(dev) = (unsafe { bpf_probe_read_kernel((sb + off.s_dev as u64) as *const u32) }) else {
+        return false;
+    };
+    // SAFETY: a plain lookup.
+    if unsafe { DEVICES.get(&dev) }.is_none() {
+        return true;
+    }
+    let mut d = dentry;
+    for _ in 0..MAX_DEPTH {
+        let Some(inode) = read_ptr(d, off.d_inode).filter(|&i| i != 0) else {
+            return false;
+        };
+        let Some(ino) = read_ptr(inode, off.i_ino) else {
+            return false;
+        };
+        let key = RootKey { dev, pad: 0, ino };
+        // SAFETY: a plain lookup; the value is copied at once.
+        if let Some(kind) = unsafe { ROOTS.get(&key) }.copied()
+            && (kind == ROOT || (kind == ROOT_ANCESTOR && d == dentry))
+        {
+            return false;
+        }
+        let Some(parent) = read_ptr(d, off.d_parent) else {
+            return false;
+        };
+        if parent == d {
+            // The filesystem's root, and no source root on the way.
+            return true;
+        }
+        d = parent;
+    }
+    false
 }
 
 /// Whether `tgid` is the daemon or one of its descendants. A child whose parent is

@@ -131,15 +131,14 @@ impl<'a> Btf<'a> {
     }
 }
 
-/// Offset in bytes of `member` in struct `name`, if the BTF has both.
-pub fn member_offset(btf: &[u8], name: &str, member: &str) -> Option<u32> {
-    Btf::parse(btf)?.member_offset(name, member)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    fn member_offset(btf: &[u8], name: &str, member: &str) -> Option<u32> {
+        Btf::parse(btf)?.member_offset(name, member)
+    }
 
     /// A BTF blob with one int and `struct s { int a; int b; }`.
     fn blob() -> Vec<u8> {

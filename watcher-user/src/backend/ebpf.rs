@@ -509,6 +509,64 @@ pub fn parse_record(bytes: &[u8]) -> Option<Record> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Record>()) })
 }
 
+/// The kernel's internal `dev_t` (what `super_block.s_dev` holds) for a device number.
+fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xf_ffff)
+}
+
+/// What the in-kernel filter needs to know of the roots: every directory a root is (or a
+/// mount under a root starts at) as [`ROOT`](watcher_ebpf_common::ROOT), the directories
+/// above the roots as ancestors, and the devices of their filesystems. Devices come both
+/// from `stat` and from the mount table (they differ on btrfs subvolumes); an extra entry
+/// only lets more through. `stat` gives (device major, minor, inode).
+pub fn root_filter(
+    roots: &[PathBuf],
+    mounts: &[super::mountinfo::Mount],
+    stat: impl Fn(&Path) -> Option<(u32, u32, u64)>,
+) -> (Vec<(watcher_ebpf_common::RootKey, u32)>, Vec<u32>) {
+    use watcher_ebpf_common::{ROOT, ROOT_ANCESTOR, RootKey};
+    let mut keys: HashMap<RootKey, u32> = HashMap::new();
+    let mut devices: Vec<u32> = Vec::new();
+    // The mount holding `path`: the longest mount point it is under.
+    let holding = |path: &Path| {
+        mounts
+            .iter()
+            .filter(|m| path.starts_with(&m.mount_point))
+            .max_by_key(|m| m.mount_point.as_os_str().len())
+    };
+    let mut add = |dir: &Path, kind: u32, keys: &mut HashMap<RootKey, u32>| {
+        let Some((major, minor, ino)) = stat(dir) else {
+            return;
+        };
+        let mut devs = vec![kernel_dev(major, minor)];
+        if let Some(m) = holding(dir) {
+            devs.push(kernel_dev(m.major, m.minor));
+        }
+        for dev in devs {
+            let key = RootKey { dev, pad: 0, ino };
+            let k = keys.entry(key).or_insert(kind);
+            *k = (*k).min(kind);
+            if kind == ROOT && !devices.contains(&dev) {
+                devices.push(dev);
+            }
+        }
+    };
+    for root in roots {
+        add(root, ROOT, &mut keys);
+        for ancestor in root.ancestors().skip(1) {
+            add(ancestor, ROOT_ANCESTOR, &mut keys);
+        }
+        for m in mounts {
+            if m.mount_point != *root && m.mount_point.starts_with(root) {
+                add(&m.mount_point, ROOT, &mut keys);
+            }
+        }
+    }
+    let mut keys: Vec<_> = keys.into_iter().collect();
+    keys.sort_by_key(|(k, _)| (k.dev, k.ino));
+    (keys, devices)
+}
+
 #[cfg(feature = "ebpf")]
 pub use loaded::{EbpfBackend, check};
 
@@ -538,9 +596,15 @@ mod loaded {
 
     #[derive(Clone, Copy)]
     #[repr(transparent)]
-    struct Offsets(common::TaskOffsets);
-    // SAFETY: plain old data (two u32), no padding.
+    struct Offsets(common::KernelOffsets);
+    // SAFETY: plain old data (u32 fields), no padding.
     unsafe impl aya::Pod for Offsets {}
+
+    #[derive(Clone, Copy)]
+    #[repr(transparent)]
+    struct Key(common::RootKey);
+    // SAFETY: plain old data with its padding spelled out as a field.
+    unsafe impl aya::Pod for Key {}
 
     use super::{DEFAULT_RINGBUF_BYTES, Translator, parse_record};
     use crate::backend::{Backend, BackendError, OwnPids, Support};
@@ -578,45 +642,116 @@ mod loaded {
         overflows: u64,
     }
 
-    /// `task_struct` offsets from the kernel's BTF; zeros (no parent check) without it.
-    fn task_offsets() -> common::TaskOffsets {
-        let Ok(btf) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+    /// Kernel struct offsets from the kernel's BTF. Without BTF: no parent check and no
+    /// in-kernel filter; with a field missing, no in-kernel filter (said in the log).
+    fn kernel_offsets(filter: bool) -> common::KernelOffsets {
+        let Ok(blob) = std::fs::read("/sys/kernel/btf/vmlinux") else {
             tracing::warn!(
-                "no kernel BTF: children of the daemon are filtered from their parent's fork on"
+                "no kernel BTF: children of the daemon are filtered from their parent's fork \
+                 on, and changes outside the roots are filtered in user space only"
             );
-            return common::TaskOffsets::default();
+            return common::KernelOffsets::default();
         };
-        let field = |m| crate::backend::btf::member_offset(&btf, "task_struct", m).unwrap_or(0);
-        common::TaskOffsets {
-            real_parent: field("real_parent"),
-            tgid: field("tgid"),
+        let Some(btf) = crate::backend::btf::Btf::parse(&blob) else {
+            tracing::warn!("the kernel's BTF does not parse: no in-kernel filtering");
+            return common::KernelOffsets::default();
+        };
+        let mut missing = Vec::new();
+        let mut field = |name: &str, path: &str| {
+            btf.member_offset(name, path).unwrap_or_else(|| {
+                missing.push(format!("{name}.{path}"));
+                0
+            })
+        };
+        let mut off = common::KernelOffsets {
+            real_parent: field("task_struct", "real_parent"),
+            tgid: field("task_struct", "tgid"),
+            files: field("task_struct", "files"),
+            fdt: field("files_struct", "fdt"),
+            fdt_max_fds: field("fdtable", "max_fds"),
+            fdt_fd: field("fdtable", "fd"),
+            f_dentry: field("file", "f_path.dentry"),
+            d_parent: field("dentry", "d_parent"),
+            d_inode: field("dentry", "d_inode"),
+            d_sb: field("dentry", "d_sb"),
+            i_ino: field("inode", "i_ino"),
+            s_dev: field("super_block", "s_dev"),
+            filter: 0,
+        };
+        if !missing.is_empty() {
+            tracing::warn!(
+                missing = missing.join(", "),
+                "kernel BTF lacks fields the probes read: changes outside the roots are \
+                 filtered in user space only"
+            );
+        } else if filter {
+            off.filter = 1;
         }
+        off
     }
 
-    /// Loads the object and attaches both programs; the daemon's own tgid is ignored from
-    /// the first record on.
-    fn load(ringbuf_bytes: u32) -> Result<Ebpf, BackendError> {
+    fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, BackendError> {
+        ebpf.map_mut(name)
+            .ok_or_else(|| err("eBPF object", format!("no map {name}")))
+    }
+
+    /// Loads the object and attaches the programs; the daemon's own tgid is ignored from
+    /// the first record on, and changes outside `roots` are dropped in the kernel when
+    /// `filter` is on and the kernel's BTF has every field that needs.
+    fn load(ringbuf_bytes: u32, roots: &[PathBuf], filter: bool) -> Result<Ebpf, BackendError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(common::MAP_EVENTS, ringbuf_bytes)
             .load(OBJECT)
             .map_err(|e| err("loading the eBPF object", e))?;
-        let offsets = task_offsets();
-        {
-            let map = ebpf
-                .map_mut(common::MAP_CONFIG)
-                .ok_or_else(|| err("eBPF object", "no map CONFIG"))?;
-            let mut config: Array<&mut MapData, Offsets> =
-                Array::try_from(map).map_err(|e| err("map CONFIG", e))?;
-            config
-                .set(0, Offsets(offsets), 0)
-                .map_err(|e| err("setting task_struct offsets", e))?;
+        let mut offsets = kernel_offsets(filter);
+        if offsets.filter != 0 {
+            let (keys, devices) =
+                super::root_filter(roots, &crate::backend::mountinfo::mounts(), |p| {
+                    use std::os::unix::fs::MetadataExt;
+                    let md = std::fs::metadata(p).ok()?;
+                    let dev = md.dev();
+                    Some((libc::major(dev), libc::minor(dev), md.ino()))
+                });
+            {
+                let mut map: BpfHashMap<&mut MapData, Key, u32> =
+                    BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_ROOTS)?)
+                        .map_err(|e| err("map ROOTS", e))?;
+                for (key, kind) in &keys {
+                    map.insert(Key(*key), kind, 0)
+                        .map_err(|e| err("filling the roots map", e))?;
+                }
+            }
+            {
+                let mut map: BpfHashMap<&mut MapData, u32, u32> =
+                    BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_DEVICES)?)
+                        .map_err(|e| err("map DEVICES", e))?;
+                for dev in &devices {
+                    map.insert(dev, 1, 0)
+                        .map_err(|e| err("filling the devices map", e))?;
+                }
+            }
+            if devices.is_empty() {
+                offsets.filter = 0;
+            }
+            tracing::info!(
+                directories = keys.len(),
+                filesystems = devices.len(),
+                on = offsets.filter != 0,
+                "ebpf in-kernel filter by root"
+            );
         }
         {
-            let map = ebpf
-                .map_mut(common::MAP_IGNORED)
-                .ok_or_else(|| err("eBPF object", "no map IGNORED"))?;
+            let mut config: Array<&mut MapData, Offsets> =
+                Array::try_from(map_mut(&mut ebpf, common::MAP_CONFIG)?)
+                    .map_err(|e| err("map CONFIG", e))?;
+            config
+                .set(0, Offsets(offsets), 0)
+                .map_err(|e| err("setting kernel struct offsets", e))?;
+        }
+        {
             let mut ignored: BpfHashMap<&mut MapData, u32, u32> =
-                BpfHashMap::try_from(map).map_err(|e| err("map IGNORED", e))?;
+                BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_IGNORED)?)
+                    .map_err(|e| err("map IGNORED", e))?;
             ignored
                 .insert(std::process::id(), common::IGNORE_SELF, 0)
                 .map_err(|e| err("ignoring the daemon's own tgid", e))?;
@@ -651,7 +786,7 @@ mod loaded {
                 ));
             }
             let ringbuf_bytes = RINGBUF_BYTES.load(Ordering::Relaxed);
-            let mut ebpf = load(ringbuf_bytes)?;
+            let mut ebpf = load(ringbuf_bytes, roots, KERNEL_FILTER.load(Ordering::Relaxed))?;
             let ring = RingBuf::try_from(
                 ebpf.take_map(common::MAP_EVENTS)
                     .ok_or_else(|| err("eBPF object", "no map EVENTS"))?,
@@ -778,6 +913,7 @@ mod loaded {
             tracing::info!(
                 records = s.records,
                 own_dropped_in_kernel = self.counter(common::counter::OWN_DROPPED),
+                outside_roots_dropped_in_kernel = self.counter(common::counter::OUTSIDE_DROPPED),
                 own_past_kernel_filter = s.own_past_filter,
                 foreign = s.foreign,
                 unresolved = s.unresolved,
@@ -791,7 +927,7 @@ mod loaded {
 
     /// Rows for `watcher check`: whether the raw tracepoint probes load and attach here.
     pub fn check() -> Vec<Support> {
-        let (ok, detail) = match load(4096) {
+        let (ok, detail) = match load(4096, &[], false) {
             Ok(_) => (
                 true,
                 "raw tracepoint probes on sys_enter, sys_exit and sched_process_exit load and attach; \
@@ -860,6 +996,54 @@ mod tests {
             is_dir,
             pid: 7,
         }
+    }
+
+    #[test]
+    fn root_filter_knows_roots_their_ancestors_mounts_under_them_and_devices() {
+        use super::super::mountinfo::Mount;
+        use watcher_ebpf_common::{ROOT, ROOT_ANCESTOR};
+        let mounts = vec![
+            Mount {
+                major: 8,
+                minor: 1,
+                mount_point: "/".into(),
+            },
+            Mount {
+                major: 0,
+                minor: 40,
+                mount_point: "/data/src/scratch".into(),
+            },
+            Mount {
+                major: 0,
+                minor: 41,
+                mount_point: "/elsewhere".into(),
+            },
+        ];
+        // stat: the root filesystem is 8:1; the mount under the root is a tmpfs (0:40).
+        let stat = |p: &Path| -> Option<(u32, u32, u64)> {
+            Some(match p.to_str()? {
+                "/" => (8, 1, 2),
+                "/data" => (8, 1, 100),
+                "/data/src" => (8, 1, 200),
+                "/data/src/scratch" => (0, 40, 1),
+                _ => return None,
+            })
+        };
+        let (keys, devices) = root_filter(&[PathBuf::from("/data/src")], &mounts, stat);
+        let d = kernel_dev(8, 1);
+        let t = kernel_dev(0, 40);
+        assert_eq!(d, 8 << 20 | 1);
+        let key = |dev, ino| watcher_ebpf_common::RootKey { dev, pad: 0, ino };
+        assert_eq!(
+            keys,
+            vec![
+                (key(t, 1), ROOT),
+                (key(d, 2), ROOT_ANCESTOR),
+                (key(d, 100), ROOT_ANCESTOR),
+                (key(d, 200), ROOT),
+            ]
+        );
+        assert_eq!(devices, vec![d, t]);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Which filesystem type a path is on, for error messages.
+//! The mount table: which filesystem type a path is on (for error messages), and which
+//! mounts lie under a directory (for the ebpf backend's in-kernel filter).
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -30,6 +31,45 @@ pub fn filesystem_type(path: &Path) -> String {
     best.map(|(_, t)| t).unwrap_or_else(|| "unknown".into())
 }
 
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The superblock's device numbers as the kernel keeps them.
+    pub major: u32,
+    pub minor: u32,
+    pub mount_point: std::path::PathBuf,
+}
+
+/// Every mount of this process's namespace (empty when /proc is not readable).
+pub fn mounts() -> Vec<Mount> {
+    std::fs::read("/proc/self/mountinfo")
+        .map(|text| parse_mounts(&text))
+        .unwrap_or_default()
+}
+
+fn parse_mounts(text: &[u8]) -> Vec<Mount> {
+    let mut out = Vec::new();
+    for line in text.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let (Some(dev), Some(mount)) = (fields.get(2), fields.get(4)) else {
+            continue;
+        };
+        let dev = String::from_utf8_lossy(dev);
+        let Some((major, minor)) = dev.split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse(), minor.parse()) else {
+            continue;
+        };
+        out.push(Mount {
+            major,
+            minor,
+            mount_point: std::ffi::OsStr::from_bytes(&unescape(mount)).into(),
+        });
+    }
+    out
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape(field: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(field.len());
@@ -57,6 +97,27 @@ mod tests {
     fn unescapes_octal() {
         assert_eq!(unescape(br"/mnt/a\040b"), b"/mnt/a b");
         assert_eq!(unescape(br"/x\"), b"/x\\");
+    }
+
+    #[test]
+    fn parses_device_numbers_and_mount_points() {
+        let text = b"22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw\n\
+                     40 22 0:35 /sub /mnt/a\\040b rw - btrfs /dev/sdb rw\n";
+        assert_eq!(
+            parse_mounts(text),
+            vec![
+                Mount {
+                    major: 259,
+                    minor: 2,
+                    mount_point: "/".into()
+                },
+                Mount {
+                    major: 0,
+                    minor: 35,
+                    mount_point: "/mnt/a b".into()
+                },
+            ]
+        );
     }
 
     #[test]
