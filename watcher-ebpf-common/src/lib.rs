@@ -75,6 +75,9 @@ pub struct KernelOffsets {
     pub fdt_fd: u32,
     /// file.f_path.dentry.
     pub f_dentry: u32,
+    /// task_struct.fs -> fs_struct.pwd.dentry: the working directory.
+    pub fs: u32,
+    pub pwd_dentry: u32,
     pub d_parent: u32,
     pub d_inode: u32,
     pub d_sb: u32,

@@ -458,20 +458,35 @@ fn fd_dentry(fd: u64, off: &KernelOffsets) -> Option<u64> {
     read_ptr(file, off.f_dentry).filter(|&d| d != 0)
 }
 
-/// Whether the file open as `fd` is certainly outside every source root: on a filesystem
-/// holding none, or with no root among its ancestor directories up to its filesystem's
-/// root. Anything unknown (filter off, a removed file, a very deep path) counts as inside.
+/// The dentry of the current task's working directory.
+#[inline(always)]
+fn cwd_dentry(off: &KernelOffsets) -> Option<u64> {
+    // SAFETY: returns the current task's address; it is only read through the helper.
+    let task = unsafe { bpf_get_current_task() };
+    let fs = read_ptr(task, off.fs)?;
+    read_ptr(fs, off.pwd_dentry).filter(|&d| d != 0)
+}
+
+/// The filter's configuration, when it is on.
+#[inline(always)]
+fn filter_config() -> Option<&'static KernelOffsets> {
+    CONFIG.get(0).filter(|off| off.filter != 0)
+}
+
+/// Whether the file open as `fd` is certainly outside every source root.
 #[inline(always)]
 fn fd_outside_roots(fd: u64) -> bool {
-    let Some(off) = CONFIG.get(0) else {
+    let Some(off) = filter_config() else {
         return false;
     };
-    if off.filter == 0 {
-        return false;
-    }
-    let Some(dentry) = fd_dentry(fd, off) else {
-        return false;
-    };
+    fd_dentry(fd, off).is_some_and(|d| outside_roots(d, off))
+}
+
+/// Whether `dentry` is certainly outside every source root and no directory above one:
+/// on a filesystem holding no root, or with no root among its ancestors up to its
+/// filesystem's root. Anything unknown (a removed file, a very deep path) counts as inside.
+#[inline(always)]
+fn outside_roots(dentry: u64, off: &KernelOffsets) -> bool {
     let Some(sb) = read_ptr(dentry, off.d_sb) else {
         return false;
     };
@@ -508,6 +523,52 @@ fn fd_outside_roots(fd: u64) -> bool {
         d = parent;
     }
     false
+}
+
+/// Whether a relative path given to a syscall (with `fd` as its directory, or the working
+/// directory for AT_FDCWD) certainly names something outside every root: its directory is
+/// outside and above none of them, and it has no `..` to climb out (symlinks in it are
+/// not followed, as user space does not follow them either). An absolute or empty path,
+/// or anything unknown, counts as inside.
+#[inline(always)]
+fn relative_path_outside(off: &KernelOffsets, fd: i32, path: &[u8; PATH_LEN], len: i32) -> bool {
+    if len <= 1 || path[0] == b'/' {
+        return false;
+    }
+    let len = (len as usize).min(PATH_LEN);
+    for i in 1..PATH_LEN {
+        if i >= len {
+            break;
+        }
+        if path[i] == b'.' && path[i - 1] == b'.' {
+            return false;
+        }
+    }
+    let base = if fd == AT_FDCWD {
+        cwd_dentry(off)
+    } else if fd >= 0 {
+        fd_dentry(fd as u64, off)
+    } else {
+        None
+    };
+    base.is_some_and(|d| outside_roots(d, off))
+}
+
+/// Whether a path-based record is certainly about names outside every root.
+#[inline(always)]
+fn record_outside(rec: &Record) -> bool {
+    let Some(off) = filter_config() else {
+        return false;
+    };
+    let two = match rec.op {
+        op::RENAME | op::LINK => true,
+        op::UNLINK | op::MKDIR | op::MKNOD | op::SYMLINK | op::PATH_ATTRIB | op::PATH_MODIFY => {
+            false
+        }
+        _ => return false,
+    };
+    relative_path_outside(off, rec.fd1, &rec.path1, rec.len1)
+        && (!two || relative_path_outside(off, rec.fd2, &rec.path2, rec.len2))
 }
 
 /// Whether `tgid` is the daemon or one of its descendants. A child whose parent is
@@ -591,6 +652,11 @@ fn emit(tgid: u32, pid: u32, ret: i64, args: &Args) {
         (*rec).fd2 = args.fd2;
         (*rec).len1 = read_str(args.path1, &mut (*rec).path1);
         (*rec).len2 = read_str(args.path2, &mut (*rec).path2);
+        if record_outside(&*rec) {
+            entry.discard(0);
+            bump(counter::OUTSIDE_DROPPED);
+            return;
+        }
     }
     entry.submit(0);
     bump(counter::WRITTEN);

@@ -205,6 +205,8 @@ mod tests {
         ("fdtable", "max_fds"),
         ("fdtable", "fd"),
         ("file", "f_path.dentry"),
+        ("task_struct", "fs"),
+        ("fs_struct", "pwd.dentry"),
         ("dentry", "d_parent"),
         ("dentry", "d_inode"),
         ("dentry", "d_sb"),

@@ -671,6 +671,8 @@ mod loaded {
             fdt_max_fds: field("fdtable", "max_fds"),
             fdt_fd: field("fdtable", "fd"),
             f_dentry: field("file", "f_path.dentry"),
+            fs: field("task_struct", "fs"),
+            pwd_dentry: field("fs_struct", "pwd.dentry"),
             d_parent: field("dentry", "d_parent"),
             d_inode: field("dentry", "d_inode"),
             d_sb: field("dentry", "d_sb"),
