@@ -16,6 +16,7 @@ use aya_ebpf::helpers::{
 use aya_ebpf::macros::{map, raw_tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::RawTracePointContext;
+use aya_log_ebpf::{debug, warn};
 use watcher_ebpf_common::{
     IGNORE_CHILD, KernelOffsets, PATH_LEN, ROOT, ROOT_ANCESTOR, Record, RootKey, TRACK_DIR,
     TRACK_WRITE, counter, op,
@@ -135,11 +136,29 @@ mod nr {
     pub const REMOVEXATTRAT: u64 = 466;
 }
 
+/// Adds one to a per-CPU counter; returns its new value on this CPU.
 #[inline(always)]
-fn bump(index: u32) {
-    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+fn bump(index: u32) -> u64 {
+    match COUNTERS.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, written only by this CPU.
-        unsafe { *p += 1 };
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
+    }
+}
+
+/// A record did not fit in the ring buffer: counted (user space turns that into a
+/// rescan) and said in the log at 1, 2, 4, 8... losses per CPU, not for every one.
+#[inline(always)]
+fn lost(ctx: &RawTracePointContext) {
+    let n = bump(counter::LOST);
+    if n.is_power_of_two() {
+        warn!(
+            ctx,
+            "ring buffer full: {} records lost on this CPU so far", n
+        );
     }
 }
 
@@ -320,7 +339,7 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             let Some(parent) = parent_tgid() else {
                 return 0;
             };
-            emit(tgid, id as u32, parent as i64, &Args::fd(op::FORK, 0));
+            emit(&ctx, tgid, id as u32, parent as i64, &Args::fd(op::FORK, 0));
             return 0;
         }
         nr::CHDIR => Args::path(op::CHDIR, CWD, di),
@@ -347,7 +366,7 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
                 remember_read_open(tgid, ret, dirfd, path);
                 return 0;
             };
-            if kind == TRACK_WRITE && fd_outside_roots(ret as u64) {
+            if kind == TRACK_WRITE && fd_outside_roots(&ctx, ret as u64) {
                 bump(counter::OUTSIDE_DROPPED);
                 return 0;
             }
@@ -362,7 +381,7 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
         | nr::FCHOWN
         | nr::FSETXATTR
         | nr::FREMOVEXATTR => {
-            if fd_outside_roots(di) {
+            if fd_outside_roots(&ctx, di) {
                 bump(counter::OUTSIDE_DROPPED);
                 return 0;
             }
@@ -376,7 +395,7 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
             if unsafe { TRACKED.get(&key) }.is_none()
                 && let Some(stored) = READ_OPENS.get_ptr(&key)
             {
-                emit_stored(tgid, id as u32, path_op, stored);
+                emit_stored(&ctx, tgid, id as u32, path_op, stored);
                 return 0;
             }
             Args::fd(fd_op, di)
@@ -409,7 +428,7 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
         nr::SYMLINKAT => Args::path(op::SYMLINK, si, dx),
         _ => return 0,
     };
-    emit(tgid, id as u32, ret, &args);
+    emit(&ctx, tgid, id as u32, ret, &args);
     0
 }
 
@@ -475,11 +494,18 @@ fn filter_config() -> Option<&'static KernelOffsets> {
 
 /// Whether the file open as `fd` is certainly outside every source root.
 #[inline(always)]
-fn fd_outside_roots(fd: u64) -> bool {
+fn fd_outside_roots(ctx: &RawTracePointContext, fd: u64) -> bool {
     let Some(off) = filter_config() else {
         return false;
     };
-    fd_dentry(fd, off).is_some_and(|d| outside_roots(d, off))
+    match fd_dentry(fd, off) {
+        Some(d) => outside_roots(d, off),
+        None => {
+            // The fd was just returned or used by a successful call: the offsets are off.
+            debug!(ctx, "filter: fd {} not found in the fd table; reported", fd);
+            false
+        }
+    }
 }
 
 /// Whether `dentry` is certainly outside every source root and no directory above one:
@@ -607,9 +633,9 @@ fn remember_read_open(tgid: u32, fd: i64, dirfd: u64, path: u64) {
 
 /// A record for a call through a read-only fd, with the path the fd was opened with.
 #[inline(always)]
-fn emit_stored(tgid: u32, pid: u32, op: u32, stored: *const OpenPath) {
+fn emit_stored(ctx: &RawTracePointContext, tgid: u32, pid: u32, op: u32, stored: *const OpenPath) {
     let Some(mut entry) = EVENTS.reserve::<Record>(0) else {
-        bump(counter::LOST);
+        lost(ctx);
         return;
     };
     let rec = entry.as_mut_ptr();
@@ -634,9 +660,9 @@ fn emit_stored(tgid: u32, pid: u32, op: u32, stored: *const OpenPath) {
 }
 
 #[inline(always)]
-fn emit(tgid: u32, pid: u32, ret: i64, args: &Args) {
+fn emit(ctx: &RawTracePointContext, tgid: u32, pid: u32, ret: i64, args: &Args) {
     let Some(mut entry) = EVENTS.reserve::<Record>(0) else {
-        bump(counter::LOST);
+        lost(ctx);
         return;
     };
     let rec = entry.as_mut_ptr();
@@ -696,6 +722,7 @@ pub fn watcher_sys_enter(ctx: RawTracePointContext) -> i32 {
     };
     let _ = TRACKED.remove(&key);
     emit(
+        &ctx,
         tgid,
         pid_tgid as u32,
         0,

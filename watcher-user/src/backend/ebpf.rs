@@ -636,6 +636,8 @@ mod loaded {
         _ebpf: Ebpf,
         ring: RingBuf<MapData>,
         counters: PerCpuArray<MapData, u64>,
+        /// The probes' own log records, when the object has the map for them.
+        probe_log: Option<aya_log::EbpfLogger<ProbeLog>>,
         translator: Translator,
         own_pids: Arc<OwnPids>,
         lost_seen: u64,
@@ -697,12 +699,61 @@ mod loaded {
             .ok_or_else(|| err("eBPF object", format!("no map {name}")))
     }
 
+    /// Passes the probes' aya-log records on to the daemon's log.
+    struct ProbeLog;
+
+    impl log::Log for ProbeLog {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+
+        fn log(&self, record: &log::Record<'_>) {
+            let message = record.args();
+            match record.level() {
+                log::Level::Error => {
+                    tracing::error!(target: "watcher::ebpf::probes", "ebpf probe: {message}")
+                }
+                log::Level::Warn => {
+                    tracing::warn!(target: "watcher::ebpf::probes", "ebpf probe: {message}")
+                }
+                log::Level::Info => {
+                    tracing::info!(target: "watcher::ebpf::probes", "ebpf probe: {message}")
+                }
+                log::Level::Debug => {
+                    tracing::debug!(target: "watcher::ebpf::probes", "ebpf probe: {message}")
+                }
+                log::Level::Trace => {
+                    tracing::trace!(target: "watcher::ebpf::probes", "ebpf probe: {message}")
+                }
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    /// The most verbose aya-log level the probes write records for: what the daemon's
+    /// log would show, so nothing is formatted in the kernel only to be thrown away.
+    fn probe_log_level() -> u8 {
+        use tracing::level_filters::LevelFilter;
+        let level = match LevelFilter::current() {
+            LevelFilter::OFF => return 0,
+            LevelFilter::ERROR => aya_log::Level::Error,
+            LevelFilter::WARN => aya_log::Level::Warn,
+            LevelFilter::INFO => aya_log::Level::Info,
+            LevelFilter::DEBUG => aya_log::Level::Debug,
+            _ => aya_log::Level::Trace,
+        };
+        level as u8
+    }
+
     /// Loads the object and attaches the programs; the daemon's own tgid is ignored from
     /// the first record on, and changes outside `roots` are dropped in the kernel when
     /// `filter` is on and the kernel's BTF has every field that needs.
     fn load(ringbuf_bytes: u32, roots: &[PathBuf], filter: bool) -> Result<Ebpf, BackendError> {
+        let level = probe_log_level();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(common::MAP_EVENTS, ringbuf_bytes)
+            .override_global(aya_log::LEVEL, &level, false)
             .load(OBJECT)
             .map_err(|e| err("loading the eBPF object", e))?;
         let mut offsets = kernel_offsets(filter);
@@ -799,11 +850,17 @@ mod loaded {
                     .ok_or_else(|| err("eBPF object", "no map COUNTERS"))?,
             )
             .map_err(|e| err("map COUNTERS", e))?;
+            let probe_log = aya_log::EbpfLogger::init_with_logger(&mut ebpf, ProbeLog)
+                .map_err(
+                    |e| tracing::warn!(error = %e, "the probes' diagnostics are not available"),
+                )
+                .ok();
             tracing::debug!(ringbuf_bytes, "ebpf probes attached");
             let mut me = EbpfBackend {
                 _ebpf: ebpf,
                 ring,
                 counters,
+                probe_log,
                 translator: Translator::new(roots),
                 own_pids,
                 lost_seen: 0,
@@ -891,6 +948,9 @@ mod loaded {
             stop: &AtomicBool,
         ) -> Result<(), BackendError> {
             let result = loop {
+                if let Some(log) = self.probe_log.as_mut() {
+                    log.flush();
+                }
                 let stopping = stop.load(Ordering::Relaxed);
                 if !stopping && !self.wait_readable(200)? {
                     let mut out = Vec::new();

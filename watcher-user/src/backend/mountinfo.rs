@@ -41,12 +41,14 @@ pub struct Mount {
 }
 
 /// Every mount of this process's namespace (empty when /proc is not readable).
+#[cfg_attr(not(feature = "ebpf"), allow(dead_code))] // read by the ebpf backend only
 pub fn mounts() -> Vec<Mount> {
     std::fs::read("/proc/self/mountinfo")
         .map(|text| parse_mounts(&text))
         .unwrap_or_default()
 }
 
+#[cfg_attr(not(feature = "ebpf"), allow(dead_code))]
 fn parse_mounts(text: &[u8]) -> Vec<Mount> {
     let mut out = Vec::new();
     for line in text.split(|&b| b == b'\n') {
