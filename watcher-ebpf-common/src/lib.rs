@@ -85,7 +85,81 @@ pub struct KernelOffsets {
     pub s_dev: u32,
     /// Nonzero: drop changes to files outside every root (see [`RootKey`]).
     pub filter: u32,
+    /// For the VFS probe set: dentry.d_name.name, file.f_mode, file.f_inode,
+    /// kiocb.ki_filp, renamedata.old_dentry and .new_dentry.
+    pub d_name: u32,
+    pub f_mode: u32,
+    pub f_inode: u32,
+    pub ki_filp: u32,
+    pub rd_old_dentry: u32,
+    pub rd_new_dentry: u32,
 }
+
+/// Bytes of a path the VFS probes build from a dentry, leaf first.
+pub const VFS_PATH_LEN: usize = 2048;
+/// A name is copied whole (up to NAME_MAX and its NUL) past any offset below
+/// [`VFS_PATH_LEN`], so the buffer has this much room behind it.
+pub const VFS_PATH_BUF: usize = VFS_PATH_LEN + 256;
+
+/// What the VFS probe set (fentry/fexit on the kernel's VFS functions) reports: a change
+/// to the dentry whose path, relative to its filesystem's root, is in `path1` (`path2`:
+/// the new name of a rename). Paths are written leaf first, each name followed by `/`
+/// (`c/b/a/` for `a/b/c`); a negative length means the walk did not reach the filesystem
+/// root (too deep or too long) and the path is unknown.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct VfsRecord {
+    pub tgid: u32,
+    pub pid: u32,
+    /// One of [`vfs_op`].
+    pub op: u32,
+    /// The kernel `dev_t` of the dentry's superblock.
+    pub dev: u32,
+    pub len1: i32,
+    pub len2: i32,
+    pub path1: [u8; VFS_PATH_BUF],
+    pub path2: [u8; VFS_PATH_BUF],
+}
+
+/// Operations of [`VfsRecord`]s.
+pub mod vfs_op {
+    /// A new file, device node, symlink or hard link (vfs_create, vfs_mknod,
+    /// vfs_symlink, vfs_link).
+    pub const CREATE: u32 = 101;
+    pub const MKDIR: u32 = 102;
+    /// vfs_unlink (a file) or vfs_rmdir (a directory, `DIR` set).
+    pub const REMOVE: u32 = 103;
+    pub const REMOVE_DIR: u32 = 104;
+    /// Attributes, size or xattrs: notify_change, vfs_setxattr, vfs_removexattr.
+    pub const ATTRIB: u32 = 105;
+    /// First write to a file since it was last reported (file_modified,
+    /// kiocb_modified, file_update_time).
+    pub const MODIFY: u32 = 106;
+    /// Last close of a file written since it was last reported (__fput).
+    pub const CLOSE_WRITE: u32 = 107;
+    /// vfs_rename: `path1` the old name, `path2` the new one.
+    pub const RENAME: u32 = 108;
+}
+
+/// The VFS functions the VFS probe set attaches to: (program, kernel function, fexit?).
+pub const VFS_PROGRAMS: &[(&str, &str, bool)] = &[
+    ("watcher_vfs_create", "vfs_create", true),
+    ("watcher_vfs_mkdir", "vfs_mkdir", true),
+    ("watcher_vfs_mknod", "vfs_mknod", true),
+    ("watcher_vfs_symlink", "vfs_symlink", true),
+    ("watcher_vfs_link", "vfs_link", true),
+    ("watcher_vfs_unlink", "vfs_unlink", true),
+    ("watcher_vfs_rmdir", "vfs_rmdir", true),
+    ("watcher_vfs_rename_enter", "vfs_rename", false),
+    ("watcher_vfs_rename", "vfs_rename", true),
+    ("watcher_notify_change", "notify_change", true),
+    ("watcher_vfs_setxattr", "vfs_setxattr", true),
+    ("watcher_vfs_removexattr", "vfs_removexattr", true),
+    ("watcher_file_modified", "file_modified", false),
+    ("watcher_kiocb_modified", "kiocb_modified", false),
+    ("watcher_file_update_time", "file_update_time", false),
+    ("watcher_fput", "__fput", false),
+];
 
 /// A directory by filesystem and inode: the kernel's `dev_t` of its superblock
 /// (`MAJOR << 20 | MINOR`) and its inode number. Keys of the roots map.

@@ -9,6 +9,7 @@
 //! Paths are the caller's strings as given; user space resolves relative ones.
 //! Syscall numbers are x86_64's.
 
+use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::generated::{bpf_get_current_task, bpf_probe_read_user_str};
 use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
@@ -24,7 +25,7 @@ use watcher_ebpf_common::{
 
 /// Records; user space sets the size at load time.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
 
 /// Processes whose syscalls are not reported: the daemon and its descendants.
 #[map]
@@ -52,7 +53,7 @@ static SCRATCH: PerCpuArray<OpenPath> = PerCpuArray::with_max_entries(1, 0);
 
 /// Offsets of kernel struct fields, from the kernel's BTF (user space fills it).
 #[map]
-static CONFIG: Array<KernelOffsets> = Array::with_max_entries(1, 0);
+pub(crate) static CONFIG: Array<KernelOffsets> = Array::with_max_entries(1, 0);
 
 /// The source roots, and the directories above them, by (device, inode).
 #[map]
@@ -138,7 +139,7 @@ mod nr {
 
 /// Adds one to a per-CPU counter; returns its new value on this CPU.
 #[inline(always)]
-fn bump(index: u32) -> u64 {
+pub(crate) fn bump(index: u32) -> u64 {
     match COUNTERS.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, written only by this CPU.
         Some(p) => unsafe {
@@ -152,7 +153,7 @@ fn bump(index: u32) -> u64 {
 /// A record did not fit in the ring buffer: counted (user space turns that into a
 /// rescan) and said in the log at 1, 2, 4, 8... losses per CPU, not for every one.
 #[inline(always)]
-fn lost(ctx: &RawTracePointContext) {
+pub(crate) fn lost<C: EbpfContext>(ctx: &C) {
     let n = bump(counter::LOST);
     if n.is_power_of_two() {
         warn!(
@@ -451,7 +452,7 @@ fn parent_tgid() -> Option<u32> {
 }
 
 #[inline(always)]
-fn read_ptr(base: u64, offset: u32) -> Option<u64> {
+pub(crate) fn read_ptr(base: u64, offset: u32) -> Option<u64> {
     // SAFETY: kernel memory read through the checking helper, at offsets from BTF.
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u64) }.ok()
 }
@@ -512,7 +513,7 @@ fn fd_outside_roots(ctx: &RawTracePointContext, fd: u64) -> bool {
 /// on a filesystem holding no root, or with no root among its ancestors up to its
 /// filesystem's root. Anything unknown (a removed file, a very deep path) counts as inside.
 #[inline(always)]
-fn outside_roots(dentry: u64, off: &KernelOffsets) -> bool {
+pub(crate) fn outside_roots(dentry: u64, off: &KernelOffsets) -> bool {
     let Some(sb) = read_ptr(dentry, off.d_sb) else {
         return false;
     };
@@ -601,7 +602,7 @@ fn record_outside(rec: &Record) -> bool {
 /// ignored is added on its first reportable syscall, which closes the window between a
 /// fork and the parent's return from it (the child may run first).
 #[inline(always)]
-fn ignored(tgid: u32) -> bool {
+pub(crate) fn ignored(tgid: u32) -> bool {
     // SAFETY: a plain lookup; the value is copied at once.
     if unsafe { IGNORED.get(&tgid) }.is_some() {
         return true;

@@ -76,6 +76,11 @@ pub struct SyncArgs {
     /// change to user space, which filters it there (for measuring what the filter saves).
     #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
     pub ebpf_kernel_filter: Switch,
+    /// Which probes the ebpf backend attaches: `vfs` (fentry/fexit on the kernel's VFS
+    /// functions; also sees nfsd, io_uring and mmap writers) where the kernel accepts
+    /// them, else `syscalls` (raw tracepoints); `auto` tries them in that order.
+    #[arg(long, value_enum, default_value_t = crate::backend::ebpf::ProbeChoice::Auto)]
+    pub ebpf_probes: crate::backend::ebpf::ProbeChoice,
     /// Skip the full `rsync -a --delete` at start-up (the target is known to be in step).
     #[arg(long)]
     pub no_initial_sync: bool,

@@ -31,6 +31,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
         anyhow::bail!("source {} is not a directory", source.display());
     }
     watcher::backend::ebpf::set_ringbuf_bytes(args.ebpf_ringbuf_bytes);
+    watcher::backend::ebpf::set_probe_choice(args.ebpf_probes);
     watcher::backend::ebpf::set_kernel_filter(args.ebpf_kernel_filter == watcher::cli::Switch::On);
     let defaults = DaemonConfig::default();
     let config = Config {

@@ -212,6 +212,12 @@ mod tests {
         ("dentry", "d_sb"),
         ("inode", "i_ino"),
         ("super_block", "s_dev"),
+        ("dentry", "d_name.name"),
+        ("file", "f_mode"),
+        ("file", "f_inode"),
+        ("kiocb", "ki_filp"),
+        ("renamedata", "old_dentry"),
+        ("renamedata", "new_dentry"),
     ];
 
     /// `bpftool btf dump format raw`, parsed: type id -> (kind, name, type id it refers

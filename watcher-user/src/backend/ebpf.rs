@@ -510,7 +510,7 @@ pub fn parse_record(bytes: &[u8]) -> Option<Record> {
 }
 
 /// The kernel's internal `dev_t` (what `super_block.s_dev` holds) for a device number.
-fn kernel_dev(major: u32, minor: u32) -> u32 {
+pub(crate) fn kernel_dev(major: u32, minor: u32) -> u32 {
     (major << 20) | (minor & 0xf_ffff)
 }
 
@@ -590,7 +590,7 @@ mod loaded {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
-    use aya::programs::RawTracePoint;
+    use aya::programs::{FEntry, FExit, RawTracePoint};
     use aya::{Ebpf, EbpfLoader};
     use watcher_ebpf_common as common;
 
@@ -606,7 +606,8 @@ mod loaded {
     // SAFETY: plain old data with its padding spelled out as a field.
     unsafe impl aya::Pod for Key {}
 
-    use super::{DEFAULT_RINGBUF_BYTES, Translator, parse_record};
+    use super::{DEFAULT_RINGBUF_BYTES, ProbeChoice, Translator, parse_record};
+    use crate::backend::vfs_records::VfsTranslator;
     use crate::backend::{Backend, BackendError, OwnPids, Support};
     use crate::event::Event;
 
@@ -614,6 +615,31 @@ mod loaded {
 
     static RINGBUF_BYTES: AtomicU32 = AtomicU32::new(DEFAULT_RINGBUF_BYTES);
     static KERNEL_FILTER: AtomicBool = AtomicBool::new(true);
+    static PROBES: std::sync::Mutex<ProbeChoice> = std::sync::Mutex::new(ProbeChoice::Auto);
+
+    pub fn configure_probes(choice: ProbeChoice) {
+        *PROBES.lock().unwrap_or_else(|e| e.into_inner()) = choice;
+    }
+
+    /// The two probe sets in the object.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum ProbeSet {
+        /// fentry/fexit on VFS functions: every writer, paths built in the kernel.
+        Vfs,
+        /// Raw tracepoints on syscall entry and exit: ordinary processes' syscalls.
+        Syscalls,
+    }
+
+    impl ProbeSet {
+        fn describe(self) -> &'static str {
+            match self {
+                ProbeSet::Vfs => "vfs (fentry/fexit on the kernel's VFS functions)",
+                ProbeSet::Syscalls => {
+                    "syscalls (raw tracepoints sys_enter, sys_exit, sched_process_exit)"
+                }
+            }
+        }
+    }
 
     pub fn configure_kernel_filter(on: bool) {
         KERNEL_FILTER.store(on, Ordering::Relaxed);
@@ -638,25 +664,28 @@ mod loaded {
         counters: PerCpuArray<MapData, u64>,
         /// The probes' own log records, when the object has the map for them.
         probe_log: Option<aya_log::EbpfLogger<ProbeLog>>,
+        set: ProbeSet,
         translator: Translator,
+        vfs: VfsTranslator,
         own_pids: Arc<OwnPids>,
         lost_seen: u64,
         overflows: u64,
     }
 
-    /// Kernel struct offsets from the kernel's BTF. Without BTF: no parent check and no
-    /// in-kernel filter; with a field missing, no in-kernel filter (said in the log).
-    fn kernel_offsets(filter: bool) -> common::KernelOffsets {
+    /// Kernel struct offsets from the kernel's BTF, and the fields the VFS probe set needs
+    /// that it lacks. Without BTF: no parent check, no in-kernel filter, no VFS probes;
+    /// with a filter field missing, no in-kernel filter (said in the log).
+    fn kernel_offsets(filter: bool) -> (common::KernelOffsets, Vec<String>) {
         let Ok(blob) = std::fs::read("/sys/kernel/btf/vmlinux") else {
             tracing::warn!(
                 "no kernel BTF: children of the daemon are filtered from their parent's fork \
                  on, and changes outside the roots are filtered in user space only"
             );
-            return common::KernelOffsets::default();
+            return (common::KernelOffsets::default(), vec!["kernel BTF".into()]);
         };
         let Some(btf) = crate::backend::btf::Btf::parse(&blob) else {
             tracing::warn!("the kernel's BTF does not parse: no in-kernel filtering");
-            return common::KernelOffsets::default();
+            return (common::KernelOffsets::default(), vec!["kernel BTF".into()]);
         };
         let mut missing = Vec::new();
         let mut field = |name: &str, path: &str| {
@@ -681,17 +710,50 @@ mod loaded {
             i_ino: field("inode", "i_ino"),
             s_dev: field("super_block", "s_dev"),
             filter: 0,
+            d_name: field("dentry", "d_name.name"),
+            f_mode: field("file", "f_mode"),
+            f_inode: field("file", "f_inode"),
+            ki_filp: field("kiocb", "ki_filp"),
+            rd_old_dentry: field("renamedata", "old_dentry"),
+            rd_new_dentry: field("renamedata", "new_dentry"),
         };
-        if !missing.is_empty() {
+        const VFS_ONLY: [&str; 6] = [
+            "dentry.d_name.name",
+            "file.f_mode",
+            "file.f_inode",
+            "kiocb.ki_filp",
+            "renamedata.old_dentry",
+            "renamedata.new_dentry",
+        ];
+        const SHARED: [&str; 4] = [
+            "file.f_path.dentry",
+            "dentry.d_parent",
+            "dentry.d_sb",
+            "super_block.s_dev",
+        ];
+        let vfs_missing: Vec<String> = missing
+            .iter()
+            .filter(|m| VFS_ONLY.contains(&m.as_str()) || SHARED.contains(&m.as_str()))
+            .cloned()
+            .collect();
+        let filter_missing: Vec<&String> = missing
+            .iter()
+            .filter(|m| !VFS_ONLY.contains(&m.as_str()))
+            .collect();
+        if !filter_missing.is_empty() {
             tracing::warn!(
-                missing = missing.join(", "),
+                missing = filter_missing
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 "kernel BTF lacks fields the probes read: changes outside the roots are \
                  filtered in user space only"
             );
         } else if filter {
             off.filter = 1;
         }
-        off
+        (off, vfs_missing)
     }
 
     fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, BackendError> {
@@ -749,14 +811,25 @@ mod loaded {
     /// Loads the object and attaches the programs; the daemon's own tgid is ignored from
     /// the first record on, and changes outside `roots` are dropped in the kernel when
     /// `filter` is on and the kernel's BTF has every field that needs.
-    fn load(ringbuf_bytes: u32, roots: &[PathBuf], filter: bool) -> Result<Ebpf, BackendError> {
+    fn load(
+        ringbuf_bytes: u32,
+        roots: &[PathBuf],
+        filter: bool,
+        set: ProbeSet,
+    ) -> Result<Ebpf, BackendError> {
         let level = probe_log_level();
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(common::MAP_EVENTS, ringbuf_bytes)
             .override_global(aya_log::LEVEL, &level, false)
             .load(OBJECT)
             .map_err(|e| err("loading the eBPF object", e))?;
-        let mut offsets = kernel_offsets(filter);
+        let (mut offsets, vfs_missing) = kernel_offsets(filter);
+        if set == ProbeSet::Vfs && !vfs_missing.is_empty() {
+            return Err(err(
+                "vfs probes",
+                format!("the kernel's BTF lacks {}", vfs_missing.join(", ")),
+            ));
+        }
         if offsets.filter != 0 {
             let (keys, devices) =
                 super::root_filter(roots, &crate::backend::mountinfo::mounts(), |p| {
@@ -809,6 +882,38 @@ mod loaded {
                 .insert(std::process::id(), common::IGNORE_SELF, 0)
                 .map_err(|e| err("ignoring the daemon's own tgid", e))?;
         }
+        match set {
+            ProbeSet::Vfs => attach_vfs(&mut ebpf)?,
+            ProbeSet::Syscalls => attach_syscalls(&mut ebpf)?,
+        }
+        Ok(ebpf)
+    }
+
+    /// Loads and attaches the fentry/fexit programs; the first the kernel refuses ends it.
+    fn attach_vfs(ebpf: &mut Ebpf) -> Result<(), BackendError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| err("reading the kernel's BTF", e))?;
+        for &(name, function, exit) in common::VFS_PROGRAMS {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| err("eBPF object", format!("no program {name}")))?;
+            if exit {
+                let prog: &mut FExit = prog.try_into().map_err(|e| err(name, e))?;
+                prog.load(function, &btf)
+                    .map_err(|e| err(&format!("loading fexit program on {function}"), e))?;
+                prog.attach()
+                    .map_err(|e| err(&format!("attaching fexit program to {function}"), e))?;
+            } else {
+                let prog: &mut FEntry = prog.try_into().map_err(|e| err(name, e))?;
+                prog.load(function, &btf)
+                    .map_err(|e| err(&format!("loading fentry program on {function}"), e))?;
+                prog.attach()
+                    .map_err(|e| err(&format!("attaching fentry program to {function}"), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_syscalls(ebpf: &mut Ebpf) -> Result<(), BackendError> {
         for (name, tracepoint) in [
             (common::PROG_PROCESS_EXIT, "sched_process_exit"),
             (common::PROG_SYS_ENTER, "sys_enter"),
@@ -828,7 +933,40 @@ mod loaded {
                 )
             })?;
         }
-        Ok(ebpf)
+        Ok(())
+    }
+
+    /// Loads the probe set `choice` asks for: with `Auto`, the VFS set where the kernel
+    /// takes it, else the syscall set (the reason said in the log).
+    fn load_chosen(
+        ringbuf_bytes: u32,
+        roots: &[PathBuf],
+        filter: bool,
+        choice: ProbeChoice,
+    ) -> Result<(Ebpf, ProbeSet), BackendError> {
+        match choice {
+            ProbeChoice::Vfs => Ok((
+                load(ringbuf_bytes, roots, filter, ProbeSet::Vfs)?,
+                ProbeSet::Vfs,
+            )),
+            ProbeChoice::Syscalls => Ok((
+                load(ringbuf_bytes, roots, filter, ProbeSet::Syscalls)?,
+                ProbeSet::Syscalls,
+            )),
+            ProbeChoice::Auto => match load(ringbuf_bytes, roots, filter, ProbeSet::Vfs) {
+                Ok(ebpf) => Ok((ebpf, ProbeSet::Vfs)),
+                Err(e) => {
+                    tracing::info!(
+                        reason = %crate::backend::error_chain(&e),
+                        "ebpf: the vfs probe set does not load here; using the syscall probes"
+                    );
+                    Ok((
+                        load(ringbuf_bytes, roots, filter, ProbeSet::Syscalls)?,
+                        ProbeSet::Syscalls,
+                    ))
+                }
+            },
+        }
     }
 
     impl EbpfBackend {
@@ -839,7 +977,13 @@ mod loaded {
                 ));
             }
             let ringbuf_bytes = RINGBUF_BYTES.load(Ordering::Relaxed);
-            let mut ebpf = load(ringbuf_bytes, roots, KERNEL_FILTER.load(Ordering::Relaxed))?;
+            let choice = *PROBES.lock().unwrap_or_else(|e| e.into_inner());
+            let (mut ebpf, set) = load_chosen(
+                ringbuf_bytes,
+                roots,
+                KERNEL_FILTER.load(Ordering::Relaxed),
+                choice,
+            )?;
             let ring = RingBuf::try_from(
                 ebpf.take_map(common::MAP_EVENTS)
                     .ok_or_else(|| err("eBPF object", "no map EVENTS"))?,
@@ -861,13 +1005,20 @@ mod loaded {
                 ring,
                 counters,
                 probe_log,
+                set,
                 translator: Translator::new(roots),
+                vfs: VfsTranslator::new(roots, Box::new(crate::backend::mountinfo::mounts)),
                 own_pids,
                 lost_seen: 0,
                 overflows: 0,
             };
             me.lost_seen = me.counter(common::counter::LOST);
             Ok(me)
+        }
+
+        /// Which probe set is attached, for the log.
+        pub fn probes(&self) -> &'static str {
+            self.set.describe()
         }
 
         /// The sum over CPUs of counter `index`.
@@ -904,6 +1055,19 @@ mod loaded {
                     break;
                 };
                 n += 1;
+                if item.len() == std::mem::size_of::<common::VfsRecord>() {
+                    // SAFETY: the length is checked; VfsRecord is plain old data.
+                    let rec = unsafe {
+                        std::ptr::read_unaligned(item.as_ptr().cast::<common::VfsRecord>())
+                    };
+                    drop(item);
+                    if own.contains(&(rec.tgid as i32)) {
+                        self.translator.stats.own_past_filter += 1;
+                        continue;
+                    }
+                    self.vfs.translate(&rec, out);
+                    continue;
+                }
                 let Some(rec) = parse_record(&item) else {
                     continue;
                 };
@@ -972,8 +1136,14 @@ mod loaded {
                 }
             };
             let s = self.translator.stats;
+            let v = self.vfs.stats;
             tracing::info!(
-                records = s.records,
+                probes = match self.set {
+                    ProbeSet::Vfs => "vfs",
+                    ProbeSet::Syscalls => "syscalls",
+                },
+                records = s.records + v.records,
+                vfs_incomplete_paths = v.incomplete,
                 own_dropped_in_kernel = self.counter(common::counter::OWN_DROPPED),
                 outside_roots_dropped_in_kernel = self.counter(common::counter::OUTSIDE_DROPPED),
                 own_past_kernel_filter = s.own_past_filter,
@@ -987,25 +1157,39 @@ mod loaded {
         }
     }
 
-    /// Rows for `watcher check`: whether the raw tracepoint probes load and attach here.
+    /// Rows for `watcher check`: which probe set loads and attaches here, and why not.
     pub fn check() -> Vec<Support> {
-        let (ok, detail) = match load(4096, &[], false) {
-            Ok(_) => (
-                true,
-                "raw tracepoint probes on sys_enter, sys_exit and sched_process_exit load and attach; \
-                 ring buffer available (fentry/LSM probes are not built)"
-                    .to_string(),
-            ),
-            Err(e) => (false, crate::backend::error_chain(&e)),
+        let vfs = load(4096, &[], false, ProbeSet::Vfs).map(drop);
+        let syscalls = load(4096, &[], false, ProbeSet::Syscalls).map(drop);
+        let (filter_ok, _) = {
+            let (off, missing) = kernel_offsets(true);
+            (off.filter != 0, missing)
         };
+        let say = |r: &Result<(), BackendError>| match r {
+            Ok(()) => "loads and attaches".to_string(),
+            Err(e) => format!("refused: {}", crate::backend::error_chain(e)),
+        };
+        let detail = format!(
+            "probe set {}: {}; probe set {}: {}; in-kernel filter by root: {}",
+            ProbeSet::Vfs.describe(),
+            say(&vfs),
+            ProbeSet::Syscalls.describe(),
+            say(&syscalls),
+            if filter_ok {
+                "available"
+            } else {
+                "unavailable (kernel BTF lacks fields)"
+            },
+        );
         vec![Support {
             backend: "ebpf",
             path: None,
-            ok,
+            ok: vfs.is_ok() || syscalls.is_ok(),
             detail,
         }]
     }
 
+    pub use configure_probes as configure_probe_choice;
     pub use set_ringbuf_bytes as configure_ringbuf;
 }
 
@@ -1015,6 +1199,25 @@ pub fn set_ringbuf_bytes(bytes: u32) {
     loaded::configure_ringbuf(bytes);
     #[cfg(not(feature = "ebpf"))]
     let _ = bytes;
+}
+
+/// Which of the object's probe sets the ebpf backend attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeChoice {
+    /// The VFS set where the kernel accepts fentry programs, else the syscall set.
+    Auto,
+    /// fentry/fexit on VFS functions (sees kernel-internal writers); fail if refused.
+    Vfs,
+    /// Raw tracepoints on syscalls (ordinary processes only).
+    Syscalls,
+}
+
+/// Sets the probe set ebpf backends started from now on attach.
+pub fn set_probe_choice(choice: ProbeChoice) {
+    #[cfg(feature = "ebpf")]
+    loaded::configure_probe_choice(choice);
+    #[cfg(not(feature = "ebpf"))]
+    let _ = choice;
 }
 
 /// Whether ebpf backends started from now on filter changes outside the roots in the
@@ -1068,16 +1271,19 @@ mod tests {
             Mount {
                 major: 8,
                 minor: 1,
+                root: "/".into(),
                 mount_point: "/".into(),
             },
             Mount {
                 major: 0,
                 minor: 40,
+                root: "/".into(),
                 mount_point: "/data/src/scratch".into(),
             },
             Mount {
                 major: 0,
                 minor: 41,
+                root: "/".into(),
                 mount_point: "/elsewhere".into(),
             },
         ];

@@ -7,6 +7,8 @@ pub mod ebpf;
 pub mod fanotify;
 pub mod inotify;
 mod mountinfo;
+#[cfg(any(test, feature = "ebpf"))]
+mod vfs_records;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,7 +207,7 @@ fn start_ebpf(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Box<dyn Backe
     tracing::info!(
         backend = "ebpf",
         reason = "forced with --backend",
-        probes = "raw tracepoints sys_enter, sys_exit, sched_process_exit",
+        probes = backend.probes(),
         "backend selected"
     );
     Ok(Box::new(backend))

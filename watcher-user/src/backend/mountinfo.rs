@@ -37,6 +37,8 @@ pub struct Mount {
     /// The superblock's device numbers as the kernel keeps them.
     pub major: u32,
     pub minor: u32,
+    /// The directory of the filesystem that is mounted (`/` unless a bind mount).
+    pub root: std::path::PathBuf,
     pub mount_point: std::path::PathBuf,
 }
 
@@ -53,7 +55,8 @@ fn parse_mounts(text: &[u8]) -> Vec<Mount> {
     let mut out = Vec::new();
     for line in text.split(|&b| b == b'\n') {
         let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        let (Some(dev), Some(mount)) = (fields.get(2), fields.get(4)) else {
+        let (Some(dev), Some(root), Some(mount)) = (fields.get(2), fields.get(3), fields.get(4))
+        else {
             continue;
         };
         let dev = String::from_utf8_lossy(dev);
@@ -66,6 +69,7 @@ fn parse_mounts(text: &[u8]) -> Vec<Mount> {
         out.push(Mount {
             major,
             minor,
+            root: std::ffi::OsStr::from_bytes(&unescape(root)).into(),
             mount_point: std::ffi::OsStr::from_bytes(&unescape(mount)).into(),
         });
     }
@@ -111,11 +115,13 @@ mod tests {
                 Mount {
                     major: 259,
                     minor: 2,
+                    root: "/".into(),
                     mount_point: "/".into()
                 },
                 Mount {
                     major: 0,
                     minor: 35,
+                    root: "/sub".into(),
                     mount_point: "/mnt/a b".into()
                 },
             ]
