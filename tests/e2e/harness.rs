@@ -229,6 +229,12 @@ impl Daemon {
         let mut all: Vec<OsString> = vec!["sync".into(), src.into(), dst.as_ref().into()];
         all.extend(args.iter().cloned());
         if let Some(backend) = backend().filter(|_| !args.iter().any(|a| a == "--backend")) {
+            if backend == "ebpf"
+                && let Ok(probes) = std::env::var("WATCHER_E2E_EBPF_PROBES")
+            {
+                // `vfs` where the kernel takes fentry programs (a VM's distribution kernel).
+                all.extend(["--ebpf-probes".into(), probes.into()]);
+            }
             all.extend(["--backend".into(), backend.into()]);
         }
         Daemon::spawn_with(&all)

@@ -67,7 +67,7 @@ pub struct SyncArgs {
     /// Change-capture backend.
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
-    /// Size of the ebpf backend's ring buffer in bytes (a power of two, at least a page);
+    /// Size of the ebpf backend's ring buffer in bytes (a power of two, at least 16 KiB);
     /// records that do not fit are lost and turn into a rescan of every root.
     #[arg(long, value_name = "BYTES", default_value_t = crate::backend::ebpf::DEFAULT_RINGBUF_BYTES)]
     pub ebpf_ringbuf_bytes: u32,

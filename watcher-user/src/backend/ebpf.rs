@@ -646,10 +646,11 @@ mod loaded {
     }
 
     /// Sets the ring buffer size of backends started from now on (rounded up to a power
-    /// of two of at least one page).
+    /// of two of at least 16 KiB, room for three of the VFS probes' records).
     pub fn set_ringbuf_bytes(bytes: u32) {
-        let page = 4096u32;
-        RINGBUF_BYTES.store(bytes.max(page).next_power_of_two(), Ordering::Relaxed);
+        const MIN: u32 = 16 << 10;
+        const _: () = assert!(3 * std::mem::size_of::<common::VfsRecord>() < MIN as usize);
+        RINGBUF_BYTES.store(bytes.max(MIN).next_power_of_two(), Ordering::Relaxed);
     }
 
     fn err(what: &str, e: impl std::fmt::Display) -> BackendError {
