@@ -8,6 +8,9 @@
 //! status_socket = "/run/watcher/status.sock"
 //! metrics = "127.0.0.1:9469"           # loopback only; absent = no metrics endpoint
 //! rsync = "rsync"
+//! ebpf_probes = "auto"                 # backend "ebpf": "auto" | "vfs" | "syscalls"
+//! ebpf_ringbuf_bytes = 16777216        # backend "ebpf": ring buffer size
+//! ebpf_kernel_filter = true            # backend "ebpf": drop changes outside roots in the kernel
 //!
 //! [[sync]]
 //! name = "data"                        # default: the source's last component
@@ -86,6 +89,12 @@ pub struct DaemonConfig {
     pub metrics: Option<SocketAddr>,
     /// The rsync binary: a bare name looked up in `PATH` (default `rsync`) or an absolute path.
     pub rsync: PathBuf,
+    /// The ebpf backend's probe set (`auto`: VFS probes where the kernel takes them).
+    pub ebpf_probes: crate::backend::ebpf::ProbeChoice,
+    /// The ebpf backend's ring buffer size in bytes.
+    pub ebpf_ringbuf_bytes: u32,
+    /// Whether the ebpf probes drop changes outside every root in the kernel.
+    pub ebpf_kernel_filter: bool,
 }
 
 impl Default for DaemonConfig {
@@ -97,6 +106,9 @@ impl Default for DaemonConfig {
             status_socket: PathBuf::from(DEFAULT_STATUS_SOCKET),
             metrics: None,
             rsync: PathBuf::from(DEFAULT_RSYNC),
+            ebpf_probes: crate::backend::ebpf::ProbeChoice::Auto,
+            ebpf_ringbuf_bytes: crate::backend::ebpf::DEFAULT_RINGBUF_BYTES,
+            ebpf_kernel_filter: true,
         }
     }
 }
@@ -310,6 +322,9 @@ struct RawDaemon {
     status_socket: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
     rsync: Option<Spanned<String>>,
+    ebpf_probes: Option<Spanned<String>>,
+    ebpf_ringbuf_bytes: Option<Spanned<i64>>,
+    ebpf_kernel_filter: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -477,6 +492,36 @@ impl Ctx<'_> {
                     ));
                 }
             };
+        }
+        if let Some(probes) = &raw.ebpf_probes {
+            use crate::backend::ebpf::ProbeChoice;
+            config.ebpf_probes = match probes.get_ref().as_str() {
+                "auto" => ProbeChoice::Auto,
+                "vfs" => ProbeChoice::Vfs,
+                "syscalls" => ProbeChoice::Syscalls,
+                other => {
+                    return Err(self.error(
+                        &probes.span(),
+                        "daemon.ebpf_probes",
+                        format!("unknown probe set {other:?}, expected \"auto\", \"vfs\" or \"syscalls\""),
+                    ));
+                }
+            };
+        }
+        if let Some(bytes) = &raw.ebpf_ringbuf_bytes {
+            const MAX: u64 = 1 << 30;
+            let n = self.count(Some(bytes), "daemon.ebpf_ringbuf_bytes", 0, 16 << 10)?;
+            if n > MAX {
+                return Err(self.error(
+                    &bytes.span(),
+                    "daemon.ebpf_ringbuf_bytes",
+                    format!("must be at most {MAX} (1 GiB), got {n}"),
+                ));
+            }
+            config.ebpf_ringbuf_bytes = n as u32;
+        }
+        if let Some(on) = raw.ebpf_kernel_filter {
+            config.ebpf_kernel_filter = on;
         }
         if let Some(dir) = &raw.state_dir {
             config.state_dir = self.absolute(dir, "daemon.state_dir")?;
@@ -1276,6 +1321,30 @@ mod tests {
             "unknown backend \"bpf\", expected \"auto\", \"fanotify\", \"inotify\" or \"ebpf\"",
         ),
         (
+            "[daemon]\nebpf_probes = \"fentry\"\n",
+            2,
+            "daemon.ebpf_probes",
+            "unknown probe set \"fentry\", expected \"auto\", \"vfs\" or \"syscalls\"",
+        ),
+        (
+            "[daemon]\nebpf_ringbuf_bytes = 4096\n",
+            2,
+            "daemon.ebpf_ringbuf_bytes",
+            "must be at least 16384, got 4096",
+        ),
+        (
+            "[daemon]\nebpf_ringbuf_bytes = 4294967296\n",
+            2,
+            "daemon.ebpf_ringbuf_bytes",
+            "must be at most 1073741824 (1 GiB), got 4294967296",
+        ),
+        (
+            "[daemon]\nebpf_kernel_filter = \"yes\"\n",
+            2,
+            "daemon.ebpf_kernel_filter",
+            "expected true or false, got string \"yes\"",
+        ),
+        (
             "[daemon]\nstate_dir = \"var/lib/watcher\"\n",
             2,
             "daemon.state_dir",
@@ -1633,6 +1702,9 @@ state_dir = "/var/lib/watcher-test"
 status_socket = "/run/watcher-test/status.sock"
 metrics = "[::1]:9469"
 rsync = "/usr/local/bin/rsync"
+ebpf_probes = "syscalls"
+ebpf_ringbuf_bytes = 65536
+ebpf_kernel_filter = false
 
 [[sync]]
 name = "data"
@@ -1676,6 +1748,9 @@ dest = "user@host:/srv/src2"
                 status_socket: "/run/watcher-test/status.sock".into(),
                 metrics: Some("[::1]:9469".parse().expect("addr")),
                 rsync: "/usr/local/bin/rsync".into(),
+                ebpf_probes: crate::backend::ebpf::ProbeChoice::Syscalls,
+                ebpf_ringbuf_bytes: 65536,
+                ebpf_kernel_filter: false,
             }
         );
         assert_eq!(config.groups.len(), 2);

@@ -627,6 +627,10 @@ impl Engine {
         }
         let filter = builder.build()?;
         let roots: Vec<PathBuf> = config.groups.iter().map(|g| g.source.clone()).collect();
+        let d = &config.daemon;
+        backend::ebpf::set_probe_choice(d.ebpf_probes);
+        backend::ebpf::set_ringbuf_bytes(d.ebpf_ringbuf_bytes);
+        backend::ebpf::set_kernel_filter(d.ebpf_kernel_filter);
         let backend = backend::start(config.daemon.backend, &roots, own_pids.clone())
             .context("starting change capture")?;
         Ok(Prepared {

@@ -30,9 +30,6 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
     if !source.is_dir() {
         anyhow::bail!("source {} is not a directory", source.display());
     }
-    watcher::backend::ebpf::set_ringbuf_bytes(args.ebpf_ringbuf_bytes);
-    watcher::backend::ebpf::set_probe_choice(args.ebpf_probes);
-    watcher::backend::ebpf::set_kernel_filter(args.ebpf_kernel_filter == watcher::cli::Switch::On);
     let defaults = DaemonConfig::default();
     let config = Config {
         path: PathBuf::from("(command line)"),
@@ -42,6 +39,9 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
             status_socket: args.status_socket.clone().unwrap_or(defaults.status_socket),
             metrics: None,
             rsync: args.rsync,
+            ebpf_probes: args.ebpf_probes,
+            ebpf_ringbuf_bytes: args.ebpf_ringbuf_bytes,
+            ebpf_kernel_filter: args.ebpf_kernel_filter == watcher::cli::Switch::On,
         },
         groups: vec![GroupConfig {
             name: "sync".into(),
