@@ -28,7 +28,7 @@ pub enum BackendKind {
     /// One inotify watch per directory: any kernel and filesystem, but start-up walks the
     /// tree and it needs one of fs.inotify.max_user_watches per directory.
     Inotify,
-    /// eBPF probes on syscall exit (any filesystem, no per-directory set-up); needs a
+    /// eBPF probes on VFS functions or syscalls (any filesystem, no per-directory set-up); needs a
     /// binary built with the `ebpf` feature and CAP_BPF/CAP_PERFMON (root).
     Ebpf,
 }
