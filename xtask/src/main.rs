@@ -120,8 +120,10 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn on_path(tool: &str) -> bool {
+    // Debian puts admin tools (bpftool) in /usr/sbin, which a non-login PATH may lack.
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        || Path::new("/usr/sbin").join(tool).is_file()
 }
 
 /// Installs missing Debian packages; does nothing when every tool is present.

@@ -300,7 +300,17 @@ mod tests {
             eprintln!("skipped: no {VMLINUX}");
             return;
         };
-        let out = match std::process::Command::new("bpftool")
+        // Debian installs it in /usr/sbin, which a non-login PATH may lack.
+        let bpftool = ["bpftool", "/usr/sbin/bpftool"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new(b)
+                    .arg("version")
+                    .output()
+                    .is_ok()
+            })
+            .unwrap_or("bpftool");
+        let out = match std::process::Command::new(bpftool)
             .args(["btf", "dump", "file", VMLINUX, "format", "raw"])
             .output()
         {
