@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | bench`.
+//! Project tasks: `cargo xtask setup | run | test | bench | vm`.
 //!
 //! Every task installs what it needs first (idempotent, and quick when already present), so
 //! each works on a fresh machine.
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -41,11 +43,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Run a command in a qemu guest booting a stock Debian kernel (BPF LSM on), with the
+    /// host's files shared: `cargo xtask vm -- CMD [ARGS...]`.
+    Vm(vm::VmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = project_root();
+    let invoked_from = std::env::current_dir().context("reading the current directory")?;
     std::env::set_current_dir(&root).context("entering the project root")?;
     match cli.task {
         Task::Setup => {
@@ -96,6 +102,10 @@ fn main() -> anyhow::Result<()> {
                 .args(&args);
             status(&mut cmd)
         }
+        Task::Vm(args) => {
+            let code = vm::run(&root, &invoked_from, args)?;
+            std::process::exit(code)
+        }
     }
 }
 
@@ -140,27 +150,39 @@ fn setup() -> anyhow::Result<()> {
         .filter(|(tool, _)| !on_path(tool))
         .map(|(_, package)| *package)
         .collect();
+    apt_install(&missing)
+}
+
+/// Installs Debian packages with apt-get (through sudo unless root); nothing when `missing` is
+/// empty.
+fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
     if !on_path("apt-get") {
         bail!("missing {missing:?} and no apt-get to install them: install them by hand");
     }
-    let sudo: &[&str] = if nix_is_root() { &[] } else { &["sudo"] };
     eprintln!("xtask: installing {missing:?}");
-    let run = |args: &[&str]| {
-        let mut all: Vec<&str> = sudo.to_vec();
-        all.extend_from_slice(args);
-        status(
-            Command::new(all[0])
-                .args(&all[1..])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    run(&["apt-get", "update", "-qq"])?;
+    apt_update()?;
     let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
     install.extend(missing.iter().copied());
-    run(&install)
+    as_root(&install)
+}
+
+fn apt_update() -> anyhow::Result<()> {
+    as_root(&["apt-get", "update", "-qq"])
+}
+
+/// Runs an apt command, through sudo unless root.
+fn as_root(args: &[&str]) -> anyhow::Result<()> {
+    let sudo: &[&str] = if nix_is_root() { &[] } else { &["sudo"] };
+    let mut all: Vec<&str> = sudo.to_vec();
+    all.extend_from_slice(args);
+    status(
+        Command::new(all[0])
+            .args(&all[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 /// The bpf-linker release the eBPF probes are linked with.
@@ -214,11 +236,7 @@ fn setup_ebpf_toolchain() -> anyhow::Result<()> {
         })?;
     // Next to the installed bpf-linker (whose library path points here), not in this
     // checkout: a fresh clone or `cargo clean` must not break it.
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .context("neither CARGO_HOME nor HOME is set")?;
-    let prefix = cargo_home.join("watcher-llvm-prefix");
+    let prefix = cargo_home()?.join("watcher-llvm-prefix");
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
     for name in [
@@ -240,6 +258,13 @@ fn setup_ebpf_toolchain() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22", "--force"])
             .env("LLVM_PREFIX", &prefix),
     )
+}
+
+fn cargo_home() -> anyhow::Result<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")
 }
 
 fn nix_is_root() -> bool {
