@@ -12,7 +12,20 @@
 //! taken from the Debian package by `apt-get download` into a cache under the cargo home,
 //! never installed on the host; a small initramfs (busybox-static, those modules, a shell
 //! init) is written for every run, loads the modules, mounts the shares, proc, sys, dev,
-//! securityfs, debugfs, tracefs and bpffs and switches root to the host's tree.
+//! securityfs, debugfs, tracefs and bpffs and switches root to the host's tree. The
+//! kernel boots with `lsm=...,bpf`, so BPF LSM programs attach as well as fentry/fexit ones.
+//! The command's output and exit status come back over virtio console ports (files qemu
+//! appends to, relayed as they grow); the serial console carries the kernel's log only.
+//!
+//! The CPU: KVM where the host shows hardware virtualisation, else TCG, qemu's emulator
+//! (with the uncompressed kernel a TCG guest starts the command about 2.5 s after qemu does;
+//! the command itself runs several times slower than on the host). A /dev/kvm without
+//! vmx/svm (a paravirtual KVM inside a VM) cannot run a stock kernel in useful time: `auto`
+//! skips it.
+//!
+//! Limits: no network but loopback; 9p cannot report file handles to fanotify (the guest's
+//! tmpfs /tmp can, so fanotify tests keep their trees there); a run killed with Ctrl-C leaves
+//! its run directory in the temporary directory.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -389,13 +402,30 @@ fn vmlinux(bzimage: &[u8]) -> anyhow::Result<Vec<u8>> {
 /// package; works offline from the cache when apt cannot tell.
 fn kernel(requested: &str) -> anyhow::Result<Kernel> {
     let cache = crate::cargo_home()?.join("watcher-vm").join(CACHE_LAYOUT);
-    let package = match image_package(requested) {
-        Ok(p) => p,
-        Err(e) => {
-            // apt's lists may be missing (a fresh container): fetch them once.
-            crate::apt_update()?;
-            image_package(requested).context(e)?
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c);
+    if requested.is_empty() || !requested.chars().all(valid) {
+        bail!("--kernel {requested:?} is not a Debian package name");
+    }
+    let resolved = image_package(requested).or_else(|_| {
+        // apt's lists may be missing (a fresh container): fetch them once.
+        crate::apt_update()?;
+        image_package(requested)
+    });
+    // What the request resolved to last time, for when apt cannot tell (offline, say).
+    let memo = cache.join("resolved").join(requested);
+    let package = match resolved {
+        Ok(p) => {
+            std::fs::create_dir_all(cache.join("resolved"))?;
+            std::fs::write(&memo, &p)?;
+            p
         }
+        Err(e) => match std::fs::read_to_string(&memo) {
+            Ok(p) if cache.join(p.trim()).join("release").is_file() => {
+                eprintln!("xtask: vm: {e:#}; using {} as last time", p.trim());
+                p.trim().to_string()
+            }
+            _ => return Err(e),
+        },
     };
     let dir = cache.join(&package);
     if !dir.join("release").is_file() {
