@@ -25,6 +25,15 @@ pub enum Comp {
     Fanotify,
     /// `watcher sync --backend inotify`.
     Inotify,
+    /// `watcher sync --backend ebpf` (a binary built with the `ebpf` feature).
+    Ebpf,
+    /// `watcher sync --backend ebpf --ebpf-kernel-filter off`: every change of every
+    /// process goes to user space (`kernel` scenario only, with `ebpf`).
+    #[value(skip)]
+    EbpfUnfiltered,
+    /// No watcher at all: what the writes cost alone (`kernel` scenario only).
+    #[value(skip)]
+    Baseline,
     /// inotifywait piped into one rsync of the changed path per event.
     PerEvent,
     /// inotifywait piped into one `rsync -a --delete` of the whole tree per event.
@@ -36,9 +45,10 @@ pub enum Comp {
 }
 
 impl Comp {
-    pub const ALL: [Comp; 6] = [
+    pub const ALL: [Comp; 7] = [
         Comp::Fanotify,
         Comp::Inotify,
+        Comp::Ebpf,
         Comp::PerEvent,
         Comp::FullTree,
         Comp::Lsyncd,
@@ -49,6 +59,9 @@ impl Comp {
         match self {
             Comp::Fanotify => "watcher (fanotify)",
             Comp::Inotify => "watcher (inotify)",
+            Comp::Ebpf => "watcher (ebpf)",
+            Comp::EbpfUnfiltered => "watcher (ebpf, kernel filter off)",
+            Comp::Baseline => "no watcher",
             Comp::PerEvent => "per-event script",
             Comp::FullTree => "full-tree script",
             Comp::Lsyncd => "lsyncd",
@@ -60,6 +73,9 @@ impl Comp {
         match self {
             Comp::Fanotify => "fanotify",
             Comp::Inotify => "inotify",
+            Comp::Ebpf => "ebpf",
+            Comp::EbpfUnfiltered => "ebpf-unfiltered",
+            Comp::Baseline => "none",
             Comp::PerEvent => "per-event",
             Comp::FullTree => "full-tree",
             Comp::Lsyncd => "lsyncd",
@@ -67,9 +83,17 @@ impl Comp {
         }
     }
 
-    /// Whether it keeps running and follows changes (all but plain rsync).
+    /// Whether it keeps running and follows changes (all but plain rsync and no watcher).
     pub fn is_live(self) -> bool {
-        self != Comp::Rsync
+        !matches!(self, Comp::Rsync | Comp::Baseline)
+    }
+
+    /// Whether it is the watcher daemon (one of its backends).
+    pub fn is_watcher(self) -> bool {
+        matches!(
+            self,
+            Comp::Fanotify | Comp::Inotify | Comp::Ebpf | Comp::EbpfUnfiltered
+        )
     }
 
     /// The program it needs on PATH besides rsync.
@@ -119,7 +143,7 @@ impl Running {
     /// lsyncd's `Calling rsync` lines; None for the scripts.
     pub fn rsync_runs(&self) -> Option<usize> {
         match self.comp {
-            Comp::Fanotify | Comp::Inotify => Some(
+            c if c.is_watcher() => Some(
                 self.log
                     .count(self.ready_line, |l| l.contains("rsync finished")),
             ),
@@ -136,24 +160,68 @@ impl Running {
         RsyncCounter::start(self.cg.as_ref().map(|c| c.path_for_counter()), self.pid())
     }
 
+    /// CPU time of the competitor's main process alone (all its threads; for the daemon:
+    /// without the rsync processes it starts), from `/proc/PID/stat` utime + stime.
+    pub fn own_cpu(&self) -> Duration {
+        proc::own_cpu(self.pid())
+    }
+
     /// Stops it: SIGTERM for the daemon, which then logs its `stopped` summary (returned);
     /// SIGKILL for the others.
-    pub fn stop(mut self) -> Result<Option<String>> {
-        if matches!(self.comp, Comp::Fanotify | Comp::Inotify) {
+    pub fn stop(self) -> Result<Option<String>> {
+        Ok(self.stop_summary()?.daemon)
+    }
+
+    /// Stops it like [`Running::stop`], and returns the daemon's `stopped` summary and
+    /// the ebpf backend's `ebpf backend stopped` line (logged before it).
+    pub fn stop_summary(mut self) -> Result<Summary> {
+        let mut out = Summary::default();
+        if self.comp.is_watcher() {
             self.guard.stop(Signal::SIGTERM, Duration::from_secs(60))?;
             let found = self
                 .log
-                .wait_for(self.ready_line, Duration::from_secs(5), |l| {
-                    proc::has_word(l, "stopped")
-                })?;
+                .wait_for(self.ready_line, Duration::from_secs(5), is_summary)?;
             if let Wait::Found(..) = found {
-                return Ok(self.log.last_matching(|l| proc::has_word(l, "stopped")));
+                out.daemon = self.log.last_matching(is_summary);
+                out.backend = self
+                    .log
+                    .last_matching(|l| l.contains("ebpf backend stopped"));
             }
-            return Ok(None);
+            return Ok(out);
         }
         self.guard.stop(Signal::SIGKILL, Duration::from_secs(5))?;
-        Ok(None)
+        Ok(out)
     }
+}
+
+/// The daemon's `stopped` line (the ebpf backend's own `... stopped` line comes first).
+fn is_summary(l: &str) -> bool {
+    proc::has_word(l, "stopped") && l.contains("rsync_runs=")
+}
+
+/// Summary lines a stopped daemon logged.
+#[derive(Default, Debug, Clone)]
+pub struct Summary {
+    /// `stopped events=N ... rsync_runs=N`.
+    pub daemon: Option<String>,
+    /// `ebpf backend stopped records=N ...` (the ebpf backend only).
+    pub backend: Option<String>,
+}
+
+impl Summary {
+    /// A `key=N` field of the daemon's line, else of the backend's.
+    pub fn field(&self, key: &str) -> Option<f64> {
+        [&self.daemon, &self.backend]
+            .into_iter()
+            .flatten()
+            .find_map(|l| field(l, key))
+    }
+}
+
+/// The number of a `key=N` word of a log line.
+pub fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
 /// Samples the processes of a competitor every millisecond (its cgroup's `cgroup.procs`,
@@ -264,11 +332,13 @@ fn lsyncd_config(src: &Path, dst: &Path) -> Result<String> {
 pub fn command_lines(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<String>> {
     let w = env.workdir;
     Ok(match comp {
-        Comp::Fanotify | Comp::Inotify => vec![report::command_line(
-            "RUST_LOG=info watcher",
-            watcher_args(env, comp, src, dst)?,
-            w,
-        )],
+        Comp::Fanotify | Comp::Inotify | Comp::Ebpf | Comp::EbpfUnfiltered => {
+            vec![report::command_line(
+                "RUST_LOG=info watcher",
+                watcher_args(env, comp, src, dst)?,
+                w,
+            )]
+        }
         Comp::PerEvent | Comp::FullTree => {
             vec![report::bash_c_line(&script(comp, src, dst)?, w)]
         }
@@ -282,6 +352,7 @@ pub fn command_lines(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Ve
             ),
             "lsyncd lsyncd.conf.lua".to_owned(),
         ],
+        Comp::Baseline => Vec::new(),
         Comp::Rsync => vec![report::command_line(
             "rsync",
             [
@@ -296,10 +367,10 @@ pub fn command_lines(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Ve
 }
 
 fn watcher_args(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<String>> {
-    let backend = if comp == Comp::Inotify {
-        "inotify"
-    } else {
-        "fanotify"
+    let backend = match comp {
+        Comp::Inotify => "inotify",
+        Comp::Ebpf | Comp::EbpfUnfiltered => "ebpf",
+        _ => "fanotify",
     };
     let mut args: Vec<String> = vec![
         "sync".into(),
@@ -309,6 +380,9 @@ fn watcher_args(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<Str
         "--backend".into(),
         backend.into(),
     ];
+    if comp == Comp::EbpfUnfiltered {
+        args.extend(["--ebpf-kernel-filter".into(), "off".into()]);
+    }
     args.extend(env.watcher_args.iter().cloned());
     Ok(args)
 }
@@ -331,7 +405,7 @@ pub fn start(env: &Env, comp: Comp, src: &Path, dst: &Path, dirs: usize) -> Resu
         None
     };
     let mut cmd = match comp {
-        Comp::Fanotify | Comp::Inotify => {
+        Comp::Fanotify | Comp::Inotify | Comp::Ebpf | Comp::EbpfUnfiltered => {
             let mut c = Command::new(env.watcher);
             c.args(watcher_args(env, comp, src, dst)?)
                 .env("RUST_LOG", "info")
@@ -353,14 +427,14 @@ pub fn start(env: &Env, comp: Comp, src: &Path, dst: &Path, dirs: usize) -> Resu
             c.arg(conf);
             c
         }
-        Comp::Rsync => bail!("plain rsync is not a live competitor"),
+        Comp::Rsync | Comp::Baseline => bail!("{} is not a live competitor", comp.name()),
     };
     // Keep the scripts' and lsyncd's children from inheriting a locale that slows them.
     cmd.env("LC_ALL", "C");
     let spawned = Instant::now();
     let (mut guard, log) = proc::spawn_logged(comp.key(), cmd, env.echo, cg.as_ref())?;
     let deadline = spawned + READY_TIMEOUT;
-    let (ready_after, ready_line) = if matches!(comp, Comp::Fanotify | Comp::Inotify) {
+    let (ready_after, ready_line) = if comp.is_watcher() {
         match log.wait_for(0, READY_TIMEOUT, |l| proc::has_word(l, "ready"))? {
             Wait::Found(i, at) => (at - spawned, i),
             Wait::Eof => bail!(

@@ -244,6 +244,12 @@ fn run() -> Result<bool> {
         }
         _ => true,
     });
+    if comps.contains(&Comp::Ebpf)
+        && let Err(why) = ebpf_support(&watcher)
+    {
+        notes.push(format!("{} skipped: {why}", Comp::Ebpf.name()));
+        comps.retain(|c| *c != Comp::Ebpf);
+    }
 
     let base = cli.workdir.clone().unwrap_or_else(std::env::temp_dir);
     let image = match &cli.loop_image {
@@ -457,6 +463,30 @@ fn run() -> Result<bool> {
     scratch.close().context("removing the scratch directory")?;
     drop(image);
     Ok(all_ok)
+}
+
+/// Whether `watcher check` says the ebpf backend loads here; why not otherwise.
+fn ebpf_support(watcher: &Path) -> std::result::Result<(), String> {
+    let out = Command::new(watcher)
+        .arg("check")
+        .output()
+        .map_err(|e| format!("running `watcher check`: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("ebpf"))
+        .ok_or_else(|| {
+            "`watcher check` has no ebpf row (a watcher without the backend)".to_owned()
+        })?;
+    let mut words = row.split_whitespace().skip(1);
+    if words.next() == Some("yes") {
+        return Ok(());
+    }
+    let detail: Vec<&str> = words.skip(1).collect();
+    Err(format!(
+        "`watcher check`: {} (build with `--features watcher-user/ebpf`)",
+        detail.join(" ")
+    ))
 }
 
 fn filesystem(base: &Path, loop_image: bool, size: Option<&str>) -> String {

@@ -420,16 +420,26 @@ pub fn rss_kib(pid: i32) -> Result<u64> {
 /// User + system CPU time of a process and of its reaped children (utime, stime, cutime,
 /// cstime of `/proc/PID/stat`); zero for a process that is gone.
 fn cpu_with_children(pid: i32) -> Duration {
+    stat_cpu(pid, 11..15)
+}
+
+/// User + system CPU time of a process alone, every thread of it (utime and stime of
+/// `/proc/PID/stat`), without its children; zero for a process that is gone.
+pub fn own_cpu(pid: i32) -> Duration {
+    stat_cpu(pid, 11..13)
+}
+
+/// The sum of some clock-tick fields of `/proc/PID/stat`, counted after the command name
+/// (index 0 is the state).
+fn stat_cpu(pid: i32, fields: std::ops::Range<usize>) -> Duration {
     let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
     let Some(close) = s.rfind(')') else {
         return Duration::ZERO;
     };
-    let fields: Vec<&str> = s[close + 1..].split_whitespace().collect();
-    let ticks: u64 = (11..15)
-        .filter_map(|i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
+    let all: Vec<&str> = s[close + 1..].split_whitespace().collect();
+    let ticks: u64 = fields.filter_map(|i| all.get(i)?.parse::<u64>().ok()).sum();
     Duration::from_nanos(ticks * 1_000_000_000 / clock_ticks())
 }
 

@@ -56,7 +56,19 @@ pub struct Section {
     /// (name, unit, whether ratios are meaningful)
     pub columns: Vec<(String, Unit, bool)>,
     pub lines: Vec<Line>,
+    /// Pairs (a, b) whose ratios a / b are shown under the table.
+    pub ratios: Vec<(Comp, Comp)>,
+    /// What the ratios mean, shown above them.
+    pub ratio_note: String,
 }
+
+/// The ratios of most sections: the scripts and lsyncd against each watcher backend.
+const RATIOS: [(Comp, Comp); 4] = [
+    (Comp::PerEvent, Comp::Fanotify),
+    (Comp::Lsyncd, Comp::Fanotify),
+    (Comp::PerEvent, Comp::Inotify),
+    (Comp::Lsyncd, Comp::Inotify),
+];
 
 impl Section {
     pub fn new(title: &str, intro: Vec<String>, columns: &[(&str, Unit, bool)]) -> Self {
@@ -68,7 +80,16 @@ impl Section {
                 .map(|(n, u, r)| ((*n).to_owned(), *u, *r))
                 .collect(),
             lines: Vec::new(),
+            ratios: RATIOS.to_vec(),
+            ratio_note: "Ratios (competitor / watcher, of the medians; per-run range in brackets; above 1 means watcher is lower):".to_owned(),
         }
+    }
+
+    /// Shows the ratios of these pairs instead, explained by `note`.
+    pub fn with_ratios(mut self, pairs: &[(Comp, Comp)], note: &str) -> Self {
+        self.ratios = pairs.to_vec();
+        self.ratio_note = note.to_owned();
+        self
     }
 
     /// The line of `comp` in `group`, created empty if missing.
@@ -145,12 +166,7 @@ impl Section {
 
     /// Ratios competitor / watcher of the medians, with the range of the per-run ratios.
     fn render_ratios(&self, out: &mut String, show_group: bool) {
-        let pairs = [
-            (Comp::PerEvent, Comp::Fanotify),
-            (Comp::Lsyncd, Comp::Fanotify),
-            (Comp::PerEvent, Comp::Inotify),
-            (Comp::Lsyncd, Comp::Inotify),
-        ];
+        let pairs = &self.ratios;
         let mut rows = Vec::new();
         for g in self.groups() {
             for (c, col) in self.columns.iter().enumerate() {
@@ -179,7 +195,7 @@ impl Section {
         if rows.is_empty() {
             return;
         }
-        out.push_str("\nRatios (competitor / watcher, of the medians; per-run range in brackets; above 1 means watcher is lower):\n\n");
+        out.push_str(&format!("\n{}\n\n", self.ratio_note));
         let mut head = Vec::new();
         if show_group {
             head.push("case".to_owned());

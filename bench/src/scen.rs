@@ -611,7 +611,7 @@ impl Ctx {
             ],
         );
         for _rep in 0..self.repeat {
-            for c in [Comp::Fanotify, Comp::Inotify] {
+            for c in [Comp::Fanotify, Comp::Inotify, Comp::Ebpf] {
                 if !self.comps.contains(&c) {
                     continue;
                 }
