@@ -12,6 +12,7 @@
 //! stops; the generated trees, cgroups and the loop image are removed.
 
 mod comp;
+mod kernel;
 mod proc;
 mod report;
 mod scen;
@@ -36,6 +37,7 @@ enum Scenario {
     Burst,
     Churn,
     Scale,
+    Kernel,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -321,13 +323,18 @@ fn run() -> Result<bool> {
         ctx.report.note(n);
     }
     let scenarios = if cli.scenarios.is_empty() {
-        vec![
+        let mut v = vec![
             Scenario::Ready,
             Scenario::Latency,
             Scenario::Burst,
             Scenario::Churn,
             Scenario::Scale,
-        ]
+        ];
+        // The ebpf backend against fanotify: only when there is an ebpf backend to run.
+        if ctx.comps.contains(&Comp::Ebpf) {
+            v.push(Scenario::Kernel);
+        }
+        v
     } else {
         cli.scenarios.clone()
     };
@@ -343,6 +350,7 @@ fn run() -> Result<bool> {
             Scenario::Burst => ctx.burst(),
             Scenario::Churn => ctx.churn(),
             Scenario::Scale => ctx.scale(),
+            Scenario::Kernel => ctx.kernel(),
         };
         if let Err(e) = r {
             proc::check_interrupted()?;

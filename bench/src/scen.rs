@@ -45,6 +45,10 @@ pub struct Sizes {
     pub churn_rate: u64,
     pub converge_timeout: Duration,
     pub scale_secs: u64,
+    /// New files of the `kernel` scenario (inside the root, and again outside it).
+    pub kernel_files: usize,
+    /// How long the replica may take to have the new files of `kernel`.
+    pub kernel_timeout: Duration,
 }
 
 impl Sizes {
@@ -60,6 +64,8 @@ impl Sizes {
             churn_rate: 200,
             converge_timeout: Duration::from_secs(120),
             scale_secs: 15,
+            kernel_files: 100_000,
+            kernel_timeout: Duration::from_secs(300),
         }
     }
 
@@ -75,6 +81,8 @@ impl Sizes {
             churn_rate: 100,
             converge_timeout: Duration::from_secs(30),
             scale_secs: 2,
+            kernel_files: 20_000,
+            kernel_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -101,7 +109,7 @@ fn color(c: Comp) -> usize {
 }
 
 impl Ctx {
-    fn env(&self) -> Env<'_> {
+    pub(crate) fn env(&self) -> Env<'_> {
         Env {
             watcher: &self.watcher,
             watcher_args: &self.watcher_args,
@@ -115,14 +123,26 @@ impl Ctx {
         self.comps.iter().copied().filter(|c| c.is_live()).collect()
     }
 
-    fn record(&mut self, scenario: &str, comp: Comp, src: &Path, dst: &Path) -> Result<()> {
+    pub(crate) fn record(
+        &mut self,
+        scenario: &str,
+        comp: Comp,
+        src: &Path,
+        dst: &Path,
+    ) -> Result<()> {
         let lines = comp::command_lines(&self.env(), comp, src, dst)?;
         self.report
             .command(&format!("{scenario}: {}", comp.name()), lines);
         Ok(())
     }
 
-    fn start(&mut self, scenario: &str, comp: Comp, tree: &Tree, dst: &Path) -> Result<Running> {
+    pub(crate) fn start(
+        &mut self,
+        scenario: &str,
+        comp: Comp,
+        tree: &Tree,
+        dst: &Path,
+    ) -> Result<Running> {
         self.record(scenario, comp, &tree.root, dst)?;
         comp::start(&self.env(), comp, &tree.root, dst, tree.dirs())
     }
@@ -703,7 +723,7 @@ impl Ctx {
 }
 
 /// `rsync -a --delete src/ dst/` (seeding or resetting a replica).
-fn seed(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn seed(src: &Path, dst: &Path) -> Result<()> {
     let st = Command::new("rsync")
         .arg("-a")
         .arg("--delete")
@@ -791,7 +811,7 @@ struct BurstOut {
     curve: Vec<(f64, f64)>,
 }
 
-fn burst_content(d: usize, f: usize) -> String {
+pub(crate) fn burst_content(d: usize, f: usize) -> String {
     format!("burst {d} {f}\n")
 }
 
@@ -852,7 +872,7 @@ fn burst_run(
 }
 
 /// Number of replica files of the burst whose contents are wrong.
-fn verify(dst_dirs: &[PathBuf], per_dir: usize) -> Result<usize> {
+pub(crate) fn verify(dst_dirs: &[PathBuf], per_dir: usize) -> Result<usize> {
     let mut bad = 0;
     for (d, dir) in dst_dirs.iter().enumerate() {
         proc::check_interrupted()?;
@@ -901,7 +921,11 @@ fn create_fast(root: &Path, d: Duration) -> Result<usize> {
 
 /// Polls `rsync -anic --delete` until no content difference is left or `timeout`.
 /// Returns when it converged, and the differing lines (all, content) of the last check.
-fn converge(src: &Path, dst: &Path, timeout: Duration) -> Result<(Option<Instant>, usize, usize)> {
+pub(crate) fn converge(
+    src: &Path,
+    dst: &Path,
+    timeout: Duration,
+) -> Result<(Option<Instant>, usize, usize)> {
     let deadline = Instant::now() + timeout;
     loop {
         proc::check_interrupted()?;
