@@ -38,7 +38,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Build in release mode and run the benchmarks (arguments go to watcher-bench).
+    /// Build in release mode (with the ebpf backend when its toolchain is there) and run
+    /// the benchmarks (arguments go to watcher-bench).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -88,14 +89,35 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { args } => {
             setup()?;
-            status(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "watcher-user",
-                "-p",
-                "watcher-bench",
-            ]))?;
+            // With the ebpf backend in when its toolchain is there (the `ebpf` competitor
+            // and the `kernel` scenario); without it, the harness skips them with a note.
+            let build = |ebpf: bool| {
+                let mut cmd = cargo();
+                cmd.args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "watcher-user",
+                    "-p",
+                    "watcher-bench",
+                ]);
+                if ebpf {
+                    cmd.args(["--features", "watcher-user/ebpf"]);
+                }
+                status(&mut cmd)
+            };
+            let with_ebpf = match setup_ebpf_toolchain() {
+                Ok(()) => build(true).map_err(|e| {
+                    eprintln!("xtask: building with the ebpf backend failed ({e:#}); benchmarking without it");
+                }),
+                Err(e) => {
+                    eprintln!("xtask: no toolchain for the ebpf backend ({e:#}); benchmarking without it");
+                    Err(())
+                }
+            };
+            if with_ebpf.is_err() {
+                build(false)?;
+            }
             let mut cmd = Command::new(root.join("target/release/watcher-bench"));
             cmd.arg("--watcher")
                 .arg(root.join("target/release/watcher"))
