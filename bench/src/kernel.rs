@@ -341,6 +341,7 @@ impl Ctx {
                 ("rsync CPU per 100,000", Unit::Secs, true),
                 ("rsync runs", Unit::Count, false),
                 ("writer CPU per 100,000", Unit::Secs, true),
+                ("overflows", Unit::Count, false),
             ],
         )
         .with_ratios(&RATIOS[..1], RATIO_NOTE);
@@ -442,6 +443,7 @@ impl Ctx {
                     sec.push(group, c, 5, Some(per(rsync.as_secs_f64(), w.created)));
                     sec.push(group, c, 6, summary.field("rsync_runs"));
                     sec.push(group, c, 7, Some(per(w.cpu.as_secs_f64(), w.created)));
+                    sec.push(group, c, 8, summary.field("overflows"));
                     check_summary(self, &format!("kernel inside ({group})"), c, &summary);
                 }
             }
@@ -674,6 +676,18 @@ fn check_summary(ctx: &mut Ctx, what: &str, c: Comp, s: &Summary) {
             "{what} ({}): {n} rescans of the root{unresolved}",
             c.name()
         ));
+    }
+    if let Some(probes) = s.backend.as_deref().and_then(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("probes="))
+            .map(|p| p.trim_matches('"').to_owned())
+    }) {
+        let note = format!(
+            "kernel: the ebpf backend ran with its `{probes}` probe set (`--ebpf-probes auto`; the `ebpf backend stopped` line)"
+        );
+        if !ctx.report.notes.contains(&note) {
+            ctx.report.note(note);
+        }
     }
     if matches!(c, Comp::Ebpf | Comp::EbpfUnfiltered) && s.backend.is_none() {
         ctx.report.note(format!(

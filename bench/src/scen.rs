@@ -81,7 +81,7 @@ impl Sizes {
             churn_rate: 100,
             converge_timeout: Duration::from_secs(30),
             scale_secs: 2,
-            kernel_files: 20_000,
+            kernel_files: 50_000,
             kernel_timeout: Duration::from_secs(60),
         }
     }
