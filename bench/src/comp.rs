@@ -517,3 +517,26 @@ pub fn rsync_once(env: &Env, src: &Path, dst: &Path) -> Result<(Duration, Durati
     }
     Ok((wall, cpu))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_lines() {
+        let backend = r#"2026-11-22T03:38:03.382585Z  INFO ebpf backend stopped probes="syscalls" records=102065 own_dropped_in_kernel=1196 outside_roots_dropped_in_kernel=100014 overflows=0"#;
+        let daemon = "2026-11-22T03:38:03.383861Z  INFO stopped events=2 event_batches=1 overflows=0 rescans=0 rsync_runs=1 unsynced=0";
+        assert!(!is_summary(backend));
+        assert!(is_summary(daemon));
+        let s = Summary {
+            daemon: Some(daemon.to_owned()),
+            backend: Some(backend.to_owned()),
+        };
+        assert_eq!(s.field("events"), Some(2.0));
+        assert_eq!(s.field("records"), Some(102_065.0));
+        assert_eq!(s.field("outside_roots_dropped_in_kernel"), Some(100_014.0));
+        // The daemon's line first: its overflows, not the backend's.
+        assert_eq!(s.field("rsync_runs"), Some(1.0));
+        assert_eq!(field(backend, "dropped_in_kernel"), None);
+    }
+}

@@ -375,7 +375,7 @@ impl Ctx {
                         sec.push(group, c, 7, Some(per(w.cpu.as_secs_f64(), w.created)));
                         continue;
                     }
-                    let r = match self.start("kernel (inside the root)", c, &tree, &dst) {
+                    let r = match self.start("kernel (inside the root)", c, &tree, dst) {
                         Ok(r) => r,
                         Err(e) => {
                             proc::check_interrupted()?;
@@ -488,7 +488,7 @@ impl Ctx {
                     thousands(ndirs),
                     dur(CHANGE_TIMEOUT)
                 ),
-                "Delivered to user space: the events the fanotify backend read, the records the ebpf probes put in the ring buffer (per 100,000 creates; from start to stop of the daemon, so a few are not from the writes: the ebpf probes see every process of the machine). Dropped in the kernel: the `outside_roots_dropped_in_kernel` count of the ebpf backend (absent from daemons without the in-kernel filter). Daemon CPU: its own process, from the first create until its CPU time stopped growing after the writes. Writer CPU: the harness's writer threads (`getrusage(RUSAGE_THREAD)`), which pay for the probes and fanotify's queueing in the kernel. `watcher (ebpf, kernel filter off)` runs with `--ebpf-kernel-filter off`: every change goes to user space, which drops what is outside the root.".to_owned(),
+                "Delivered to user space: the events the fanotify backend read, the records the ebpf probes put in the ring buffer (per 100,000 creates; counted from start to stop of the daemon, so a few hundred are not from these writes: the root change and its replication, the final comparison, and for ebpf every other process of the machine). Dropped in the kernel: the `outside_roots_dropped_in_kernel` count of the ebpf backend (absent from daemons without the in-kernel filter). Daemon CPU: its own process, from the first create until its CPU time stopped growing after the writes. Writer CPU: the harness's writer threads (`getrusage(RUSAGE_THREAD)`), which pay for the probes and fanotify's queueing in the kernel. `watcher (ebpf, kernel filter off)` runs with `--ebpf-kernel-filter off`: every change goes to user space, which drops what is outside the root.".to_owned(),
             ],
             &[
                 ("writing (creates + deletes)", Unit::Secs, true),
