@@ -444,7 +444,12 @@ impl Ctx {
                     sec.push(group, c, 6, summary.field("rsync_runs"));
                     sec.push(group, c, 7, Some(per(w.cpu.as_secs_f64(), w.created)));
                     sec.push(group, c, 8, summary.field("overflows"));
-                    check_summary(self, &format!("kernel inside ({group})"), c, &summary);
+                    check_summary(
+                        self,
+                        &format!("kernel inside ({group}, {})", c.name()),
+                        c,
+                        &summary,
+                    );
                 }
             }
         }
@@ -590,7 +595,12 @@ impl Ctx {
                             ));
                         }
                         summary = r.stop_summary()?;
-                        check_summary(self, &format!("kernel busy ({group})"), c, &summary);
+                        check_summary(
+                            self,
+                            &format!("kernel busy ({group}, {})", c.name()),
+                            c,
+                            &summary,
+                        );
                         if latency.is_none() {
                             self.report.note(format!(
                                 "kernel busy ({group}, {}): the change in the root was not in the replica within {}",
@@ -655,8 +665,7 @@ impl Ctx {
 fn check_summary(ctx: &mut Ctx, what: &str, c: Comp, s: &Summary) {
     if s.daemon.is_none() {
         ctx.report.note(format!(
-            "{what} ({}): no `stopped` line from the daemon after SIGTERM",
-            c.name()
+            "{what}: no `stopped` line from the daemon after SIGTERM",
         ));
     }
     let rescans = s
@@ -672,10 +681,8 @@ fn check_summary(ctx: &mut Ctx, what: &str, c: Comp, s: &Summary) {
             .map_or_else(String::new, |u| {
                 format!(" ({u} paths the ebpf backend could not resolve)")
             });
-        ctx.report.note(format!(
-            "{what} ({}): {n} rescans of the root{unresolved}",
-            c.name()
-        ));
+        ctx.report
+            .note(format!("{what}: {n} rescans of the root{unresolved}",));
     }
     if let Some(probes) = s.backend.as_deref().and_then(|l| {
         l.split_whitespace()
@@ -690,9 +697,7 @@ fn check_summary(ctx: &mut Ctx, what: &str, c: Comp, s: &Summary) {
         }
     }
     if matches!(c, Comp::Ebpf | Comp::EbpfUnfiltered) && s.backend.is_none() {
-        ctx.report.note(format!(
-            "{what} ({}): no `ebpf backend stopped` line",
-            c.name()
-        ));
+        ctx.report
+            .note(format!("{what}: no `ebpf backend stopped` line",));
     }
 }
