@@ -93,6 +93,8 @@ pub struct KernelOffsets {
     pub ki_filp: u32,
     pub rd_old_dentry: u32,
     pub rd_new_dentry: u32,
+    /// open_flags.open_flag (offset 0 is a real offset here).
+    pub open_flag: u32,
 }
 
 /// Bytes of a path the VFS probes build from a dentry, leaf first.
@@ -123,8 +125,8 @@ pub struct VfsRecord {
 
 /// Operations of [`VfsRecord`]s.
 pub mod vfs_op {
-    /// A new file, device node, symlink or hard link (vfs_create, vfs_mknod,
-    /// vfs_symlink, vfs_link).
+    /// A new file, device node, symlink or hard link (an open with O_CREAT, vfs_create,
+    /// vfs_mknod, vfs_symlink, vfs_link).
     pub const CREATE: u32 = 101;
     pub const MKDIR: u32 = 102;
     /// vfs_unlink (a file) or vfs_rmdir (a directory, `DIR` set).
@@ -143,6 +145,7 @@ pub mod vfs_op {
 
 /// The VFS functions the VFS probe set attaches to: (program, kernel function, fexit?).
 pub const VFS_PROGRAMS: &[(&str, &str, bool)] = &[
+    ("watcher_filp_open", "do_filp_open", true),
     ("watcher_vfs_create", "vfs_create", true),
     ("watcher_vfs_mkdir", "vfs_mkdir", true),
     ("watcher_vfs_mknod", "vfs_mknod", true),

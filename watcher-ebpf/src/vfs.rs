@@ -18,6 +18,7 @@ use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_
 use aya_ebpf::macros::{fentry, fexit, map};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{FEntryContext, FExitContext};
+use watcher_ebpf_common::abi::O_CREAT;
 use watcher_ebpf_common::{KernelOffsets, VFS_PATH_BUF, VFS_PATH_LEN, VfsRecord, counter, vfs_op};
 
 use crate::probes::{CONFIG, EVENTS, bump, ignored, lost, outside_roots, read_ptr};
@@ -112,10 +113,14 @@ fn outside(dentry: u64, other: u64, off: &KernelOffsets) -> bool {
     parent_outside(dentry) && (other == 0 || parent_outside(other))
 }
 
-/// Whether the current process is the daemon or one of its children.
+/// Whether the current process is the daemon or one of its children (counted).
 #[inline(always)]
 fn own() -> bool {
-    ignored((bpf_get_current_pid_tgid() >> 32) as u32)
+    let own = ignored((bpf_get_current_pid_tgid() >> 32) as u32);
+    if own {
+        bump(counter::OWN_DROPPED);
+    }
+    own
 }
 
 /// Reports `op` on `dentry`.
@@ -171,6 +176,35 @@ fn written<C: EbpfContext>(ctx: &C, file: u64) {
     }
     let _ = WRITTEN.insert(&inode, &1, 0);
     report(ctx, vfs_op::MODIFY, file_dentry(file, off));
+}
+
+/// Opens with O_CREAT: regular files made by open(2), openat2 and io_uring do not go
+/// through vfs_create (the filesystem's create is called directly).
+#[fexit(function = "do_filp_open")]
+pub fn watcher_filp_open(ctx: FExitContext) -> i32 {
+    // The return value follows the three arguments: a struct file, or an error number
+    // in the last page of the address space (ERR_PTR).
+    let file: u64 = ctx.arg(3);
+    if file == 0 || file >= -4095i64 as u64 {
+        return 0;
+    }
+    let Some(off) = CONFIG.get(0) else {
+        return 0;
+    };
+    let flags: u64 = ctx.arg(2);
+    let mut open_flag = 0u32;
+    // SAFETY: kernel memory read through the checking helper.
+    unsafe {
+        bpf_probe_read_kernel(
+            (&mut open_flag as *mut u32).cast(),
+            4,
+            (flags + off.open_flag as u64) as *const core::ffi::c_void,
+        )
+    };
+    if open_flag & O_CREAT != 0 {
+        report(&ctx, vfs_op::CREATE, file_dentry(file, off));
+    }
+    0
 }
 
 #[fexit(function = "vfs_create")]

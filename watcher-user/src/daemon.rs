@@ -113,6 +113,8 @@ struct FlushDone {
     batch: Batch,
     class: ExitClass,
     code: Option<i32>,
+    /// An rsync run was killed by a signal.
+    killed: bool,
     detail: String,
     runs: u64,
     /// Paths rsync itemized (verify passes count repairs this way).
@@ -261,6 +263,7 @@ async fn flush(
         batch,
         class: ExitClass::Success,
         code: Some(0),
+        killed: false,
         detail: String::new(),
         runs: 0,
         itemized: 0,
@@ -320,6 +323,7 @@ async fn flush(
                     }
                 }
                 done.code = r.code;
+                done.killed = r.code.is_none();
                 if r.class != ExitClass::Success {
                     done.class = r.class;
                     done.detail = format!(
@@ -1015,7 +1019,13 @@ impl Engine {
             }
             ExitClass::Transient => {
                 let oldest = flight.map(|f| f.oldest).unwrap_or(now);
-                t.dirty.merge(done.batch);
+                if done.killed {
+                    // rsync killed by a signal (the OOM killer, an admin) leaves its
+                    // temporary files behind: sync the directories it was working in.
+                    t.dirty.merge_widened(done.batch);
+                } else {
+                    t.dirty.merge(done.batch);
+                }
                 t.dirty_since = Some(t.dirty_since.map_or(oldest, |d| d.min(oldest)));
                 if shutting_down {
                     tracing::error!(target = %t.target, paths = t.dirty.len(),
@@ -1039,7 +1049,8 @@ impl Engine {
             }
             ExitClass::SourceRace => {
                 let oldest = flight.map(|f| f.oldest).unwrap_or(now);
-                t.dirty.merge(done.batch);
+                // The abort may leave a temporary file where a transfer was under way.
+                t.dirty.merge_widened(done.batch);
                 t.dirty_since = Some(t.dirty_since.map_or(oldest, |d| d.min(oldest)));
                 t.retries_total += 1;
                 if t.race_streak >= RACES_BEFORE_WHOLE_TREE {

@@ -157,6 +157,18 @@ impl DirtySet {
             self.mark(rel, Scope::Entry);
         }
     }
+
+    /// Puts back a batch whose rsync run was cut short: its entries' directories become
+    /// subtrees, so the next run (recursive, with --delete) also removes what the cut
+    /// left behind there, such as rsync's temporary `.NAME.XXXXXX` files.
+    pub fn merge_widened(&mut self, batch: Batch) {
+        for rel in &batch.subtrees {
+            self.mark(rel, Scope::Subtree);
+        }
+        for rel in &batch.entries {
+            self.mark(rel.parent().unwrap_or(Path::new("")), Scope::Subtree);
+        }
+    }
 }
 
 impl DirtySet {
@@ -275,6 +287,18 @@ mod tests {
             assert!(set.is_empty(), "row {i}: take empties the set");
             assert_eq!(set.take(), Batch::default(), "row {i}: second take");
         }
+    }
+
+    #[test]
+    fn a_cut_batch_comes_back_with_its_directories_as_subtrees() {
+        let mut set = DirtySet::new();
+        set.mark(Path::new("other"), E);
+        set.merge_widened(batch(&["a/b/f", "a/g", "top"], &["s/t"]));
+        // "top" lies in the root: the whole tree, which covers everything else.
+        assert_eq!(set.take(), batch(&[], &[""]));
+        let mut set = DirtySet::new();
+        set.merge_widened(batch(&["a/b/f", "a/b/g", "c/d"], &["s/t"]));
+        assert_eq!(set.take(), batch(&[], &["a/b", "c", "s/t"]));
     }
 
     #[test]

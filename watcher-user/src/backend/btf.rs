@@ -218,6 +218,7 @@ mod tests {
         ("kiocb", "ki_filp"),
         ("renamedata", "old_dentry"),
         ("renamedata", "new_dentry"),
+        ("open_flags", "open_flag"),
     ];
 
     /// `bpftool btf dump format raw`, parsed: type id -> (kind, name, type id it refers

@@ -717,8 +717,10 @@ mod loaded {
             ki_filp: field("kiocb", "ki_filp"),
             rd_old_dentry: field("renamedata", "old_dentry"),
             rd_new_dentry: field("renamedata", "new_dentry"),
+            open_flag: field("open_flags", "open_flag"),
         };
-        const VFS_ONLY: [&str; 6] = [
+        const VFS_ONLY: [&str; 7] = [
+            "open_flags.open_flag",
             "dentry.d_name.name",
             "file.f_mode",
             "file.f_inode",
