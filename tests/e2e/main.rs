@@ -891,13 +891,13 @@ fn sigterm_flushes_pending_changes() {
     assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after exit"));
 }
 
-/// Stands in for rsync: while `races-left` beside it holds a positive count, a listed
-/// (non-recursive) run fails the way rsync 3.4+ does when a listed directory vanishes
+/// Stands in for rsync: while `races-left` beside it holds a positive count, a run with a
+/// list (`--files-from`) fails the way rsync 3.4+ does when a listed directory vanishes
 /// while it builds its file list; otherwise it runs the real rsync.
 const RACING_RSYNC: &str = r#"#!/bin/sh
 left="$(dirname "$0")/races-left"
 for arg in "$@"; do
-    if [ "$arg" = "--no-recursive" ] && [ -s "$left" ] && [ "$(cat "$left")" -gt 0 ]; then
+    if [ "$arg" = "--files-from=-" ] && [ -s "$left" ] && [ "$(cat "$left")" -gt 0 ]; then
         echo $(( $(cat "$left") - 1 )) > "$left"
         cat > /dev/null
         echo 'ABORTING due to invalid path from sender: gone/child' >&2
@@ -909,8 +909,9 @@ exec rsync "$@"
 "#;
 
 /// rsync aborting with "invalid path from sender" (code 2) is the source changing under
-/// it, not a protocol problem: the daemon retries, turns a run of such aborts into one
-/// whole-tree sync, and keeps the target.
+/// it, not a protocol problem: the daemon retries with the batch's directories as
+/// subtrees, turns three such aborts in a row into one whole-tree sync (which has no list
+/// to abort on), and keeps the target.
 #[test]
 fn source_races_are_retried_not_fatal() {
     let Some(_timer) = harness::begin("source_races_are_retried_not_fatal") else {
@@ -928,8 +929,8 @@ fn source_races_are_retried_not_fatal() {
 
     // Three aborts in a row: the limit after which the next run covers the whole tree.
     write(&races_left, "3\n");
-    mkdir_p(&s.src.join("dir"));
-    write(&s.src.join("dir/file"), "after three aborted runs\n");
+    mkdir_p(&s.src.join("dir/sub"));
+    write(&s.src.join("dir/sub/file"), "after three aborted runs\n");
     d.wait_for_line("syncing the whole tree", CONVERGE_TIMEOUT);
     let finished = d.count("rsync finished");
     d.wait_for_count("rsync finished", finished + 1, CONVERGE_TIMEOUT);
@@ -940,9 +941,10 @@ fn source_races_are_retried_not_fatal() {
         "{ctx}: the target was given up"
     );
 
-    // One more abort is retried alone, and the target still follows changes.
+    // One abort is retried as a recursive run of the file's directory, and the target
+    // still follows changes.
     write(&races_left, "1\n");
-    write(&s.src.join("dir/file"), "after one more\n");
+    write(&s.src.join("dir/sub/file"), "after one more\n");
     d.wait_for("the last abort", CONVERGE_TIMEOUT, |_| {
         read_left().trim() == "0"
     });

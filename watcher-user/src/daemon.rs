@@ -1022,7 +1022,9 @@ impl Engine {
                 if done.killed {
                     // rsync killed by a signal (the OOM killer, an admin) leaves its
                     // temporary files behind: sync the directories it was working in.
-                    t.dirty.merge_widened(done.batch);
+                    let root = t.root.clone();
+                    t.dirty
+                        .merge_widened(done.batch, |rel| is_dir(&root.join(rel)));
                 } else {
                     t.dirty.merge(done.batch);
                 }
@@ -1050,7 +1052,9 @@ impl Engine {
             ExitClass::SourceRace => {
                 let oldest = flight.map(|f| f.oldest).unwrap_or(now);
                 // The abort may leave a temporary file where a transfer was under way.
-                t.dirty.merge_widened(done.batch);
+                let root = t.root.clone();
+                t.dirty
+                    .merge_widened(done.batch, |rel| is_dir(&root.join(rel)));
                 t.dirty_since = Some(t.dirty_since.map_or(oldest, |d| d.min(oldest)));
                 t.retries_total += 1;
                 if t.race_streak >= RACES_BEFORE_WHOLE_TREE {
@@ -1081,6 +1085,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether `path` is a directory now (not following a symlink).
+fn is_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
 /// Starts the reader thread: it owns the backend and forwards event batches.

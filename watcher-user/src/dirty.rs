@@ -158,15 +158,20 @@ impl DirtySet {
         }
     }
 
-    /// Puts back a batch whose rsync run was cut short: its entries' directories become
-    /// subtrees, so the next run (recursive, with --delete) also removes what the cut
-    /// left behind there, such as rsync's temporary `.NAME.XXXXXX` files.
-    pub fn merge_widened(&mut self, batch: Batch) {
+    /// Puts back a batch whose rsync run was cut short: the directories of its entries
+    /// that are not directories themselves (`is_dir`) become subtrees, so the next run
+    /// (recursive, with --delete) also removes what the cut left behind there, such as
+    /// rsync's temporary `.NAME.XXXXXX` files.
+    pub fn merge_widened(&mut self, batch: Batch, is_dir: impl Fn(&Path) -> bool) {
         for rel in &batch.subtrees {
             self.mark(rel, Scope::Subtree);
         }
         for rel in &batch.entries {
-            self.mark(rel.parent().unwrap_or(Path::new("")), Scope::Subtree);
+            if is_dir(rel) {
+                self.mark(rel, Scope::Entry);
+            } else {
+                self.mark(rel.parent().unwrap_or(Path::new("")), Scope::Subtree);
+            }
         }
     }
 }
@@ -291,14 +296,20 @@ mod tests {
 
     #[test]
     fn a_cut_batch_comes_back_with_its_directories_as_subtrees() {
+        let no_dirs = |_: &Path| false;
         let mut set = DirtySet::new();
         set.mark(Path::new("other"), E);
-        set.merge_widened(batch(&["a/b/f", "a/g", "top"], &["s/t"]));
+        set.merge_widened(batch(&["a/b/f", "a/g", "top"], &["s/t"]), no_dirs);
         // "top" lies in the root: the whole tree, which covers everything else.
         assert_eq!(set.take(), batch(&[], &[""]));
         let mut set = DirtySet::new();
-        set.merge_widened(batch(&["a/b/f", "a/b/g", "c/d"], &["s/t"]));
+        set.merge_widened(batch(&["a/b/f", "a/b/g", "c/d"], &["s/t"]), no_dirs);
         assert_eq!(set.take(), batch(&[], &["a/b", "c", "s/t"]));
+        // Directories listed for their own attributes stay entries.
+        let mut set = DirtySet::new();
+        let dirs = |p: &Path| p == Path::new("") || p == Path::new("a");
+        set.merge_widened(batch(&["", "a", "a/f"], &[]), dirs);
+        assert_eq!(set.take(), batch(&[""], &["a"]));
     }
 
     #[test]
