@@ -47,6 +47,9 @@ pub struct VfsTranslator {
     mounts: Vec<Mount>,
     /// Re-reads the mount table (when a record names a filesystem it does not list).
     reload: Box<dyn FnMut() -> Vec<Mount> + Send>,
+    /// When it was last re-read: at most once a second, so records of a filesystem this
+    /// namespace does not mount do not re-read it each time.
+    reloaded: Option<std::time::Instant>,
     pub stats: VfsStats,
 }
 
@@ -56,6 +59,7 @@ impl VfsTranslator {
             roots: roots.to_vec(),
             mounts: reload(),
             reload,
+            reloaded: None,
             stats: VfsStats::default(),
         }
     }
@@ -77,17 +81,17 @@ impl VfsTranslator {
                 .collect()
         };
         let mut found = find(&self.mounts);
-        if found.is_empty()
-            && !self
-                .mounts
-                .iter()
-                .any(|m| kernel_dev(m.major, m.minor) == dev)
-        {
+        let listed = |mounts: &[Mount]| mounts.iter().any(|m| kernel_dev(m.major, m.minor) == dev);
+        let due = self
+            .reloaded
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if found.is_empty() && !listed(&self.mounts) && due {
             self.mounts = (self.reload)();
+            self.reloaded = Some(std::time::Instant::now());
             found = find(&self.mounts);
-            if found.is_empty() {
-                self.stats.unmounted += 1;
-            }
+        }
+        if found.is_empty() && !listed(&self.mounts) {
+            self.stats.unmounted += 1;
         }
         found
     }
@@ -322,6 +326,14 @@ mod tests {
             &mut out,
         );
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // A filesystem mounted nowhere here: the table is not re-read again at once.
+        let mut none = Vec::new();
+        t.translate(
+            &record(vfs_op::MKDIR, kernel_dev(0, 99), "x/", ""),
+            &mut none,
+        );
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!((none, t.stats.unmounted), (vec![], 1));
         assert_eq!(
             out,
             vec![Event::Change {
