@@ -457,6 +457,13 @@ pub(crate) fn read_ptr(base: u64, offset: u32) -> Option<u64> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u64) }.ok()
 }
 
+/// A 32-bit field of a kernel struct (a dev_t, a mode, flags).
+#[inline(always)]
+pub(crate) fn read_u32(base: u64, offset: u32) -> Option<u32> {
+    // SAFETY: kernel memory read through the checking helper, at offsets from BTF.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u32) }.ok()
+}
+
 /// The dentry of the current task's open file `fd`.
 #[inline(always)]
 fn fd_dentry(fd: u64, off: &KernelOffsets) -> Option<u64> {
@@ -464,9 +471,7 @@ fn fd_dentry(fd: u64, off: &KernelOffsets) -> Option<u64> {
     let task = unsafe { bpf_get_current_task() };
     let files = read_ptr(task, off.files)?;
     let fdt = read_ptr(files, off.fdt)?;
-    // SAFETY: as in read_ptr.
-    let max_fds =
-        unsafe { bpf_probe_read_kernel((fdt + off.fdt_max_fds as u64) as *const u32) }.ok()?;
+    let max_fds = read_u32(fdt, off.fdt_max_fds)?;
     if fd >= max_fds as u64 {
         return None;
     }
@@ -517,8 +522,7 @@ pub(crate) fn outside_roots(dentry: u64, off: &KernelOffsets) -> bool {
     let Some(sb) = read_ptr(dentry, off.d_sb) else {
         return false;
     };
-    // SAFETY: as in read_ptr.
-    let Ok(dev) = (unsafe { bpf_probe_read_kernel((sb + off.s_dev as u64) as *const u32) }) else {
+    let Some(dev) = read_u32(sb, off.s_dev) else {
         return false;
     };
     // SAFETY: a plain lookup.

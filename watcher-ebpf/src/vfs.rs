@@ -14,14 +14,14 @@
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_kernel_str};
+use aya_ebpf::helpers::generated::bpf_probe_read_kernel_str;
 use aya_ebpf::macros::{fentry, fexit, map};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{FEntryContext, FExitContext};
 use watcher_ebpf_common::abi::O_CREAT;
 use watcher_ebpf_common::{KernelOffsets, VFS_PATH_BUF, VFS_PATH_LEN, VfsRecord, counter, vfs_op};
 
-use crate::probes::{CONFIG, EVENTS, bump, ignored, lost, outside_roots, read_ptr};
+use crate::probes::{CONFIG, EVENTS, bump, ignored, lost, outside_roots, read_ptr, read_u32};
 
 /// Names walked up from a dentry before giving up (the path is then reported unknown).
 const MAX_COMPONENTS: usize = 64;
@@ -87,19 +87,9 @@ fn build_path(dentry: u64, off: &KernelOffsets, buf: *mut [u8; VFS_PATH_BUF]) ->
 /// The device of `dentry`'s filesystem.
 #[inline(always)]
 fn dentry_dev(dentry: u64, off: &KernelOffsets) -> u32 {
-    let Some(sb) = read_ptr(dentry, off.d_sb) else {
-        return 0;
-    };
-    // SAFETY: kernel memory read through the checking helper.
-    let mut dev = 0u32;
-    unsafe {
-        bpf_probe_read_kernel(
-            (&mut dev as *mut u32).cast(),
-            4,
-            (sb + off.s_dev as u64) as *const core::ffi::c_void,
-        )
-    };
-    dev
+    read_ptr(dentry, off.d_sb)
+        .and_then(|sb| read_u32(sb, off.s_dev))
+        .unwrap_or(0)
 }
 
 /// Whether a change to `dentry` (and `other`, for a rename) is certainly outside every
@@ -192,16 +182,7 @@ pub fn watcher_filp_open(ctx: FExitContext) -> i32 {
         return 0;
     };
     let flags: u64 = ctx.arg(2);
-    let mut open_flag = 0u32;
-    // SAFETY: kernel memory read through the checking helper.
-    unsafe {
-        bpf_probe_read_kernel(
-            (&mut open_flag as *mut u32).cast(),
-            4,
-            (flags + off.open_flag as u64) as *const core::ffi::c_void,
-        )
-    };
-    if open_flag & O_CREAT != 0 {
+    if read_u32(flags, off.open_flag).is_some_and(|f| f & O_CREAT != 0) {
         report(&ctx, vfs_op::CREATE, file_dentry(file, off));
     }
     0
@@ -352,16 +333,7 @@ pub fn watcher_fput(ctx: FEntryContext) -> i32 {
         return 0;
     };
     let file: u64 = ctx.arg(0);
-    let mut mode = 0u32;
-    // SAFETY: kernel memory read through the checking helper.
-    unsafe {
-        bpf_probe_read_kernel(
-            (&mut mode as *mut u32).cast(),
-            4,
-            (file + off.f_mode as u64) as *const core::ffi::c_void,
-        )
-    };
-    if mode & FMODE_WRITE == 0 {
+    if read_u32(file, off.f_mode).is_none_or(|mode| mode & FMODE_WRITE == 0) {
         return 0;
     }
     let Some(inode) = read_ptr(file, off.f_inode) else {
