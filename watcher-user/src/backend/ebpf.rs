@@ -527,19 +527,12 @@ pub fn root_filter(
     use watcher_ebpf_common::{ROOT, ROOT_ANCESTOR, RootKey};
     let mut keys: HashMap<RootKey, u32> = HashMap::new();
     let mut devices: Vec<u32> = Vec::new();
-    // The mount holding `path`: the longest mount point it is under.
-    let holding = |path: &Path| {
-        mounts
-            .iter()
-            .filter(|m| path.starts_with(&m.mount_point))
-            .max_by_key(|m| m.mount_point.as_os_str().len())
-    };
     let mut add = |dir: &Path, kind: u32, keys: &mut HashMap<RootKey, u32>| {
         let Some((major, minor, ino)) = stat(dir) else {
             return;
         };
         let mut devs = vec![kernel_dev(major, minor)];
-        if let Some(m) = holding(dir) {
+        if let Some(m) = super::mountinfo::containing(mounts, dir) {
             devs.push(kernel_dev(m.major, m.minor));
         }
         for dev in devs {
@@ -1276,18 +1269,21 @@ mod tests {
                 minor: 1,
                 root: "/".into(),
                 mount_point: "/".into(),
+                fstype: "ext4".into(),
             },
             Mount {
                 major: 0,
                 minor: 40,
                 root: "/".into(),
                 mount_point: "/data/src/scratch".into(),
+                fstype: "tmpfs".into(),
             },
             Mount {
                 major: 0,
                 minor: 41,
                 root: "/".into(),
                 mount_point: "/elsewhere".into(),
+                fstype: "tmpfs".into(),
             },
         ];
         // stat: the root filesystem is 8:1; the mount under the root is a tmpfs (0:40).

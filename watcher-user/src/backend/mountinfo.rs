@@ -6,29 +6,16 @@ use std::path::Path;
 
 /// The type (`ext4`, `nfs4`, ...) of the mount holding `path`, from /proc/self/mountinfo.
 pub fn filesystem_type(path: &Path) -> String {
-    let Ok(text) = std::fs::read(Path::new("/proc/self/mountinfo")) else {
-        return "unknown".into();
-    };
-    let mut best: Option<(usize, String)> = None;
-    for line in text.split(|&b| b == b'\n') {
-        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        // mount point is field 5; the fs type is the first field after the " - " separator.
-        let Some(sep) = fields.iter().position(|f| *f == b"-") else {
-            continue;
-        };
-        let (Some(mount), Some(fstype)) = (fields.get(4), fields.get(sep + 1)) else {
-            continue;
-        };
-        let mount = unescape(mount);
-        let mount = Path::new(std::ffi::OsStr::from_bytes(&mount));
-        if path.starts_with(mount) {
-            let depth = mount.as_os_str().len();
-            if best.as_ref().is_none_or(|(d, _)| depth >= *d) {
-                best = Some((depth, String::from_utf8_lossy(fstype).into_owned()));
-            }
-        }
-    }
-    best.map(|(_, t)| t).unwrap_or_else(|| "unknown".into())
+    containing(&mounts(), path).map_or_else(|| "unknown".into(), |m| m.fstype.clone())
+}
+
+/// The mount holding `path`: the longest mount point it lies under, the later of two
+/// mounts on the same point (the one on top).
+pub fn containing<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
 }
 
 /// One line of /proc/self/mountinfo.
@@ -40,23 +27,31 @@ pub struct Mount {
     /// The directory of the filesystem that is mounted (`/` unless a bind mount).
     pub root: std::path::PathBuf,
     pub mount_point: std::path::PathBuf,
+    /// The filesystem type (`ext4`, `tmpfs`, ...).
+    pub fstype: String,
 }
 
 /// Every mount of this process's namespace (empty when /proc is not readable).
-#[cfg_attr(not(feature = "ebpf"), allow(dead_code))] // read by the ebpf backend only
 pub fn mounts() -> Vec<Mount> {
     std::fs::read("/proc/self/mountinfo")
         .map(|text| parse_mounts(&text))
         .unwrap_or_default()
 }
 
-#[cfg_attr(not(feature = "ebpf"), allow(dead_code))]
 fn parse_mounts(text: &[u8]) -> Vec<Mount> {
     let mut out = Vec::new();
     for line in text.split(|&b| b == b'\n') {
         let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        let (Some(dev), Some(root), Some(mount)) = (fields.get(2), fields.get(3), fields.get(4))
-        else {
+        // The fs type is the first field after the " - " separator.
+        let Some(sep) = fields.iter().position(|f| *f == b"-") else {
+            continue;
+        };
+        let (Some(dev), Some(root), Some(mount), Some(fstype)) = (
+            fields.get(2),
+            fields.get(3),
+            fields.get(4),
+            fields.get(sep + 1),
+        ) else {
             continue;
         };
         let dev = String::from_utf8_lossy(dev);
@@ -70,6 +65,7 @@ fn parse_mounts(text: &[u8]) -> Vec<Mount> {
             major,
             minor,
             root: std::ffi::OsStr::from_bytes(&unescape(root)).into(),
+            fstype: String::from_utf8_lossy(fstype).into_owned(),
             mount_point: std::ffi::OsStr::from_bytes(&unescape(mount)).into(),
         });
     }
@@ -116,16 +112,30 @@ mod tests {
                     major: 259,
                     minor: 2,
                     root: "/".into(),
-                    mount_point: "/".into()
+                    mount_point: "/".into(),
+                    fstype: "ext4".into(),
                 },
                 Mount {
                     major: 0,
                     minor: 35,
                     root: "/sub".into(),
-                    mount_point: "/mnt/a b".into()
+                    mount_point: "/mnt/a b".into(),
+                    fstype: "btrfs".into(),
                 },
             ]
         );
+    }
+
+    #[test]
+    fn the_mount_on_top_holds_a_path() {
+        let text = b"1 0 8:1 / / rw - ext4 /dev/a rw\n\
+                     2 1 0:40 / /data rw - tmpfs t rw\n\
+                     3 2 0:41 / /data rw - xfs /dev/b rw\n";
+        let mounts = parse_mounts(text);
+        let at = |p: &str| containing(&mounts, Path::new(p)).map(|m| m.fstype.as_str());
+        assert_eq!(at("/data/x"), Some("xfs"));
+        assert_eq!(at("/database"), Some("ext4"));
+        assert_eq!(at("/"), Some("ext4"));
     }
 
     #[test]

@@ -211,6 +211,7 @@ mod tests {
             minor,
             root: root.into(),
             mount_point: at.into(),
+            fstype: "ext4".into(),
         }
     }
 
