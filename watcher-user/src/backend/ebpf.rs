@@ -666,10 +666,11 @@ mod loaded {
         overflows: u64,
     }
 
-    /// Kernel struct offsets from the kernel's BTF, and the fields the VFS probe set needs
-    /// that it lacks. Without BTF: no parent check, no in-kernel filter, no VFS probes;
-    /// with a filter field missing, no in-kernel filter (said in the log).
-    fn kernel_offsets(filter: bool) -> (common::KernelOffsets, Vec<String>) {
+    /// Kernel struct offsets from the kernel's BTF (`filter` set when it has every field
+    /// the in-kernel filter reads), and the fields the VFS probe set needs that it lacks.
+    /// Without BTF: no parent check, no in-kernel filter, no VFS probes; with a filter
+    /// field missing, no in-kernel filter (said in the log).
+    fn kernel_offsets() -> (common::KernelOffsets, Vec<String>) {
         let Ok(blob) = std::fs::read("/sys/kernel/btf/vmlinux") else {
             tracing::warn!(
                 "no kernel BTF: children of the daemon are filtered from their parent's fork \
@@ -746,7 +747,7 @@ mod loaded {
                 "kernel BTF lacks fields the probes read: changes outside the roots are \
                  filtered in user space only"
             );
-        } else if filter {
+        } else {
             off.filter = 1;
         }
         (off, vfs_missing)
@@ -804,57 +805,35 @@ mod loaded {
         level as u8
     }
 
-    /// Loads the object and attaches the programs; the daemon's own tgid is ignored from
-    /// the first record on, and changes outside `roots` are dropped in the kernel when
-    /// `filter` is on and the kernel's BTF has every field that needs.
-    fn load(
-        ringbuf_bytes: u32,
-        roots: &[PathBuf],
-        filter: bool,
-        set: ProbeSet,
-    ) -> Result<Ebpf, BackendError> {
-        let level = probe_log_level();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(common::MAP_EVENTS, ringbuf_bytes)
-            .override_global(aya_log::LEVEL, &level, false)
-            .load(OBJECT)
-            .map_err(|e| err("loading the eBPF object", e))?;
-        let (mut offsets, vfs_missing) = kernel_offsets(filter);
-        if set == ProbeSet::Vfs && !vfs_missing.is_empty() {
-            return Err(err(
-                "vfs probes",
-                format!("the kernel's BTF lacks {}", vfs_missing.join(", ")),
-            ));
-        }
-        if offsets.filter != 0 {
-            let (keys, devices) =
-                super::root_filter(roots, &crate::backend::mountinfo::mounts(), |p| {
-                    use std::os::unix::fs::MetadataExt;
-                    let md = std::fs::metadata(p).ok()?;
-                    let dev = md.dev();
-                    Some((libc::major(dev), libc::minor(dev), md.ino()))
-                });
-            {
-                let mut map: BpfHashMap<&mut MapData, Key, u32> =
-                    BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_ROOTS)?)
-                        .map_err(|e| err("map ROOTS", e))?;
-                for (key, kind) in &keys {
-                    map.insert(Key(*key), kind, 0)
-                        .map_err(|e| err("filling the roots map", e))?;
-                }
-            }
-            {
-                let mut map: BpfHashMap<&mut MapData, u32, u32> =
-                    BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_DEVICES)?)
-                        .map_err(|e| err("map DEVICES", e))?;
-                for dev in &devices {
-                    map.insert(dev, 1, 0)
-                        .map_err(|e| err("filling the devices map", e))?;
-                }
-            }
-            if devices.is_empty() {
-                offsets.filter = 0;
-            }
+    /// What the maps are filled with, worked out once per start (reading and parsing the
+    /// kernel's BTF, stat-ing the roots) whichever probe set is then tried.
+    struct MapContents {
+        offsets: common::KernelOffsets,
+        /// Fields the VFS probe set needs that the kernel's BTF lacks.
+        vfs_missing: Vec<String>,
+        /// Whether the BTF has every field the in-kernel filter reads.
+        filter_available: bool,
+        roots: Vec<(common::RootKey, u32)>,
+        devices: Vec<u32>,
+    }
+
+    /// The maps' contents for `roots`, with the in-kernel filter when `filter` is on and
+    /// the kernel's BTF has every field it needs.
+    fn map_contents(roots: &[PathBuf], filter: bool) -> MapContents {
+        let (mut offsets, vfs_missing) = kernel_offsets();
+        let filter_available = offsets.filter != 0;
+        let (keys, devices) = if filter_available && filter {
+            super::root_filter(roots, &crate::backend::mountinfo::mounts(), |p| {
+                use std::os::unix::fs::MetadataExt;
+                let md = std::fs::metadata(p).ok()?;
+                let dev = md.dev();
+                Some((libc::major(dev), libc::minor(dev), md.ino()))
+            })
+        } else {
+            Default::default()
+        };
+        offsets.filter = u32::from(!devices.is_empty());
+        if filter_available && filter {
             tracing::info!(
                 directories = keys.len(),
                 filesystems = devices.len(),
@@ -862,12 +841,58 @@ mod loaded {
                 "ebpf in-kernel filter by root"
             );
         }
+        MapContents {
+            offsets,
+            vfs_missing,
+            filter_available,
+            roots: keys,
+            devices,
+        }
+    }
+
+    /// Loads the object, fills its maps from `contents` and attaches probe set `set`; the
+    /// daemon's own tgid is ignored from the first record on.
+    fn load(
+        ringbuf_bytes: u32,
+        contents: &MapContents,
+        set: ProbeSet,
+    ) -> Result<Ebpf, BackendError> {
+        if set == ProbeSet::Vfs && !contents.vfs_missing.is_empty() {
+            return Err(err(
+                "vfs probes",
+                format!("the kernel's BTF lacks {}", contents.vfs_missing.join(", ")),
+            ));
+        }
+        let level = probe_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(common::MAP_EVENTS, ringbuf_bytes)
+            .override_global(aya_log::LEVEL, &level, false)
+            .load(OBJECT)
+            .map_err(|e| err("loading the eBPF object", e))?;
+        {
+            let mut map: BpfHashMap<&mut MapData, Key, u32> =
+                BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_ROOTS)?)
+                    .map_err(|e| err("map ROOTS", e))?;
+            for (key, kind) in &contents.roots {
+                map.insert(Key(*key), kind, 0)
+                    .map_err(|e| err("filling the roots map", e))?;
+            }
+        }
+        {
+            let mut map: BpfHashMap<&mut MapData, u32, u32> =
+                BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_DEVICES)?)
+                    .map_err(|e| err("map DEVICES", e))?;
+            for dev in &contents.devices {
+                map.insert(dev, 1, 0)
+                    .map_err(|e| err("filling the devices map", e))?;
+            }
+        }
         {
             let mut config: Array<&mut MapData, Offsets> =
                 Array::try_from(map_mut(&mut ebpf, common::MAP_CONFIG)?)
                     .map_err(|e| err("map CONFIG", e))?;
             config
-                .set(0, Offsets(offsets), 0)
+                .set(0, Offsets(contents.offsets), 0)
                 .map_err(|e| err("setting kernel struct offsets", e))?;
         }
         {
@@ -940,29 +965,22 @@ mod loaded {
         filter: bool,
         choice: ProbeChoice,
     ) -> Result<(Ebpf, ProbeSet), BackendError> {
-        match choice {
-            ProbeChoice::Vfs => Ok((
-                load(ringbuf_bytes, roots, filter, ProbeSet::Vfs)?,
-                ProbeSet::Vfs,
-            )),
-            ProbeChoice::Syscalls => Ok((
-                load(ringbuf_bytes, roots, filter, ProbeSet::Syscalls)?,
-                ProbeSet::Syscalls,
-            )),
-            ProbeChoice::Auto => match load(ringbuf_bytes, roots, filter, ProbeSet::Vfs) {
-                Ok(ebpf) => Ok((ebpf, ProbeSet::Vfs)),
+        let contents = map_contents(roots, filter);
+        let set = match choice {
+            ProbeChoice::Vfs => ProbeSet::Vfs,
+            ProbeChoice::Syscalls => ProbeSet::Syscalls,
+            ProbeChoice::Auto => match load(ringbuf_bytes, &contents, ProbeSet::Vfs) {
+                Ok(ebpf) => return Ok((ebpf, ProbeSet::Vfs)),
                 Err(e) => {
                     tracing::info!(
                         reason = %crate::backend::error_chain(&e),
                         "ebpf: the vfs probe set does not load here; using the syscall probes"
                     );
-                    Ok((
-                        load(ringbuf_bytes, roots, filter, ProbeSet::Syscalls)?,
-                        ProbeSet::Syscalls,
-                    ))
+                    ProbeSet::Syscalls
                 }
             },
-        }
+        };
+        Ok((load(ringbuf_bytes, &contents, set)?, set))
     }
 
     impl EbpfBackend {
@@ -1155,12 +1173,10 @@ mod loaded {
 
     /// Rows for `watcher check`: which probe set loads and attaches here, and why not.
     pub fn check() -> Vec<Support> {
-        let vfs = load(4096, &[], false, ProbeSet::Vfs).map(drop);
-        let syscalls = load(4096, &[], false, ProbeSet::Syscalls).map(drop);
-        let (filter_ok, _) = {
-            let (off, missing) = kernel_offsets(true);
-            (off.filter != 0, missing)
-        };
+        let contents = map_contents(&[], false);
+        let vfs = load(4096, &contents, ProbeSet::Vfs).map(drop);
+        let syscalls = load(4096, &contents, ProbeSet::Syscalls).map(drop);
+        let filter_ok = contents.filter_available;
         let say = |r: &Result<(), BackendError>| match r {
             Ok(()) => "loads and attaches".to_string(),
             Err(e) => format!("refused: {}", crate::backend::error_chain(e)),
