@@ -154,6 +154,19 @@ impl TargetState {
         }
     }
 
+    /// Puts back a batch that did not sync, keeping the age of its oldest change;
+    /// `widened` for a run cut short (see [`DirtySet::merge_widened`]).
+    fn put_back(&mut self, batch: Batch, oldest: Instant, widened: bool) {
+        if widened {
+            let root = &self.root;
+            self.dirty
+                .merge_widened(batch, |rel| is_dir(&root.join(rel)));
+        } else {
+            self.dirty.merge(batch);
+        }
+        self.dirty_since = Some(self.dirty_since.map_or(oldest, |d| d.min(oldest)));
+    }
+
     /// The oldest change not yet confirmed by rsync.
     fn oldest_unsynced(&self) -> Option<Instant> {
         let flying = self
@@ -272,12 +285,8 @@ async fn flush(
     let planned = {
         let batch = done.batch.clone();
         let (root, target, opts) = (root.clone(), target.clone(), opts.clone());
-        tokio::task::spawn_blocking(move || {
-            rsync::plan(&batch, &root, &target, &opts, |p| {
-                std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
-            })
-        })
-        .await
+        tokio::task::spawn_blocking(move || rsync::plan(&batch, &root, &target, &opts, is_dir))
+            .await
     };
     let mut runs = match planned {
         Ok(runs) => runs,
@@ -1019,16 +1028,9 @@ impl Engine {
             }
             ExitClass::Transient => {
                 let oldest = flight.map(|f| f.oldest).unwrap_or(now);
-                if done.killed {
-                    // rsync killed by a signal (the OOM killer, an admin) leaves its
-                    // temporary files behind: sync the directories it was working in.
-                    let root = t.root.clone();
-                    t.dirty
-                        .merge_widened(done.batch, |rel| is_dir(&root.join(rel)));
-                } else {
-                    t.dirty.merge(done.batch);
-                }
-                t.dirty_since = Some(t.dirty_since.map_or(oldest, |d| d.min(oldest)));
+                // rsync killed by a signal (the OOM killer, an admin) leaves its temporary
+                // files behind: sync the directories it was working in.
+                t.put_back(done.batch, oldest, done.killed);
                 if shutting_down {
                     tracing::error!(target = %t.target, paths = t.dirty.len(),
                         "{}; exiting with changes not synced", done.detail);
@@ -1052,10 +1054,7 @@ impl Engine {
             ExitClass::SourceRace => {
                 let oldest = flight.map(|f| f.oldest).unwrap_or(now);
                 // The abort may leave a temporary file where a transfer was under way.
-                let root = t.root.clone();
-                t.dirty
-                    .merge_widened(done.batch, |rel| is_dir(&root.join(rel)));
-                t.dirty_since = Some(t.dirty_since.map_or(oldest, |d| d.min(oldest)));
+                t.put_back(done.batch, oldest, true);
                 t.retries_total += 1;
                 if t.race_streak >= RACES_BEFORE_WHOLE_TREE {
                     // Listed runs keep losing to the churn: a recursive run of the whole
