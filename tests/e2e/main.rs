@@ -1036,6 +1036,16 @@ fn log_field(line: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.trim_matches('"').parse().ok())
 }
 
+/// Stops the daemon and returns the line of counters its ebpf backend logs when it stops.
+fn stop_for_ebpf_counters(d: Daemon) -> String {
+    let log = d.log.clone();
+    d.stop();
+    log.lines()
+        .into_iter()
+        .find(|l| l.contains("ebpf backend stopped"))
+        .expect("the ebpf backend logs its counters when it stops")
+}
+
 /// The ebpf backend drops the syscalls of the daemon and of the rsync runs it forks in
 /// the kernel: after live syncs, the kernel counted such syscalls, and not one record of
 /// them reached user space.
@@ -1066,13 +1076,7 @@ fn ebpf_own_rsync_activity_is_filtered_in_the_kernel() {
             "ebpf_own_rsync_activity_is_filtered_in_the_kernel",
         );
     }
-    let log = d.log.clone();
-    d.stop();
-    let line = log
-        .lines()
-        .into_iter()
-        .find(|l| l.contains("ebpf backend stopped"))
-        .expect("the ebpf backend logs its counters when it stops");
+    let line = stop_for_ebpf_counters(d);
     let dropped = log_field(&line, "own_dropped_in_kernel").expect("own_dropped_in_kernel=N");
     let past = log_field(&line, "own_past_kernel_filter").expect("own_past_kernel_filter=N");
     assert!(
@@ -1129,13 +1133,7 @@ fn ebpf_changes_outside_the_roots_are_dropped_in_the_kernel() {
             format!("inside {round}\n"),
         );
         wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, TEST);
-        let log = d.log.clone();
-        d.stop();
-        let line = log
-            .lines()
-            .into_iter()
-            .find(|l| l.contains("ebpf backend stopped"))
-            .expect("the ebpf backend logs its counters when it stops");
+        let line = stop_for_ebpf_counters(d);
         log_field(&line, "outside_roots_dropped_in_kernel")
             .expect("outside_roots_dropped_in_kernel=N")
     };
