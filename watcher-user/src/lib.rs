@@ -11,6 +11,7 @@
 //! decisions, and are unit-tested with tables of cases.
 
 pub mod backend;
+pub mod backlog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -22,6 +23,8 @@ pub mod journal;
 pub mod logging;
 pub mod resolve;
 pub mod rsync;
+pub mod runner;
 pub mod status;
+pub mod sync_machine;
 pub mod target;
 pub mod watch;

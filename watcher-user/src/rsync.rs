@@ -280,6 +280,21 @@ pub fn plan(
     runs
 }
 
+/// Asks the runs of a batch for what the engine reads back from them: the paths rsync
+/// changed (`--itemize-changes`, a verify pass counts its repairs so; a dry run already
+/// itemizes), and overall progress on stdout (`--info=progress2`, rsync 3.1+) for a
+/// whole-tree run, which can take hours.
+pub fn report(runs: &mut [Run], itemize: bool, progress: bool, opts: &RsyncOptions) {
+    for run in runs {
+        if itemize && !opts.dry_run {
+            run.args.insert(1, "--itemize-changes".into());
+        }
+        if progress {
+            run.args.insert(1, "--info=progress2".into());
+        }
+    }
+}
+
 /// How one process ended.
 #[derive(Debug, Clone)]
 pub struct RunResult {

@@ -1,0 +1,219 @@
+//! One target's pending work: its dirty set, the journal that keeps it across a crash, and
+//! the age of its oldest unsynced change.
+//!
+//! Every mark goes to the dirty set and the journal together; a batch handed to rsync is
+//! confirmed in the journal only when rsync says it landed, and put back otherwise, so a
+//! mark is never lost between the two. A journal that fails to write is dropped with an
+//! error in the log: the daemon keeps syncing, only crash recovery is lost.
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::dirty::{Batch, DirtySet, Scope};
+use crate::journal::Journal;
+
+/// A batch handed to rsync and not yet confirmed.
+#[derive(Debug, Clone, Copy)]
+struct Flying {
+    paths: usize,
+    /// Oldest change the batch carries (None for a verify pass, which carries none).
+    oldest: Option<Instant>,
+    /// The journal's sequence number for the batch, to confirm it once it landed.
+    journal_seq: Option<u64>,
+}
+
+/// Dirty paths of one target and their bookkeeping.
+pub struct Backlog {
+    dirty: DirtySet,
+    /// When the oldest change still in `dirty` was marked.
+    since: Option<Instant>,
+    journal: Option<Journal>,
+    /// Marked since the flush policy last heard of it.
+    touched: bool,
+    /// Past this many paths, the deepest are folded into their directories.
+    max: usize,
+    flying: Option<Flying>,
+}
+
+impl Backlog {
+    /// An empty backlog that folds past `max` paths, journaling to `journal` if given.
+    pub fn new(max: usize, journal: Option<Journal>) -> Self {
+        Self {
+            dirty: DirtySet::new(),
+            since: None,
+            journal,
+            touched: false,
+            max: max.max(1),
+            flying: None,
+        }
+    }
+
+    /// Paths waiting to be handed to rsync.
+    pub fn len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Nothing waits to be handed to rsync.
+    pub fn is_empty(&self) -> bool {
+        self.dirty.is_empty()
+    }
+
+    /// Marks `rel` dirty, journaling it; folds the backlog when it passes its bound.
+    pub fn mark(&mut self, rel: &Path, scope: Scope, now: Instant, target: &dyn Display) {
+        if self.dirty.is_empty() {
+            self.since = Some(now);
+        }
+        self.touched = true;
+        self.dirty.mark(rel, scope);
+        if let Some(journal) = self.journal.as_mut()
+            && let Err(e) = journal.record(rel, scope)
+        {
+            tracing::error!(target = %target, error = %e, "journal write failed; continuing without it");
+            self.journal = None;
+        }
+        if self.dirty.len() > self.max {
+            let folded = self.dirty.collapse(self.max / 2);
+            tracing::warn!(target = %target, folded, "backlog over its bound: folded paths into their directories");
+        }
+    }
+
+    /// Adds paths recovered from the journal without journaling them again.
+    pub fn restore<'a>(
+        &mut self,
+        marks: impl IntoIterator<Item = &'a (PathBuf, Scope)>,
+        now: Instant,
+    ) {
+        for (rel, scope) in marks {
+            self.dirty.mark(rel, *scope);
+        }
+        self.restored(now);
+    }
+
+    /// Adds a batch carried over from the engine before a reload (its journal came along).
+    pub fn restore_batch(&mut self, batch: Batch, now: Instant) {
+        self.dirty.merge(batch);
+        self.restored(now);
+    }
+
+    fn restored(&mut self, now: Instant) {
+        if !self.dirty.is_empty() && self.since.is_none() {
+            self.since = Some(now);
+        }
+    }
+
+    /// Whether anything was marked since the last call.
+    pub fn take_touched(&mut self) -> bool {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Starts a flush of every dirty path: the batch to hand to rsync.
+    pub fn take_batch(&mut self, now: Instant) -> Batch {
+        let batch = self.dirty.take();
+        let journal_seq = self.journal.as_mut().and_then(|j| j.batch_taken().ok());
+        self.flying = Some(Flying {
+            paths: batch.len(),
+            oldest: Some(self.since.take().unwrap_or(now)),
+            journal_seq,
+        });
+        batch
+    }
+
+    /// Starts a verify pass: the whole root, nothing taken from the dirty set.
+    pub fn verify_batch(&mut self) -> Batch {
+        self.flying = Some(Flying {
+            paths: 1,
+            oldest: None,
+            journal_seq: None,
+        });
+        Batch {
+            entries: Vec::new(),
+            subtrees: vec![Default::default()],
+        }
+    }
+
+    /// The flush in flight landed: confirm its marks in the journal.
+    pub fn confirm(&mut self, target: &dyn Display) {
+        let flying = self.flying.take();
+        if let (Some(j), Some(seq)) = (self.journal.as_mut(), flying.and_then(|f| f.journal_seq))
+            && let Err(e) = j.confirmed(seq)
+        {
+            tracing::error!(target = %target, error = %e, "journal write failed; continuing without it");
+            self.journal = None;
+        }
+    }
+
+    /// The verify pass in flight ended; nothing to confirm.
+    pub fn verify_done(&mut self) {
+        self.flying = None;
+    }
+
+    /// Puts back a batch that did not sync, keeping the age of its oldest change; `widen`
+    /// for a run cut short (see [`DirtySet::merge_widened`]), `is_dir` telling which paths
+    /// are directories now.
+    pub fn put_back(
+        &mut self,
+        batch: Batch,
+        now: Instant,
+        widen: bool,
+        is_dir: impl Fn(&Path) -> bool,
+    ) {
+        let oldest = self.flying.take().and_then(|f| f.oldest).unwrap_or(now);
+        if widen {
+            self.dirty.merge_widened(batch, is_dir);
+        } else {
+            self.dirty.merge(batch);
+        }
+        self.since = Some(self.since.map_or(oldest, |d| d.min(oldest)));
+    }
+
+    /// Paths of the flush in flight (0 when none).
+    pub fn in_flight_paths(&self) -> usize {
+        self.flying.map_or(0, |f| f.paths)
+    }
+
+    /// The oldest change not yet confirmed by rsync.
+    pub fn oldest_unsynced(&self) -> Option<Instant> {
+        let flying = self.flying.filter(|f| f.paths > 0).and_then(|f| f.oldest);
+        match (flying, self.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Makes the journal durable (housekeeping).
+    pub fn sync_journal(&mut self, target: &dyn Display) {
+        if let Some(j) = self.journal.as_mut()
+            && let Err(e) = j.sync()
+        {
+            tracing::error!(target = %target, error = %e, "journal sync failed; continuing without it");
+            self.journal = None;
+        }
+    }
+
+    /// Closes the journal at exit: clean when nothing is left unsynced, so the next start
+    /// skips the whole-tree re-sync.
+    pub fn close(&mut self, target: &dyn Display) {
+        if let Some(journal) = self.journal.take() {
+            let result = if self.dirty.is_empty() && self.flying.is_none() {
+                journal.close_clean()
+            } else {
+                let mut journal = journal;
+                journal.sync()
+            };
+            if let Err(e) = result {
+                tracing::error!(target = %target, error = %e, "closing the journal failed");
+            }
+        }
+    }
+
+    /// Everything pending and the journal, for the engine that takes over after a reload.
+    pub fn hand_over(mut self) -> (Batch, Option<Journal>) {
+        (self.dirty.take(), self.journal.take())
+    }
+
+    #[cfg(test)]
+    pub fn take_all(&mut self) -> Batch {
+        self.dirty.take()
+    }
+}

@@ -1,0 +1,166 @@
+//! Runs one batch for one target: plans its rsync runs, runs them one after the other, and
+//! reports how the batch ended.
+//!
+//! A batch is at most two runs (subtrees, then entries); the first run that does not
+//! succeed ends the batch, and the whole batch goes back to the target's state machine,
+//! which decides what happens to it. Planning reads the source (which paths are directories
+//! now), so it runs on a blocking thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::OwnPids;
+use crate::dirty::Batch;
+use crate::rsync::{self, ExitClass, RsyncOptions};
+use crate::sync_machine::{Finished, FlushKind};
+use crate::target::Target;
+
+/// How often a long whole-tree run reports progress in the log.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// What one target's batch needs to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Which target (its index in the engine), reported back.
+    pub target: usize,
+    pub kind: FlushKind,
+    pub batch: Batch,
+    pub root: PathBuf,
+    pub dest: Target,
+    pub opts: RsyncOptions,
+}
+
+/// How a batch ended.
+pub struct Done {
+    pub target: usize,
+    pub kind: FlushKind,
+    pub batch: Batch,
+    pub class: ExitClass,
+    pub code: Option<i32>,
+    /// An rsync run was killed by a signal.
+    pub killed: bool,
+    /// What went wrong, for the log (empty on success).
+    pub detail: String,
+    pub runs: u64,
+    /// Paths rsync itemized (verify passes count repairs this way).
+    pub itemized: u64,
+    pub elapsed: Duration,
+}
+
+impl Done {
+    /// What the target's state machine needs to know.
+    pub fn finished(&self) -> Finished {
+        Finished {
+            kind: self.kind,
+            class: self.class,
+            code: self.code,
+            killed: self.killed,
+            covers_root: self.batch.covers_root(),
+        }
+    }
+}
+
+/// Whether `path` is a directory now (not following a symlink).
+pub fn is_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// Runs the rsync processes for one batch; stops at the first run that does not succeed.
+pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
+    let started = Instant::now();
+    let Job {
+        target,
+        kind,
+        batch,
+        root,
+        dest,
+        opts,
+    } = job;
+    let mut done = Done {
+        target,
+        kind,
+        batch,
+        class: ExitClass::Success,
+        code: Some(0),
+        killed: false,
+        detail: String::new(),
+        runs: 0,
+        itemized: 0,
+        elapsed: Duration::ZERO,
+    };
+    let planned = {
+        let batch = done.batch.clone();
+        let (dest, opts) = (dest.clone(), opts.clone());
+        tokio::task::spawn_blocking(move || rsync::plan(&batch, &root, &dest, &opts, is_dir)).await
+    };
+    let mut runs = match planned {
+        Ok(runs) => runs,
+        Err(e) => {
+            done.class = ExitClass::Transient;
+            done.detail = format!("planning the batch failed: {e}");
+            return done;
+        }
+    };
+    let whole_tree = done.batch.covers_root();
+    let verify = kind == FlushKind::Verify;
+    rsync::report(&mut runs, verify, whole_tree, &opts);
+    let label = match kind {
+        FlushKind::Verify => "verify",
+        FlushKind::Changes if whole_tree => "full sync",
+        FlushKind::Changes => "batch",
+    };
+    for run in &runs {
+        let progress = whole_tree.then(|| rsync::Progress::new(label, &dest, PROGRESS_EVERY));
+        let result = rsync::execute(
+            &opts.binary,
+            run,
+            &own_pids,
+            verify || opts.dry_run,
+            progress,
+        )
+        .await;
+        done.runs += 1;
+        match result {
+            Ok(r) => {
+                tracing::info!(
+                    target = %dest,
+                    paths = run.paths,
+                    code = r.code,
+                    elapsed_ms = r.elapsed.as_millis() as u64,
+                    "rsync finished"
+                );
+                done.itemized += r.itemized;
+                if opts.dry_run {
+                    for line in r.stdout.lines() {
+                        tracing::info!(target = %dest, "dry run: {line}");
+                    }
+                }
+                done.code = r.code;
+                done.killed = r.code.is_none();
+                if r.class != ExitClass::Success {
+                    done.class = r.class;
+                    done.detail = format!(
+                        "rsync exited with {:?} ({}): {}\n  command: {}",
+                        r.code,
+                        rsync::describe(r.code),
+                        r.stderr,
+                        rsync::display_args(&opts.binary, &run.args)
+                    );
+                    break;
+                }
+                if !r.stderr.is_empty() {
+                    tracing::debug!(target = %dest, stderr = %r.stderr, "rsync warnings");
+                }
+            }
+            Err(e) => {
+                done.class = ExitClass::Transient;
+                done.code = None;
+                done.detail = format!("cannot run {}: {e}", opts.binary.display());
+                break;
+            }
+        }
+    }
+    done.elapsed = started.elapsed();
+    done
+}
