@@ -4,6 +4,9 @@
 //! one walk down the trie and no allocation. Excludes follow rsync's `--exclude` semantics,
 //! because the same strings are handed to rsync: when our reading of a pattern could differ from
 //! rsync's, we exclude less (rsync then skips the path itself), never more (that would lose data).
+//!
+//! The file holds one concept, where a path falls: the root trie and the exclude matcher are
+//! the two halves of the one lookup, [`Filter::classify`].
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;

@@ -5,6 +5,9 @@
 //! replays it and hands back every mark that was made durable ([`Journal::sync`]) and not
 //! confirmed, and whether the previous run shut down cleanly with nothing pending.
 //!
+//! The file holds one concept, the journal: its record format, replay, pending-mark state and
+//! compaction each only make sense with the others, so they stay together.
+//!
 //! # Sequence numbers
 //!
 //! Marks belong to an epoch. [`Journal::batch_taken`] closes the current epoch and returns its
