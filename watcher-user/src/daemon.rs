@@ -378,14 +378,15 @@ fn target_states(
             let journal = if carried_journal.is_some() {
                 carried_journal
             } else if opts.journal {
-                let key = format!("{}-{}", g.name, t.name);
                 let (journal, found) =
-                    Journal::open(&config.daemon.state_dir, &key).with_context(|| {
-                        format!(
-                            "opening the journal in {}",
-                            config.daemon.state_dir.display()
-                        )
-                    })?;
+                    Journal::open_target(&config.daemon.state_dir, &g.name, &t.name).with_context(
+                        || {
+                            format!(
+                                "opening the journal in {}",
+                                config.daemon.state_dir.display()
+                            )
+                        },
+                    )?;
                 if !found.marks.is_empty() {
                     tracing::info!(group = %g.name, target = %t.name, paths = found.marks.len(),
                         "resuming unsynced changes from the journal");

@@ -111,6 +111,8 @@ pub enum JournalError {
     Pending { pending: usize },
     #[error("relative path of {len} bytes is too long for the journal")]
     PathTooLong { len: usize },
+    #[error("state directory {}: {reason}", path.display())]
+    UnsafeDir { path: PathBuf, reason: String },
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalError {
@@ -152,6 +154,54 @@ pub fn file_name(key: &str) -> String {
     let prefix = prefix.trim_start_matches('.');
     let prefix = if prefix.is_empty() { "target" } else { prefix };
     format!("{prefix}-{:016x}.journal", fnv1a(key.as_bytes()))
+}
+
+/// The journal key of `target` in sync group `group`. Names may not contain `/`, so no two
+/// (group, target) pairs share a key.
+pub fn target_key(group: &str, target: &str) -> String {
+    format!("{group}/{target}")
+}
+
+/// The key earlier versions used, which `a-b` + `c` and `a` + `b-c` shared.
+fn legacy_target_key(group: &str, target: &str) -> String {
+    format!("{group}-{target}")
+}
+
+/// Refuses a state directory that someone other than this process's user could tamper
+/// with: a symlink, not a directory, owned by another user, or writable by group or others.
+/// A journal there decides what gets re-synced and a planted lock file could point anywhere.
+fn check_state_dir(dir: &Path) -> Result<(), JournalError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_dir = |reason: String| JournalError::UnsafeDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(io_err("stat", dir))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir("is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("is not a directory".into()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}, not by this process (uid {euid})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "is writable by {} (mode {:04o}); make it 0700",
+            if meta.mode() & 0o002 != 0 {
+                "others"
+            } else {
+                "its group"
+            },
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -671,6 +721,41 @@ impl Journal {
         Self::open_with(dir, key, COMPACT_MIN)
     }
 
+    /// Opens the journal of `target` in sync group `group` (see [`target_key`]). A journal
+    /// an earlier version kept under the ambiguous `GROUP-TARGET` key is taken over: its
+    /// pending marks move into this one, whether it shut down cleanly still counts, and
+    /// its files are removed.
+    pub fn open_target(
+        dir: &Path,
+        group: &str,
+        target: &str,
+    ) -> Result<(Journal, Recovered), JournalError> {
+        let (mut journal, mut recovered) = Self::open(dir, &target_key(group, target))?;
+        if recovered.existed {
+            return Ok((journal, recovered));
+        }
+        let legacy_key = legacy_target_key(group, target);
+        let legacy = Names::new(dir, &legacy_key);
+        if !std::fs::symlink_metadata(&legacy.journal).is_ok_and(|m| m.is_file()) {
+            return Ok((journal, recovered));
+        }
+        let (old, found) = Self::open(dir, &legacy_key)?;
+        for (rel, scope) in &found.marks {
+            journal.record(rel, *scope)?;
+        }
+        journal.sync()?;
+        tracing::info!(from = %legacy.journal.display(), to = %journal.names.journal.display(),
+            paths = found.marks.len(), "journal taken over from its earlier name");
+        recovered = found;
+        drop(old);
+        for stale in [&legacy.journal, &legacy.lock] {
+            if let Err(e) = std::fs::remove_file(stale) {
+                tracing::warn!(path = %stale.display(), error = %e, "removing an old journal file failed");
+            }
+        }
+        Ok((journal, recovered))
+    }
+
     fn open_with(
         dir: &Path,
         key: &str,
@@ -681,13 +766,17 @@ impl Journal {
             .mode(0o700)
             .create(dir)
             .map_err(io_err("create directory", dir))?;
+        check_state_dir(dir)?;
         let names = Names::new(dir, key);
+        // Never follow a symlink planted at our paths: root would create or write whatever
+        // file it names.
         let lock_file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&names.lock)
             .map_err(io_err("open lock file", &names.lock))?;
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
@@ -710,6 +799,7 @@ impl Journal {
         let existing = match OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&names.journal)
         {
             Ok(file) => Some(file),
@@ -1019,6 +1109,89 @@ mod tests {
         }
         assert_eq!(at, data.len());
         out
+    }
+
+    #[test]
+    fn a_state_directory_others_could_tamper_with_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        for (mode, refused) in [(0o700, false), (0o755, false), (0o770, true), (0o777, true)] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = Journal::open(&dir, "k");
+            assert_eq!(
+                matches!(result, Err(JournalError::UnsafeDir { .. })),
+                refused,
+                "mode {mode:o}: {result:?}"
+            );
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let err = Journal::open(&link, "k").unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        if nix::unistd::geteuid().is_root() {
+            let theirs = tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let err = Journal::open(&theirs, "k").unwrap_err();
+            assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_lock_or_journal_path_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        let names = Names::new(&dir, "k");
+        let victim = tmp.path().join("victim");
+        std::os::unix::fs::symlink(&victim, &names.lock).unwrap();
+        assert!(Journal::open(&dir, "k").is_err());
+        assert!(!victim.exists(), "the lock path's symlink was followed");
+        std::fs::remove_file(&names.lock).unwrap();
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &names.journal).unwrap();
+        assert!(Journal::open(&dir, "k").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn targets_never_share_a_journal() {
+        assert_ne!(
+            file_name(&target_key("a-b", "c")),
+            file_name(&target_key("a", "b-c"))
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut one, _) = Journal::open_target(tmp.path(), "a-b", "c").unwrap();
+        let (two, found) = Journal::open_target(tmp.path(), "a", "b-c").unwrap();
+        one.record(Path::new("x"), Scope::Entry).unwrap();
+        one.sync().unwrap();
+        assert!(!found.existed);
+        drop((one, two));
+    }
+
+    #[test]
+    fn a_journal_under_the_earlier_name_is_taken_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut old, _) = Journal::open(tmp.path(), "g-t").unwrap();
+        old.record(Path::new("d/f"), Scope::Entry).unwrap();
+        old.record(Path::new("sub"), Scope::Subtree).unwrap();
+        old.sync().unwrap();
+        old.crash();
+        let (journal, found) = Journal::open_target(tmp.path(), "g", "t").unwrap();
+        assert!(found.existed && !found.clean);
+        assert_eq!(
+            found.marks,
+            marks(&[(b"d/f", Scope::Entry), (b"sub", Scope::Subtree)])
+        );
+        let legacy = Names::new(tmp.path(), "g-t");
+        assert!(!legacy.journal.exists() && !legacy.lock.exists());
+        // The marks are in the new journal now: they survive another crash.
+        journal.crash();
+        let (_, again) = Journal::open_target(tmp.path(), "g", "t").unwrap();
+        assert_eq!(again.marks, found.marks);
+        assert!(again.existed && !again.clean);
     }
 
     fn open(dir: &Path) -> (Journal, Recovered) {
