@@ -51,7 +51,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
                 dest: args.target,
                 password_file: None,
                 rsync_args: Vec::new(),
-                max_backlog: 1_000_000,
+                max_backlog: config::defaults::MAX_BACKLOG,
             }],
             excludes: args.excludes,
             rsync_args: args.rsync_args,

@@ -58,11 +58,8 @@ use crate::backend::BackendKind;
 use crate::flush::FlushConfig;
 
 pub use errors::ConfigError;
-use schema::{DEFAULT_RSYNC, DEFAULT_STATE_DIR, DEFAULT_STATUS_SOCKET};
+pub use schema::defaults;
 use validate::Ctx;
-/// Where the daemon looks for its configuration unless told otherwise.
-pub const DEFAULT_PATH: &str = "/etc/watcher/watcher.toml";
-
 /// A checked configuration file.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -99,14 +96,14 @@ impl Default for DaemonConfig {
     /// The values used for keys the `[daemon]` table leaves out.
     fn default() -> Self {
         Self {
-            backend: BackendKind::Auto,
-            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            status_socket: PathBuf::from(DEFAULT_STATUS_SOCKET),
+            backend: defaults::BACKEND,
+            state_dir: PathBuf::from(defaults::STATE_DIR),
+            status_socket: PathBuf::from(defaults::STATUS_SOCKET),
             metrics: None,
-            rsync: PathBuf::from(DEFAULT_RSYNC),
-            ebpf_probes: crate::backend::ebpf::ProbeChoice::Auto,
-            ebpf_ringbuf_bytes: crate::backend::ebpf::DEFAULT_RINGBUF_BYTES,
-            ebpf_kernel_filter: true,
+            rsync: PathBuf::from(defaults::RSYNC),
+            ebpf_probes: defaults::EBPF_PROBES,
+            ebpf_ringbuf_bytes: defaults::EBPF_RINGBUF_BYTES,
+            ebpf_kernel_filter: defaults::EBPF_KERNEL_FILTER,
         }
     }
 }

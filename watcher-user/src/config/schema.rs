@@ -7,13 +7,42 @@
 use serde::Deserialize;
 use toml::Spanned;
 
-pub(super) const DEFAULT_STATE_DIR: &str = "/var/lib/watcher";
-pub(super) const DEFAULT_STATUS_SOCKET: &str = "/run/watcher/status.sock";
-pub(super) const DEFAULT_RSYNC: &str = "rsync";
-pub(super) const DEFAULT_DELAY_MS: u64 = 100;
-pub(super) const DEFAULT_MAX_DELAY_MS: u64 = 1_000;
-pub(super) const DEFAULT_MAX_BATCH: u64 = 10_000;
-pub(super) const DEFAULT_MAX_BACKLOG: u64 = 1_000_000;
+/// The value of every key a configuration may leave out: the one place these numbers are
+/// written. `watcher sync` shows them in its `--help`, the flush policy and the daemon's
+/// settings start from them.
+pub mod defaults {
+    use crate::backend::BackendKind;
+    use crate::backend::ebpf::ProbeChoice;
+
+    /// The configuration file `watcher run` and `watcher config check` read.
+    pub const CONFIG_PATH: &str = "/etc/watcher/watcher.toml";
+    /// `daemon.backend`, `--backend`.
+    pub const BACKEND: BackendKind = BackendKind::Auto;
+    /// `daemon.state_dir`, `--state-dir` (where the journal lives).
+    pub const STATE_DIR: &str = "/var/lib/watcher";
+    /// `daemon.status_socket`, `--status-socket`, `watcher status --socket`.
+    pub const STATUS_SOCKET: &str = "/run/watcher/status.sock";
+    /// `daemon.rsync`, `--rsync`: looked up in `PATH`.
+    pub const RSYNC: &str = "rsync";
+    /// `daemon.ebpf_probes`, `--ebpf-probes`.
+    pub const EBPF_PROBES: ProbeChoice = ProbeChoice::Auto;
+    /// `daemon.ebpf_ringbuf_bytes`, `--ebpf-ringbuf-bytes`: 16 MiB.
+    pub const EBPF_RINGBUF_BYTES: u32 = crate::backend::ebpf::DEFAULT_RINGBUF_BYTES;
+    /// `daemon.ebpf_kernel_filter`, `--ebpf-kernel-filter`.
+    pub const EBPF_KERNEL_FILTER: bool = true;
+    /// `sync.delay_ms`, `--delay`: quiet period that ends a burst.
+    pub const DELAY_MS: u64 = 100;
+    /// `sync.max_delay_ms`, `--max-delay`: longest a change waits while changes keep coming.
+    pub const MAX_DELAY_MS: u64 = 1_000;
+    /// `sync.max_batch`, `--max-batch`: paths that make a batch go at once.
+    pub const MAX_BATCH: usize = 10_000;
+    /// `sync.hard_links`, `--hard-links`.
+    pub const HARD_LINKS: bool = false;
+    /// `sync.initial_sync`, `--no-initial-sync`.
+    pub const INITIAL_SYNC: bool = true;
+    /// `sync.target.max_backlog`: dirty paths held before subtrees are folded.
+    pub const MAX_BACKLOG: usize = 1_000_000;
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

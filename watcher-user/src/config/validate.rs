@@ -12,10 +12,7 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use super::errors::{ConfigError, duplicate_key, explain, key_at, position};
-use super::schema::{
-    DEFAULT_DELAY_MS, DEFAULT_MAX_BACKLOG, DEFAULT_MAX_BATCH, DEFAULT_MAX_DELAY_MS, RawDaemon,
-    RawFile, RawGroup, RawTarget,
-};
+use super::schema::{RawDaemon, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
 use crate::flush::FlushConfig;
@@ -353,17 +350,17 @@ impl Ctx<'_> {
 
         let delay_key = format!("{key}.delay_ms");
         let max_delay_key = format!("{key}.max_delay_ms");
-        let delay = self.count(raw.delay_ms.as_ref(), &delay_key, DEFAULT_DELAY_MS, 0)?;
+        let delay = self.count(raw.delay_ms.as_ref(), &delay_key, defaults::DELAY_MS, 0)?;
         let max_delay = self.count(
             raw.max_delay_ms.as_ref(),
             &max_delay_key,
-            DEFAULT_MAX_DELAY_MS,
+            defaults::MAX_DELAY_MS,
             0,
         )?;
         let max_batch = self.count(
             raw.max_batch.as_ref(),
             &format!("{key}.max_batch"),
-            DEFAULT_MAX_BATCH,
+            defaults::MAX_BATCH as u64,
             1,
         )?;
         if max_delay < delay {
@@ -455,13 +452,13 @@ impl Ctx<'_> {
             targets,
             excludes,
             rsync_args,
-            hard_links: raw.hard_links.unwrap_or(false),
+            hard_links: raw.hard_links.unwrap_or(defaults::HARD_LINKS),
             flush: FlushConfig {
                 delay: Duration::from_millis(delay),
                 max_delay: Duration::from_millis(max_delay),
                 max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
             },
-            initial_sync: raw.initial_sync.unwrap_or(true),
+            initial_sync: raw.initial_sync.unwrap_or(defaults::INITIAL_SYNC),
             verify_interval,
         };
         let spans = GroupSpans {
@@ -575,7 +572,7 @@ impl Ctx<'_> {
         let max_backlog = self.count(
             raw.max_backlog.as_ref(),
             &format!("{key}.max_backlog"),
-            DEFAULT_MAX_BACKLOG,
+            defaults::MAX_BACKLOG as u64,
             1,
         )?;
         Ok(TargetConfig {
