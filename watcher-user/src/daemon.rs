@@ -498,14 +498,11 @@ fn target_states(
     let mut targets = Vec::new();
     for (group, g) in groups.iter().zip(&config.groups) {
         for t in &g.targets {
-            let target = Target::parse(&t.dest)
-                .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
-            target.check_overlap(filter.root(*group))?;
             let mut state = TargetState {
                 group: *group,
                 group_name: g.name.clone(),
                 name: t.name.clone(),
-                target,
+                target: t.dest.clone(),
                 root: filter.root(*group).to_path_buf(),
                 rsync: RsyncOptions {
                     binary: config.daemon.rsync.clone(),
@@ -631,10 +628,8 @@ impl Engine {
                 .with_context(|| format!("sync group {}", g.name))?;
             groups.push(id);
             for t in &g.targets {
-                let target = Target::parse(&t.dest)
-                    .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
-                target
-                    .check_overlap(&g.source)
+                t.dest
+                    .create_local_dir()
                     .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
             }
         }

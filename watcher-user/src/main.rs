@@ -8,6 +8,7 @@ use watcher::cli::{Cli, Command, ConfigCommand, SyncArgs};
 use watcher::config::{self, Config, DaemonConfig, GroupConfig, TargetConfig};
 use watcher::daemon::{self, RunOptions};
 use watcher::flush::FlushConfig;
+use watcher::target::{self, Target, TargetKind};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,6 +31,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
     if !source.is_dir() {
         anyhow::bail!("source {} is not a directory", source.display());
     }
+    let dest = sync_target(&args.target, &source)?;
     let defaults = DaemonConfig::default();
     let config = Config {
         path: PathBuf::from("(command line)"),
@@ -48,7 +50,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
             source,
             targets: vec![TargetConfig {
                 name: args.target.to_string_lossy().into_owned(),
-                dest: args.target,
+                dest,
                 password_file: None,
                 rsync_args: Vec::new(),
                 max_backlog: config::defaults::MAX_BACKLOG,
@@ -72,6 +74,18 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
         dry_run: args.dry_run,
     };
     Ok((config, opts))
+}
+
+/// The target of `watcher sync`: a relative local directory is taken from the current one.
+fn sync_target(spec: &std::ffi::OsStr, source: &std::path::Path) -> anyhow::Result<Target> {
+    let spec = if target::kind_of(spec) == TargetKind::Local && !spec.is_empty() {
+        std::path::absolute(spec)?.into_os_string()
+    } else {
+        spec.to_owned()
+    };
+    let target = Target::parse(&spec)?;
+    target.check_overlap(source)?;
+    Ok(target)
 }
 
 fn run(command: Command) -> anyhow::Result<i32> {
@@ -102,7 +116,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     g.excludes.len()
                 );
                 for t in &g.targets {
-                    println!("    target {}: {}", t.name, t.dest.to_string_lossy());
+                    println!("    target {}: {}", t.name, t.dest);
                 }
             }
             Ok(0)

@@ -56,6 +56,7 @@ use std::time::Duration;
 
 use crate::backend::BackendKind;
 use crate::flush::FlushConfig;
+use crate::target::Target;
 
 pub use errors::ConfigError;
 pub use schema::defaults;
@@ -137,9 +138,9 @@ pub struct GroupConfig {
 pub struct TargetConfig {
     /// Name of the target, unique within its group; defaults to `dest`.
     pub name: String,
-    /// The rsync destination: a local directory (absolute), `host::module`, `rsync://...`
-    /// or `host:/path` over ssh.
-    pub dest: OsString,
+    /// The rsync destination: a local directory (absolute, resolved as far as it exists,
+    /// not created yet), `host::module`, `rsync://...` or `host:/path` over ssh.
+    pub dest: Target,
     /// rsync daemon password file (only for `host::module` and `rsync://` targets).
     pub password_file: Option<PathBuf>,
     /// Extra rsync options for this target, after the group's.

@@ -2,7 +2,6 @@
 //! key and message each must produce, every key of a full file, the defaults, file checks.
 
 use super::errors::{closest, edit_distance, position};
-use super::validate::{DestKind, dest_kind};
 use super::*;
 use std::os::unix::fs::PermissionsExt as _;
 
@@ -515,14 +514,14 @@ fn full_config() {
         [
             TargetConfig {
                 name: "backup1::data".into(),
-                dest: "backup1::data".into(),
+                dest: Target::Remote("backup1::data".into()),
                 password_file: Some(password.clone()),
                 rsync_args: vec!["--timeout=60".into()],
                 max_backlog: 1000,
             },
             TargetConfig {
                 name: "replica".into(),
-                dest: fx.root.join("replica/data").into_os_string(),
+                dest: Target::Local(fx.root.join("replica/data")),
                 password_file: None,
                 rsync_args: vec![],
                 max_backlog: 1_000_000,
@@ -579,21 +578,6 @@ fn defaults() {
     assert_eq!(target.password_file, None);
     assert_eq!(target.max_backlog, 1_000_000);
     assert!(target.rsync_args(group).is_empty());
-}
-
-#[test]
-fn dest_kinds() {
-    for (dest, kind) in [
-        ("/mnt/replica", DestKind::Local),
-        ("/mnt/a:b", DestKind::Local),
-        ("host::module", DestKind::Daemon),
-        ("user@host::module/sub", DestKind::Daemon),
-        ("rsync://user@127.0.0.1:8730/mod/", DestKind::Daemon),
-        ("host:/srv/replica", DestKind::Ssh),
-        ("user@host:relative", DestKind::Ssh),
-    ] {
-        assert_eq!(dest_kind(dest), kind, "{dest}");
-    }
 }
 
 #[test]

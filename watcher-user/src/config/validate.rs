@@ -2,10 +2,10 @@
 //! [`super::Config`], each failure placed at its key by [`Ctx::error`].
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
@@ -16,32 +16,9 @@ use super::schema::{RawDaemon, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
 use crate::flush::FlushConfig;
+use crate::target::{Target, TargetError, TargetKind};
 
 pub(super) type PasswordFiles = Vec<(Range<usize>, String, PathBuf)>;
-
-/// What kind of place a `dest` names, the way rsync tells them apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum DestKind {
-    Local,
-    /// `host::module` or `rsync://`: an rsync daemon, which may want a password.
-    Daemon,
-    /// `host:path`: rsync over ssh.
-    Ssh,
-}
-
-pub(super) fn dest_kind(dest: &str) -> DestKind {
-    if dest.starts_with("rsync://") {
-        return DestKind::Daemon;
-    }
-    let head = dest.find('/').map_or(dest, |i| &dest[..i]);
-    if head.contains("::") {
-        DestKind::Daemon
-    } else if head.contains(':') {
-        DestKind::Ssh
-    } else {
-        DestKind::Local
-    }
-}
 
 /// A local target's directory as far as it can be resolved, for overlap checks.
 struct LocalDest {
@@ -502,35 +479,27 @@ impl Ctx<'_> {
         let dest = raw.dest.get_ref();
         let dest_key = format!("{key}.dest");
         let dest_error = |message: String| self.error(&raw.dest.span(), dest_key.clone(), message);
-        if dest.is_empty() {
-            return Err(dest_error("dest is empty".into()));
-        }
-        if dest.starts_with('-') {
-            return Err(dest_error(format!(
-                "dest {dest:?} starts with '-' and would be read as an rsync option"
-            )));
-        }
-        let kind = dest_kind(dest);
-        if kind == DestKind::Local {
-            let path = Path::new(dest);
-            if !path.is_absolute() {
-                return Err(dest_error(format!(
+        let target = Target::parse(OsStr::new(dest)).map_err(|e| {
+            dest_error(match e {
+                TargetError::Empty => "dest is empty".into(),
+                TargetError::LooksLikeOption(_) => {
+                    format!("dest {dest:?} starts with '-' and would be read as an rsync option")
+                }
+                TargetError::NotAbsolute(_) => format!(
                     "local dest {dest:?} is not an absolute path (remote targets look like host::module, rsync://host/module or host:/path)"
-                )));
-            }
-            if let Ok(meta) = std::fs::metadata(path)
-                && !meta.is_dir()
-            {
-                return Err(dest_error(format!(
-                    "dest {dest} exists and is not a directory"
-                )));
-            }
-            let resolved = resolve(path);
-            if let Some(message) = overlap(&resolved, source) {
-                return Err(dest_error(message));
-            }
+                ),
+                TargetError::NotADirectory(_) => {
+                    format!("dest {dest} exists and is not a directory")
+                }
+                other => other.to_string(),
+            })
+        })?;
+        target
+            .check_overlap(source)
+            .map_err(|e| dest_error(e.to_string()))?;
+        if let Target::Local(path) = &target {
             local_dests.push(LocalDest {
-                path: resolved,
+                path: path.clone(),
                 span: raw.dest.span(),
                 key: dest_key.clone(),
             });
@@ -548,10 +517,10 @@ impl Ctx<'_> {
             None => None,
             Some(file) => {
                 let pkey = format!("{key}.password_file");
-                let why = match kind {
-                    DestKind::Daemon => None,
-                    DestKind::Local => Some("is a local directory"),
-                    DestKind::Ssh => Some("goes over ssh, which authenticates with ssh keys"),
+                let why = match target.kind() {
+                    TargetKind::Daemon => None,
+                    TargetKind::Local => Some("is a local directory"),
+                    TargetKind::Ssh => Some("goes over ssh, which authenticates with ssh keys"),
                 };
                 if let Some(why) = why {
                     return Err(self.error(
@@ -577,7 +546,7 @@ impl Ctx<'_> {
         )?;
         Ok(TargetConfig {
             name,
-            dest: OsString::from(dest),
+            dest: target,
             password_file,
             rsync_args,
             max_backlog: usize::try_from(max_backlog).unwrap_or(usize::MAX),
@@ -642,11 +611,11 @@ impl Ctx<'_> {
         let all_dests: Vec<&LocalDest> = spans.iter().flat_map(|s| &s.local_dests).collect();
         for (n, dest) in all_dests.iter().enumerate() {
             for (i, group) in groups.iter().enumerate() {
-                if let Some(message) = overlap(&dest.path, &group.source) {
+                if let Err(e) = Target::Local(dest.path.clone()).check_overlap(&group.source) {
                     return Err(self.error(
                         &dest.span,
                         dest.key.clone(),
-                        format!("{message} (sync[{i}])"),
+                        format!("{e} (sync[{i}])"),
                     ));
                 }
             }
@@ -667,50 +636,6 @@ impl Ctx<'_> {
         }
         Ok(())
     }
-}
-
-/// Why a local target at `target` cannot serve `source`, if it cannot.
-fn overlap(target: &Path, source: &Path) -> Option<String> {
-    if target.starts_with(source) {
-        Some(format!(
-            "target {} lies inside source {}: the daemon would copy its own copies",
-            target.display(),
-            source.display()
-        ))
-    } else if source.starts_with(target) {
-        Some(format!(
-            "source {} lies inside target {}: syncing with --delete would remove the source",
-            source.display(),
-            target.display()
-        ))
-    } else {
-        None
-    }
-}
-
-/// `path` (absolute) with every existing prefix canonicalized and the rest normalized
-/// lexically.
-fn resolve(path: &Path) -> PathBuf {
-    let mut out = PathBuf::from("/");
-    let mut exists = true;
-    for component in path.components() {
-        match component {
-            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(name) => {
-                out.push(name);
-                if exists {
-                    match out.canonicalize() {
-                        Ok(canonical) => out = canonical,
-                        Err(_) => exists = false,
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Group names end up in logs, metrics and file names under the state directory.
