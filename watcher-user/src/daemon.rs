@@ -624,7 +624,7 @@ impl Engine {
         let mut groups = Vec::new();
         for g in &config.groups {
             let id = builder
-                .add_root(&g.source, &g.excludes)
+                .add_group(&g.source, g.excludes.clone())
                 .with_context(|| format!("sync group {}", g.name))?;
             groups.push(id);
             for t in &g.targets {

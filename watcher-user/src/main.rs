@@ -7,6 +7,7 @@ use clap::Parser;
 use watcher::cli::{Cli, Command, ConfigCommand, SyncArgs};
 use watcher::config::{self, Config, DaemonConfig, GroupConfig, TargetConfig};
 use watcher::daemon::{self, RunOptions};
+use watcher::filter::Excludes;
 use watcher::flush::FlushConfig;
 use watcher::target::{self, Target, TargetKind};
 
@@ -55,7 +56,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
                 rsync_args: Vec::new(),
                 max_backlog: config::defaults::MAX_BACKLOG,
             }],
-            excludes: args.excludes,
+            excludes: Excludes::compile(&args.excludes)?,
             rsync_args: args.rsync_args,
             hard_links: args.hard_links,
             flush: FlushConfig {
@@ -113,7 +114,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     g.name,
                     g.source.display(),
                     g.targets.len(),
-                    g.excludes.len()
+                    g.excludes.patterns().len()
                 );
                 for t in &g.targets {
                     println!("    target {}: {}", t.name, t.dest);

@@ -55,6 +55,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::backend::BackendKind;
+use crate::filter::Excludes;
 use crate::flush::FlushConfig;
 use crate::target::Target;
 
@@ -118,8 +119,9 @@ pub struct GroupConfig {
     pub source: PathBuf,
     /// Replicas of the source (at least one), names unique within the group.
     pub targets: Vec<TargetConfig>,
-    /// rsync exclude patterns (none empty), applied by the event filter and passed to rsync.
-    pub excludes: Vec<String>,
+    /// rsync exclude patterns (none empty), compiled for the event filter; the same
+    /// strings are passed to rsync.
+    pub excludes: Excludes,
     /// Extra rsync options for every target of the group; each starts with `-`.
     pub rsync_args: Vec<OsString>,
     /// Preserve hard links (`rsync -H`).

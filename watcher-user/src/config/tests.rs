@@ -212,6 +212,12 @@ const BROKEN: &[(&str, usize, &str, &str)] = &[
         "empty exclude pattern",
     ),
     (
+        "[[sync]]\nsource = \"@D/src\"\nexclude = [\n  \"*.swp\",\n  \"*.[ch\",\n]\n[[sync.target]]\ndest = \"@D/replica\"\n",
+        5,
+        "sync[0].exclude[1]",
+        "invalid exclude pattern \"*.[ch\": unclosed character class",
+    ),
+    (
         "[[sync]]\nsource = \"@D/src\"\nrsync_args = [\n  \"--numeric-ids\",\n  \"/etc\",\n]\n[[sync.target]]\ndest = \"@D/replica\"\n",
         5,
         "sync[0].rsync_args[1]",
@@ -497,7 +503,7 @@ fn full_config() {
     let data = &config.groups[0];
     assert_eq!(data.name, "data");
     assert_eq!(data.source, fx.root.join("src"));
-    assert_eq!(data.excludes, ["*.swp", ".cache/"]);
+    assert_eq!(data.excludes.patterns(), ["*.swp", ".cache/"]);
     assert_eq!(data.rsync_args, [OsString::from("--numeric-ids")]);
     assert!(data.hard_links);
     assert_eq!(data.flush.delay, Duration::from_millis(50));

@@ -15,6 +15,7 @@ use super::errors::{ConfigError, duplicate_key, explain, key_at, position};
 use super::schema::{RawDaemon, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
+use crate::filter::Excludes;
 use crate::flush::FlushConfig;
 use crate::target::{Target, TargetError, TargetKind};
 
@@ -312,7 +313,7 @@ impl Ctx<'_> {
                 })?,
         };
 
-        let mut excludes = Vec::with_capacity(raw.exclude.len());
+        let mut patterns = Vec::with_capacity(raw.exclude.len());
         for (j, pattern) in raw.exclude.iter().enumerate() {
             if pattern.get_ref().is_empty() {
                 return Err(self.error(
@@ -321,8 +322,19 @@ impl Ctx<'_> {
                     "empty exclude pattern",
                 ));
             }
-            excludes.push(pattern.get_ref().clone());
+            patterns.push(pattern.get_ref().clone());
         }
+        // Compiled here, as the event filter will, so that `config check` refuses what
+        // `run` would.
+        let excludes = Excludes::compile(&patterns).map_err(|e| {
+            let at = e.index.unwrap_or(0);
+            let span = raw.exclude.get(at).map_or(header.clone(), |p| p.span());
+            let key = match e.index {
+                Some(j) => format!("{key}.exclude[{j}]"),
+                None => format!("{key}.exclude"),
+            };
+            self.error(&span, key, e.to_string())
+        })?;
         let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
 
         let delay_key = format!("{key}.delay_ms");
