@@ -1,11 +1,18 @@
 //! How a configuration error is reported: the file, the 1-based line (and column for
 //! syntax errors) and the dotted key (`sync[0].target[1].dest`), found from the byte span
 //! the TOML parser recorded for the offending key or value.
+//!
+//! The parsed document is read into the schema by [`read`], a serde deserializer over the
+//! parser's spanned tree: it knows the span and key of every value it hands out, and serde
+//! tells it what went wrong through typed calls (an unknown field and the known ones, a
+//! missing field, a wrong type), so no error is recovered by reading the text of a
+//! message, which a toml or serde upgrade may reword.
 
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
 use toml::de::{DeTable, DeValue};
 
 /// Why a configuration file cannot be used.
@@ -82,34 +89,33 @@ pub(super) fn position(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
-/// The dotted key path of the most specific key, value or array element covering `span`.
-pub(super) fn key_at(table: &DeTable<'_>, span: &Range<usize>) -> Option<String> {
-    let mut walk = Walk::new(span.start);
-    walk.table(table, "", 0);
-    walk.best.map(|b| b.path)
-}
-
-/// The dotted key path of a key the parser found twice at `span`: the table of the key
-/// written last before it, and the key as written.
-pub(super) fn duplicate_key(
+/// The dotted key a syntax error at `span` is about. A key the table already holds,
+/// written again (the parser's duplicate key, which is not in the tree), is named under
+/// that table; otherwise the most specific key, value or array element covering `span`.
+pub(super) fn syntax_error_key(
     table: &DeTable<'_>,
     text: &str,
     span: &Range<usize>,
 ) -> Option<String> {
-    let mut walk = Walk::new(span.start);
+    let written = text
+        .get(span.clone())
+        .map(|w| w.trim().trim_matches(|c| c == '"' || c == '\''))
+        .filter(|w| !w.is_empty());
+    let mut walk = Walk::new(span.start, written);
     walk.table(table, "", 0);
-    let written = text.get(span.clone())?.trim();
-    let written = written.trim_matches(|c| c == '"' || c == '\'');
-    let prefix = walk.before.map(|(_, prefix)| prefix).unwrap_or_default();
-    Some(join_key(&prefix, written))
+    if let (Some(written), Some((_, prefix, true))) = (written, &walk.before) {
+        return Some(join_key(prefix, written));
+    }
+    walk.best.map(|b| b.path)
 }
 
 /// Collects, for one offset, the most specific node covering it and the table of the last
-/// key before it.
-struct Walk {
+/// key before it (its start, its dotted path, and whether it holds a key named `written`).
+struct Walk<'w> {
     offset: usize,
+    written: Option<&'w str>,
     best: Option<Best>,
-    before: Option<(usize, String)>,
+    before: Option<(usize, String, bool)>,
 }
 
 struct Best {
@@ -118,10 +124,11 @@ struct Best {
     path: String,
 }
 
-impl Walk {
-    fn new(offset: usize) -> Self {
+impl<'w> Walk<'w> {
+    fn new(offset: usize, written: Option<&'w str>) -> Self {
         Walk {
             offset,
+            written,
             best: None,
             before: None,
         }
@@ -153,7 +160,10 @@ impl Walk {
             let path = join_key(prefix, key.get_ref());
             let start = key.span().start;
             if key.span().end <= self.offset && self.before.as_ref().is_none_or(|b| b.0 < start) {
-                self.before = Some((start, prefix.to_owned()));
+                let holds = self
+                    .written
+                    .is_some_and(|w| table.keys().any(|k| k.get_ref() == w));
+                self.before = Some((start, prefix.to_owned(), holds));
             }
             self.consider(key.span(), &path, depth);
             self.consider(value.span(), &path, depth);
@@ -193,48 +203,6 @@ pub(super) fn join_key(prefix: &str, key: &str) -> String {
     }
 }
 
-/// Rewrites a deserializer message in the file's terms; returns the key and the message.
-pub(super) fn explain(key: String, message: &str) -> (String, String) {
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        // "unknown field `x`, expected one of `a`, `b`" or "..., there are no fields"
-        let known: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
-        let unknown = rest.split('`').next().unwrap_or_default();
-        let text = match closest(unknown, &known) {
-            Some(close) => format!("unknown key `{unknown}`; did you mean `{close}`?"),
-            None if known.is_empty() => format!("unknown key `{unknown}`"),
-            None => format!("unknown key `{unknown}`; known keys: {}", known.join(", ")),
-        };
-        return (key, text);
-    }
-    if let Some(rest) = message.strip_prefix("missing field `") {
-        let field = rest.trim_end_matches('`');
-        let key = if key.is_empty() {
-            field.to_owned()
-        } else {
-            format!("{key}.{field}")
-        };
-        return (key, "required key is missing".to_owned());
-    }
-    if let Some(rest) = message.strip_prefix("invalid type: ")
-        && let Some((got, expected)) = rest.split_once(", expected ")
-    {
-        let expected = match expected {
-            "i64" | "u64" | "i32" | "u32" | "usize" => "a non-negative integer",
-            "a boolean" => "true or false",
-            "a sequence" => "an array",
-            s if s.starts_with("struct ") => "a table",
-            s => s,
-        };
-        let got = match got {
-            "map" => "table",
-            "sequence" => "array",
-            got => got,
-        };
-        return (key, format!("expected {expected}, got {got}"));
-    }
-    (key, message.to_owned())
-}
-
 /// The known key closest to `unknown`, if it is close enough to be a typo.
 pub(super) fn closest<'k>(unknown: &str, known: &[&'k str]) -> Option<&'k str> {
     known
@@ -264,4 +232,358 @@ pub(super) fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// What went wrong reading the document into the schema, in serde's terms.
+#[derive(Debug)]
+pub(super) enum Problem {
+    /// A key the table does not have; `known` lists the keys it has, in schema order.
+    UnknownKey {
+        key: String,
+        known: &'static [&'static str],
+    },
+    /// A required key is absent (the location names the key, the span its table).
+    MissingKey(&'static str),
+    /// A value of another TOML type than the key holds.
+    WrongType { expected: &'static str, got: String },
+    /// Anything else serde reports (a range, a custom check): shown as it is.
+    Other(String),
+}
+
+/// A [`Problem`] and where it is: the span and dotted key of the innermost part of the
+/// document that saw it.
+#[derive(Debug)]
+pub(super) struct Misfit {
+    pub(super) problem: Problem,
+    pub(super) at: Option<(Range<usize>, String)>,
+}
+
+impl Misfit {
+    fn new(problem: Problem) -> Self {
+        Misfit { problem, at: None }
+    }
+
+    /// Places the misfit at `span` and `key` unless something deeper already did.
+    fn at(mut self, span: &Range<usize>, key: &str) -> Self {
+        if self.at.is_none() {
+            let key = match &self.problem {
+                Problem::MissingKey(field) => join_key(key, field),
+                _ => key.to_owned(),
+            };
+            self.at = Some((span.clone(), key));
+        }
+        self
+    }
+
+    /// What is wrong, in the file's terms.
+    pub(super) fn message(&self) -> String {
+        match &self.problem {
+            Problem::UnknownKey { key, known } => match closest(key, known) {
+                Some(close) => format!("unknown key `{key}`; did you mean `{close}`?"),
+                None if known.is_empty() => format!("unknown key `{key}`"),
+                None => format!("unknown key `{key}`; known keys: {}", known.join(", ")),
+            },
+            Problem::MissingKey(_) => "required key is missing".to_owned(),
+            Problem::WrongType { expected, got } => format!("expected {expected}, got {got}"),
+            Problem::Other(message) => message.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Misfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+impl std::error::Error for Misfit {}
+
+impl de::Error for Misfit {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        Misfit::new(Problem::Other(msg.to_string()))
+    }
+
+    fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
+        Misfit::new(Problem::UnknownKey {
+            key: field.to_owned(),
+            known: expected,
+        })
+    }
+
+    fn missing_field(field: &'static str) -> Self {
+        Misfit::new(Problem::MissingKey(field))
+    }
+}
+
+/// Reads the document (the root table and its span) into `T`.
+pub(super) fn read<T: de::DeserializeOwned>(
+    document: &DeValue<'_>,
+    span: Range<usize>,
+) -> Result<T, Misfit> {
+    T::deserialize(Node {
+        value: document,
+        span,
+        key: String::new(),
+    })
+}
+
+/// One value of the document, where it is, and its dotted key.
+struct Node<'a, 'i> {
+    value: &'a DeValue<'i>,
+    span: Range<usize>,
+    key: String,
+}
+
+impl Node<'_, '_> {
+    /// The value in the words of serde's `Unexpected`: `string "x"`, `table`...
+    fn got(&self) -> String {
+        match self.value {
+            DeValue::String(s) => format!("string {:?}", s.as_ref()),
+            DeValue::Integer(i) => format!("integer `{i}`"),
+            DeValue::Float(f) => format!("floating point `{}`", f.as_str()),
+            DeValue::Boolean(b) => format!("boolean `{b}`"),
+            DeValue::Datetime(d) => format!("datetime `{d}`"),
+            DeValue::Array(_) => "array".to_owned(),
+            DeValue::Table(_) => "table".to_owned(),
+        }
+    }
+
+    /// Goes on with `visitor` when the value is of the kind the schema wants here.
+    fn expect<'de, V: Visitor<'de>>(
+        self,
+        fits: bool,
+        expected: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Misfit> {
+        if fits {
+            de::Deserializer::deserialize_any(self, visitor)
+        } else {
+            let got = self.got();
+            Err(Misfit::new(Problem::WrongType { expected, got }).at(&self.span, &self.key))
+        }
+    }
+
+    fn is_integer(&self) -> bool {
+        matches!(self.value, DeValue::Integer(_))
+    }
+
+    fn is_string(&self) -> bool {
+        matches!(self.value, DeValue::String(_))
+    }
+}
+
+const INTEGER: &str = "a non-negative integer";
+
+macro_rules! expect_kind {
+    ($($method:ident: $fits:ident, $expected:expr;)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+            let fits = self.$fits();
+            self.expect(fits, $expected, visitor)
+        }
+    )*};
+}
+
+impl<'de> de::Deserializer<'de> for Node<'_, '_> {
+    type Error = Misfit;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+        let (span, key) = (self.span.clone(), self.key.clone());
+        let out = match self.value {
+            DeValue::String(s) => visitor.visit_str(s),
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => visitor.visit_i64(n),
+                Err(_) => match u64::from_str_radix(i.as_str(), i.radix()) {
+                    Ok(n) => visitor.visit_u64(n),
+                    Err(_) => Err(de::Error::custom(format!("integer `{i}` is out of range"))),
+                },
+            },
+            DeValue::Float(f) => match f.as_str().parse() {
+                Ok(x) => visitor.visit_f64(x),
+                Err(_) => Err(de::Error::custom(format!(
+                    "invalid number `{}`",
+                    f.as_str()
+                ))),
+            },
+            DeValue::Boolean(b) => visitor.visit_bool(*b),
+            DeValue::Datetime(d) => visitor.visit_string(d.to_string()),
+            DeValue::Array(array) => visitor.visit_seq(Elements {
+                iter: array.iter().enumerate(),
+                key: &self.key,
+            }),
+            DeValue::Table(table) => visitor.visit_map(Entries {
+                iter: table.iter(),
+                key: &self.key,
+                value: None,
+            }),
+        };
+        out.map_err(|e| e.at(&span, &key))
+    }
+
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+        let fits = matches!(self.value, DeValue::Boolean(_));
+        self.expect(fits, "true or false", visitor)
+    }
+
+    expect_kind! {
+        deserialize_i8: is_integer, INTEGER;
+        deserialize_i16: is_integer, INTEGER;
+        deserialize_i32: is_integer, INTEGER;
+        deserialize_i64: is_integer, INTEGER;
+        deserialize_u8: is_integer, INTEGER;
+        deserialize_u16: is_integer, INTEGER;
+        deserialize_u32: is_integer, INTEGER;
+        deserialize_u64: is_integer, INTEGER;
+        deserialize_char: is_string, "a string";
+        deserialize_str: is_string, "a string";
+        deserialize_string: is_string, "a string";
+        deserialize_bytes: is_string, "a string";
+        deserialize_byte_buf: is_string, "a string";
+    }
+
+    fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+        self.deserialize_f64(visitor)
+    }
+
+    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+        let fits = matches!(self.value, DeValue::Float(_) | DeValue::Integer(_));
+        self.expect(fits, "a number", visitor)
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+        // A key that is absent never reaches a deserializer: present means `Some`.
+        visitor.visit_some(self)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Misfit> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+        let fits = matches!(self.value, DeValue::Array(_));
+        self.expect(fits, "an array", visitor)
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Misfit> {
+        self.deserialize_seq(visitor)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Misfit> {
+        self.deserialize_seq(visitor)
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Misfit> {
+        let fits = matches!(self.value, DeValue::Table(_));
+        self.expect(fits, "a table", visitor)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Misfit> {
+        if serde_spanned::de::is_spanned(name) {
+            let span = self.span.clone();
+            return visitor.visit_map(serde_spanned::de::SpannedDeserializer::new(self, span));
+        }
+        self.deserialize_map(visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        i128 u128 unit unit_struct enum identifier ignored_any
+    }
+}
+
+impl<'de, 'a, 'i> IntoDeserializer<'de, Misfit> for Node<'a, 'i> {
+    type Deserializer = Self;
+
+    fn into_deserializer(self) -> Self {
+        self
+    }
+}
+
+/// The elements of an array, each keyed `KEY[i]`.
+struct Elements<'a, I> {
+    iter: I,
+    key: &'a str,
+}
+
+impl<'de, 'a, 'i: 'a, I> SeqAccess<'de> for Elements<'a, I>
+where
+    I: Iterator<Item = (usize, &'a toml::Spanned<DeValue<'i>>)>,
+{
+    type Error = Misfit;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, Misfit> {
+        let Some((i, element)) = self.iter.next() else {
+            return Ok(None);
+        };
+        seed.deserialize(Node {
+            value: element.get_ref(),
+            span: element.span(),
+            key: format!("{}[{i}]", self.key),
+        })
+        .map(Some)
+    }
+}
+
+/// The keys and values of a table, each keyed `KEY.name`.
+struct Entries<'a, 'i, I> {
+    iter: I,
+    key: &'a str,
+    value: Option<Node<'a, 'i>>,
+}
+
+impl<'de, 'a, 'i: 'a, I> MapAccess<'de> for Entries<'a, 'i, I>
+where
+    I: Iterator<
+        Item = (
+            &'a toml::Spanned<std::borrow::Cow<'i, str>>,
+            &'a toml::Spanned<DeValue<'i>>,
+        ),
+    >,
+{
+    type Error = Misfit;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Misfit> {
+        let Some((name, value)) = self.iter.next() else {
+            return Ok(None);
+        };
+        let key = join_key(self.key, name.get_ref());
+        let out = seed
+            .deserialize(de::value::StrDeserializer::<Misfit>::new(name.get_ref()))
+            .map_err(|e| e.at(&name.span(), &key))?;
+        self.value = Some(Node {
+            value: value.get_ref(),
+            span: value.span(),
+            key,
+        });
+        Ok(Some(out))
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Misfit> {
+        match self.value.take() {
+            Some(node) => seed.deserialize(node),
+            None => Err(de::Error::custom("a value was asked for before its key")),
+        }
+    }
 }

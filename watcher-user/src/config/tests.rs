@@ -212,6 +212,30 @@ const BROKEN: &[(&str, usize, &str, &str)] = &[
         "empty exclude pattern",
     ),
     (
+        "[[sync]]\nsource = \"@D/src\"\nexclude = [\n  \"*.swp\",\n  7,\n]\n",
+        5,
+        "sync[0].exclude[1]",
+        "expected a string, got integer `7`",
+    ),
+    (
+        "[[daemon]]\nbackend = \"auto\"\n",
+        1,
+        "daemon",
+        "expected a table, got array",
+    ),
+    (
+        "[[sync]]\nsource = \"@D/src\"\nverify_interval = 1979-05-27\n",
+        3,
+        "sync[0].verify_interval",
+        "expected a string, got datetime `1979-05-27`",
+    ),
+    (
+        "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h::m\"\nmax_backlog = 0x10000000000000000\n",
+        5,
+        "sync[0].target[0].max_backlog",
+        "out of range",
+    ),
+    (
         "[[sync]]\nsource = \"@D/src\"\nexclude = [\n  \"*.swp\",\n  \"*.[ch\",\n]\n[[sync.target]]\ndest = \"@D/replica\"\n",
         5,
         "sync[0].exclude[1]",

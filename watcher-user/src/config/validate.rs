@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
-use toml::de::DeTable;
+use toml::de::{DeTable, DeValue};
 
-use super::errors::{ConfigError, duplicate_key, explain, key_at, position};
+use super::errors::{ConfigError, position, read, syntax_error_key};
 use super::schema::{RawDaemon, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
@@ -94,20 +94,15 @@ impl Ctx<'_> {
                 path: self.path.to_path_buf(),
                 line,
                 column: Some(column),
-                key: if error.message() == "duplicate key" {
-                    duplicate_key(table.get_ref(), self.text, &span)
-                } else {
-                    key_at(table.get_ref(), &span)
-                }
-                .unwrap_or_default(),
+                key: syntax_error_key(table.get_ref(), self.text, &span).unwrap_or_default(),
                 message: error.message().to_owned(),
             });
         }
-        toml::from_str::<RawFile>(self.text).map_err(|error| {
-            let span = error.span().unwrap_or(0..0);
-            let key = key_at(table.get_ref(), &span).unwrap_or_default();
-            let (key, message) = explain(key, error.message());
-            self.error(&span, key, message)
+        let span = table.span();
+        let document = DeValue::Table(table.into_inner());
+        read::<RawFile>(&document, span).map_err(|misfit| {
+            let (span, key) = misfit.at.clone().unwrap_or((0..0, String::new()));
+            self.error(&span, key, misfit.message())
         })
     }
 
