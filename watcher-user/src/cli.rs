@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::BackendKind;
+use crate::config::defaults;
 
 /// Keeps a replica of a directory tree in step with the source, live: one kernel-wide
 /// change feed (fanotify), a coalescing set of dirty paths, batched `rsync --files-from`.
@@ -46,6 +47,12 @@ pub enum Switch {
     Off,
 }
 
+impl From<bool> for Switch {
+    fn from(on: bool) -> Self {
+        if on { Switch::On } else { Switch::Off }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SyncArgs {
     /// Source directory.
@@ -56,30 +63,30 @@ pub struct SyncArgs {
     #[arg(long = "exclude", value_name = "GLOB")]
     pub excludes: Vec<String>,
     /// Quiet period in milliseconds before a batch of changes is sent.
-    #[arg(long, value_name = "MS", default_value_t = 100)]
+    #[arg(long, value_name = "MS", default_value_t = defaults::DELAY_MS)]
     pub delay: u64,
     /// Longest a change may wait while changes keep coming, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    #[arg(long, value_name = "MS", default_value_t = defaults::MAX_DELAY_MS)]
     pub max_delay: u64,
     /// Send a batch as soon as it holds this many paths.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = defaults::MAX_BATCH)]
     pub max_batch: usize,
     /// Change-capture backend.
-    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    #[arg(long, value_enum, default_value_t = defaults::BACKEND)]
     pub backend: BackendKind,
     /// Size of the ebpf backend's ring buffer in bytes (a power of two, at least 16 KiB);
     /// records that do not fit are lost and turn into a rescan of every root.
-    #[arg(long, value_name = "BYTES", default_value_t = crate::backend::ebpf::DEFAULT_RINGBUF_BYTES)]
+    #[arg(long, value_name = "BYTES", default_value_t = defaults::EBPF_RINGBUF_BYTES)]
     pub ebpf_ringbuf_bytes: u32,
     /// Whether the ebpf backend's probes drop, in the kernel, changes to files outside
     /// every source root (other filesystems, other directories); `off` sends every
     /// change to user space, which filters it there (for measuring what the filter saves).
-    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::from(defaults::EBPF_KERNEL_FILTER))]
     pub ebpf_kernel_filter: Switch,
     /// Which probes the ebpf backend attaches: `vfs` (fentry/fexit on the kernel's VFS
     /// functions; also sees nfsd, io_uring and mmap writers) where the kernel accepts
     /// them, else `syscalls` (raw tracepoints); `auto` tries them in that order.
-    #[arg(long, value_enum, default_value_t = crate::backend::ebpf::ProbeChoice::Auto)]
+    #[arg(long, value_enum, default_value_t = defaults::EBPF_PROBES)]
     pub ebpf_probes: crate::backend::ebpf::ProbeChoice,
     /// Skip the full `rsync -a --delete` at start-up (the target is known to be in step).
     #[arg(long)]
@@ -91,7 +98,7 @@ pub struct SyncArgs {
     #[arg(long)]
     pub hard_links: bool,
     /// The rsync binary to run.
-    #[arg(long, value_name = "PATH", default_value = "rsync")]
+    #[arg(long, value_name = "PATH", default_value = defaults::RSYNC)]
     pub rsync: PathBuf,
     /// Log what each batch would change (rsync --dry-run --itemize-changes); change nothing.
     #[arg(long)]
@@ -110,7 +117,7 @@ pub struct SyncArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Configuration file.
-    #[arg(long, short = 'c', value_name = "PATH", default_value = crate::config::DEFAULT_PATH)]
+    #[arg(long, short = 'c', value_name = "PATH", default_value = defaults::CONFIG_PATH)]
     pub config: PathBuf,
     /// Log what each batch would change (rsync --dry-run --itemize-changes); change nothing.
     #[arg(long)]
@@ -122,7 +129,7 @@ pub enum ConfigCommand {
     /// Validate the configuration file without running anything.
     Check {
         /// Configuration file.
-        #[arg(long, short = 'c', value_name = "PATH", default_value = crate::config::DEFAULT_PATH)]
+        #[arg(long, short = 'c', value_name = "PATH", default_value = defaults::CONFIG_PATH)]
         config: PathBuf,
     },
 }
@@ -130,7 +137,7 @@ pub enum ConfigCommand {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The daemon's status socket.
-    #[arg(long, value_name = "PATH", default_value = "/run/watcher/status.sock")]
+    #[arg(long, value_name = "PATH", default_value = defaults::STATUS_SOCKET)]
     pub socket: PathBuf,
     /// Print the raw JSON snapshot.
     #[arg(long)]
@@ -154,7 +161,7 @@ pub struct WatchArgs {
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     /// Change-capture backend.
-    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    #[arg(long, value_enum, default_value_t = defaults::BACKEND)]
     pub backend: BackendKind,
 }
 

@@ -346,14 +346,11 @@ fn target_states(
     let mut targets = Vec::new();
     for (group, g) in groups.iter().zip(&config.groups) {
         for t in &g.targets {
-            let target = Target::parse(&t.dest)
-                .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
-            target.check_overlap(filter.root(*group))?;
             let settings = Settings {
                 group: *group,
                 group_name: g.name.clone(),
                 name: t.name.clone(),
-                dest: target,
+                dest: t.dest.clone(),
                 root: filter.root(*group).to_path_buf(),
                 rsync: RsyncOptions {
                     binary: config.daemon.rsync.clone(),
@@ -466,14 +463,12 @@ impl Engine {
         let mut groups = Vec::new();
         for g in &config.groups {
             let id = builder
-                .add_root(&g.source, &g.excludes)
+                .add_group(&g.source, g.excludes.clone())
                 .with_context(|| format!("sync group {}", g.name))?;
             groups.push(id);
             for t in &g.targets {
-                let target = Target::parse(&t.dest)
-                    .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
-                target
-                    .check_overlap(&g.source)
+                t.dest
+                    .create_local_dir()
                     .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
             }
         }

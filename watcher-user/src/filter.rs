@@ -69,7 +69,6 @@ struct Node {
 #[derive(Debug)]
 struct Group {
     root: PathBuf,
-    patterns: Vec<String>,
     excludes: Excludes,
 }
 
@@ -88,6 +87,17 @@ impl FilterBuilder {
 
     /// Adds a source root (absolute, without `.`/`..`) with its rsync `--exclude` patterns.
     pub fn add_root(&mut self, root: &Path, excludes: &[String]) -> Result<GroupId, FilterError> {
+        let compiled = Excludes::compile(excludes).map_err(|e| FilterError::InvalidExclude {
+            root: root.to_path_buf(),
+            pattern: e.pattern,
+            reason: e.reason,
+        })?;
+        self.add_group(root, compiled)
+    }
+
+    /// Adds a source root (absolute, without `.`/`..`) with excludes compiled beforehand
+    /// (by the configuration, when it was checked).
+    pub fn add_group(&mut self, root: &Path, excludes: Excludes) -> Result<GroupId, FilterError> {
         let bytes = root.as_os_str().as_bytes();
         if !bytes.starts_with(b"/") {
             return Err(FilterError::NotAbsolute {
@@ -109,13 +119,6 @@ impl FilterBuilder {
         let clean = PathBuf::from(OsStr::from_bytes(&clean));
 
         self.check_overlap(&clean, &segments)?;
-        let compiled = Excludes::compile(excludes).map_err(|(pattern, reason)| {
-            FilterError::InvalidExclude {
-                root: clean.clone(),
-                pattern,
-                reason,
-            }
-        })?;
 
         let id = GroupId(self.groups.len());
         let mut node = &mut self.trie;
@@ -125,8 +128,7 @@ impl FilterBuilder {
         node.group = Some(id);
         self.groups.push(Group {
             root: clean,
-            patterns: excludes.to_vec(),
-            excludes: compiled,
+            excludes,
         });
         Ok(id)
     }
@@ -264,7 +266,7 @@ impl Filter {
 
     /// The exclude patterns of group `g` as given, to pass to rsync as `--exclude`.
     pub fn excludes(&self, g: GroupId) -> &[String] {
-        &self.groups[g.0].patterns
+        self.groups[g.0].excludes.patterns()
     }
 }
 
@@ -278,9 +280,12 @@ fn subtree_groups(node: &Node) -> Vec<GroupId> {
     found
 }
 
-/// The compiled excludes of one root.
-#[derive(Debug)]
-struct Excludes {
+/// The exclude patterns of one root, as given and compiled: checked once (when the
+/// configuration is), then cheap to clone into a [`FilterBuilder`].
+#[derive(Debug, Clone)]
+pub struct Excludes {
+    /// The patterns as given, for rsync's `--exclude`.
+    patterns: Vec<String>,
     /// Literal patterns without `/`: matched against each component's name.
     names: HashSet<Box<[u8]>>,
     dir_names: HashSet<Box<[u8]>>,
@@ -290,7 +295,8 @@ struct Excludes {
     /// Everything else: matched against each component prefix of the relative path.
     path_globs: GlobSet,
     dir_path_globs: GlobSet,
-    is_empty: bool,
+    /// Nothing to match: every path is accepted without a lookup.
+    no_rules: bool,
 }
 
 /// One parsed `--exclude` argument.
@@ -312,22 +318,40 @@ enum Parsed {
     },
 }
 
+/// An exclude pattern that cannot be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid exclude pattern {pattern:?}: {reason}")]
+pub struct ExcludeError {
+    /// Its position among the patterns; `None` when the set as a whole failed.
+    pub index: Option<usize>,
+    /// The pattern (all of them, joined by spaces, when `index` is `None`).
+    pub pattern: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
 impl Excludes {
-    fn compile(patterns: &[String]) -> Result<Self, (String, String)> {
+    /// Parses and compiles rsync `--exclude` patterns the way the filter applies them.
+    pub fn compile(patterns: &[String]) -> Result<Self, ExcludeError> {
         let mut parsed = Vec::new();
         // rsync stops at the first matching rule, so an include may rescue a path from any
         // later exclude: rules after an include are dropped (until a clear), which only ever
         // excludes less than rsync does.
         let mut after_include = false;
-        for pat in patterns {
-            match parse_rule(pat).map_err(|reason| (pat.clone(), reason))? {
+        for (index, pat) in patterns.iter().enumerate() {
+            let rule = parse_rule(pat).map_err(|reason| ExcludeError {
+                index: Some(index),
+                pattern: pat.clone(),
+                reason,
+            })?;
+            match rule {
                 Parsed::Clear => {
                     parsed.clear();
                     after_include = false;
                 }
                 Parsed::Include => after_include = true,
                 Parsed::Nothing => {}
-                rule if !after_include => parsed.push((pat, rule)),
+                rule if !after_include => parsed.push((index, pat, rule)),
                 _ => {}
             }
         }
@@ -338,9 +362,13 @@ impl Excludes {
         let mut dir_name_globs = GlobSetBuilder::new();
         let mut path_globs = GlobSetBuilder::new();
         let mut dir_path_globs = GlobSetBuilder::new();
-        let is_empty = parsed.is_empty();
-        for (raw, rule) in parsed {
-            let glob_err = |e: globset::Error| (raw.clone(), e.kind().to_string());
+        let no_rules = parsed.is_empty();
+        for (index, raw, rule) in parsed {
+            let glob_err = |e: globset::Error| ExcludeError {
+                index: Some(index),
+                pattern: raw.clone(),
+                reason: e.kind().to_string(),
+            };
             match rule {
                 Parsed::Name {
                     literal: true,
@@ -376,16 +404,33 @@ impl Excludes {
                 Parsed::Nothing | Parsed::Clear | Parsed::Include => {}
             }
         }
-        let build = |b: GlobSetBuilder| b.build().map_err(|e| (patterns.join(" "), e.to_string()));
+        let build = |b: GlobSetBuilder| {
+            b.build().map_err(|e| ExcludeError {
+                index: None,
+                pattern: patterns.join(" "),
+                reason: e.to_string(),
+            })
+        };
         Ok(Self {
+            patterns: patterns.to_vec(),
             names,
             dir_names,
             name_globs: build(name_globs)?,
             dir_name_globs: build(dir_name_globs)?,
             path_globs: build(path_globs)?,
             dir_path_globs: build(dir_path_globs)?,
-            is_empty,
+            no_rules,
         })
+    }
+
+    /// The patterns as given.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    /// True when there are no patterns.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
     }
 
     /// False when `rel` is excluded or could climb out of the root with `..`.
@@ -404,7 +449,7 @@ impl Excludes {
             }
             // rsync visits every directory on the way down and never enters an excluded one;
             // every component but the last is a directory.
-            if !name.is_empty() && !self.is_empty {
+            if !name.is_empty() && !self.no_rules {
                 let dir = is_dir || stop < rel.len();
                 if self.matches(name, &rel[..stop], dir) {
                     return false;
@@ -1029,6 +1074,22 @@ mod tests {
         assert!(msg.contains("\"*.[ch\"") && msg.contains("/r"), "{msg}");
         // a failed root leaves the builder usable
         fb.add_root(Path::new("/r"), &[]).expect("root after error");
+    }
+
+    #[test]
+    fn compile_errors_name_the_pattern_and_its_index() {
+        let ex = vec!["ok".to_owned(), "*.[ch".to_owned()];
+        let err = Excludes::compile(&ex).expect_err("unclosed class");
+        assert_eq!(err.index, Some(1));
+        assert_eq!(err.pattern, "*.[ch");
+        let ok = Excludes::compile(&ex[..1]).expect("valid");
+        assert_eq!(ok.patterns(), ["ok"]);
+        let mut fb = FilterBuilder::new();
+        let g = fb.add_group(Path::new("/r"), ok).expect("root");
+        let f = fb.build().expect("build");
+        assert_eq!(f.excludes(g), ["ok"]);
+        assert_eq!(f.lookup(Path::new("/r/a/ok"), false), None);
+        assert!(f.lookup(Path::new("/r/a/b"), false).is_some());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::config::defaults;
+
 /// How long a lone change waits for the rest of its burst (a write is create, modify, close).
 pub const LONE_SETTLE: Duration = Duration::from_millis(3);
 
@@ -20,12 +22,13 @@ pub struct FlushConfig {
 }
 
 impl Default for FlushConfig {
-    /// 100 ms quiet period, 1 s maximum wait, 10 000 paths per batch.
+    /// The configuration's defaults: 100 ms quiet period, 1 s maximum wait, 10 000 paths
+    /// per batch.
     fn default() -> Self {
         Self {
-            delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
-            max_batch: 10_000,
+            delay: Duration::from_millis(defaults::DELAY_MS),
+            max_delay: Duration::from_millis(defaults::MAX_DELAY_MS),
+            max_batch: defaults::MAX_BATCH,
         }
     }
 }

@@ -7,7 +7,9 @@ use clap::Parser;
 use watcher::cli::{Cli, Command, ConfigCommand, SyncArgs};
 use watcher::config::{self, Config, DaemonConfig, GroupConfig, TargetConfig};
 use watcher::daemon::{self, RunOptions};
+use watcher::filter::Excludes;
 use watcher::flush::FlushConfig;
+use watcher::target::{self, Target, TargetKind};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -30,6 +32,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
     if !source.is_dir() {
         anyhow::bail!("source {} is not a directory", source.display());
     }
+    let dest = sync_target(&args.target, &source)?;
     let defaults = DaemonConfig::default();
     let config = Config {
         path: PathBuf::from("(command line)"),
@@ -48,12 +51,12 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
             source,
             targets: vec![TargetConfig {
                 name: args.target.to_string_lossy().into_owned(),
-                dest: args.target,
+                dest,
                 password_file: None,
                 rsync_args: Vec::new(),
-                max_backlog: 1_000_000,
+                max_backlog: config::defaults::MAX_BACKLOG,
             }],
-            excludes: args.excludes,
+            excludes: Excludes::compile(&args.excludes)?,
             rsync_args: args.rsync_args,
             hard_links: args.hard_links,
             flush: FlushConfig {
@@ -72,6 +75,18 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
         dry_run: args.dry_run,
     };
     Ok((config, opts))
+}
+
+/// The target of `watcher sync`: a relative local directory is taken from the current one.
+fn sync_target(spec: &std::ffi::OsStr, source: &std::path::Path) -> anyhow::Result<Target> {
+    let spec = if target::kind_of(spec) == TargetKind::Local && !spec.is_empty() {
+        std::path::absolute(spec)?.into_os_string()
+    } else {
+        spec.to_owned()
+    };
+    let target = Target::parse(&spec)?;
+    target.check_overlap(source)?;
+    Ok(target)
 }
 
 fn run(command: Command) -> anyhow::Result<i32> {
@@ -99,10 +114,10 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     g.name,
                     g.source.display(),
                     g.targets.len(),
-                    g.excludes.len()
+                    g.excludes.patterns().len()
                 );
                 for t in &g.targets {
-                    println!("    target {}: {}", t.name, t.dest.to_string_lossy());
+                    println!("    target {}: {}", t.name, t.dest);
                 }
             }
             Ok(0)

@@ -1,0 +1,239 @@
+//! The configuration file: the daemon's settings and the source trees ("sync groups") it
+//! replicates, each with one or more targets.
+//!
+//! ```toml
+//! [daemon]
+//! backend = "auto"                     # "auto" | "fanotify" | "inotify" | "ebpf"
+//! state_dir = "/var/lib/watcher"
+//! status_socket = "/run/watcher/status.sock"
+//! metrics = "127.0.0.1:9469"           # loopback only; absent = no metrics endpoint
+//! rsync = "rsync"
+//! ebpf_probes = "auto"                 # backend "ebpf": "auto" | "vfs" | "syscalls"
+//! ebpf_ringbuf_bytes = 16777216        # backend "ebpf": ring buffer size
+//! ebpf_kernel_filter = true            # backend "ebpf": drop changes outside roots in the kernel
+//!
+//! [[sync]]
+//! name = "data"                        # default: the source's last component
+//! source = "/srv/data"
+//! exclude = ["*.swp", ".cache/"]
+//! rsync_args = ["--numeric-ids"]
+//! hard_links = false
+//! delay_ms = 100
+//! max_delay_ms = 1000
+//! max_batch = 10000
+//! initial_sync = true
+//! verify_interval = "6h"               # absent = no periodic verify
+//!
+//! [[sync.target]]
+//! dest = "backup1::data"
+//! password_file = "/etc/watcher/backup1.pass"
+//!
+//! [[sync.target]]
+//! dest = "/mnt/replica/data"
+//! ```
+//!
+//! Every error names the file, the line and the key as a dotted path
+//! (`/etc/watcher/watcher.toml:14: sync[0].delay_ms: expected a non-negative integer`).
+//! [`parse`] checks the text and the sources on disk; [`load`] also refuses a config file
+//! that others may write and password files that others may read.
+//!
+//! The work is split by what changes for different reasons: [`schema`] is the file as
+//! written (serde structs, what a key may hold), [`validate`] the rules that turn it into
+//! the checked values below, [`errors`] how a failure is reported (file, line, key).
+
+mod errors;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::ffi::OsString;
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::backend::BackendKind;
+use crate::filter::Excludes;
+use crate::flush::FlushConfig;
+use crate::target::Target;
+
+pub use errors::ConfigError;
+pub use schema::defaults;
+use validate::Ctx;
+/// A checked configuration file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The `[daemon]` table.
+    pub daemon: DaemonConfig,
+    /// The `[[sync]]` groups, in file order (at least one).
+    pub groups: Vec<GroupConfig>,
+}
+
+/// Settings of the daemon as a whole: the `[daemon]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Change-capture backend: `"auto"` (default), `"fanotify"`, `"inotify"` or `"ebpf"`.
+    pub backend: BackendKind,
+    /// Where the daemon keeps its state (default `/var/lib/watcher`).
+    pub state_dir: PathBuf,
+    /// Unix socket answering status queries (default `/run/watcher/status.sock`).
+    pub status_socket: PathBuf,
+    /// Address of the metrics endpoint, always a loopback address; `None` = no endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// The rsync binary: a bare name looked up in `PATH` (default `rsync`) or an absolute path.
+    pub rsync: PathBuf,
+    /// The ebpf backend's probe set (`auto`: VFS probes where the kernel takes them).
+    pub ebpf_probes: crate::backend::ebpf::ProbeChoice,
+    /// The ebpf backend's ring buffer size in bytes.
+    pub ebpf_ringbuf_bytes: u32,
+    /// Whether the ebpf probes drop changes outside every root in the kernel.
+    pub ebpf_kernel_filter: bool,
+}
+
+impl Default for DaemonConfig {
+    /// The values used for keys the `[daemon]` table leaves out.
+    fn default() -> Self {
+        Self {
+            backend: defaults::BACKEND,
+            state_dir: PathBuf::from(defaults::STATE_DIR),
+            status_socket: PathBuf::from(defaults::STATUS_SOCKET),
+            metrics: None,
+            rsync: PathBuf::from(defaults::RSYNC),
+            ebpf_probes: defaults::EBPF_PROBES,
+            ebpf_ringbuf_bytes: defaults::EBPF_RINGBUF_BYTES,
+            ebpf_kernel_filter: defaults::EBPF_KERNEL_FILTER,
+        }
+    }
+}
+
+/// One source tree and where it is replicated: a `[[sync]]` table.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Unique name of the group; defaults to the source path's last component.
+    pub name: String,
+    /// The source directory: absolute, existing, canonical.
+    pub source: PathBuf,
+    /// Replicas of the source (at least one), names unique within the group.
+    pub targets: Vec<TargetConfig>,
+    /// rsync exclude patterns (none empty), compiled for the event filter; the same
+    /// strings are passed to rsync.
+    pub excludes: Excludes,
+    /// Extra rsync options for every target of the group; each starts with `-`.
+    pub rsync_args: Vec<OsString>,
+    /// Preserve hard links (`rsync -H`).
+    pub hard_links: bool,
+    /// Flush timing: `delay_ms` (100), `max_delay_ms` (1000, at least `delay_ms`) and
+    /// `max_batch` (10000, at least 1).
+    pub flush: FlushConfig,
+    /// Run a full sync at start-up (default true).
+    pub initial_sync: bool,
+    /// Interval of a periodic full verification pass; `None` = never.
+    pub verify_interval: Option<Duration>,
+}
+
+/// One replica of a group's source: a `[[sync.target]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// Name of the target, unique within its group; defaults to `dest`.
+    pub name: String,
+    /// The rsync destination: a local directory (absolute, resolved as far as it exists,
+    /// not created yet), `host::module`, `rsync://...` or `host:/path` over ssh.
+    pub dest: Target,
+    /// rsync daemon password file (only for `host::module` and `rsync://` targets).
+    pub password_file: Option<PathBuf>,
+    /// Extra rsync options for this target, after the group's.
+    pub rsync_args: Vec<OsString>,
+    /// Dirty paths held for this target before subtrees are collapsed (default 1 000 000).
+    pub max_backlog: usize,
+}
+
+impl TargetConfig {
+    /// The extra rsync arguments for this target: the group's, then `--password-file=FILE`
+    /// when one is set, then the target's own.
+    pub fn rsync_args(&self, group: &GroupConfig) -> Vec<OsString> {
+        let mut args = group.rsync_args.clone();
+        if let Some(file) = &self.password_file {
+            let mut arg = OsString::from("--password-file=");
+            arg.push(file.as_os_str());
+            args.push(arg);
+        }
+        args.extend(self.rsync_args.iter().cloned());
+        args
+    }
+}
+
+/// Reads and checks the config file at `path`: everything [`parse`] checks, and also that
+/// the file is not writable by group or others and that every password file exists, is
+/// readable by its owner only and (when running as root) is owned by root, as rsync demands.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let read_error = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ConfigError::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    // Checked on the open file, so the mode is that of the text read below.
+    let meta = file.metadata().map_err(read_error)?;
+    let mode = meta.mode() & 0o7777;
+    if meta.is_file() && mode & 0o022 != 0 {
+        return Err(ConfigError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read_error)?;
+    let cx = Ctx { path, text: &text };
+    let (config, password_files) = cx.config()?;
+    for (span, key, file) in password_files {
+        check_password_file(&file).map_err(|message| cx.error(&span, key, message))?;
+    }
+    Ok(config)
+}
+
+/// Checks `text` as the contents of the config file `path` (named in errors). Sources must
+/// exist; file permissions and password files are not looked at.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    Ctx { path, text }.config().map(|(config, _)| config)
+}
+
+/// rsync refuses a password file that others can read ("password file must not be
+/// other-accessible") and, when running as root, one not owned by root. This is stricter
+/// on the mode (group bits too) and says how to fix it.
+fn check_password_file(file: &Path) -> Result<(), String> {
+    let shown = file.display();
+    let meta = match std::fs::metadata(file) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("password file {shown} does not exist"));
+        }
+        Err(e) => return Err(format!("cannot access password file {shown}: {e}")),
+    };
+    if !meta.is_file() {
+        return Err(format!("password file {shown} is not a regular file"));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "password file {shown} is accessible by group or others (mode {mode:04o}) and rsync refuses such a file; fix it with `chmod 600 {shown}`"
+        ));
+    }
+    if nix::unistd::Uid::effective().is_root() && meta.uid() != 0 {
+        return Err(format!(
+            "password file {shown} is owned by uid {} but the daemon runs as root and rsync then demands a file owned by root; fix it with `chown root {shown}`",
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
