@@ -17,6 +17,7 @@
 #[allow(dead_code)]
 #[path = "../e2e/churn.rs"]
 mod churn;
+mod hardening;
 #[allow(dead_code)]
 #[path = "../e2e/harness.rs"]
 mod harness;

@@ -78,6 +78,11 @@ impl Backlog {
         }
     }
 
+    /// Journals to `journal` from now on (a reload hands the running one over).
+    pub fn set_journal(&mut self, journal: Option<Journal>) {
+        self.journal = journal;
+    }
+
     /// Adds paths recovered from the journal without journaling them again.
     pub fn restore<'a>(
         &mut self,

@@ -56,7 +56,28 @@ struct Settings {
     name: String,
     dest: Target,
     root: PathBuf,
+    /// What the root was when the engine started: a root replaced, moved or mounted over
+    /// stops its group rather than being followed.
+    root_id: FileId,
     rsync: RsyncOptions,
+}
+
+/// A file's identity: its device and inode, read without following a symlink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
 }
 
 /// What a target has done, for status and the summary.
@@ -93,6 +114,36 @@ impl TargetState {
         let root = &self.settings.root;
         self.backlog
             .put_back(batch, now, widen, |rel| is_dir(&root.join(rel)));
+    }
+
+    /// The machine hears of marks made outside the event flow (recovered, carried over, the
+    /// initial sync); the first events must not count them again.
+    fn settle_marks(&mut self, now: Instant) {
+        if !self.backlog.is_empty() {
+            self.machine.changed(now);
+        }
+        self.backlog.take_touched();
+    }
+
+    /// Whether the source root is still the directory the engine started with. When it is
+    /// not, the target is given up with an error (once).
+    fn root_still_there(&mut self) -> bool {
+        if self.machine.given_up() {
+            return false;
+        }
+        let now = FileId::of(&self.settings.root);
+        if now.as_ref().is_ok_and(|id| *id == self.settings.root_id) {
+            return true;
+        }
+        let what = match now {
+            Ok(_) => "was replaced, moved or mounted over".to_string(),
+            Err(e) => format!("is gone ({e})"),
+        };
+        tracing::error!(group = %self.settings.group_name, target = %self.settings.dest,
+            root = %self.settings.root.display(),
+            "the source root {what}; this target is no longer synced (restart to sync the new one)");
+        self.machine.give_up();
+        false
     }
 
     /// Starts a flush of `kind`: takes its batch and says what the runner needs.
@@ -247,7 +298,7 @@ struct Engine {
 struct Prepared {
     config: Config,
     filter: Filter,
-    groups: Vec<GroupId>,
+    targets: Vec<TargetState>,
     backend: Box<dyn Backend>,
 }
 
@@ -292,8 +343,8 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
     }
 
     let started = SystemTime::now();
-    let prepared = Engine::prepare(config, &own_pids)?;
-    let mut engine = prepared.into_engine(&opts, Vec::new())?;
+    let prepared = Engine::prepare(config, &opts, &own_pids, None)?;
+    let mut engine = prepared.into_engine(&opts, Vec::new());
     let mut signals = signals;
     let code = loop {
         match engine
@@ -301,20 +352,22 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
             .await?
         {
             Outcome::Exit(code) => break code,
-            Outcome::Reload(new_config) => match Engine::prepare(*new_config, &own_pids) {
-                Ok(prepared) => {
-                    // The new marks are set: stop the old reader, take in its last events,
-                    // and carry every dirty path and journal over.
-                    let backlog = engine.stop_and_hand_over().await;
-                    engine = prepared.into_engine(&opts, backlog)?;
-                    tracing::info!("configuration reloaded");
-                    notify(&[sd_notify::NotifyState::Ready]);
+            Outcome::Reload(new_config) => {
+                match Engine::prepare(*new_config, &opts, &own_pids, Some(&engine)) {
+                    Ok(prepared) => {
+                        // The new marks are set and every new part is ready: stop the old reader,
+                        // take in its last events, and carry every dirty path and journal over.
+                        let carried = engine.stop_and_hand_over().await;
+                        engine = prepared.into_engine(&opts, carried);
+                        tracing::info!("configuration reloaded");
+                        notify(&[sd_notify::NotifyState::Ready]);
+                    }
+                    Err(e) => {
+                        tracing::error!("reload failed, keeping the running configuration: {e:#}");
+                        notify(&[sd_notify::NotifyState::Ready]);
+                    }
                 }
-                Err(e) => {
-                    tracing::error!("reload failed, keeping the running configuration: {e:#}");
-                    notify(&[sd_notify::NotifyState::Ready]);
-                }
-            },
+            }
         }
     };
     servers.abort_all();
@@ -335,23 +388,55 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
     let _ = sd_notify::notify(states);
 }
 
+/// Which targets of the running engine a new one takes over, by group and target name.
+type Continuing = Vec<(String, String)>;
+
+/// Opens the journal of a target, replaying what the previous run left: its unsynced marks,
+/// and whether it stopped cleanly.
+fn open_journal(
+    config: &Config,
+    group: &str,
+    target: &str,
+) -> anyhow::Result<(Journal, Recovered)> {
+    let dir = &config.daemon.state_dir;
+    let (journal, found) = Journal::open_target(dir, group, target)
+        .with_context(|| format!("opening the journal in {}", dir.display()))?;
+    if !found.marks.is_empty() {
+        tracing::info!(group = %group, target = %target, paths = found.marks.len(),
+            "resuming unsynced changes from the journal");
+    }
+    if found.existed && !found.clean {
+        tracing::warn!(group = %group, target = %target,
+            "previous run did not shut down cleanly: re-syncing the whole tree");
+    }
+    Ok((journal, found))
+}
+
+/// Builds every target of `config`. Targets the running engine has (`continuing`) get their
+/// backlog and journal when it hands them over; the others open their journal here, so a
+/// journal that cannot be opened fails the new configuration before anything of the old
+/// one stopped.
 fn target_states(
     config: &Config,
     groups: &[GroupId],
     opts: &RunOptions,
     filter: &Filter,
-    carried: &mut HandOver,
+    continuing: &Continuing,
 ) -> anyhow::Result<Vec<TargetState>> {
     let now = Instant::now();
     let mut targets = Vec::new();
     for (group, g) in groups.iter().zip(&config.groups) {
+        let root = filter.root(*group).to_path_buf();
+        let root_id = FileId::of(&root)
+            .with_context(|| format!("sync group {}: source {}", g.name, root.display()))?;
         for t in &g.targets {
             let settings = Settings {
                 group: *group,
                 group_name: g.name.clone(),
                 name: t.name.clone(),
                 dest: t.dest.clone(),
-                root: filter.root(*group).to_path_buf(),
+                root: root.clone(),
+                root_id,
                 rsync: RsyncOptions {
                     binary: config.daemon.rsync.clone(),
                     hardlinks: g.hard_links,
@@ -360,41 +445,17 @@ fn target_states(
                     dry_run: opts.dry_run,
                 },
             };
-            let (carried_batch, carried_journal) = match carried
+            let carried = continuing
                 .iter()
-                .position(|(gn, tn, _, _)| *gn == g.name && *tn == t.name)
-            {
-                Some(i) => {
-                    let (_, _, batch, journal) = carried.swap_remove(i);
-                    (Some(batch), journal)
-                }
-                None => (None, None),
-            };
-            let mut needs_full_sync = g.initial_sync && carried_batch.is_none();
+                .any(|(gn, tn)| *gn == g.name && *tn == t.name);
+            let mut needs_full_sync = g.initial_sync && !carried;
             let mut recovered: Option<Recovered> = None;
-            let journal = if carried_journal.is_some() {
-                carried_journal
-            } else if opts.journal {
-                let (journal, found) =
-                    Journal::open_target(&config.daemon.state_dir, &g.name, &t.name).with_context(
-                        || {
-                            format!(
-                                "opening the journal in {}",
-                                config.daemon.state_dir.display()
-                            )
-                        },
-                    )?;
-                if !found.marks.is_empty() {
-                    tracing::info!(group = %g.name, target = %t.name, paths = found.marks.len(),
-                        "resuming unsynced changes from the journal");
-                }
-                if found.existed && !found.clean {
-                    // The previous run did not stop cleanly: what changed while nobody was
-                    // watching is unknown, so the whole tree is compared.
-                    tracing::warn!(group = %g.name, target = %t.name,
-                        "previous run did not shut down cleanly: re-syncing the whole tree");
-                    needs_full_sync = true;
-                }
+            let journal = if opts.journal && !carried {
+                let (journal, found) = open_journal(config, &g.name, &t.name)
+                    .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
+                // After an unclean stop, what changed while nobody was watching is unknown,
+                // so the whole tree is compared.
+                needs_full_sync |= found.existed && !found.clean;
                 recovered = Some(found);
                 Some(journal)
             } else {
@@ -409,33 +470,71 @@ fn target_states(
             if let Some(found) = &recovered {
                 state.backlog.restore(&found.marks, now);
             }
-            if let Some(batch) = carried_batch {
-                state.backlog.restore_batch(batch, now);
-            }
             if needs_full_sync {
                 state.mark(Path::new(""), Scope::Subtree, now);
                 state.machine.needs_initial_sync();
             }
-            if !state.backlog.is_empty() {
-                state.machine.changed(now);
-            }
-            // The machine was told above; the first events must not count this again.
-            state.backlog.take_touched();
+            state.settle_marks(now);
             targets.push(state);
         }
     }
     Ok(targets)
 }
 
+/// What a reload cannot change while the daemon runs: said clearly, and the running
+/// configuration kept.
+fn check_reloadable(old: &Config, new: &Config, opts: &RunOptions) -> anyhow::Result<()> {
+    let (was, now) = (&old.daemon, &new.daemon);
+    if opts.journal && was.state_dir != now.state_dir {
+        bail!(
+            "state_dir changed from {} to {}: the journals cannot move while the daemon runs; \
+             restart the service to use the new directory",
+            was.state_dir.display(),
+            now.state_dir.display()
+        );
+    }
+    if opts.status && was.status_socket != now.status_socket {
+        tracing::warn!(old = %was.status_socket.display(), new = %now.status_socket.display(),
+            "status_socket changed: the new socket takes effect when the service restarts");
+    }
+    if opts.status && was.metrics != now.metrics {
+        tracing::warn!("metrics changed: the new endpoint takes effect when the service restarts");
+    }
+    Ok(())
+}
+
 impl Prepared {
-    /// Builds the targets (with carried-over backlogs) and starts reading events.
-    fn into_engine(self, opts: &RunOptions, mut carried: HandOver) -> anyhow::Result<Engine> {
-        let targets = target_states(&self.config, &self.groups, opts, &self.filter, &mut carried)?;
-        for (group, target, batch, _) in &carried {
-            if !batch.is_empty() {
-                tracing::warn!(group = %group, target = %target, paths = batch.len(),
-                    "target removed from the configuration; its unsynced paths are dropped");
-            }
+    /// Takes over the running engine's backlogs and journals and starts reading events.
+    fn into_engine(mut self, opts: &RunOptions, carried: HandOver) -> Engine {
+        let now = Instant::now();
+        for (group, target, batch, journal) in carried {
+            let Some(state) = self
+                .targets
+                .iter_mut()
+                .find(|t| t.settings.group_name == group && t.settings.name == target)
+            else {
+                if !batch.is_empty() {
+                    tracing::warn!(group = %group, target = %target, paths = batch.len(),
+                        "target removed from the configuration; its unsynced paths are dropped");
+                }
+                continue;
+            };
+            // A journal dropped after a write error is tried again with the new engine.
+            let journal = match journal {
+                Some(journal) => Some(journal),
+                None if opts.journal => match open_journal(&self.config, &group, &target) {
+                    Ok((journal, _)) => Some(journal),
+                    Err(e) => {
+                        tracing::error!(group = %group, target = %target,
+                            "{e:#}; continuing without a journal");
+                        None
+                    }
+                },
+                None => None,
+            };
+            state.backlog.set_journal(journal);
+            state.backlog.restore_batch(batch, now);
+            state.settle_marks(now);
         }
         let backend_name = self.backend.name();
         for g in &self.config.groups {
@@ -444,21 +543,32 @@ impl Prepared {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (events, reader) = spawn_reader(self.backend, stop.clone());
-        Ok(Engine {
+        Engine {
             config: self.config,
             filter: self.filter,
-            targets,
+            targets: self.targets,
             backend_name,
             events: Some(events),
             reader: Some(reader),
             stop,
-        })
+        }
     }
 }
 
 impl Engine {
-    /// Validates the configuration, builds the filter and starts the backend.
-    fn prepare(config: Config, own_pids: &Arc<OwnPids>) -> anyhow::Result<Prepared> {
+    /// Builds everything a configuration needs and starts its backend (so no change is
+    /// missed), without stopping or touching the running engine, if any: any failure leaves
+    /// it running. Local target directories are created last, once every check passed (and
+    /// never in a dry run).
+    fn prepare(
+        config: Config,
+        opts: &RunOptions,
+        own_pids: &Arc<OwnPids>,
+        running: Option<&Engine>,
+    ) -> anyhow::Result<Prepared> {
+        if let Some(running) = running {
+            check_reloadable(&running.config, &config, opts)?;
+        }
         let mut builder = FilterBuilder::new();
         let mut groups = Vec::new();
         for g in &config.groups {
@@ -466,11 +576,6 @@ impl Engine {
                 .add_group(&g.source, g.excludes.clone())
                 .with_context(|| format!("sync group {}", g.name))?;
             groups.push(id);
-            for t in &g.targets {
-                t.dest
-                    .create_local_dir()
-                    .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
-            }
         }
         let filter = builder.build()?;
         let roots: Vec<PathBuf> = config.groups.iter().map(|g| g.source.clone()).collect();
@@ -480,10 +585,27 @@ impl Engine {
         backend::ebpf::set_kernel_filter(d.ebpf_kernel_filter);
         let backend = backend::start(config.daemon.backend, &roots, own_pids.clone())
             .context("starting change capture")?;
+        let continuing: Continuing = running.map_or_else(Vec::new, |engine| {
+            engine
+                .targets
+                .iter()
+                .map(|t| (t.settings.group_name.clone(), t.settings.name.clone()))
+                .collect()
+        });
+        let targets = target_states(&config, &groups, opts, &filter, &continuing)?;
+        if !opts.dry_run {
+            for g in &config.groups {
+                for t in &g.targets {
+                    t.dest
+                        .create_local_dir()
+                        .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
+                }
+            }
+        }
         Ok(Prepared {
             config,
             filter,
-            groups,
+            targets,
             backend,
         })
     }
@@ -568,6 +690,7 @@ impl Engine {
         let mut wake: Option<Instant> = None;
         for (index, t) in self.targets.iter_mut().enumerate() {
             match t.machine.decide(now, t.backlog.len(), mode) {
+                Action::Flush(_) if !t.root_still_there() => {}
                 Action::Flush(kind) => {
                     let job = t.start_flush(index, kind, now);
                     tasks.spawn(runner::run(job, own_pids.clone()));
@@ -608,6 +731,7 @@ impl Engine {
     ) {
         for t in &mut self.targets {
             t.backlog.sync_journal(&t.settings.dest);
+            t.root_still_there();
         }
         let now = Instant::now();
         if let Some((at, count)) = stats.rate_mark {
@@ -892,6 +1016,7 @@ mod tests {
                 name: "t".into(),
                 dest: Target::Remote("host::m".into()),
                 root: "/srv/data".into(),
+                root_id: FileId { dev: 0, ino: 0 },
                 rsync: RsyncOptions::default(),
             },
             backlog: Backlog::new(1_000, None),

@@ -70,7 +70,9 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
     };
     let opts = RunOptions {
         config_path: None,
-        journal: args.state_dir.is_some(),
+        // A dry run changes nothing, its journal included: marking it clean after a dry
+        // recovery pass would make the next real start skip the re-sync.
+        journal: args.state_dir.is_some() && !args.dry_run,
         status: args.status_socket.is_some(),
         dry_run: args.dry_run,
     };
@@ -99,7 +101,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
             let config = config::load(&args.config)?;
             let opts = RunOptions {
                 config_path: Some(args.config),
-                journal: true,
+                journal: !args.dry_run,
                 status: true,
                 dry_run: args.dry_run,
             };

@@ -305,6 +305,11 @@ impl SyncMachine {
         }
     }
 
+    /// Gives the target up from outside (its source root is no longer what it was).
+    pub fn give_up(&mut self) {
+        self.health.given_up = true;
+    }
+
     /// A flush is in flight.
     pub fn in_flight(&self) -> Option<FlushKind> {
         self.in_flight

@@ -47,6 +47,19 @@ pub enum TargetError {
     /// The path exists and is a file or something else that is not a directory.
     #[error("target {} exists and is not a directory", .0.display())]
     NotADirectory(PathBuf),
+    /// A missing local directory whose parent is missing too.
+    #[error(
+        "local target {} cannot be created: its parent {} does not exist (an unmounted mount \
+         point?); create it first",
+        path.display(),
+        parent.display()
+    )]
+    MissingParent {
+        /// The directory.
+        path: PathBuf,
+        /// Its missing parent.
+        parent: PathBuf,
+    },
     /// A missing local directory could not be created.
     #[error("cannot create or open local target {path}: {source}")]
     Local {
@@ -130,13 +143,35 @@ impl Target {
         }
     }
 
-    /// Creates a local target's directory (and its parents) if missing; nothing for a
-    /// remote one. Taken when the daemon starts using the target, not when it is parsed.
+    /// Creates a local target's directory if it is missing and its parent exists; nothing
+    /// for a remote one. A missing parent is refused rather than created: it is most often
+    /// an unmounted mount point, and the replica would fill the filesystem below it. Taken
+    /// when the daemon starts using the target (after every check passed), not when it is
+    /// parsed.
     pub fn create_local_dir(&self) -> Result<(), TargetError> {
         let Target::Local(path) = self else {
             return Ok(());
         };
-        std::fs::create_dir_all(path).map_err(|source| TargetError::Local {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(_) => return Err(TargetError::NotADirectory(path.clone())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(TargetError::Local {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        }
+        if let Some(parent) = path.parent()
+            && !std::fs::metadata(parent).is_ok_and(|m| m.is_dir())
+        {
+            return Err(TargetError::MissingParent {
+                path: path.clone(),
+                parent: parent.to_path_buf(),
+            });
+        }
+        std::fs::create_dir(path).map_err(|source| TargetError::Local {
             path: path.clone(),
             source,
         })
@@ -252,8 +287,13 @@ mod tests {
         let expected = dir.path().canonicalize().unwrap().join("a/c");
         assert_eq!(t, Target::Local(expected.clone()));
         assert!(t.rsync_arg().as_bytes().ends_with(b"/c/"));
-        // Parsing changed nothing on disk; creating is the separate step.
+        // Parsing changed nothing on disk; creating is the separate step, and only where
+        // the parent exists (a missing one may be an unmounted mount point).
         assert!(!dir.path().join("a").exists());
+        let err = t.create_local_dir().unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!dir.path().join("a").exists());
+        std::fs::create_dir(dir.path().join("a")).unwrap();
         t.create_local_dir().expect("create");
         assert!(expected.is_dir());
         assert_eq!(expected.canonicalize().unwrap(), expected);

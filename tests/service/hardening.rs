@@ -1,0 +1,202 @@
+//! Regression tests of defects an outside review found: a dry run that changed things, a
+//! reload that could kill the daemon, a source root swapped under the daemon, targets
+//! created before the checks passed or where a mount point should be.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::harness::{self, Daemon, READY_TIMEOUT, STOP_TIMEOUT, Scratch, args};
+use crate::service::{Service, TargetSpec, run_watcher};
+use crate::tree::{skip_nothing, wait_converged};
+use crate::{CONVERGE_TIMEOUT, UNCLEAN, mkdir_p, one_group_config, populate, write};
+
+/// `--dry-run` creates no directory and leaves the journal alone: after a crash, a dry run
+/// must not mark the journal clean, or the next real start would skip the re-sync and
+/// lose what changed while no daemon ran.
+#[test]
+fn a_dry_run_changes_nothing() {
+    let Some(_timer) = harness::begin("a_dry_run_changes_nothing") else {
+        return;
+    };
+    let s = Scratch::new("svc-dry-run");
+    populate(&s.src.join("base"), 2, 5, "base");
+
+    // No target directory, not even its missing parents.
+    let deep = s.path().join("new/a/b/c");
+    let mut d = Daemon::spawn(&s.src, &deep, &args(&["--dry-run"]));
+    d.wait_for_line("ready", READY_TIMEOUT);
+    write(&s.src.join("base/after-ready"), "x\n");
+    d.wait_for_line("dry run:", Duration::from_secs(30));
+    d.stop();
+    assert!(
+        !s.path().join("new").exists(),
+        "a dry run created the target directory"
+    );
+
+    // A crash, then a dry run of the service, then a real start: the real start must still
+    // see the unclean stop.
+    let (config, _) = one_group_config(&s);
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+    d.kill9();
+    write(
+        &s.src.join("base/while-down"),
+        "changed while no daemon ran\n",
+    );
+    let mut dry = Daemon::spawn_with(&[
+        "run".into(),
+        "--config".into(),
+        config.clone().into(),
+        "--dry-run".into(),
+    ]);
+    dry.wait_for_line("ready", READY_TIMEOUT);
+    dry.stop();
+    assert!(
+        !s.dst.join("base/while-down").exists(),
+        "the dry run changed the replica"
+    );
+    let d = Service::start_run(&config, READY_TIMEOUT);
+    assert!(
+        d.log.contains(UNCLEAN),
+        "after crash + dry run, the real start did not re-sync; last lines:\n{}",
+        d.log.tail(30)
+    );
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        "a_dry_run_changes_nothing",
+    );
+    d.stop();
+}
+
+/// A reload whose new target cannot open its journal, or that moves the state directory,
+/// keeps the running configuration (and says why) instead of exiting.
+#[test]
+fn a_failed_reload_keeps_the_daemon_running() {
+    let Some(_timer) = harness::begin("a_failed_reload_keeps_the_daemon_running") else {
+        return;
+    };
+    let ctx = "a_failed_reload_keeps_the_daemon_running";
+    let s = Scratch::new("svc-reload-fail");
+    populate(&s.src.join("base"), 2, 5, "base");
+    let (config, mut spec) = one_group_config(&s);
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+
+    // The new target's lock file is a symlink someone planted: the journal refuses it.
+    let name = watcher::journal::file_name(&watcher::journal::target_key("data", "second"));
+    let victim = s.path().join("victim");
+    std::os::unix::fs::symlink(&victim, spec.state_dir.join(format!("{name}.lock")))
+        .expect("plant symlink");
+    let dst2 = s.path().join("dst2");
+    spec.groups[0]
+        .targets
+        .push(TargetSpec::local("second", &dst2));
+    spec.write(&config);
+    d.signal(Signal::SIGHUP);
+    d.wait_for_line("reload failed", Duration::from_secs(30));
+    assert!(!victim.exists(), "{ctx}: the planted symlink was followed");
+    assert!(
+        !dst2.exists(),
+        "{ctx}: the refused target's directory was created"
+    );
+
+    // The old engine still syncs.
+    write(&s.src.join("base/after-failed-reload"), "x\n");
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+
+    // Moving the state directory is refused clearly.
+    spec.groups[0].targets.pop();
+    spec.state_dir = s.path().join("elsewhere");
+    spec.write(&config);
+    d.signal(Signal::SIGHUP);
+    d.wait_for_count("reload failed", 2, Duration::from_secs(30));
+    assert!(
+        d.log.contains("state_dir changed"),
+        "{ctx}: the refusal does not say why; last lines:\n{}",
+        d.log.tail(20)
+    );
+    write(&s.src.join("base/after-second-reload"), "y\n");
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    d.stop();
+}
+
+/// A source root replaced by a symlink is not followed: files from elsewhere never reach
+/// the replica, and the group stops with an error.
+#[test]
+fn a_source_root_swapped_for_a_symlink_is_not_followed() {
+    let Some(_timer) = harness::begin("a_source_root_swapped_for_a_symlink_is_not_followed") else {
+        return;
+    };
+    let s = Scratch::new("svc-root-swap");
+    let src = s.path().join("root");
+    mkdir_p(&src);
+    populate(&src, 2, 5, "base");
+    let mut d = Daemon::start(&src, &s.dst, &[]);
+    let elsewhere = s.path().join("elsewhere");
+    mkdir_p(&elsewhere);
+    write(&elsewhere.join("secret"), "not part of the source\n");
+    std::fs::rename(&src, s.path().join("root.old")).expect("move root away");
+    std::os::unix::fs::symlink(&elsewhere, &src).expect("symlink over root");
+    write(&src.join("via-link"), "written through the symlink\n");
+    d.wait_for_line("no longer synced", Duration::from_secs(30));
+    let status = d.wait_exit(STOP_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "its only target stopped: exit 1");
+    for name in ["secret", "via-link"] {
+        assert!(
+            !s.dst.join(name).exists(),
+            "{name} from outside the source reached the replica"
+        );
+    }
+}
+
+/// A local target whose parent is missing (an unmounted mount point?) is refused, and a
+/// refused target is never created.
+#[test]
+fn targets_are_created_only_after_every_check() {
+    let Some(_timer) = harness::begin("targets_are_created_only_after_every_check") else {
+        return;
+    };
+    let s = Scratch::new("svc-create-late");
+    let missing = s.path().join("not-mounted/replica");
+    let out = run_watcher(
+        &[
+            OsStr::new("sync"),
+            s.src.as_os_str(),
+            missing.as_os_str(),
+            OsStr::new("--no-initial-sync"),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success(), "a missing parent was accepted");
+    assert!(
+        out.stderr.contains("does not exist"),
+        "unclear refusal: {}",
+        out.stderr
+    );
+    assert!(!s.path().join("not-mounted").exists());
+
+    let inside = s.src.join("new");
+    let out = run_watcher(
+        &[OsStr::new("sync"), s.src.as_os_str(), inside.as_os_str()],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success(),
+        "a target inside the source was accepted"
+    );
+    assert!(
+        !inside.exists(),
+        "the refused target was created: {}",
+        out.stderr
+    );
+    check_dir_untouched(&s.dst);
+}
+
+fn check_dir_untouched(dir: &Path) {
+    let entries = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(entries, 0, "{} was written to", dir.display());
+}
