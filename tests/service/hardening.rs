@@ -200,3 +200,106 @@ fn check_dir_untouched(dir: &Path) {
     let entries = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
     assert_eq!(entries, 0, "{} was written to", dir.display());
 }
+
+/// Clears the immutable flag it set, whatever happens to the test.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .expect("run chattr");
+        assert!(status.success(), "chattr +i {}", path.display());
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+fn target_status(socket: &Path) -> watcher::status::TargetStatus {
+    let snapshot =
+        watcher::status::query(socket, Duration::from_secs(5)).expect("query the status socket");
+    snapshot.groups[0].targets[0].clone()
+}
+
+/// A path rsync keeps failing on (here a replica directory made immutable, so nothing can
+/// be created in it) is set aside: the rest keeps syncing, the target is in step apart
+/// from it, status names it with the error, and once it can be written it syncs again.
+#[test]
+fn a_lasting_partial_failure_is_set_aside_not_retried_forever() {
+    let Some(_timer) = harness::begin("a_lasting_partial_failure_is_set_aside_not_retried_forever")
+    else {
+        return;
+    };
+    let ctx = "a_lasting_partial_failure_is_set_aside_not_retried_forever";
+    let s = Scratch::new("svc-set-aside");
+    mkdir_p(&s.src.join("locked"));
+    write(&s.src.join("locked/a"), "a\n");
+    mkdir_p(&s.src.join("other"));
+    let (config, spec) = one_group_config(&s);
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+
+    let lock = Immutable::set(&s.dst.join("locked"));
+    write(
+        &s.src.join("locked/new"),
+        "cannot be created on the replica\n",
+    );
+    write(&s.src.join("other/c"), "syncs all the same\n");
+    let mut seen = None;
+    let set_aside =
+        harness::poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            let t = target_status(&spec.status_socket);
+            let done = s.dst.join("other/c").exists()
+                && t.failing_paths.iter().any(|f| f.path == "locked/new")
+                && t.state == watcher::status::TargetState::InStep
+                && t.consecutive_failures == 0;
+            seen = Some(t);
+            done
+        });
+    assert!(
+        set_aside,
+        "{ctx}: the failing path was not set aside with the target in step: {seen:#?}\n{}",
+        d.log.tail(30)
+    );
+    let failing = seen.expect("a status");
+    let f = failing
+        .failing_paths
+        .iter()
+        .find(|f| f.path == "locked/new")
+        .expect("listed");
+    assert!(
+        f.error.contains("Operation not permitted"),
+        "{ctx}: rsync's reason is kept: {f:?}"
+    );
+    assert_eq!(
+        d.log.count("rsync cannot sync this path"),
+        failing.failing_paths_total as usize,
+        "{ctx}: each failing path is logged once"
+    );
+
+    // Writable again: it syncs on a later try, and the set empties.
+    drop(lock);
+    let recovered =
+        harness::poll_until(Duration::from_secs(90), Duration::from_millis(200), || {
+            s.dst.join("locked/new").exists()
+                && target_status(&spec.status_socket).failing_paths_total == 0
+        });
+    assert!(
+        recovered,
+        "{ctx}: the path never synced again\n{}",
+        d.log.tail(30)
+    );
+    d.wait_for_line("syncs again", Duration::from_secs(10));
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    d.stop();
+}

@@ -17,6 +17,7 @@ use crate::backlog::Backlog;
 use crate::config::Config;
 use crate::dirty::{Batch, Scope};
 use crate::event::{ChangeKind, Event};
+use crate::failing::{self, FailingPaths};
 use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
 use crate::rsync::{self, RsyncOptions};
@@ -94,6 +95,8 @@ struct TargetState {
     settings: Settings,
     backlog: Backlog,
     machine: SyncMachine,
+    /// Paths rsync keeps failing on, set aside so the rest keeps syncing.
+    failing: FailingPaths,
     stats: TargetStats,
 }
 
@@ -149,7 +152,10 @@ impl TargetState {
     /// Starts a flush of `kind`: takes its batch and says what the runner needs.
     fn start_flush(&mut self, index: usize, kind: FlushKind, now: Instant) -> Job {
         let batch = match kind {
-            FlushKind::Changes => self.backlog.take_batch(now),
+            FlushKind::Changes => {
+                self.failing.batch_started();
+                self.backlog.take_batch(now)
+            }
             FlushKind::Verify => self.backlog.verify_batch(),
         };
         self.machine.started(now, kind);
@@ -161,6 +167,38 @@ impl TargetState {
             root: self.settings.root.clone(),
             dest: self.settings.dest.clone(),
             opts: self.settings.rsync.clone(),
+            set_aside: self.failing.excludes(),
+        }
+    }
+
+    /// Paths set aside whose wait is over go into the backlog again, to be tried.
+    fn retry_set_aside(&mut self, now: Instant) {
+        for rel in self.failing.due(now) {
+            let scope = if is_dir(&self.settings.root.join(&rel)) {
+                Scope::Subtree
+            } else {
+                Scope::Entry
+            };
+            self.mark(&rel, scope, now);
+        }
+        if self.backlog.take_touched() {
+            self.machine.changed(now);
+        }
+    }
+
+    /// Says each change of the set-aside paths once.
+    fn log_failing(&self, changes: Vec<failing::Change>) {
+        let dest = &self.settings.dest;
+        for change in changes {
+            match change {
+                failing::Change::SetAside(path, error) => tracing::warn!(target = %dest,
+                    path = %path.display(), error = %error,
+                    "rsync cannot sync this path; syncing the rest without it, retrying it with backoff"),
+                failing::Change::StillFailing(path, error) => tracing::debug!(target = %dest,
+                    path = %path.display(), error = %error, "still failing"),
+                failing::Change::Recovered(path) => tracing::info!(target = %dest,
+                    path = %path.display(), "a path that failed syncs again"),
+            }
         }
     }
 }
@@ -465,6 +503,7 @@ fn target_states(
                 settings,
                 backlog: Backlog::new(t.max_backlog, journal),
                 machine: SyncMachine::new(g.flush, g.verify_interval, now),
+                failing: FailingPaths::default(),
                 stats: TargetStats::default(),
             };
             if let Some(found) = &recovered {
@@ -657,6 +696,18 @@ impl Engine {
                     rsync_runs: t.stats.runs,
                     retries_total: t.machine.retries_total(),
                     verify: t.stats.last_verify.clone(),
+                    failing_paths: t
+                        .failing
+                        .iter()
+                        .take(status::MAX_FAILING_SHOWN)
+                        .map(|(path, f)| status::FailingPath {
+                            path: path.to_string_lossy().into_owned(),
+                            error: f.error.clone(),
+                            since_unix_ms: f.since_unix_ms,
+                            failures: f.failures,
+                        })
+                        .collect(),
+                    failing_paths_total: t.failing.len() as u64,
                 })
                 .collect();
             groups.push(status::GroupStatus {
@@ -689,6 +740,12 @@ impl Engine {
         let now = Instant::now();
         let mut wake: Option<Instant> = None;
         for (index, t) in self.targets.iter_mut().enumerate() {
+            if mode == Mode::Running {
+                t.retry_set_aside(now);
+                if let Some(at) = t.failing.next_due() {
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                }
+            }
             match t.machine.decide(now, t.backlog.len(), mode) {
                 Action::Flush(_) if !t.root_still_there() => {}
                 Action::Flush(kind) => {
@@ -889,7 +946,27 @@ impl Engine {
         let now = Instant::now();
         let t = &mut self.targets[done.target];
         t.stats.runs += done.runs;
-        let verdict = t.machine.finished(now, done.finished(), mode);
+        let mut finished = done.finished();
+        if finished.kind == FlushKind::Changes
+            && let Some(failures) = &done.failures
+        {
+            let (rerun, changes) = t.failing.failed(now, unix_ms(SystemTime::now()), failures);
+            t.log_failing(changes);
+            finished.set_aside = rerun;
+        }
+        let verdict = t.machine.finished(now, finished, mode);
+        match verdict {
+            Verdict::Synced { .. } => {
+                let changes = t.failing.synced();
+                t.log_failing(changes);
+            }
+            Verdict::Retry {
+                cause: RetryCause::PathsSetAside,
+                ..
+            }
+            | Verdict::Verified => {}
+            Verdict::Retry { .. } | Verdict::GiveUp { .. } => t.failing.not_synced(),
+        }
         let record = LastSync {
             finished_unix_ms: unix_ms(SystemTime::now()),
             ok: done.class == rsync::ExitClass::Success,
@@ -945,6 +1022,9 @@ impl Engine {
                     RetryCause::SourceRace => {
                         tracing::info!(target = %dest, retry_in_ms = FIRST_BACKOFF.as_millis() as u64,
                             "a listed directory changed while rsync read it; retrying");
+                        tracing::debug!(target = %dest, "{}", done.detail);
+                    }
+                    RetryCause::PathsSetAside => {
                         tracing::debug!(target = %dest, "{}", done.detail);
                     }
                 }
@@ -1021,6 +1101,7 @@ mod tests {
             },
             backlog: Backlog::new(1_000, None),
             machine: SyncMachine::new(FlushConfig::default(), None, Instant::now()),
+            failing: FailingPaths::default(),
             stats: TargetStats::default(),
         }
     }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod dirty;
 pub mod event;
+pub mod failing;
 pub mod filter;
 pub mod flush;
 pub mod journal;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::OwnPids;
 use crate::dirty::Batch;
+use crate::failing::{self, Failure};
 use crate::rsync::{self, ExitClass, RsyncOptions};
 use crate::sync_machine::{Finished, FlushKind};
 use crate::target::Target;
@@ -29,6 +30,9 @@ pub struct Job {
     pub root: PathBuf,
     pub dest: Target,
     pub opts: RsyncOptions,
+    /// Exclude patterns for paths set aside (see [`crate::failing`]), on top of the
+    /// target's own.
+    pub set_aside: Vec<String>,
 }
 
 /// How a batch ended.
@@ -46,6 +50,8 @@ pub struct Done {
     /// Paths rsync itemized (verify passes count repairs this way).
     pub itemized: u64,
     pub elapsed: Duration,
+    /// A partial transfer (23) that named each path it failed on.
+    pub failures: Option<Vec<Failure>>,
 }
 
 impl Done {
@@ -57,6 +63,7 @@ impl Done {
             code: self.code,
             killed: self.killed,
             covers_root: self.batch.covers_root(),
+            set_aside: false,
         }
     }
 }
@@ -75,8 +82,10 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         batch,
         root,
         dest,
-        opts,
+        mut opts,
+        set_aside,
     } = job;
+    opts.excludes.extend(set_aside);
     let mut done = Done {
         target,
         kind,
@@ -88,10 +97,11 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         runs: 0,
         itemized: 0,
         elapsed: Duration::ZERO,
+        failures: None,
     };
     let planned = {
         let batch = done.batch.clone();
-        let (dest, opts) = (dest.clone(), opts.clone());
+        let (root, dest, opts) = (root.clone(), dest.clone(), opts.clone());
         tokio::task::spawn_blocking(move || rsync::plan(&batch, &root, &dest, &opts, is_dir)).await
     };
     let mut runs = match planned {
@@ -139,6 +149,13 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                 done.code = r.code;
                 done.killed = r.code.is_none();
                 if r.class != ExitClass::Success {
+                    if r.code == Some(23) {
+                        let local = match &dest {
+                            Target::Local(dir) => Some(dir.as_path()),
+                            Target::Remote(_) => None,
+                        };
+                        done.failures = failing::parse(&r.stderr, &root, local);
+                    }
                     done.class = r.class;
                     done.detail = format!(
                         "rsync exited with {:?} ({}): {}\n  command: {}",

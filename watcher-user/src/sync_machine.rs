@@ -23,6 +23,9 @@
 //! - while draining for exit, waits are skipped and a failure other than a race gives the
 //!   target up (the exit then reports changes not synced);
 //! - while reloading, nothing new starts: the next engine takes the backlog over;
+//! - a partial transfer whose failing paths rsync all named runs again at once without
+//!   them (they are set aside and retried on their own, see [`crate::failing`]); it is no
+//!   failure of the target;
 //! - a verify pass runs when it is due and nothing else is pending, never while draining.
 
 use std::time::{Duration, Instant};
@@ -92,6 +95,9 @@ pub struct Finished {
     pub killed: bool,
     /// The batch covered the whole root (an initial sync, a rescan).
     pub covers_root: bool,
+    /// A partial transfer whose failing paths were all named and newly set aside
+    /// ([`crate::failing`]): the batch runs again without them.
+    pub set_aside: bool,
 }
 
 /// Why a batch is retried.
@@ -101,6 +107,8 @@ pub enum RetryCause {
     Failure,
     /// A listed directory changed while rsync read it.
     SourceRace,
+    /// rsync failed on paths it named, now set aside: the rest runs again without them.
+    PathsSetAside,
 }
 
 /// Why a target is given up.
@@ -244,6 +252,18 @@ impl SyncMachine {
         } else {
             health.race_streak = 0;
         }
+        if class == ExitClass::Transient && done.set_aside {
+            // Not a failure of the target: the next run, without those paths, can succeed.
+            health.retries_total += 1;
+            let at = (mode != Mode::Draining).then(|| after(now, FIRST_BACKOFF));
+            health.retry_at = at;
+            return Verdict::Retry {
+                cause: RetryCause::PathsSetAside,
+                widen: false,
+                whole_tree: false,
+                at,
+            };
+        }
         match class {
             ExitClass::Success => {
                 health.failures = 0;
@@ -381,6 +401,8 @@ mod tests {
         Race,
         /// Killed by a signal.
         Killed,
+        /// Code 23 whose failing paths were all named and set aside.
+        SetAside,
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -400,6 +422,8 @@ mod tests {
         Retry(bool, bool, Option<u64>),
         /// Race: whole tree, at (ms).
         Race(bool, Option<u64>),
+        /// Paths set aside: at (ms).
+        Aside(Option<u64>),
         GiveUp(GiveUpCause, bool),
     }
 
@@ -419,7 +443,7 @@ mod tests {
 
     use FlushKind::{Changes, Verify};
     use Mode::{Draining, Reloading, Running};
-    use Run::{Code, Killed, Race};
+    use Run::{Code, Killed, Race, SetAside};
     use Step::{Change, Check, Decide, Finish, FinishRoot, Start};
 
     fn ms(t0: Instant, at: u64) -> Instant {
@@ -469,6 +493,7 @@ mod tests {
                         Code(c) => (crate::rsync::classify(Some(c)), Some(c), false),
                         Race => (ExitClass::SourceRace, Some(2), false),
                         Killed => (crate::rsync::classify(None), None, true),
+                        SetAside => (ExitClass::Transient, Some(23), false),
                     };
                     let kind = if matches!(expect, Expect::Verified) {
                         Verify
@@ -481,6 +506,7 @@ mod tests {
                         code,
                         killed,
                         covers_root,
+                        set_aside: matches!(run, SetAside),
                     };
                     let got = machine.finished(ms(t0, at), done, mode);
                     let want = match expect {
@@ -501,6 +527,12 @@ mod tests {
                             cause: RetryCause::SourceRace,
                             widen: true,
                             whole_tree,
+                            at: retry.map(|r| ms(t0, r)),
+                        },
+                        Expect::Aside(retry) => Verdict::Retry {
+                            cause: RetryCause::PathsSetAside,
+                            widen: false,
+                            whole_tree: false,
                             at: retry.map(|r| ms(t0, r)),
                         },
                         Expect::GiveUp(cause, widen) => Verdict::GiveUp { cause, widen },
@@ -623,6 +655,19 @@ mod tests {
                 [
                     cycle(0, Race, Expect::Race(false, Some(260))),
                     vec![Check(true, 0, Phase::Syncing, 1)],
+                ]
+                .concat(),
+            ),
+            (
+                "failing paths set aside: the batch runs again soon, and it is no failure",
+                [
+                    cycle(0, SetAside, Expect::Aside(Some(260))),
+                    vec![Check(true, 0, Phase::Syncing, 1)],
+                    cycle(260, Code(0), Expect::Synced),
+                    // Nor does it count towards the partial-transfer retries.
+                    cycle(400, Code(23), Expect::Retry(false, false, Some(660))),
+                    cycle(660, SetAside, Expect::Aside(Some(920))),
+                    vec![Check(true, 1, Phase::Retrying, 1)],
                 ]
                 .concat(),
             ),
@@ -867,6 +912,7 @@ mod tests {
             code: Some(1),
             killed: false,
             covers_root: false,
+            set_aside: false,
         };
         for _ in 0..FATAL_AFTER {
             machine.started(t0, Changes);

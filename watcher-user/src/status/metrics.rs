@@ -103,7 +103,13 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
     }
 
     type Sample = fn(&TargetStatus) -> Option<f64>;
-    let per_target: [(&str, &str, &str, Sample); 9] = [
+    let per_target: [(&str, &str, &str, Sample); 10] = [
+        (
+            "watcher_failing_paths",
+            "gauge",
+            "Paths rsync keeps failing on, set aside while the rest syncs.",
+            |t| Some(t.failing_paths_total as f64),
+        ),
         (
             "watcher_dirty_paths",
             "gauge",

@@ -153,6 +153,38 @@ pub fn render(s: &StatusSnapshot, now_unix_ms: u64) -> String {
             {
                 notes.push(format!("{name}: {}", one_line(&last.detail)));
             }
+            if t.failing_paths_total > 0 {
+                notes.push(format!(
+                    "{name}: {} {} set aside (rsync fails on {}; retried with backoff):",
+                    t.failing_paths_total,
+                    if t.failing_paths_total == 1 {
+                        "path"
+                    } else {
+                        "paths"
+                    },
+                    if t.failing_paths_total == 1 {
+                        "it"
+                    } else {
+                        "them"
+                    },
+                ));
+                for f in &t.failing_paths {
+                    notes.push(format!(
+                        "  {}: {} (since {}, {} {})",
+                        printable(&f.path),
+                        one_line(&f.error),
+                        ago(now_unix_ms, f.since_unix_ms),
+                        f.failures,
+                        if f.failures == 1 { "try" } else { "tries" }
+                    ));
+                }
+                let hidden = t
+                    .failing_paths_total
+                    .saturating_sub(t.failing_paths.len() as u64);
+                if hidden > 0 {
+                    notes.push(format!("  ... and {hidden} more"));
+                }
+            }
             if let Some(v) = &t.verify {
                 notes.push(format!(
                     "{name}: verified {}: {}, {} paths fixed",
@@ -221,7 +253,7 @@ fn printable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::snapshot::{NOW, sample};
+    use crate::status::snapshot::{FailingPath, NOW, sample};
 
     #[test]
     fn ages() {
@@ -280,6 +312,29 @@ mod tests {
         let end = header.find("DIRTY").unwrap() + "DIRTY".len();
         assert_eq!(&retrying[end - 3..end], "120", "{header}\n{retrying}");
         assert!(text.lines().all(|l| l == l.trim_end()));
+    }
+
+    #[test]
+    fn failing_paths_are_listed_under_their_target() {
+        let mut s = sample();
+        let t = &mut s.groups[0].targets[0];
+        t.failing_paths = vec![FailingPath {
+            path: "private/db".into(),
+            error: "Permission denied (13)".into(),
+            since_unix_ms: NOW - 120_000,
+            failures: 3,
+        }];
+        t.failing_paths_total = 2;
+        let text = render(&s, NOW);
+        assert!(
+            text.contains("local: 2 paths set aside (rsync fails on them; retried with backoff):"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  private/db: Permission denied (13) (since 2m ago, 3 tries)"),
+            "{text}"
+        );
+        assert!(text.contains("  ... and 1 more"), "{text}");
     }
 
     #[test]

@@ -55,6 +55,27 @@ pub struct TargetStatus {
     pub rsync_runs: u64,
     pub retries_total: u64,
     pub verify: Option<LastVerify>,
+    /// Paths rsync keeps failing on, set aside while the rest syncs (the first
+    /// [`MAX_FAILING_SHOWN`]; `failing_paths_total` counts them all).
+    pub failing_paths: Vec<FailingPath>,
+    pub failing_paths_total: u64,
+}
+
+/// How many failing paths a snapshot lists per target.
+pub const MAX_FAILING_SHOWN: usize = 100;
+
+/// A path rsync keeps failing on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct FailingPath {
+    /// Relative to the source root (non-UTF-8 bytes replaced).
+    pub path: String,
+    /// What rsync said, e.g. `Permission denied (13)`.
+    pub error: String,
+    /// When it first failed, milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
+    /// Failed tries in a row.
+    pub failures: u32,
 }
 
 /// The state of a target.
@@ -200,6 +221,7 @@ pub(super) fn sample() -> StatusSnapshot {
                         rsync_runs: 30,
                         retries_total: 4,
                         verify: None,
+                        ..TargetStatus::default()
                     },
                 ],
             },
