@@ -352,7 +352,9 @@ mod tests {
     fn rsync_messages_name_root_relative_paths() {
         let root = Path::new("/srv/src");
         let dest = Path::new("/mnt/replica");
-        let table: &[(&str, Option<&Path>, Option<Vec<Failure>>)] = &[
+        /// stderr, the replica directory (local targets), what must come out.
+        type Case<'a> = (&'a str, Option<&'a Path>, Option<Vec<Failure>>);
+        let table: &[Case] = &[
             (
                 "rsync: [sender] opendir \"/srv/src/./secret\" failed: Permission denied (13)\n\
                  IO error encountered -- skipping file deletion\n\
