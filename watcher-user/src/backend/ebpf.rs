@@ -580,7 +580,7 @@ mod loaded {
     use std::os::fd::AsRawFd;
     use std::path::PathBuf;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
     use aya::programs::{FEntry, FExit, RawTracePoint};
@@ -599,20 +599,12 @@ mod loaded {
     // SAFETY: plain old data with its padding spelled out as a field.
     unsafe impl aya::Pod for Key {}
 
-    use super::{DEFAULT_RINGBUF_BYTES, ProbeChoice, Translator, parse_record};
+    use super::{EbpfOptions, ProbeChoice, Translator, parse_record};
     use crate::backend::vfs_records::VfsTranslator;
     use crate::backend::{Backend, BackendError, OwnPids, Support};
     use crate::event::Event;
 
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/watcher-ebpf"));
-
-    static RINGBUF_BYTES: AtomicU32 = AtomicU32::new(DEFAULT_RINGBUF_BYTES);
-    static KERNEL_FILTER: AtomicBool = AtomicBool::new(true);
-    static PROBES: std::sync::Mutex<ProbeChoice> = std::sync::Mutex::new(ProbeChoice::Auto);
-
-    pub fn configure_probes(choice: ProbeChoice) {
-        *PROBES.lock().unwrap_or_else(|e| e.into_inner()) = choice;
-    }
 
     /// The two probe sets in the object.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -632,18 +624,6 @@ mod loaded {
                 }
             }
         }
-    }
-
-    pub fn configure_kernel_filter(on: bool) {
-        KERNEL_FILTER.store(on, Ordering::Relaxed);
-    }
-
-    /// Sets the ring buffer size of backends started from now on (rounded up to a power
-    /// of two of at least 16 KiB, room for three of the VFS probes' records).
-    pub fn set_ringbuf_bytes(bytes: u32) {
-        const MIN: u32 = 16 << 10;
-        const _: () = assert!(3 * std::mem::size_of::<common::VfsRecord>() < MIN as usize);
-        RINGBUF_BYTES.store(bytes.max(MIN).next_power_of_two(), Ordering::Relaxed);
     }
 
     fn err(what: &str, e: impl std::fmt::Display) -> BackendError {
@@ -815,11 +795,13 @@ mod loaded {
         filter_available: bool,
         roots: Vec<(common::RootKey, u32)>,
         devices: Vec<u32>,
+        /// Processes whose syscalls the probes drop, with every process they fork.
+        ignored: Vec<u32>,
     }
 
     /// The maps' contents for `roots`, with the in-kernel filter when `filter` is on and
-    /// the kernel's BTF has every field it needs.
-    fn map_contents(roots: &[PathBuf], filter: bool) -> MapContents {
+    /// the kernel's BTF has every field it needs; the processes of `own` are ignored.
+    fn map_contents(roots: &[PathBuf], filter: bool, own: &OwnPids) -> MapContents {
         let (mut offsets, vfs_missing) = kernel_offsets();
         let filter_available = offsets.filter != 0;
         let (keys, devices) = if filter_available && filter {
@@ -847,11 +829,12 @@ mod loaded {
             filter_available,
             roots: keys,
             devices,
+            ignored: own.snapshot().into_iter().map(|pid| pid as u32).collect(),
         }
     }
 
     /// Loads the object, fills its maps from `contents` and attaches probe set `set`; the
-    /// daemon's own tgid is ignored from the first record on.
+    /// ignored processes (the daemon's own tgid) are ignored from the first record on.
     fn load(
         ringbuf_bytes: u32,
         contents: &MapContents,
@@ -899,9 +882,11 @@ mod loaded {
             let mut ignored: BpfHashMap<&mut MapData, u32, u32> =
                 BpfHashMap::try_from(map_mut(&mut ebpf, common::MAP_IGNORED)?)
                     .map_err(|e| err("map IGNORED", e))?;
-            ignored
-                .insert(std::process::id(), common::IGNORE_SELF, 0)
-                .map_err(|e| err("ignoring the daemon's own tgid", e))?;
+            for tgid in &contents.ignored {
+                ignored
+                    .insert(tgid, common::IGNORE_SELF, 0)
+                    .map_err(|e| err("ignoring the daemon's own tgid", e))?;
+            }
         }
         match set {
             ProbeSet::Vfs => attach_vfs(&mut ebpf)?,
@@ -960,13 +945,13 @@ mod loaded {
     /// Loads the probe set `choice` asks for: with `Auto`, the VFS set where the kernel
     /// takes it, else the syscall set (the reason said in the log).
     fn load_chosen(
-        ringbuf_bytes: u32,
+        options: &EbpfOptions,
         roots: &[PathBuf],
-        filter: bool,
-        choice: ProbeChoice,
+        own: &OwnPids,
     ) -> Result<(Ebpf, ProbeSet), BackendError> {
-        let contents = map_contents(roots, filter);
-        let set = match choice {
+        let ringbuf_bytes = options.ringbuf_size();
+        let contents = map_contents(roots, options.kernel_filter, own);
+        let set = match options.probes {
             ProbeChoice::Vfs => ProbeSet::Vfs,
             ProbeChoice::Syscalls => ProbeSet::Syscalls,
             ProbeChoice::Auto => match load(ringbuf_bytes, &contents, ProbeSet::Vfs) {
@@ -984,20 +969,20 @@ mod loaded {
     }
 
     impl EbpfBackend {
-        pub fn start(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Self, BackendError> {
+        /// Loads and attaches the probes `options` ask for, watching `roots`; the processes
+        /// of `own_pids` (and, in the kernel, every process they fork) are not reported.
+        pub fn start(
+            options: &EbpfOptions,
+            roots: &[PathBuf],
+            own_pids: Arc<OwnPids>,
+        ) -> Result<Self, BackendError> {
             if !cfg!(target_arch = "x86_64") {
                 return Err(BackendError::Ebpf(
                     "the probes know x86_64's syscall numbers only".into(),
                 ));
             }
-            let ringbuf_bytes = RINGBUF_BYTES.load(Ordering::Relaxed);
-            let choice = *PROBES.lock().unwrap_or_else(|e| e.into_inner());
-            let (mut ebpf, set) = load_chosen(
-                ringbuf_bytes,
-                roots,
-                KERNEL_FILTER.load(Ordering::Relaxed),
-                choice,
-            )?;
+            let ringbuf_bytes = options.ringbuf_size();
+            let (mut ebpf, set) = load_chosen(options, roots, &own_pids)?;
             let ring = RingBuf::try_from(
                 ebpf.take_map(common::MAP_EVENTS)
                     .ok_or_else(|| err("eBPF object", "no map EVENTS"))?,
@@ -1173,7 +1158,7 @@ mod loaded {
 
     /// Rows for `watcher check`: which probe set loads and attaches here, and why not.
     pub fn check() -> Vec<Support> {
-        let contents = map_contents(&[], false);
+        let contents = map_contents(&[], false, &OwnPids::new());
         let vfs = load(4096, &contents, ProbeSet::Vfs).map(drop);
         let syscalls = load(4096, &contents, ProbeSet::Syscalls).map(drop);
         let filter_ok = contents.filter_available;
@@ -1201,16 +1186,6 @@ mod loaded {
         }]
     }
 
-    pub use configure_probes as configure_probe_choice;
-    pub use set_ringbuf_bytes as configure_ringbuf;
-}
-
-/// Sets the ring buffer size of ebpf backends started from now on.
-pub fn set_ringbuf_bytes(bytes: u32) {
-    #[cfg(feature = "ebpf")]
-    loaded::configure_ringbuf(bytes);
-    #[cfg(not(feature = "ebpf"))]
-    let _ = bytes;
 }
 
 /// Which of the object's probe sets the ebpf backend attaches.
@@ -1224,21 +1199,36 @@ pub enum ProbeChoice {
     Syscalls,
 }
 
-/// Sets the probe set ebpf backends started from now on attach.
-pub fn set_probe_choice(choice: ProbeChoice) {
-    #[cfg(feature = "ebpf")]
-    loaded::configure_probe_choice(choice);
-    #[cfg(not(feature = "ebpf"))]
-    let _ = choice;
+/// The ebpf backend's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EbpfOptions {
+    /// Ring buffer size in bytes (see [`EbpfOptions::ringbuf_size`]).
+    pub ringbuf_bytes: u32,
+    /// Which probe set to attach.
+    pub probes: ProbeChoice,
+    /// Whether the probes drop changes outside every root in the kernel.
+    pub kernel_filter: bool,
 }
 
-/// Whether ebpf backends started from now on filter changes outside the roots in the
-/// kernel (on by default).
-pub fn set_kernel_filter(on: bool) {
-    #[cfg(feature = "ebpf")]
-    loaded::configure_kernel_filter(on);
-    #[cfg(not(feature = "ebpf"))]
-    let _ = on;
+impl Default for EbpfOptions {
+    fn default() -> Self {
+        EbpfOptions {
+            ringbuf_bytes: DEFAULT_RINGBUF_BYTES,
+            probes: ProbeChoice::Auto,
+            kernel_filter: true,
+        }
+    }
+}
+
+impl EbpfOptions {
+    /// The ring buffer size used: `ringbuf_bytes` rounded up to a power of two of at least
+    /// 16 KiB, room for three of the VFS probes' records.
+    pub fn ringbuf_size(&self) -> u32 {
+        const MIN: u32 = 16 << 10;
+        const _: () =
+            assert!(3 * std::mem::size_of::<watcher_ebpf_common::VfsRecord>() < MIN as usize);
+        self.ringbuf_bytes.max(MIN).next_power_of_two()
+    }
 }
 
 #[cfg(test)]
