@@ -577,10 +577,11 @@ pub fn check() -> Vec<super::Support> {
 
 #[cfg(feature = "ebpf")]
 mod loaded {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsFd, BorrowedFd};
     use std::path::PathBuf;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
 
     use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
     use aya::programs::{FEntry, FExit, RawTracePoint};
@@ -600,6 +601,7 @@ mod loaded {
     unsafe impl aya::Pod for Key {}
 
     use super::{EbpfOptions, ProbeChoice, Translator, parse_record};
+    use crate::backend::read_loop::{self, EventSource, OwnFilter, POLL_INTERVAL};
     use crate::backend::vfs_records::VfsTranslator;
     use crate::backend::{Backend, BackendError, OwnPids, Support};
     use crate::event::Event;
@@ -1028,26 +1030,8 @@ mod loaded {
                 .unwrap_or(0)
         }
 
-        fn wait_readable(&self, timeout_ms: i32) -> Result<bool, BackendError> {
-            let mut pfd = libc::pollfd {
-                fd: self.ring.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    return Ok(false);
-                }
-                return Err(BackendError::Read(e));
-            }
-            Ok(n > 0)
-        }
-
         /// Reads what the ring buffer holds (at most a batch) into events.
-        fn drain(&mut self, own: &hashbrown::HashSet<i32>, out: &mut Vec<Event>) -> usize {
+        fn drain(&mut self, own: &mut OwnFilter<'_>, out: &mut Vec<Event>) -> usize {
             let mut n = 0;
             while n < 4096 {
                 let Some(item) = self.ring.next() else {
@@ -1060,7 +1044,7 @@ mod loaded {
                         std::ptr::read_unaligned(item.as_ptr().cast::<common::VfsRecord>())
                     };
                     drop(item);
-                    if own.contains(&(rec.tgid as i32)) {
+                    if own.contains(rec.tgid as i32) {
                         self.translator.stats.own_past_filter += 1;
                         continue;
                     }
@@ -1071,7 +1055,7 @@ mod loaded {
                     continue;
                 };
                 drop(item);
-                if own.contains(&(rec.tgid as i32)) {
+                if own.contains(rec.tgid as i32) {
                     tracing::debug!(
                         op = rec.op,
                         tgid = rec.tgid,
@@ -1100,6 +1084,35 @@ mod loaded {
         }
     }
 
+    impl EventSource for EbpfBackend {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.ring.as_fd()
+        }
+
+        fn read(
+            &mut self,
+            own: &mut OwnFilter<'_>,
+            out: &mut Vec<Event>,
+        ) -> std::io::Result<usize> {
+            let n = self.drain(own, out);
+            self.check_lost(out);
+            if let Some(log) = self.probe_log.as_mut() {
+                log.flush();
+            }
+            Ok(n)
+        }
+
+        /// Lost records show in a counter, not in the ring buffer: it is looked at between
+        /// reads too.
+        fn tick(&mut self, _now: Instant, out: &mut Vec<Event>) -> Duration {
+            if let Some(log) = self.probe_log.as_mut() {
+                log.flush();
+            }
+            self.check_lost(out);
+            POLL_INTERVAL
+        }
+    }
+
     impl Backend for EbpfBackend {
         fn name(&self) -> &'static str {
             "ebpf"
@@ -1110,30 +1123,8 @@ mod loaded {
             sink: &mut dyn FnMut(Vec<Event>) -> bool,
             stop: &AtomicBool,
         ) -> Result<(), BackendError> {
-            let result = loop {
-                if let Some(log) = self.probe_log.as_mut() {
-                    log.flush();
-                }
-                let stopping = stop.load(Ordering::Relaxed);
-                if !stopping && !self.wait_readable(200)? {
-                    let mut out = Vec::new();
-                    self.check_lost(&mut out);
-                    if !out.is_empty() && !sink(out) {
-                        break Ok(());
-                    }
-                    continue;
-                }
-                let own = self.own_pids.snapshot();
-                let mut out = Vec::new();
-                let n = self.drain(&own, &mut out);
-                self.check_lost(&mut out);
-                if !out.is_empty() && !sink(out) {
-                    break Ok(());
-                }
-                if stopping && n == 0 {
-                    break Ok(());
-                }
-            };
+            let own_pids = self.own_pids.clone();
+            let result = read_loop::run(&mut *self, &own_pids, sink, stop);
             let s = self.translator.stats;
             let v = self.vfs.stats;
             tracing::info!(
@@ -1185,7 +1176,6 @@ mod loaded {
             detail,
         }]
     }
-
 }
 
 /// Which of the object's probe sets the ebpf backend attaches.

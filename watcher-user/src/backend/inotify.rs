@@ -11,7 +11,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
@@ -20,10 +20,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use super::{Backend, BackendError, OwnPids, Support, join_name};
+use super::read_loop::{self, EventSource, OwnFilter, POLL_INTERVAL};
+use super::{Backend, BackendError, OwnPids, Support, join_name, mask};
 use crate::event::{ChangeKind, Event};
 
 /// What every directory watch reports. IN_ONLYDIR and IN_DONT_FOLLOW make a directory
@@ -55,9 +55,6 @@ const READ_BUF_BYTES: usize = 256 * 1024;
 
 /// Size of `struct inotify_event` before its name.
 const EVENT_HEADER: usize = 16;
-
-/// Longest wait for events before `stop` and the timers are looked at again.
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long a directory's MOVED_FROM waits for the MOVED_TO with its cookie; both are
 /// queued by the same rename, so anything longer means it left the watched tree.
@@ -751,6 +748,12 @@ impl<'a> Walk<'a> {
 /// An inotify instance with a watch on every directory under the roots.
 pub struct InotifyBackend {
     inotify: Inotify,
+    /// Where reads land.
+    buf: Vec<u8>,
+    /// Handed to the read loop. inotify records do not say which process made a change,
+    /// so nothing is dropped by pid: the daemon's rsync writes go to targets, which never
+    /// lie inside a source.
+    own_pids: Arc<OwnPids>,
     tree: WatchTree,
     moves: MovePairing,
     /// Roots as given (nested ones dropped: their parent root covers them).
@@ -783,13 +786,14 @@ impl InotifyBackend {
     /// Watches every directory under `roots` (absolute, canonical directories), or refuses
     /// when they need more watches than `fs.inotify.max_user_watches` leaves.
     pub fn start(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Self, BackendError> {
-        // inotify does not say which process made a change, so nothing can be dropped by
-        // pid; the daemon's rsync writes go to targets, which never lie inside a source.
-        drop(own_pids);
-        Self::start_with(roots, WatchLimits::read()?)
+        Self::start_with(roots, WatchLimits::read()?, own_pids)
     }
 
-    fn start_with(roots: &[PathBuf], limits: WatchLimits) -> Result<Self, BackendError> {
+    fn start_with(
+        roots: &[PathBuf],
+        limits: WatchLimits,
+        own_pids: Arc<OwnPids>,
+    ) -> Result<Self, BackendError> {
         let inotify = init()?;
         let roots = outermost(roots);
         let started = Instant::now();
@@ -823,6 +827,8 @@ impl InotifyBackend {
         }
         let mut backend = InotifyBackend {
             inotify,
+            buf: vec![0u8; READ_BUF_BYTES],
+            own_pids,
             tree: WatchTree::default(),
             moves: MovePairing::default(),
             roots,
@@ -1077,19 +1083,7 @@ impl InotifyBackend {
             return;
         }
         let is_dir = ev.mask & libc::IN_ISDIR != 0;
-        let kind = if ev.mask & libc::IN_MOVED_TO != 0 {
-            ChangeKind::MovedTo
-        } else if ev.mask & libc::IN_CREATE != 0 {
-            ChangeKind::Created
-        } else if ev.mask & libc::IN_MOVED_FROM != 0 {
-            ChangeKind::MovedFrom
-        } else if ev.mask & libc::IN_DELETE != 0 {
-            ChangeKind::Deleted
-        } else if ev.mask & (libc::IN_MODIFY | libc::IN_CLOSE_WRITE) != 0 {
-            ChangeKind::Modified
-        } else if ev.mask & libc::IN_ATTRIB != 0 {
-            ChangeKind::Attrib
-        } else {
+        let Some(kind) = mask::change_kind(ev.mask.into()) else {
             return;
         };
         let path = join_name(&dir, ev.name);
@@ -1224,13 +1218,35 @@ impl InotifyBackend {
         }
     }
 
-    /// How long the run loop may wait for events before a timer is due.
+    /// How long the read loop may wait for events before a timer is due.
     fn wait_time(&self, now: Instant) -> Duration {
         [self.moves.next_deadline(MOVE_GRACE), self.next_retry]
             .into_iter()
             .flatten()
             .map(|at| at.saturating_duration_since(now))
             .fold(POLL_INTERVAL, Duration::min)
+    }
+}
+
+impl EventSource for InotifyBackend {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// inotify records carry no process id: `_own` is never consulted.
+    fn read(&mut self, _own: &mut OwnFilter<'_>, out: &mut Vec<Event>) -> io::Result<usize> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let read = nix::unistd::read(&self.inotify, &mut buf);
+        if let Ok(n) = read {
+            self.handle_batch(&buf[..n], out);
+        }
+        self.buf = buf;
+        Ok(read?)
+    }
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<Event>) -> Duration {
+        self.on_timers(now, out);
+        self.wait_time(now)
     }
 }
 
@@ -1244,46 +1260,8 @@ impl Backend for InotifyBackend {
         sink: &mut dyn FnMut(Vec<Event>) -> bool,
         stop: &AtomicBool,
     ) -> Result<(), BackendError> {
-        let mut buf = vec![0u8; READ_BUF_BYTES];
-        loop {
-            let stopping = stop.load(Ordering::Relaxed);
-            if !stopping {
-                let now = Instant::now();
-                let mut out = Vec::new();
-                self.on_timers(now, &mut out);
-                if !out.is_empty() && !sink(out) {
-                    return Ok(());
-                }
-                // Rounded up so a due timer is not polled for with a zero timeout forever.
-                let ms = self
-                    .wait_time(now)
-                    .as_millis()
-                    .clamp(1, u128::from(u16::MAX));
-                let timeout = PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX));
-                let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut fds, timeout) {
-                    Ok(0) | Err(Errno::EINTR) => continue,
-                    Ok(_) => {}
-                    Err(e) => return Err(BackendError::Read(e.into())),
-                }
-            }
-            let n = match nix::unistd::read(&self.inotify, &mut buf) {
-                Ok(n) => n,
-                Err(Errno::EAGAIN) => {
-                    if stopping {
-                        return Ok(());
-                    }
-                    continue;
-                }
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(BackendError::Read(e.into())),
-            };
-            let mut out = Vec::new();
-            self.handle_batch(&buf[..n], &mut out);
-            if !out.is_empty() && !sink(out) {
-                return Ok(());
-            }
-        }
+        let own_pids = self.own_pids.clone();
+        read_loop::run(&mut *self, &own_pids, sink, stop)
     }
 }
 
@@ -1576,7 +1554,7 @@ mod tests {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         let limits = WatchLimits { max: 10, in_use: 7 };
-        let err = InotifyBackend::start_with(std::slice::from_ref(&root), limits)
+        let err = InotifyBackend::start_with(std::slice::from_ref(&root), limits, Arc::default())
             .err()
             .unwrap();
         match &err {
@@ -1595,6 +1573,7 @@ mod tests {
                 max: 100,
                 in_use: 0,
             },
+            Arc::default(),
         )
         .unwrap();
         assert_eq!(ok.watches(), 6);
@@ -1613,6 +1592,7 @@ mod tests {
                 max: 10_000,
                 in_use: 0,
             },
+            Arc::default(),
         )
         .unwrap();
         assert_eq!(b.watches(), 601);

@@ -6,7 +6,9 @@ mod btf;
 pub mod ebpf;
 pub mod fanotify;
 pub mod inotify;
+mod mask;
 mod mountinfo;
+mod read_loop;
 #[cfg(any(test, feature = "ebpf"))]
 mod vfs_records;
 
