@@ -1,16 +1,12 @@
 //! Change capture. Every backend turns kernel notifications into [`Event`]s with absolute
 //! paths; nothing downstream knows which backend produced them.
 
-#[cfg(any(test, feature = "ebpf"))]
-mod btf;
 pub mod ebpf;
 pub mod fanotify;
 pub mod inotify;
 mod mask;
 mod mountinfo;
 mod read_loop;
-#[cfg(any(test, feature = "ebpf"))]
-mod vfs_records;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
