@@ -135,6 +135,12 @@ pub trait Backend: Send {
     /// Short name for logs and status.
     fn name(&self) -> &'static str;
 
+    /// The name and what tells this instance's abilities apart from others of the same
+    /// backend: the ebpf backend adds its probe set (`ebpf/vfs`, `ebpf/syscalls`).
+    fn variant(&self) -> &'static str {
+        self.name()
+    }
+
     /// Reads events until `stop` is set, handing each read batch to `sink`. When `stop` is
     /// seen, events already queued in the kernel are drained and delivered before returning.
     /// `sink` returns false when the consumer is gone.

@@ -266,6 +266,13 @@ impl Backend for EbpfBackend {
         "ebpf"
     }
 
+    fn variant(&self) -> &'static str {
+        match self.set {
+            ProbeSet::Vfs => "ebpf/vfs",
+            ProbeSet::Syscalls => "ebpf/syscalls",
+        }
+    }
+
     fn run(
         mut self: Box<Self>,
         sink: &mut dyn FnMut(Vec<Event>) -> bool,
