@@ -11,6 +11,7 @@
 
 mod churn;
 mod harness;
+mod operations;
 mod rsyncd;
 mod tree;
 

@@ -163,6 +163,47 @@ pub struct WatchArgs {
     /// Change-capture backend.
     #[arg(long, value_enum, default_value_t = defaults::BACKEND)]
     pub backend: BackendKind,
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+}
+
+impl WatchArgs {
+    /// The backend and its settings as given on the command line.
+    pub fn backend_options(&self) -> crate::backend::BackendOptions {
+        crate::backend::BackendOptions {
+            kind: self.backend,
+            ebpf: self.ebpf.options(),
+        }
+    }
+}
+
+/// The ebpf backend's settings.
+#[derive(Debug, Args)]
+pub struct EbpfArgs {
+    /// Size of the ebpf backend's ring buffer in bytes (a power of two, at least 16 KiB);
+    /// records that do not fit are lost and turn into a rescan of every root.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::backend::ebpf::DEFAULT_RINGBUF_BYTES)]
+    pub ebpf_ringbuf_bytes: u32,
+    /// Whether the ebpf backend's probes drop, in the kernel, changes to files outside
+    /// every watched path (other filesystems, other directories); `off` sends every
+    /// change to user space, which filters it there.
+    #[arg(long, value_enum, value_name = "on|off", default_value_t = Switch::On)]
+    pub ebpf_kernel_filter: Switch,
+    /// Which probes the ebpf backend attaches: `vfs` (fentry/fexit on the kernel's VFS
+    /// functions; also sees nfsd, io_uring and mmap writers) where the kernel accepts
+    /// them, else `syscalls` (raw tracepoints); `auto` tries them in that order.
+    #[arg(long, value_enum, default_value_t = crate::backend::ebpf::ProbeChoice::Auto)]
+    pub ebpf_probes: crate::backend::ebpf::ProbeChoice,
+}
+
+impl EbpfArgs {
+    pub fn options(&self) -> crate::backend::ebpf::EbpfOptions {
+        crate::backend::ebpf::EbpfOptions {
+            ringbuf_bytes: self.ebpf_ringbuf_bytes,
+            probes: self.ebpf_probes,
+            kernel_filter: self.ebpf_kernel_filter == Switch::On,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -619,10 +619,15 @@ impl Engine {
         let filter = builder.build()?;
         let roots: Vec<PathBuf> = config.groups.iter().map(|g| g.source.clone()).collect();
         let d = &config.daemon;
-        backend::ebpf::set_probe_choice(d.ebpf_probes);
-        backend::ebpf::set_ringbuf_bytes(d.ebpf_ringbuf_bytes);
-        backend::ebpf::set_kernel_filter(d.ebpf_kernel_filter);
-        let backend = backend::start(config.daemon.backend, &roots, own_pids.clone())
+        let options = backend::BackendOptions {
+            kind: d.backend,
+            ebpf: backend::ebpf::EbpfOptions {
+                ringbuf_bytes: d.ebpf_ringbuf_bytes,
+                probes: d.ebpf_probes,
+                kernel_filter: d.ebpf_kernel_filter,
+            },
+        };
+        let backend = backend::start(&options, &roots, own_pids.clone())
             .context("starting change capture")?;
         let continuing: Continuing = running.map_or_else(Vec::new, |engine| {
             engine

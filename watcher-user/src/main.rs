@@ -137,7 +137,9 @@ fn run(command: Command) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Watch(args) => watcher::watch::run_watch(&args.paths, args.format, args.backend),
+        Command::Watch(args) => {
+            watcher::watch::run_watch(&args.paths, args.format, &args.backend_options())
+        }
         Command::Check(args) => {
             let paths = if args.paths.is_empty() {
                 vec![std::env::current_dir()?]

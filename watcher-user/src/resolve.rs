@@ -1,10 +1,13 @@
 //! fanotify directory handle -> path, with a bounded cache.
 //!
 //! The cache stays correct because events are processed in queue order: a cached path is
-//! right until a directory rename (or overflow) is processed, and then the whole cache is
-//! dropped. Paths learned from the kernel are the current ones at read time, which can be
-//! "newer" than the event; that is fine because the rename that made them newer also
-//! dirties both its old and its new path.
+//! right until a directory rename or removal is processed, and then the paths at and below
+//! the old name are dropped ([`Resolver::invalidate_under`]); paths elsewhere stay. When
+//! the old name is not known, every path of that filesystem is dropped
+//! ([`Resolver::invalidate`]), and after an overflow every path
+//! ([`Resolver::clear`]). Paths learned from the kernel are the current ones at read
+//! time, which can be "newer" than the event; that is fine because the rename that made
+//! them newer also dirties both its old and its new path.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

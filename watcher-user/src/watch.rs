@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 
-use crate::backend::{self, BackendKind, OwnPids};
+use crate::backend::{self, BackendOptions, OwnPids};
 use crate::cli::Format;
 use crate::event::Event;
 use crate::filter::{Filter, FilterBuilder};
@@ -61,7 +61,11 @@ pub fn format_event(filter: &Filter, event: &Event, format: Format) -> Option<Ve
 }
 
 /// Runs until SIGINT/SIGTERM or until stdout is closed.
-pub fn run_watch(paths: &[PathBuf], format: Format, kind: BackendKind) -> anyhow::Result<i32> {
+pub fn run_watch(
+    paths: &[PathBuf],
+    format: Format,
+    options: &BackendOptions,
+) -> anyhow::Result<i32> {
     let mut roots = Vec::new();
     let mut builder = FilterBuilder::new();
     for path in paths {
@@ -72,7 +76,7 @@ pub fn run_watch(paths: &[PathBuf], format: Format, kind: BackendKind) -> anyhow
         roots.push(root);
     }
     let filter = builder.build()?;
-    let backend = backend::start(kind, &roots, Arc::new(OwnPids::new()))?;
+    let backend = backend::start(options, &roots, Arc::new(OwnPids::new()))?;
     tracing::info!(backend = backend.name(), "watching");
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -6,17 +6,17 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
 
 use fanotify_fid::consts::*;
 use fanotify_fid::handle::{Fsid, fsid_of_path};
 use fanotify_fid::{Fanotify, FanotifyError, FidEvent};
 
-use super::{Backend, BackendError, OwnPids, Support, join_name};
+use super::read_loop::{self, EventSource, OwnFilter};
+use super::{Backend, BackendError, OwnPids, Support, join_name, mask};
 use crate::event::{ChangeKind, Event};
 use crate::resolve::{Resolved, Resolver};
 
@@ -42,6 +42,8 @@ const RESOLVE_CACHE_DIRS: usize = 1 << 16;
 /// A fanotify group with its marks set.
 pub struct FanotifyBackend {
     group: Fanotify,
+    /// Where reads land; the events read borrow it.
+    buf: Vec<u8>,
     translator: Translator,
     /// Linux 5.17+ reports a rename as one event with both names.
     rename_events: bool,
@@ -157,6 +159,7 @@ impl FanotifyBackend {
         }
         Ok(FanotifyBackend {
             group,
+            buf: Vec::with_capacity(READ_BUF_BYTES),
             translator: Translator::new(resolver, roots_by_fs),
             rename_events,
             own_pids,
@@ -259,25 +262,16 @@ impl Translator {
         if rest == 0 {
             return;
         }
-        let kind = if rest & FAN_MOVED_TO != 0 {
-            ChangeKind::MovedTo
-        } else if rest & FAN_CREATE != 0 {
-            ChangeKind::Created
-        } else if rest & FAN_MOVED_FROM != 0 {
-            ChangeKind::MovedFrom
-        } else if rest & FAN_DELETE != 0 {
-            ChangeKind::Deleted
-        } else if rest & (FAN_MODIFY | FAN_CLOSE_WRITE) != 0 {
-            ChangeKind::Modified
-        } else if rest & FAN_ATTRIB != 0 {
-            ChangeKind::Attrib
-        } else if rest & (FAN_DELETE_SELF | FAN_MOVE_SELF) != 0 {
-            // Every deleted or moved object also reports this; only a root itself matters,
-            // and its parent's DELETE/MOVED_FROM event is not in a marked tree's view of it.
-            self.self_event(fs, ev, out);
-            return;
-        } else {
-            return;
+        let kind = match mask::change_kind(rest) {
+            Some(kind) => kind,
+            None if rest & (FAN_DELETE_SELF | FAN_MOVE_SELF) != 0 => {
+                // Every deleted or moved object also reports this; only a root itself
+                // matters, and its parent's DELETE/MOVED_FROM event is not in a marked
+                // tree's view of it.
+                self.self_event(fs, ev, out);
+                return;
+            }
+            None => return,
         };
         let path = match (ev.dfid_name_handle(), ev.dfid_name()) {
             (Some(dir), name) => self.path_of(fs, dir, name.unwrap_or_default(), out),
@@ -361,6 +355,26 @@ impl Translator {
     }
 }
 
+impl EventSource for FanotifyBackend {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.group.as_fd()
+    }
+
+    fn read(&mut self, own: &mut OwnFilter<'_>, out: &mut Vec<Event>) -> io::Result<usize> {
+        let events = self
+            .group
+            .read_events(&mut self.buf)
+            .map_err(|e| errno_of(&e))?;
+        for ev in &events {
+            if !ev.is_overflow() && own.contains(ev.pid()) {
+                continue;
+            }
+            self.translator.translate(ev, out);
+        }
+        Ok(events.len())
+    }
+}
+
 impl Backend for FanotifyBackend {
     fn name(&self) -> &'static str {
         "fanotify"
@@ -371,43 +385,8 @@ impl Backend for FanotifyBackend {
         sink: &mut dyn FnMut(Vec<Event>) -> bool,
         stop: &AtomicBool,
     ) -> Result<(), BackendError> {
-        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF_BYTES);
-        let mut own;
-        loop {
-            let stopping = stop.load(Ordering::Relaxed);
-            if !stopping {
-                match self.group.wait_readable(Some(Duration::from_millis(200))) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) if e.errno() == Some(libc::EINTR) => continue,
-                    Err(e) => return Err(BackendError::Read(errno_of(&e))),
-                }
-            }
-            let mut out = Vec::new();
-            {
-                let events = match self.group.read_events(&mut buf) {
-                    Ok(events) => events,
-                    Err(e) if e.errno() == Some(libc::EAGAIN) => {
-                        if stopping {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    Err(e) => return Err(BackendError::Read(errno_of(&e))),
-                };
-                // Refresh once per read: rsync children come and go between reads.
-                own = self.own_pids.snapshot();
-                for ev in &events {
-                    if !ev.is_overflow() && own.contains(&ev.pid()) {
-                        continue;
-                    }
-                    self.translator.translate(ev, &mut out);
-                }
-            }
-            if !out.is_empty() && !sink(out) {
-                return Ok(());
-            }
-        }
+        let own_pids = self.own_pids.clone();
+        read_loop::run(&mut *self, &own_pids, sink, stop)
     }
 }
 

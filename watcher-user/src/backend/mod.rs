@@ -1,14 +1,12 @@
 //! Change capture. Every backend turns kernel notifications into [`Event`]s with absolute
 //! paths; nothing downstream knows which backend produced them.
 
-#[cfg(any(test, feature = "ebpf"))]
-mod btf;
 pub mod ebpf;
 pub mod fanotify;
 pub mod inotify;
+mod mask;
 mod mountinfo;
-#[cfg(any(test, feature = "ebpf"))]
-mod vfs_records;
+mod read_loop;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,6 +135,12 @@ pub trait Backend: Send {
     /// Short name for logs and status.
     fn name(&self) -> &'static str;
 
+    /// The name and what tells this instance's abilities apart from others of the same
+    /// backend: the ebpf backend adds its probe set (`ebpf/vfs`, `ebpf/syscalls`).
+    fn variant(&self) -> &'static str {
+        self.name()
+    }
+
     /// Reads events until `stop` is set, handing each read batch to `sink`. When `stop` is
     /// seen, events already queued in the kernel are drained and delivered before returning.
     /// `sink` returns false when the consumer is gone.
@@ -147,16 +151,35 @@ pub trait Backend: Send {
     ) -> Result<(), BackendError>;
 }
 
-/// Starts the backend of `kind` for `roots` (absolute, canonical directories).
+/// How to capture changes: the backend and the settings of the ebpf backend. One value is
+/// handed to [`start`], nothing is kept process-wide: whatever starts a backend (the
+/// daemon, `watcher watch`, a test) says what it wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendOptions {
+    pub kind: BackendKind,
+    /// Used when `kind` is [`BackendKind::Ebpf`].
+    pub ebpf: ebpf::EbpfOptions,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            kind: BackendKind::Auto,
+            ebpf: ebpf::EbpfOptions::default(),
+        }
+    }
+}
+
+/// Starts the backend `options` name for `roots` (absolute, canonical directories).
 pub fn start(
-    kind: BackendKind,
+    options: &BackendOptions,
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    match kind {
+    match options.kind {
         BackendKind::Fanotify => start_fanotify(roots, own_pids, "forced with --backend"),
         BackendKind::Inotify => start_inotify(roots, own_pids, "forced with --backend"),
-        BackendKind::Ebpf => start_ebpf(roots, own_pids),
+        BackendKind::Ebpf => start_ebpf(&options.ebpf, roots, own_pids),
         BackendKind::Auto => match fanotify::FanotifyBackend::start(roots, own_pids.clone()) {
             Ok(backend) => Ok(fanotify_selected(
                 backend,
@@ -202,8 +225,12 @@ fn fanotify_selected(backend: fanotify::FanotifyBackend, reason: &str) -> Box<dy
 }
 
 #[cfg(feature = "ebpf")]
-fn start_ebpf(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Box<dyn Backend>, BackendError> {
-    let backend = ebpf::EbpfBackend::start(roots, own_pids)?;
+fn start_ebpf(
+    options: &ebpf::EbpfOptions,
+    roots: &[PathBuf],
+    own_pids: Arc<OwnPids>,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let backend = ebpf::EbpfBackend::start(options, roots, own_pids)?;
     tracing::info!(
         backend = "ebpf",
         reason = "forced with --backend",
@@ -215,6 +242,7 @@ fn start_ebpf(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Box<dyn Backe
 
 #[cfg(not(feature = "ebpf"))]
 fn start_ebpf(
+    _options: &ebpf::EbpfOptions,
     _roots: &[PathBuf],
     _own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {

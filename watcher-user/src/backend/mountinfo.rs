@@ -31,6 +31,12 @@ pub struct Mount {
     pub fstype: String,
 }
 
+/// The kernel's internal `dev_t` (what `super_block.s_dev` holds, what the ebpf probes
+/// report) for a device number.
+pub(crate) fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xf_ffff)
+}
+
 /// Every mount of this process's namespace (empty when /proc is not readable).
 pub fn mounts() -> Vec<Mount> {
     std::fs::read("/proc/self/mountinfo")

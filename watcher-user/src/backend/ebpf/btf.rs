@@ -131,6 +131,100 @@ impl<'a> Btf<'a> {
     }
 }
 
+#[cfg(feature = "ebpf")]
+/// Kernel struct offsets from the kernel's BTF (`filter` set when it has every field
+/// the in-kernel filter reads), and the fields the VFS probe set needs that it lacks.
+/// Without BTF: no parent check, no in-kernel filter, no VFS probes; with a filter
+/// field missing, no in-kernel filter (said in the log).
+pub(super) fn kernel_offsets() -> (watcher_ebpf_common::KernelOffsets, Vec<String>) {
+    let Ok(blob) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+        tracing::warn!(
+            "no kernel BTF: children of the daemon are filtered from their parent's fork \
+             on, and changes outside the roots are filtered in user space only"
+        );
+        return (
+            watcher_ebpf_common::KernelOffsets::default(),
+            vec!["kernel BTF".into()],
+        );
+    };
+    let Some(btf) = Btf::parse(&blob) else {
+        tracing::warn!("the kernel's BTF does not parse: no in-kernel filtering");
+        return (
+            watcher_ebpf_common::KernelOffsets::default(),
+            vec!["kernel BTF".into()],
+        );
+    };
+    let mut missing = Vec::new();
+    let mut field = |name: &str, path: &str| {
+        btf.member_offset(name, path).unwrap_or_else(|| {
+            missing.push(format!("{name}.{path}"));
+            0
+        })
+    };
+    let mut off = watcher_ebpf_common::KernelOffsets {
+        real_parent: field("task_struct", "real_parent"),
+        tgid: field("task_struct", "tgid"),
+        files: field("task_struct", "files"),
+        fdt: field("files_struct", "fdt"),
+        fdt_max_fds: field("fdtable", "max_fds"),
+        fdt_fd: field("fdtable", "fd"),
+        f_dentry: field("file", "f_path.dentry"),
+        fs: field("task_struct", "fs"),
+        pwd_dentry: field("fs_struct", "pwd.dentry"),
+        d_parent: field("dentry", "d_parent"),
+        d_inode: field("dentry", "d_inode"),
+        d_sb: field("dentry", "d_sb"),
+        i_ino: field("inode", "i_ino"),
+        s_dev: field("super_block", "s_dev"),
+        filter: 0,
+        d_name: field("dentry", "d_name.name"),
+        f_mode: field("file", "f_mode"),
+        f_inode: field("file", "f_inode"),
+        ki_filp: field("kiocb", "ki_filp"),
+        rd_old_dentry: field("renamedata", "old_dentry"),
+        rd_new_dentry: field("renamedata", "new_dentry"),
+        open_flag: field("open_flags", "open_flag"),
+    };
+    const VFS_ONLY: [&str; 7] = [
+        "open_flags.open_flag",
+        "dentry.d_name.name",
+        "file.f_mode",
+        "file.f_inode",
+        "kiocb.ki_filp",
+        "renamedata.old_dentry",
+        "renamedata.new_dentry",
+    ];
+    const SHARED: [&str; 4] = [
+        "file.f_path.dentry",
+        "dentry.d_parent",
+        "dentry.d_sb",
+        "super_block.s_dev",
+    ];
+    let vfs_missing: Vec<String> = missing
+        .iter()
+        .filter(|m| VFS_ONLY.contains(&m.as_str()) || SHARED.contains(&m.as_str()))
+        .cloned()
+        .collect();
+    let filter_missing: Vec<&String> = missing
+        .iter()
+        .filter(|m| !VFS_ONLY.contains(&m.as_str()))
+        .collect();
+    if !filter_missing.is_empty() {
+        tracing::warn!(
+            missing = filter_missing
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            "kernel BTF lacks fields the probes read: changes outside the roots are \
+             filtered in user space only"
+        );
+    } else {
+        off.filter = 1;
+    }
+    (off, vfs_missing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,7 +290,7 @@ mod tests {
         assert!(tgid.is_some_and(|t| t > 0), "tgid {tgid:?}");
     }
 
-    /// The kernel struct fields the ebpf probes read (see ebpf.rs `kernel_offsets`).
+    /// The kernel struct fields the ebpf probes read (see `kernel_offsets`).
     const PROBE_FIELDS: &[(&str, &str)] = &[
         ("task_struct", "real_parent"),
         ("task_struct", "tgid"),

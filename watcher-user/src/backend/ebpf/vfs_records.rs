@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 
 use watcher_ebpf_common::{VFS_PATH_BUF, VfsRecord, vfs_op};
 
-use super::ebpf::kernel_dev;
-use super::mountinfo::Mount;
+use crate::backend::mountinfo::{Mount, kernel_dev};
 use crate::event::{ChangeKind, Event};
 
 /// The path below its filesystem's root that a record's leaf-first bytes spell, or None
