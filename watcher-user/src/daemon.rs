@@ -618,7 +618,8 @@ impl Prepared {
 }
 
 impl Engine {
-    /// Validates the configuration, builds the filter and starts the backend.
+    /// Creates missing local target directories, builds the filter from the checked
+    /// configuration and starts the backend.
     fn prepare(config: Config, own_pids: &Arc<OwnPids>) -> anyhow::Result<Prepared> {
         let mut builder = FilterBuilder::new();
         let mut groups = Vec::new();
