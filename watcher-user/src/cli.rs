@@ -95,7 +95,9 @@ pub struct SyncArgs {
     /// Skip the full `rsync -a --delete` at start-up (the target is known to be in step).
     #[arg(long)]
     pub no_initial_sync: bool,
-    /// Extra argument for every rsync run (e.g. --rsync-arg=--password-file=FILE); repeatable.
+    /// Extra argument for every rsync run; repeatable. --rsync-arg=--password-file=FILE
+    /// sets an rsync daemon target's password file (checked like `password_file` in the
+    /// configuration: readable by its owner only).
     #[arg(long = "rsync-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub rsync_args: Vec<OsString>,
     /// Preserve hard links (rsync -H).

@@ -43,10 +43,10 @@
 //! created on disk yet), excludes compiled, durations and addresses parsed, defaults
 //! (from the one table, [`defaults`]) filled in. The daemon uses them as they are.
 //!
-//! The work is split by what changes for different reasons: [`schema`] is the file as
-//! written (serde structs, what a key may hold, the defaults), [`validate`] the rules that
-//! turn it into the checked values below, [`errors`] how a failure is reported (file,
-//! line, key) and how the parsed document is read with each value's position.
+//! The work is split by what changes for different reasons: `schema.rs` is the file as
+//! written (serde structs, what a key may hold, the defaults), `validate.rs` the rules
+//! that turn it into the checked values below, `errors.rs` how a failure is reported
+//! (file, line, key) and how the parsed document is read with each value's position.
 
 mod errors;
 mod schema;
