@@ -206,7 +206,7 @@ fn from_cwd(path: &Path) -> PathBuf {
 }
 
 /// The option or argument of `watcher sync` that sets the configuration key `key`.
-pub fn sync_option(key: &str) -> String {
+fn sync_option(key: &str) -> String {
     let last = key.rsplit('.').next().unwrap_or(key);
     let field = last.split('[').next().unwrap_or(last);
     let option = match field {
