@@ -376,12 +376,13 @@ fn overflow_burst_converges() {
 
     // A fanotify group or an inotify instance takes the queue limit at creation: lower it
     // for this daemon's start only, with no other daemon starting meanwhile.
-    // The ebpf backend's queue is its ring buffer: one page holds a few records.
+    // The ebpf backend's queue is its ring buffer: the smallest allowed (16 KiB) holds a few
+    // records.
     let (queue_limit, extra) = match harness::backend().as_deref() {
         Some("inotify") => ("/proc/sys/fs/inotify/max_queued_events", vec![]),
         Some("ebpf") => (
             "/proc/sys/fs/fanotify/max_queued_events",
-            args(&["--ebpf-ringbuf-bytes", "4096"]),
+            args(&["--ebpf-ringbuf-bytes", "16384"]),
         ),
         _ => ("/proc/sys/fs/fanotify/max_queued_events", vec![]),
     };

@@ -1140,3 +1140,77 @@ fn config_check_reports_file_line_and_key() {
         );
     }
 }
+
+/// `watcher sync` refuses the values the configuration file refuses, by the same rule:
+/// the error names the option where the file's names its line and key.
+#[test]
+fn sync_options_are_checked_like_the_config_file() {
+    // Needs no fanotify and no root: both are refused before anything starts.
+    let ctx = "sync_options_are_checked_like_the_config_file";
+    let s = Scratch::new("svc-sync-options");
+    let config = s.path().join("same.toml");
+    let cases: [(&[&str], &str, &str, &str, &str); 3] = [
+        (
+            &["--max-batch", "0"],
+            "max_batch = 0",
+            "--max-batch",
+            "sync[0].max_batch",
+            "must be at least 1, got 0",
+        ),
+        (
+            &["--delay", "5000", "--max-delay", "100"],
+            "delay_ms = 5000\nmax_delay_ms = 100",
+            "--max-delay",
+            "sync[0].max_delay_ms",
+            "(100) is less than",
+        ),
+        (
+            &["--exclude", "*.[ch"],
+            "exclude = [\"*.[ch\"]",
+            "--exclude",
+            "sync[0].exclude[0]",
+            "invalid exclude pattern \"*.[ch\"",
+        ),
+    ];
+    for (options, keys, option, key, fragment) in cases {
+        let mut args = vec![OsStr::new("sync"), s.src.as_os_str(), s.dst.as_os_str()];
+        args.extend(options.iter().map(OsStr::new));
+        let out = run_watcher(&args, Duration::from_secs(20));
+        eprintln!("{ctx}: {options:?}: {}\n{}", out.status, out.stderr);
+        assert!(!out.status.success(), "{ctx}: sync accepted {options:?}");
+        assert!(
+            out.stderr.contains(&format!("{option}: ")) && out.stderr.contains(fragment),
+            "{ctx}: {options:?}: stderr does not name {option} with {fragment:?}:\n{}",
+            out.stderr
+        );
+
+        let text = format!(
+            "[[sync]]\nsource = {src}\n{keys}\n\n[[sync.target]]\ndest = {dst}\n",
+            src = service::toml_str(&s.src.display().to_string()),
+            dst = service::toml_str(&s.dst.display().to_string()),
+        );
+        write_config_text(&config, &text);
+        let out = run_watcher(
+            &[
+                OsStr::new("config"),
+                OsStr::new("check"),
+                OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+            Duration::from_secs(20),
+        );
+        eprintln!("{ctx}: {keys:?}: {}\n{}", out.status, out.stderr);
+        assert!(
+            !out.status.success(),
+            "{ctx}: config check accepted {keys:?}"
+        );
+        let place = format!("{}:", config.display());
+        assert!(
+            out.stderr.contains(&place)
+                && out.stderr.contains(&format!("{key}: "))
+                && out.stderr.contains(fragment),
+            "{ctx}: {keys:?}: stderr does not name {place}LINE: {key} with {fragment:?}:\n{}",
+            out.stderr
+        );
+    }
+}

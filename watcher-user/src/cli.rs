@@ -1,12 +1,16 @@
 //! Command line: `watcher sync`, `watcher watch`, `watcher check`.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::BackendKind;
-use crate::config::defaults;
+use crate::config::{
+    self, Config, ConfigError, OsText, RawDaemon, RawFile, RawGroup, RawTarget, Spanned, defaults,
+};
+use crate::target::{self, TargetKind};
 
 /// Keeps a replica of a directory tree in step with the source, live: one kernel-wide
 /// change feed (fanotify), a coalescing set of dirty paths, batched `rsync --files-from`.
@@ -91,7 +95,9 @@ pub struct SyncArgs {
     /// Skip the full `rsync -a --delete` at start-up (the target is known to be in step).
     #[arg(long)]
     pub no_initial_sync: bool,
-    /// Extra argument for every rsync run (e.g. --rsync-arg=--password-file=FILE); repeatable.
+    /// Extra argument for every rsync run; repeatable. --rsync-arg=--password-file=FILE
+    /// sets an rsync daemon target's password file (checked like `password_file` in the
+    /// configuration: readable by its owner only).
     #[arg(long = "rsync-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub rsync_args: Vec<OsString>,
     /// Preserve hard links (rsync -H).
@@ -112,6 +118,118 @@ pub struct SyncArgs {
     /// Compare the whole tree with the target this often (e.g. 6h, 30m) and repair drift.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub verify_interval: Option<std::time::Duration>,
+}
+
+impl SyncArgs {
+    /// The one-group configuration these options stand for, checked by the rules of the
+    /// configuration file ([`config::from_options`]): a value the file refuses is refused
+    /// here, with the option named. Relative paths are taken from the current directory,
+    /// and `--rsync-arg=--password-file=FILE` is the target's `password_file`.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        config::from_options(&self.raw(), &sync_option)
+    }
+
+    fn raw(&self) -> RawFile {
+        fn at<T>(value: T) -> Spanned<T> {
+            Spanned::new(0..0, value)
+        }
+        fn name(value: impl ValueEnum) -> String {
+            value
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default()
+        }
+        fn count(n: impl TryInto<i64>) -> Spanned<i64> {
+            at(n.try_into().unwrap_or(i64::MAX))
+        }
+        let mut password_file = None;
+        let mut rsync_args = Vec::new();
+        for arg in &self.rsync_args {
+            match arg.as_bytes().strip_prefix(b"--password-file=") {
+                Some(file) => {
+                    password_file = Some(at(from_cwd(Path::new(OsStr::from_bytes(file)))))
+                }
+                None => rsync_args.push(at(OsText(arg.clone()))),
+            }
+        }
+        let dest = if target::kind_of(&self.target) == TargetKind::Local && !self.target.is_empty()
+        {
+            from_cwd(Path::new(&self.target)).into_os_string()
+        } else {
+            self.target.clone()
+        };
+        let rsync = if self.rsync.components().count() > 1 {
+            from_cwd(&self.rsync)
+        } else {
+            self.rsync.clone()
+        };
+        RawFile {
+            daemon: Some(RawDaemon {
+                backend: Some(at(name(self.backend))),
+                state_dir: self.state_dir.as_deref().map(|d| at(from_cwd(d))),
+                status_socket: self.status_socket.as_deref().map(|s| at(from_cwd(s))),
+                metrics: None,
+                rsync: Some(at(rsync)),
+                ebpf_probes: Some(at(name(self.ebpf_probes))),
+                ebpf_ringbuf_bytes: Some(count(self.ebpf_ringbuf_bytes)),
+                ebpf_kernel_filter: Some(self.ebpf_kernel_filter == Switch::On),
+            }),
+            sync: vec![at(RawGroup {
+                name: Some(at("sync".to_owned())),
+                source: at(from_cwd(&self.source)),
+                exclude: self.excludes.iter().cloned().map(at).collect(),
+                rsync_args,
+                hard_links: Some(self.hard_links),
+                delay_ms: Some(count(self.delay)),
+                max_delay_ms: Some(count(self.max_delay)),
+                max_batch: Some(count(self.max_batch)),
+                initial_sync: Some(!self.no_initial_sync),
+                verify_interval: self
+                    .verify_interval
+                    .map(|d| at(humantime::format_duration(d).to_string())),
+                target: vec![at(RawTarget {
+                    name: Some(at(self.target.to_string_lossy().into_owned())),
+                    dest: at(OsText(dest)),
+                    password_file,
+                    rsync_args: Vec::new(),
+                    max_backlog: None,
+                })],
+            })],
+        }
+    }
+}
+
+/// `path`, made absolute against the current directory if it is relative (left as it is
+/// if there is no current directory: the check then says it is not absolute).
+fn from_cwd(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The option or argument of `watcher sync` that sets the configuration key `key`.
+fn sync_option(key: &str) -> String {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let field = last.split('[').next().unwrap_or(last);
+    let option = match field {
+        "source" => "SOURCE",
+        "target" | "dest" | "name" if key.contains(".target") => "TARGET",
+        "exclude" => "--exclude",
+        "rsync_args" | "password_file" => "--rsync-arg",
+        "hard_links" => "--hard-links",
+        "delay_ms" => "--delay",
+        "max_delay_ms" => "--max-delay",
+        "max_batch" => "--max-batch",
+        "initial_sync" => "--no-initial-sync",
+        "verify_interval" => "--verify-interval",
+        "backend" => "--backend",
+        "state_dir" => "--state-dir",
+        "status_socket" => "--status-socket",
+        "rsync" => "--rsync",
+        "ebpf_probes" => "--ebpf-probes",
+        "ebpf_ringbuf_bytes" => "--ebpf-ringbuf-bytes",
+        "ebpf_kernel_filter" => "--ebpf-kernel-filter",
+        _ => return key.to_owned(),
+    };
+    option.to_owned()
 }
 
 #[derive(Debug, Args)]
@@ -240,5 +358,266 @@ mod tests {
         };
         assert_eq!(args.rsync_args, [OsString::from("--password-file=/p")]);
         assert_eq!(args.excludes, ["*.swp"]);
+    }
+
+    fn sync_args(src: &Path, dst: &Path, extra: &[&str]) -> SyncArgs {
+        let mut argv = vec![
+            OsString::from("watcher"),
+            "sync".into(),
+            src.into(),
+            dst.into(),
+        ];
+        argv.extend(extra.iter().map(OsString::from));
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        let Command::Sync(args) = cli.command else {
+            panic!("not sync")
+        };
+        args
+    }
+
+    /// The same values on `watcher sync`'s command line and in a configuration file:
+    /// (options; `[daemon]`, `[[sync]]` and `[[sync.target]]` lines; the option and the key
+    /// an error must name, empty when both accept; a fragment both messages hold; whether
+    /// the two messages are the same text).
+    #[allow(clippy::type_complexity)]
+    const SAME_VALUES: &[(&[&str], [&str; 3], &str, &str, &str, bool)] = &[
+        (
+            &["--max-batch", "0"],
+            ["", "max_batch = 0", ""],
+            "--max-batch",
+            "sync[0].max_batch",
+            "must be at least 1, got 0",
+            true,
+        ),
+        (
+            &["--delay", "5000", "--max-delay", "100"],
+            ["", "delay_ms = 5000\nmax_delay_ms = 100", ""],
+            "--max-delay",
+            "sync[0].max_delay_ms",
+            "(100) is less than",
+            false,
+        ),
+        // Left out, max_delay takes its default (1000) on both sides.
+        (
+            &["--delay", "5000"],
+            ["", "delay_ms = 5000", ""],
+            "--max-delay",
+            "sync[0].delay_ms",
+            "(5000)",
+            false,
+        ),
+        (
+            &["--ebpf-ringbuf-bytes", "4096"],
+            ["ebpf_ringbuf_bytes = 4096", "", ""],
+            "--ebpf-ringbuf-bytes",
+            "daemon.ebpf_ringbuf_bytes",
+            "must be at least 16384, got 4096",
+            true,
+        ),
+        (
+            &["--exclude", "*.swp", "--exclude", "*.[ch"],
+            ["", "exclude = [\"*.swp\", \"*.[ch\"]", ""],
+            "--exclude",
+            "sync[0].exclude[1]",
+            "invalid exclude pattern \"*.[ch\"",
+            true,
+        ),
+        (
+            &["--exclude", ""],
+            ["", "exclude = [\"\"]", ""],
+            "--exclude",
+            "sync[0].exclude[0]",
+            "empty exclude pattern",
+            true,
+        ),
+        (
+            &["--rsync-arg", "/etc"],
+            ["", "rsync_args = [\"/etc\"]", ""],
+            "--rsync-arg",
+            "sync[0].rsync_args[0]",
+            "\"/etc\" is not an rsync option",
+            true,
+        ),
+        (
+            &["--verify-interval", "0s"],
+            ["", "verify_interval = \"0s\"", ""],
+            "--verify-interval",
+            "sync[0].verify_interval",
+            "must be longer than zero",
+            true,
+        ),
+        (
+            &["--rsync-arg=--password-file=/p"],
+            ["", "", "password_file = \"/p\""],
+            "--rsync-arg",
+            "sync[0].target[0].password_file",
+            "password_file is only for rsync daemon targets",
+            true,
+        ),
+        (
+            &["--state-dir", "/var/lib/w", "--rsync", "/usr/bin/rsync"],
+            [
+                "state_dir = \"/var/lib/w\"\nrsync = \"/usr/bin/rsync\"",
+                "",
+                "",
+            ],
+            "",
+            "",
+            "",
+            true,
+        ),
+        (
+            &["--delay", "50", "--max-delay", "50", "--max-batch", "1"],
+            ["", "delay_ms = 50\nmax_delay_ms = 50\nmax_batch = 1", ""],
+            "",
+            "",
+            "",
+            true,
+        ),
+        (
+            &[
+                "--ebpf-ringbuf-bytes",
+                "16384",
+                "--exclude",
+                "*.swp",
+                "--rsync-arg=-H",
+            ],
+            [
+                "ebpf_ringbuf_bytes = 16384",
+                "exclude = [\"*.swp\"]\nrsync_args = [\"-H\"]",
+                "",
+            ],
+            "",
+            "",
+            "",
+            true,
+        ),
+    ];
+
+    #[test]
+    fn sync_options_are_refused_where_the_file_refuses_the_same_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().canonicalize().expect("canonical");
+        let (src, dst) = (root.join("src"), root.join("dst"));
+        std::fs::create_dir(&src).expect("mkdir");
+        for (options, [daemon, group, target], option, key, fragment, same_text) in SAME_VALUES {
+            let text = format!(
+                "[daemon]\n{daemon}\n[[sync]]\nname = \"sync\"\nsource = {src:?}\n{group}\n[[sync.target]]\ndest = {dst:?}\n{target}\n",
+            );
+            let from_file = config::parse(Path::new("w.toml"), &text);
+            let from_options = sync_args(&src, &dst, options).config();
+            if option.is_empty() {
+                let (file, cli) = (from_file.expect(&text), from_options.expect(&text));
+                assert_eq!(file.daemon, cli.daemon, "{options:?}");
+                let (file, cli) = (&file.groups[0], &cli.groups[0]);
+                assert_eq!(file.flush.delay, cli.flush.delay, "{options:?}");
+                assert_eq!(file.flush.max_delay, cli.flush.max_delay, "{options:?}");
+                assert_eq!(file.flush.max_batch, cli.flush.max_batch, "{options:?}");
+                assert_eq!(file.excludes.patterns(), cli.excludes.patterns());
+                assert_eq!(file.rsync_args, cli.rsync_args, "{options:?}");
+                assert_eq!(file.targets[0].dest, cli.targets[0].dest, "{options:?}");
+                continue;
+            }
+            let file_message = match from_file {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, *key, "{text}");
+                    message
+                }
+                other => panic!("the file should be refused at {key}:\n{text}\n{other:?}"),
+            };
+            let cli_message = match from_options {
+                Err(ConfigError::CommandLine { option: o, message }) => {
+                    assert_eq!(o, *option, "{options:?}");
+                    message
+                }
+                other => panic!("{options:?} should be refused naming {option}: {other:?}"),
+            };
+            assert!(file_message.contains(fragment), "{file_message}");
+            assert!(cli_message.contains(fragment), "{cli_message}");
+            if *same_text {
+                assert_eq!(cli_message, file_message, "{options:?}");
+            } else {
+                assert!(cli_message.contains(option), "{cli_message}");
+            }
+        }
+    }
+
+    #[test]
+    fn relative_sync_paths_are_taken_from_the_current_directory() {
+        let cwd = std::env::current_dir().expect("cwd");
+        let args = sync_args(
+            Path::new("src"),
+            Path::new("replica"),
+            &["--rsync-arg=--password-file=pass", "--rsync", "rsync"],
+        );
+        let raw = args.raw();
+        let group = raw.sync[0].get_ref();
+        assert_eq!(group.source.get_ref(), &cwd.join("src"));
+        let target = group.target[0].get_ref();
+        assert_eq!(
+            target.dest.get_ref().0,
+            cwd.join("replica").into_os_string()
+        );
+        assert_eq!(
+            target.name.as_ref().map(|n| n.get_ref().as_str()),
+            Some("replica")
+        );
+        let password = target.password_file.as_ref().map(|p| p.get_ref().clone());
+        assert_eq!(password, Some(cwd.join("pass")));
+        assert!(group.rsync_args.is_empty());
+        // A bare rsync is looked up in PATH, as in the file.
+        let rsync = raw.daemon.as_ref().and_then(|d| d.rsync.as_ref());
+        assert_eq!(
+            rsync.map(|r| r.get_ref().as_path()),
+            Some(Path::new("rsync"))
+        );
+    }
+
+    #[test]
+    fn every_sync_option_named_in_errors_exists() {
+        let command = Cli::command();
+        let sync = command.find_subcommand("sync").expect("sync");
+        let longs: Vec<String> = sync
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+            .collect();
+        let positionals: Vec<String> = sync
+            .get_positionals()
+            .filter_map(|a| {
+                a.get_value_names()
+                    .and_then(|v| v.first())
+                    .map(|v| v.to_string())
+            })
+            .collect();
+        for key in [
+            "daemon.backend",
+            "daemon.state_dir",
+            "daemon.status_socket",
+            "daemon.rsync",
+            "daemon.ebpf_probes",
+            "daemon.ebpf_ringbuf_bytes",
+            "daemon.ebpf_kernel_filter",
+            "sync[0].source",
+            "sync[0].exclude[3]",
+            "sync[0].rsync_args[0]",
+            "sync[0].hard_links",
+            "sync[0].delay_ms",
+            "sync[0].max_delay_ms",
+            "sync[0].max_batch",
+            "sync[0].initial_sync",
+            "sync[0].verify_interval",
+            "sync[0].target",
+            "sync[0].target[0].dest",
+            "sync[0].target[0].name",
+            "sync[0].target[0].password_file",
+        ] {
+            let option = sync_option(key);
+            assert!(
+                longs.contains(&option) || positionals.contains(&option),
+                "{key} -> {option}, not an option of watcher sync ({longs:?}, {positionals:?})"
+            );
+        }
     }
 }

@@ -65,7 +65,7 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::dirty::Scope;
 
 /// Where the daemon keeps its journals unless told otherwise.
-pub const DEFAULT_DIR: &str = "/var/lib/watcher";
+pub const DEFAULT_DIR: &str = crate::config::defaults::STATE_DIR;
 
 const MAGIC: &[u8; 4] = b"WJNL";
 const VERSION: u8 = 1;

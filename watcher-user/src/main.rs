@@ -1,15 +1,10 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use watcher::cli::{Cli, Command, ConfigCommand, SyncArgs};
-use watcher::config::{self, Config, DaemonConfig, GroupConfig, TargetConfig};
+use watcher::config::{self, Config};
 use watcher::daemon::{self, RunOptions};
-use watcher::filter::Excludes;
-use watcher::flush::FlushConfig;
-use watcher::target::{self, Target, TargetKind};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,51 +18,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `watcher sync SRC DST ...` is a one-group configuration built from the command line.
+/// `watcher sync SRC DST ...` is a one-group configuration built from the command line,
+/// checked by the same rules as the configuration file.
 fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
-    let source = args
-        .source
-        .canonicalize()
-        .with_context(|| format!("source {}", args.source.display()))?;
-    if !source.is_dir() {
-        anyhow::bail!("source {} is not a directory", source.display());
-    }
-    let dest = sync_target(&args.target, &source)?;
-    let defaults = DaemonConfig::default();
-    let config = Config {
-        path: PathBuf::from("(command line)"),
-        daemon: DaemonConfig {
-            backend: args.backend,
-            state_dir: args.state_dir.clone().unwrap_or(defaults.state_dir),
-            status_socket: args.status_socket.clone().unwrap_or(defaults.status_socket),
-            metrics: None,
-            rsync: args.rsync,
-            ebpf_probes: args.ebpf_probes,
-            ebpf_ringbuf_bytes: args.ebpf_ringbuf_bytes,
-            ebpf_kernel_filter: args.ebpf_kernel_filter == watcher::cli::Switch::On,
-        },
-        groups: vec![GroupConfig {
-            name: "sync".into(),
-            source,
-            targets: vec![TargetConfig {
-                name: args.target.to_string_lossy().into_owned(),
-                dest,
-                password_file: None,
-                rsync_args: Vec::new(),
-                max_backlog: config::defaults::MAX_BACKLOG,
-            }],
-            excludes: Excludes::compile(&args.excludes)?,
-            rsync_args: args.rsync_args,
-            hard_links: args.hard_links,
-            flush: FlushConfig {
-                delay: Duration::from_millis(args.delay),
-                max_delay: Duration::from_millis(args.max_delay.max(args.delay)),
-                max_batch: args.max_batch.max(1),
-            },
-            initial_sync: !args.no_initial_sync,
-            verify_interval: args.verify_interval,
-        }],
-    };
+    let config = args.config()?;
     let opts = RunOptions {
         config_path: None,
         // A dry run changes nothing, its journal included: marking it clean after a dry
@@ -77,18 +31,6 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
         dry_run: args.dry_run,
     };
     Ok((config, opts))
-}
-
-/// The target of `watcher sync`: a relative local directory is taken from the current one.
-fn sync_target(spec: &std::ffi::OsStr, source: &std::path::Path) -> anyhow::Result<Target> {
-    let spec = if target::kind_of(spec) == TargetKind::Local && !spec.is_empty() {
-        std::path::absolute(spec)?.into_os_string()
-    } else {
-        spec.to_owned()
-    };
-    let target = Target::parse(&spec)?;
-    target.check_overlap(source)?;
-    Ok(target)
 }
 
 fn run(command: Command) -> anyhow::Result<i32> {

@@ -32,7 +32,7 @@ pub struct RsyncOptions {
 impl Default for RsyncOptions {
     fn default() -> Self {
         RsyncOptions {
-            binary: PathBuf::from("rsync"),
+            binary: PathBuf::from(crate::config::defaults::RSYNC),
             hardlinks: false,
             excludes: Vec::new(),
             extra_args: Vec::new(),

@@ -46,6 +46,14 @@ pub enum ConfigError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A command-line value that fails the check of the configuration key it stands for.
+    #[error("{option}: {message}")]
+    CommandLine {
+        /// The option (`--max-batch`) or argument (`SOURCE`) that gave the value.
+        option: String,
+        /// What is wrong, as the same value in the file would be told.
+        message: String,
+    },
     /// A syntax error, a wrong or unknown key, or a value that fails a check.
     #[error("{}", located(.path, *.line, *.column, .key, .message))]
     Invalid {

@@ -35,11 +35,18 @@
 //! Every error names the file, the line and the key as a dotted path
 //! (`/etc/watcher/watcher.toml:14: sync[0].delay_ms: expected a non-negative integer`).
 //! [`parse`] checks the text and the sources on disk; [`load`] also refuses a config file
-//! that others may write and password files that others may read.
+//! that others may write and password files that others may read. `watcher sync` builds
+//! the same [`RawFile`] from its command line and checks it with [`from_options`]: the
+//! same rules, errors naming the option instead of the line.
 //!
-//! The work is split by what changes for different reasons: [`schema`] is the file as
-//! written (serde structs, what a key may hold), [`validate`] the rules that turn it into
-//! the checked values below, [`errors`] how a failure is reported (file, line, key).
+//! The checked [`Config`] holds typed values, parsed once: targets as [`Target`]s (nothing
+//! created on disk yet), excludes compiled, durations and addresses parsed, defaults
+//! (from the one table, [`defaults`]) filled in. The daemon uses them as they are.
+//!
+//! The work is split by what changes for different reasons: `schema.rs` is the file as
+//! written (serde structs, what a key may hold, the defaults), `validate.rs` the rules
+//! that turn it into the checked values below, `errors.rs` how a failure is reported
+//! (file, line, key) and how the parsed document is read with each value's position.
 
 mod errors;
 mod schema;
@@ -58,10 +65,11 @@ use crate::backend::BackendKind;
 use crate::filter::Excludes;
 use crate::flush::FlushConfig;
 use crate::target::Target;
+use toml::de::{DeTable, DeValue};
 
 pub use errors::ConfigError;
-pub use schema::defaults;
-use validate::Ctx;
+pub use schema::{OsText, RawDaemon, RawFile, RawGroup, RawTarget, Spanned, defaults};
+use validate::{Ctx, Origin};
 /// A checked configuration file.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -194,8 +202,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(read_error)?;
-    let cx = Ctx { path, text: &text };
-    let (config, password_files) = cx.config()?;
+    let raw = read_text(path, &text)?;
+    let cx = Ctx {
+        origin: Origin::File { path, text: &text },
+    };
+    let (config, password_files) = cx.config(&raw)?;
     for (span, key, file) in password_files {
         check_password_file(&file).map_err(|message| cx.error(&span, key, message))?;
     }
@@ -205,7 +216,54 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Checks `text` as the contents of the config file `path` (named in errors). Sources must
 /// exist; file permissions and password files are not looked at.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    Ctx { path, text }.config().map(|(config, _)| config)
+    let raw = read_text(path, text)?;
+    let cx = Ctx {
+        origin: Origin::File { path, text },
+    };
+    cx.config(&raw).map(|(config, _)| config)
+}
+
+/// Checks a configuration given as the schema value itself, as `watcher sync` builds it
+/// from its command line: the rules of [`load`], password files included, with each error
+/// naming the option `option` gives for its key (`sync[0].max_batch` -> `--max-batch`).
+pub fn from_options(raw: &RawFile, option: &dyn Fn(&str) -> String) -> Result<Config, ConfigError> {
+    let cx = Ctx {
+        origin: Origin::Options(option),
+    };
+    let (config, password_files) = cx.config(raw)?;
+    for (span, key, file) in password_files {
+        check_password_file(&file).map_err(|message| cx.error(&span, key, message))?;
+    }
+    Ok(config)
+}
+
+/// Parses `text` and reads it into the schema; a syntax error gives its line and column,
+/// a value of the wrong type or an unknown or missing key its line and dotted key.
+fn read_text(path: &Path, text: &str) -> Result<RawFile, ConfigError> {
+    let (table, errors) = DeTable::parse_recoverable(text);
+    if let Some(error) = errors.first() {
+        let span = error.span().unwrap_or(0..0);
+        let (line, column) = errors::position(text, span.start);
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            column: Some(column),
+            key: errors::syntax_error_key(table.get_ref(), text, &span).unwrap_or_default(),
+            message: error.message().to_owned(),
+        });
+    }
+    let span = table.span();
+    let document = DeValue::Table(table.into_inner());
+    errors::read::<RawFile>(&document, span).map_err(|misfit| {
+        let (span, key) = misfit.at.clone().unwrap_or((0..0, String::new()));
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: errors::position(text, span.start).0,
+            column: None,
+            key,
+            message: misfit.message(),
+        }
+    })
 }
 
 /// rsync refuses a password file that others can read ("password file must not be

@@ -1,11 +1,17 @@
-//! The configuration file as written: one serde struct per TOML table, every value kept
-//! with its position (`Spanned`) so that a later check can still name its line.
+//! The configuration as written: one serde struct per TOML table, every value kept with
+//! its position (`Spanned`) so that a later check can still name its line.
 //!
 //! Nothing here judges a value beyond its TOML type; that is [`super::validate`]'s job, so
-//! the shape of the file can be read in one place.
+//! the shape of the file can be read in one place. `watcher sync` builds these same
+//! structs from its command line (with empty spans) and so goes through the same checks;
+//! that is why paths and rsync arguments are held as OS strings, which a command line
+//! need not spell in UTF-8 (a TOML file always does).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
 
 use serde::Deserialize;
-use toml::Spanned;
+pub use toml::Spanned;
 
 /// The value of every key a configuration may leave out: the one place these numbers are
 /// written. `watcher sync` shows them in its `--help`, the flush policy and the daemon's
@@ -44,54 +50,68 @@ pub mod defaults {
     pub const MAX_BACKLOG: usize = 1_000_000;
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawFile {
-    #[serde(default)]
-    pub(super) daemon: Option<RawDaemon>,
-    #[serde(default)]
-    pub(super) sync: Vec<Spanned<RawGroup>>,
+/// A TOML string held as OS bytes: a destination or an rsync argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OsText(pub OsString);
+
+impl<'de> Deserialize<'de> for OsText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|s| OsText(s.into()))
+    }
 }
 
-#[derive(Debug, Deserialize)]
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawDaemon {
-    pub(super) backend: Option<Spanned<String>>,
-    pub(super) state_dir: Option<Spanned<String>>,
-    pub(super) status_socket: Option<Spanned<String>>,
-    pub(super) metrics: Option<Spanned<String>>,
-    pub(super) rsync: Option<Spanned<String>>,
-    pub(super) ebpf_probes: Option<Spanned<String>>,
-    pub(super) ebpf_ringbuf_bytes: Option<Spanned<i64>>,
-    pub(super) ebpf_kernel_filter: Option<bool>,
+pub struct RawFile {
+    #[serde(default)]
+    pub daemon: Option<RawDaemon>,
+    #[serde(default)]
+    pub sync: Vec<Spanned<RawGroup>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The `[daemon]` table.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawGroup {
-    pub(super) name: Option<Spanned<String>>,
-    pub(super) source: Spanned<String>,
-    #[serde(default)]
-    pub(super) exclude: Vec<Spanned<String>>,
-    #[serde(default)]
-    pub(super) rsync_args: Vec<Spanned<String>>,
-    pub(super) hard_links: Option<bool>,
-    pub(super) delay_ms: Option<Spanned<i64>>,
-    pub(super) max_delay_ms: Option<Spanned<i64>>,
-    pub(super) max_batch: Option<Spanned<i64>>,
-    pub(super) initial_sync: Option<bool>,
-    pub(super) verify_interval: Option<Spanned<String>>,
-    #[serde(default)]
-    pub(super) target: Vec<Spanned<RawTarget>>,
+pub struct RawDaemon {
+    pub backend: Option<Spanned<String>>,
+    pub state_dir: Option<Spanned<PathBuf>>,
+    pub status_socket: Option<Spanned<PathBuf>>,
+    pub metrics: Option<Spanned<String>>,
+    pub rsync: Option<Spanned<PathBuf>>,
+    pub ebpf_probes: Option<Spanned<String>>,
+    pub ebpf_ringbuf_bytes: Option<Spanned<i64>>,
+    pub ebpf_kernel_filter: Option<bool>,
 }
 
+/// A `[[sync]]` table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawTarget {
-    pub(super) name: Option<Spanned<String>>,
-    pub(super) dest: Spanned<String>,
-    pub(super) password_file: Option<Spanned<String>>,
+pub struct RawGroup {
+    pub name: Option<Spanned<String>>,
+    pub source: Spanned<PathBuf>,
     #[serde(default)]
-    pub(super) rsync_args: Vec<Spanned<String>>,
-    pub(super) max_backlog: Option<Spanned<i64>>,
+    pub exclude: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub rsync_args: Vec<Spanned<OsText>>,
+    pub hard_links: Option<bool>,
+    pub delay_ms: Option<Spanned<i64>>,
+    pub max_delay_ms: Option<Spanned<i64>>,
+    pub max_batch: Option<Spanned<i64>>,
+    pub initial_sync: Option<bool>,
+    pub verify_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    pub target: Vec<Spanned<RawTarget>>,
+}
+
+/// A `[[sync.target]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub name: Option<Spanned<String>>,
+    pub dest: Spanned<OsText>,
+    pub password_file: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    pub rsync_args: Vec<Spanned<OsText>>,
+    pub max_backlog: Option<Spanned<i64>>,
 }

@@ -1,18 +1,22 @@
-//! The rules: from the file as written ([`super::schema`]) to the checked values of
-//! [`super::Config`], each failure placed at its key by [`Ctx::error`].
+//! The rules: from the configuration as written ([`super::schema`]) to the checked values
+//! of [`super::Config`], each failure placed at its key by [`Ctx::error`].
+//!
+//! The same rules check a file and `watcher sync`'s command line; only the way an error
+//! names its place differs ([`Origin`]), so a value the file refuses is refused on the
+//! command line too, for the same reason.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
 
-use super::errors::{ConfigError, position, read, syntax_error_key};
-use super::schema::{RawDaemon, RawFile, RawGroup, RawTarget, defaults};
+use super::errors::{ConfigError, position};
+use super::schema::{OsText, RawDaemon, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
 use crate::filter::Excludes;
@@ -36,9 +40,23 @@ struct GroupSpans {
     local_dests: Vec<LocalDest>,
 }
 
+/// Where the values being checked come from, which decides how an error names its place.
+#[derive(Clone, Copy)]
+pub(super) enum Origin<'a> {
+    /// A file: errors give its path, the line of the key and the dotted key.
+    File {
+        /// The file, as named in errors.
+        path: &'a Path,
+        /// Its text, for line numbers.
+        text: &'a str,
+    },
+    /// `watcher sync`'s command line: errors name the option that set the key
+    /// (`sync[0].max_batch` -> `--max-batch`).
+    Options(&'a dyn Fn(&str) -> String),
+}
+
 pub(super) struct Ctx<'a> {
-    pub(super) path: &'a Path,
-    pub(super) text: &'a str,
+    pub(super) origin: Origin<'a>,
 }
 
 impl Ctx<'_> {
@@ -48,18 +66,42 @@ impl Ctx<'_> {
         key: impl Into<String>,
         message: impl Into<String>,
     ) -> ConfigError {
-        let (line, _) = position(self.text, span.start);
-        ConfigError::Invalid {
-            path: self.path.to_path_buf(),
-            line,
-            column: None,
-            key: key.into(),
-            message: message.into(),
+        let key = key.into();
+        let message = message.into();
+        match self.origin {
+            Origin::File { path, .. } => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: self.line(span),
+                column: None,
+                key,
+                message,
+            },
+            Origin::Options(option) => ConfigError::CommandLine {
+                option: option(&key),
+                message,
+            },
         }
     }
 
-    pub(super) fn config(&self) -> Result<(Config, PasswordFiles), ConfigError> {
-        let raw = self.deserialize()?;
+    /// The 1-based line of `span` in the file (0 on the command line).
+    fn line(&self, span: &Range<usize>) -> usize {
+        match self.origin {
+            Origin::File { text, .. } => position(text, span.start).0,
+            Origin::Options(_) => 0,
+        }
+    }
+
+    /// How a message that mentions the key `key` calls it: the key's own name in a file
+    /// (`max_delay_ms`), the option on the command line (`--max-delay`).
+    fn name(&self, key: &str) -> String {
+        match self.origin {
+            Origin::File { .. } => key.rsplit('.').next().unwrap_or(key).to_owned(),
+            Origin::Options(option) => option(key),
+        }
+    }
+
+    /// Checks `raw`; also returns the password files named, for [`super::load`] to check.
+    pub(super) fn config(&self, raw: &RawFile) -> Result<(Config, PasswordFiles), ConfigError> {
         let daemon = self.daemon(raw.daemon.as_ref())?;
         if raw.sync.is_empty() {
             return Err(self.error(
@@ -77,33 +119,16 @@ impl Ctx<'_> {
             spans.push(group_spans);
         }
         self.across_groups(&groups, &spans)?;
+        let path = match self.origin {
+            Origin::File { path, .. } => path.to_path_buf(),
+            Origin::Options(_) => PathBuf::from("(command line)"),
+        };
         let config = Config {
-            path: self.path.to_path_buf(),
+            path,
             daemon,
             groups,
         };
         Ok((config, password_files))
-    }
-
-    fn deserialize(&self) -> Result<RawFile, ConfigError> {
-        let (table, errors) = DeTable::parse_recoverable(self.text);
-        if let Some(error) = errors.first() {
-            let span = error.span().unwrap_or(0..0);
-            let (line, column) = position(self.text, span.start);
-            return Err(ConfigError::Invalid {
-                path: self.path.to_path_buf(),
-                line,
-                column: Some(column),
-                key: syntax_error_key(table.get_ref(), self.text, &span).unwrap_or_default(),
-                message: error.message().to_owned(),
-            });
-        }
-        let span = table.span();
-        let document = DeValue::Table(table.into_inner());
-        read::<RawFile>(&document, span).map_err(|misfit| {
-            let (span, key) = misfit.at.clone().unwrap_or((0..0, String::new()));
-            self.error(&span, key, misfit.message())
-        })
     }
 
     fn daemon(&self, raw: Option<&RawDaemon>) -> Result<DaemonConfig, ConfigError> {
@@ -185,9 +210,10 @@ impl Ctx<'_> {
             config.metrics = Some(addr);
         }
         if let Some(rsync) = &raw.rsync {
-            let path = Path::new(rsync.get_ref());
-            let bare =
-                !rsync.get_ref().is_empty() && path.components().count() == 1 && path.is_relative();
+            let path = rsync.get_ref();
+            let bare = !path.as_os_str().is_empty()
+                && path.components().count() == 1
+                && path.is_relative();
             if !bare && !path.is_absolute() {
                 return Err(self.error(
                     &rsync.span(),
@@ -203,8 +229,8 @@ impl Ctx<'_> {
         Ok(config)
     }
 
-    fn absolute(&self, value: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
-        let path = Path::new(value.get_ref());
+    fn absolute(&self, value: &Spanned<PathBuf>, key: &str) -> Result<PathBuf, ConfigError> {
+        let path = value.get_ref();
         if path.is_absolute() {
             Ok(path.to_path_buf())
         } else {
@@ -245,15 +271,16 @@ impl Ctx<'_> {
 
     fn rsync_args(
         &self,
-        args: &[Spanned<String>],
+        args: &[Spanned<OsText>],
         key: &str,
     ) -> Result<Vec<OsString>, ConfigError> {
         args.iter()
             .enumerate()
             .map(|(i, arg)| {
-                let text = arg.get_ref();
+                let text = &arg.get_ref().0;
+                let bytes = text.as_bytes();
                 let key = format!("{key}[{i}]");
-                if !text.starts_with('-') || text == "-" || text == "--" {
+                if !bytes.starts_with(b"-") || bytes == b"-" || bytes == b"--" {
                     return Err(self.error(
                         &arg.span(),
                         key,
@@ -262,14 +289,14 @@ impl Ctx<'_> {
                         ),
                     ));
                 }
-                if text.starts_with("--password-file") {
+                if bytes.starts_with(b"--password-file") {
                     return Err(self.error(
                         &arg.span(),
                         key,
                         "set the password file with the target's password_file key, whose permissions are checked",
                     ));
                 }
-                Ok(OsString::from(text))
+                Ok(text.clone())
             })
             .collect()
     }
@@ -291,7 +318,9 @@ impl Ctx<'_> {
                     .map_err(|m| self.error(&name.span(), format!("{key}.name"), m))?;
                 name.get_ref().clone()
             }
-            None => Path::new(raw.source.get_ref())
+            None => raw
+                .source
+                .get_ref()
                 .file_name()
                 .or_else(|| source.file_name())
                 .map(|n| n.to_string_lossy().into_owned())
@@ -348,17 +377,18 @@ impl Ctx<'_> {
             1,
         )?;
         if max_delay < delay {
+            let (delay_name, max_delay_name) = (self.name(&delay_key), self.name(&max_delay_key));
             return Err(match (&raw.max_delay_ms, &raw.delay_ms) {
                 (Some(m), _) => self.error(
                     &m.span(),
                     max_delay_key,
-                    format!("max_delay_ms ({max_delay}) is less than delay_ms ({delay})"),
+                    format!("{max_delay_name} ({max_delay}) is less than {delay_name} ({delay})"),
                 ),
                 (None, Some(d)) => self.error(
                     &d.span(),
                     delay_key,
                     format!(
-                        "delay_ms ({delay}) exceeds max_delay_ms ({max_delay}, the default); raise max_delay_ms too"
+                        "{delay_name} ({delay}) exceeds {max_delay_name} ({max_delay}, the default); raise {max_delay_name} too"
                     ),
                 ),
                 (None, None) => self.error(&header, key, "max_delay_ms is less than delay_ms"),
@@ -454,12 +484,12 @@ impl Ctx<'_> {
         Ok((config, spans))
     }
 
-    fn source(&self, raw: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
-        let text = raw.get_ref();
-        let path = Path::new(text);
+    fn source(&self, raw: &Spanned<PathBuf>, key: &str) -> Result<PathBuf, ConfigError> {
+        let path = raw.get_ref();
+        let text = path.display();
         let fail = |message: String| self.error(&raw.span(), key, message);
         if !path.is_absolute() {
-            return Err(fail(format!("source {text:?} is not an absolute path")));
+            return Err(fail(format!("source {path:?} is not an absolute path")));
         }
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -483,10 +513,11 @@ impl Ctx<'_> {
         local_dests: &mut Vec<LocalDest>,
         password_files: &mut PasswordFiles,
     ) -> Result<TargetConfig, ConfigError> {
-        let dest = raw.dest.get_ref();
+        let spec = &raw.dest.get_ref().0;
+        let dest = spec.to_string_lossy();
         let dest_key = format!("{key}.dest");
         let dest_error = |message: String| self.error(&raw.dest.span(), dest_key.clone(), message);
-        let target = Target::parse(OsStr::new(dest)).map_err(|e| {
+        let target = Target::parse(spec).map_err(|e| {
             dest_error(match e {
                 TargetError::Empty => "dest is empty".into(),
                 TargetError::LooksLikeOption(_) => {
@@ -517,7 +548,7 @@ impl Ctx<'_> {
                 return Err(self.error(&name.span(), format!("{key}.name"), "name is empty"));
             }
             Some(name) => name.get_ref().clone(),
-            None => dest.clone(),
+            None => dest.clone().into_owned(),
         };
 
         let password_file = match &raw.password_file {
@@ -570,7 +601,7 @@ impl Ctx<'_> {
         let mut names: HashMap<&str, usize> = HashMap::new();
         for (i, (group, span)) in groups.iter().zip(spans).enumerate() {
             if let Some(first) = names.insert(&group.name, i) {
-                let line = position(self.text, spans[first].header.start).0;
+                let line = self.line(&spans[first].header);
                 return Err(match &span.name {
                     Some(name) => self.error(
                         name,
