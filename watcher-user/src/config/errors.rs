@@ -46,6 +46,18 @@ pub enum ConfigError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The file, or the directory it is in, belongs to a user other than root or the
+    /// daemon's own, or the directory is writable by others: they could rewrite it.
+    #[error(
+        "config file {}: {reason}: whoever can change it controls what the daemon runs, copies and deletes",
+        .path.display()
+    )]
+    Untrusted {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// A command-line value that fails the check of the configuration key it stands for.
     #[error("{option}: {message}")]
     CommandLine {

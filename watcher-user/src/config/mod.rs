@@ -200,6 +200,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             mode,
         });
     }
+    check_trusted(path, &meta)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(read_error)?;
     let raw = read_text(path, &text)?;
@@ -211,6 +212,51 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         check_password_file(&file).map_err(|message| cx.error(&span, key, message))?;
     }
     Ok(config)
+}
+
+/// Refuses a config file owned by someone other than root or this process's user, or kept
+/// in a directory such a user owns or others can write to (a sticky directory owned by
+/// root, like /tmp, is fine: no one else can replace a file there). Its owner could run
+/// commands as root through `rsync_args` or point `--delete` anywhere.
+fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), ConfigError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == euid;
+    let untrusted = |reason: String| ConfigError::Untrusted {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !trusted(meta.uid()) {
+        return Err(untrusted(format!(
+            "it is owned by uid {}, not by root; fix it with `chown root {}`",
+            meta.uid(),
+            path.display()
+        )));
+    }
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let Some(dir) = real.parent() else {
+        return Ok(());
+    };
+    let dir_meta = std::fs::metadata(dir).map_err(|source| ConfigError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let dir_mode = dir_meta.mode() & 0o7777;
+    if !trusted(dir_meta.uid()) {
+        return Err(untrusted(format!(
+            "its directory {} is owned by uid {}, not by root",
+            dir.display(),
+            dir_meta.uid()
+        )));
+    }
+    let sticky = dir_mode & 0o1000 != 0 && dir_meta.uid() == 0;
+    if dir_mode & 0o022 != 0 && !sticky {
+        return Err(untrusted(format!(
+            "its directory {} is writable by group or others (mode {dir_mode:04o}); fix it with `chmod go-w {}`",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks `text` as the contents of the config file `path` (named in errors). Sources must

@@ -640,6 +640,46 @@ fn positions_count_characters() {
 const WITH_PASSWORD: &str = "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h::m\"\npassword_file = \"@D/pass\"\n";
 
 #[test]
+fn load_refuses_a_config_another_user_could_change() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: changing a file's owner needs root");
+        return;
+    }
+    let fx = Fixture::new();
+    fx.write("pass", "secret\n", 0o600);
+    let path = fx.write("theirs.toml", WITH_PASSWORD, 0o600);
+    std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+    let message = load(&path)
+        .expect_err("a config owned by another user")
+        .to_string();
+    assert!(message.contains("owned by uid 65534"), "{message}");
+    std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+    load(&path).expect("owned by root again");
+
+    let dir = fx.root.join("shared");
+    std::fs::create_dir(&dir).unwrap();
+    let inside = dir.join("w.toml");
+    std::fs::write(&inside, fx.expand(WITH_PASSWORD)).unwrap();
+    std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let message = load(&inside)
+        .expect_err("a directory others can write to")
+        .to_string();
+    assert!(
+        message.contains("writable by group or others (mode 0777)"),
+        "{message}"
+    );
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    load(&inside).expect("a sticky directory owned by root");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+    let message = load(&inside)
+        .expect_err("a directory another user owns")
+        .to_string();
+    assert!(message.contains("owned by uid 65534"), "{message}");
+}
+
+#[test]
 fn load_refuses_a_config_others_can_write() {
     let fx = Fixture::new();
     fx.write("pass", "secret\n", 0o600);
