@@ -303,3 +303,61 @@ fn a_lasting_partial_failure_is_set_aside_not_retried_forever() {
     wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
     d.stop();
 }
+
+/// `watcher check` exits non-zero when no backend can watch a path it was given, and
+/// reports the capabilities the process really holds (not "CAP_SYS_ADMIN held" for a
+/// user who merely got fanotify_init to work).
+#[test]
+fn check_tells_the_truth_about_paths_and_privileges() {
+    let Some(_timer) = harness::begin("check_tells_the_truth_about_paths_and_privileges") else {
+        return;
+    };
+    let s = Scratch::new("svc-check");
+    let out = run_watcher(
+        &[OsStr::new("check"), s.src.as_os_str()],
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "root, an ext4 path: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains("CAP_SYS_ADMIN        yes"),
+        "{}",
+        out.stdout
+    );
+
+    let missing = s.path().join("no-such-dir");
+    let out = run_watcher(
+        &[OsStr::new("check"), missing.as_os_str()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("no backend can watch"),
+        "{}",
+        out.stderr
+    );
+
+    // As an unprivileged user, on a directory it cannot read.
+    use std::os::unix::process::CommandExt;
+    let private = s.path().join("private");
+    mkdir_p(&private);
+    crate::chmod(&private, 0o700);
+    let out = std::process::Command::new(harness::WATCHER)
+        .arg("check")
+        .arg(&private)
+        .uid(65534)
+        .gid(65534)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run watcher check as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("CAP_SYS_ADMIN        no"), "{stdout}");
+    assert!(!stdout.contains("CAP_SYS_ADMIN held"), "{stdout}");
+    assert!(stderr.contains("no backend can watch"), "{stderr}");
+}

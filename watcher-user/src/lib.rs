@@ -12,6 +12,8 @@
 
 pub mod backend;
 pub mod backlog;
+pub mod caps;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -104,7 +104,15 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     row.detail
                 );
             }
-            Ok(if rows.iter().any(|r| r.ok) { 0 } else { 1 })
+            println!("\neffective capabilities of this process:");
+            for line in watcher::caps::report(watcher::caps::effective()) {
+                println!("  {line}");
+            }
+            let lost = watcher::check::unwatchable(&rows, &paths);
+            for path in &lost {
+                eprintln!("watcher check: no backend can watch {}", path.display());
+            }
+            Ok(if lost.is_empty() { 0 } else { 1 })
         }
     }
 }
