@@ -3,19 +3,24 @@
 //!
 //! The endpoint has no authentication, so it only binds loopback addresses. It answers
 //! `GET /metrics` (and `HEAD`) with the latest snapshot and nothing else; a request is read up
-//! to a bounded head, and the connection is closed after one response. The text and its
+//! to a bounded head, and the connection is closed after one response. A client that sends
+//! nothing is dropped after a short idle timeout, or sooner when a new client needs its slot. The text and its
 //! endpoint live together because nothing else uses either: the rendering is pure and tested
 //! on its own, the endpoint over a real loopback connection.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use super::snapshot::{StatusSnapshot, TargetState, TargetStatus};
-use super::{ACCEPT_BACKOFF, CLIENT_TIMEOUT, MAX_CONNECTIONS, StatusError, read_request};
+use super::{ACCEPT_BACKOFF, CLIENT_TIMEOUT, Connections, StatusError, read_request_within};
+#[cfg(test)]
+use super::{IDLE_TIMEOUT, MAX_CONNECTIONS};
 
 /// Longest HTTP request head accepted.
 const MAX_HTTP_HEAD: usize = 8 * 1024;
@@ -255,23 +260,22 @@ impl MetricsListener {
                 source,
             }
         })?;
-        let mut connections = JoinSet::new();
+        let mut connections = Connections::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        if connections.len() >= MAX_CONNECTIONS {
-                            tracing::debug!("too many metrics connections; closing one");
-                            continue;
+                        let rx = rx.clone();
+                        if !connections.admit(|requested| answer_http(stream, rx, requested)) {
+                            tracing::debug!("too many metrics requests at once; closing a connection");
                         }
-                        connections.spawn(answer_http(stream, rx.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(%addr, error = %e, "accepting on metrics endpoint");
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                () = connections.join_next() => {}
                 changed = rx.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -345,9 +349,11 @@ fn http_response(head: &[u8], complete: bool, metrics: impl FnOnce() -> String) 
 async fn answer_http<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     rx: watch::Receiver<StatusSnapshot>,
+    requested: Arc<AtomicBool>,
 ) {
     let exchange = async {
-        let (head, complete) = read_request(&mut stream, MAX_HTTP_HEAD, head_complete).await?;
+        let (head, complete) =
+            read_request_within(&mut stream, MAX_HTTP_HEAD, head_complete, &requested).await?;
         if head.is_empty() {
             return Ok(());
         }
@@ -521,6 +527,50 @@ mod tests {
         let response = http_get(addr, "GET / HTTP/1.1\r\n\r\n");
         assert!(response.starts_with("HTTP/1.1 404 "), "{response}");
 
+        drop(tx);
+        server.join().unwrap().unwrap();
+    }
+
+    /// Any local user can open connections to the endpoint and send nothing: they must not
+    /// lock a scraper out, neither while they are held open nor afterwards.
+    #[test]
+    fn idle_clients_do_not_lock_out_a_scrape() {
+        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let addr = listener.local_addr();
+        let (tx, rx) = watch::channel(sample());
+        let server = std::thread::spawn(move || runtime().block_on(listener.serve(rx)));
+
+        let idle: Vec<TcpStream> = (0..3 * MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let start = std::time::Instant::now();
+        let response = http_get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK\r\n"),
+            "scrape behind {} idle clients: {response:?}",
+            idle.len()
+        );
+        assert!(
+            start.elapsed() < IDLE_TIMEOUT,
+            "the scrape waited for idle clients to time out: {:?}",
+            start.elapsed()
+        );
+
+        // The newest idle client is still connected, and is dropped once it has been idle
+        // for the idle timeout.
+        let mut newest = idle.last().unwrap().try_clone().unwrap();
+        newest
+            .set_read_timeout(Some(IDLE_TIMEOUT + Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let waited = std::time::Instant::now();
+        let n = newest
+            .read(&mut buf)
+            .expect("closed, not timed out on our side");
+        assert_eq!(n, 0, "an idle client got data");
+        assert!(waited.elapsed() <= IDLE_TIMEOUT + Duration::from_secs(1));
+
+        drop(idle);
         drop(tx);
         server.join().unwrap().unwrap();
     }

@@ -15,19 +15,25 @@
 //!   ([`MetricsListener`]).
 //!
 //! This module holds what the two servers share: the error type, the limits every connection
-//! is held to, and the bounded request reader.
+//! is held to (and which connection makes room for a new one), and the bounded request
+//! reader.
 
 mod metrics;
 mod render;
 mod snapshot;
 mod socket;
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::task::{AbortHandle, JoinSet};
 
 pub use metrics::{MetricsListener, render_metrics};
 pub use render::{format_age, render};
@@ -95,10 +101,85 @@ pub enum StatusError {
 
 /// How long a client may take to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed at once.
+/// How long a client may stay connected without having sent its whole request. Scrapers and
+/// `watcher status` send theirs as soon as they are connected.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once. A new one beyond this replaces the oldest that is still
+/// waiting for its request; when every one has sent its request, the new one is closed.
 const MAX_CONNECTIONS: usize = 64;
 /// Pause after a failed accept (out of descriptors, say), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The connections a server is answering. Any local user may connect and send nothing;
+/// such clients must not lock out a scraper or `watcher status`, so when the limit is
+/// reached the oldest client that has not sent its request yet is dropped for the new one.
+struct Connections {
+    tasks: JoinSet<()>,
+    /// Open connections, oldest first, each with whether its request has been read.
+    open: VecDeque<(AbortHandle, Arc<AtomicBool>)>,
+}
+
+impl Connections {
+    fn new() -> Self {
+        Connections {
+            tasks: JoinSet::new(),
+            open: VecDeque::new(),
+        }
+    }
+
+    /// Serves a new connection with `answer`, which is handed the flag to set once the
+    /// request is read. Returns false when every slot is busy answering a request (the
+    /// connection is then dropped).
+    fn admit<F>(&mut self, answer: impl FnOnce(Arc<AtomicBool>) -> F) -> bool
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.open.retain(|(task, _)| !task.is_finished());
+        if self.open.len() >= MAX_CONNECTIONS {
+            let Some(idle) = self
+                .open
+                .iter()
+                .position(|(_, requested)| !requested.load(Ordering::Relaxed))
+            else {
+                return false;
+            };
+            if let Some((task, _)) = self.open.remove(idle) {
+                task.abort();
+            }
+        }
+        let requested = Arc::new(AtomicBool::new(false));
+        let task = self.tasks.spawn(answer(requested.clone()));
+        self.open.push_back((task, requested));
+        true
+    }
+
+    /// Waits for a connection to end (forever when there is none).
+    async fn join_next(&mut self) {
+        if self.tasks.join_next().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// [`read_request`] for at most [`IDLE_TIMEOUT`]; sets `requested` once it has read the
+/// request.
+async fn read_request_within<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: usize,
+    complete: impl Fn(&[u8]) -> bool,
+    requested: &AtomicBool,
+) -> io::Result<(Vec<u8>, bool)> {
+    let read = tokio::time::timeout(IDLE_TIMEOUT, read_request(stream, limit, complete))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within the idle timeout",
+            )
+        })??;
+    requested.store(true, Ordering::Relaxed);
+    Ok(read)
+}
 
 /// Reads until `complete` holds for what was read, EOF, or `limit` bytes.
 /// Returns the bytes and whether `complete` held.
