@@ -1038,6 +1038,169 @@ fn sighup_reload_adds_a_target_without_losing_changes() {
     d.stop();
 }
 
+/// `watcher status --socket SOCKET --json`, parsed.
+fn status_json(socket: &Path, ctx: &str) -> serde_json::Value {
+    let out = run_watcher(
+        &[
+            OsStr::new("status"),
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--json"),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{ctx}: watcher status --json exited {}: {}",
+        out.status,
+        out.stderr
+    );
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{ctx}: status --json is not JSON: {e}\n{}", out.stdout))
+}
+
+/// The status of target `target` of group `group` in a `status --json` snapshot.
+fn target_json<'a>(
+    v: &'a serde_json::Value,
+    group: &str,
+    target: &str,
+) -> Option<&'a serde_json::Value> {
+    v["groups"]
+        .as_array()?
+        .iter()
+        .filter(|g| g["name"] == group)
+        .flat_map(|g| g["targets"].as_array().into_iter().flatten())
+        .find(|t| t["name"] == target)
+}
+
+fn counter(v: &serde_json::Value, ctx: &str, what: &str) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("{ctx}: {what} is not a count: {v}"))
+}
+
+/// The event counters and each target's runs, retries and last sync are the daemon's, not
+/// one configuration's: a SIGHUP keeps them. Events outside the roots (on the same
+/// filesystem) count as read by the backend, never as events under the roots.
+#[test]
+fn counters_survive_a_reload_and_count_only_events_under_the_roots() {
+    let Some(_timer) =
+        harness::begin("counters_survive_a_reload_and_count_only_events_under_the_roots")
+    else {
+        return;
+    };
+    let ctx = "counters_survive_a_reload_and_count_only_events_under_the_roots";
+    let s = Scratch::new("svc-counters");
+    populate(&s.src, 3, 10, "base");
+    let (config, mut spec) = one_group_config(&s);
+    let socket = spec.status_socket.clone();
+    let outside = s.path().join("outside");
+    mkdir_p(&outside);
+
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+    let runs_at_ready = d.count("rsync finished");
+    for i in 0..40 {
+        write(&s.src.join(format!("d000/new{i:02}")), format!("new {i}\n"));
+    }
+    d.wait_for("an rsync run for the new files", CONVERGE_TIMEOUT, |log| {
+        log.count("rsync finished") > runs_at_ready
+    });
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    let mut before = serde_json::Value::Null;
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            before = status_json(&socket, ctx);
+            target_json(&before, "data", "local").is_some_and(|t| t["state"] == "in_step")
+        }),
+        "{ctx}: not in step within 30 s: {before}"
+    );
+    let events = counter(&before["events_total"], ctx, "events_total");
+    assert!(
+        events >= 40,
+        "{ctx}: 40 files written under the root, events_total {events}"
+    );
+    let local = target_json(&before, "data", "local").expect("target local");
+    let runs = counter(&local["rsync_runs"], ctx, "rsync_runs");
+    let last_sync = local["last_sync"]["finished_unix_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{ctx}: no last sync after a sync: {local}"));
+    assert!(runs >= 2, "{ctx}: rsync_runs {runs}");
+
+    // Changes beside the root, on its filesystem: read by a filesystem-wide backend, but not
+    // events under the roots.
+    let read_before = counter(&before["backend_events_total"], ctx, "backend_events_total");
+    for i in 0..300 {
+        write(&outside.join(format!("f{i:03}")), "outside\n");
+    }
+    if before["backend"] != "inotify" {
+        let mut now = serde_json::Value::Null;
+        assert!(
+            poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+                now = status_json(&socket, ctx);
+                now["backend_events_total"]
+                    .as_u64()
+                    .is_some_and(|n| n >= read_before + 300)
+            }),
+            "{ctx}: backend {} did not count 300 changes beside the root: {} before, now {}",
+            before["backend"],
+            read_before,
+            now["backend_events_total"]
+        );
+    }
+    let beside = status_json(&socket, ctx);
+    assert_eq!(
+        counter(&beside["events_total"], ctx, "events_total"),
+        events,
+        "{ctx}: changes outside the root counted as events under the roots"
+    );
+
+    // Reload with a second target; wait until the new configuration's snapshot shows it.
+    spec.groups[0]
+        .targets
+        .push(TargetSpec::local("second", &s.path().join("dst2")));
+    spec.write(&config);
+    d.signal(Signal::SIGHUP);
+    d.wait_for_line("configuration reloaded", RELOAD_LIMIT);
+    let mut after = serde_json::Value::Null;
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            after = status_json(&socket, ctx);
+            target_json(&after, "data", "second").is_some()
+        }),
+        "{ctx}: the reloaded configuration's target is not in the status: {after}"
+    );
+    let after_events = counter(&after["events_total"], ctx, "events_total");
+    assert!(
+        after_events >= events,
+        "{ctx}: events_total went from {events} to {after_events} over a reload"
+    );
+    let after_read = counter(&after["backend_events_total"], ctx, "backend_events_total");
+    let read_then = counter(&beside["backend_events_total"], ctx, "backend_events_total");
+    assert!(
+        after_read >= read_then,
+        "{ctx}: backend_events_total went from {read_then} to {after_read} over a reload"
+    );
+    let local = target_json(&after, "data", "local").expect("target local");
+    let after_runs = counter(&local["rsync_runs"], ctx, "rsync_runs");
+    assert!(
+        after_runs >= runs,
+        "{ctx}: rsync_runs of target local went from {runs} to {after_runs} over a reload"
+    );
+    assert!(
+        local["last_sync"]["finished_unix_ms"]
+            .as_u64()
+            .is_some_and(|t| t >= last_sync),
+        "{ctx}: the last sync of target local was lost over a reload: {local}"
+    );
+    wait_converged(
+        &s.src,
+        &s.path().join("dst2"),
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        ctx,
+    );
+    d.stop();
+}
+
 // ---------------------------------------------------------------------------------------
 // Config check
 

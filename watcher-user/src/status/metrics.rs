@@ -70,7 +70,7 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
         escape_label(&s.version),
         escape_label(&s.backend)
     );
-    let globals: [(&str, &str, &str, f64); 5] = [
+    let globals: [(&str, &str, &str, f64); 6] = [
         (
             "watcher_start_time_seconds",
             "gauge",
@@ -80,8 +80,14 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
         (
             "watcher_events_total",
             "counter",
-            "Change events read from the backend.",
+            "Changes under the source roots that marked a path for syncing.",
             s.events_total as f64,
+        ),
+        (
+            "watcher_backend_events_total",
+            "counter",
+            "Events read from the change-capture backend, including changes outside every source root on a watched filesystem.",
+            s.backend_events_total as f64,
         ),
         (
             "watcher_events_per_second",
@@ -385,6 +391,7 @@ mod tests {
             "# HELP watcher_events_total ",
             "# TYPE watcher_events_total counter\nwatcher_events_total 123456\n",
             "# TYPE watcher_overflows_total counter\nwatcher_overflows_total 2\n",
+            "# TYPE watcher_backend_events_total counter\nwatcher_backend_events_total 9876543\n",
             "watcher_events_per_second 78.25\n",
             "watcher_info{version=\"0.1.0\",backend=\"fanotify\"} 1\n",
             "# TYPE watcher_dirty_paths gauge\n",

@@ -19,7 +19,12 @@ pub struct StatusSnapshot {
     pub started_unix_ms: u64,
     /// `fanotify` or `inotify`.
     pub backend: String,
+    /// Changes under the source roots that marked a path for syncing.
     pub events_total: u64,
+    /// Everything the backend read, including changes outside every root (fanotify and
+    /// ebpf watch whole filesystems).
+    pub backend_events_total: u64,
+    /// Recent rate of `events_total`.
     pub events_per_sec: f64,
     pub overflows: u64,
     pub rescans: u64,
@@ -153,6 +158,7 @@ pub(super) fn sample() -> StatusSnapshot {
         started_unix_ms: 1_000_000,
         backend: "fanotify".into(),
         events_total: 123_456,
+        backend_events_total: 9_876_543,
         events_per_sec: 78.25,
         overflows: 2,
         rescans: 3,
