@@ -22,7 +22,7 @@ use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
-use crate::status::{self, LastSync, LastVerify, StatusSnapshot};
+use crate::status::{self, Failures, Histogram, LastSync, LastVerify, StatusSnapshot};
 use crate::sync_machine::{
     Action, FIRST_BACKOFF, FlushKind, GiveUpCause, Mode, RACES_BEFORE_WHOLE_TREE, RetryCause,
     SyncMachine, Verdict,
@@ -62,13 +62,50 @@ struct Settings {
 
 /// What a target has done, for status and the summary. Kept across reloads (in [`Stats`]),
 /// so counters only ever grow.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TargetStats {
     runs: u64,
     /// Batches put back to be retried after a failed run.
     retries: u64,
+    failures: Failures,
+    run_seconds: Histogram,
+    transfer: rsync::TransferStats,
     last_sync: Option<LastSync>,
+    last_success_unix_ms: Option<u64>,
     last_verify: Option<LastVerify>,
+}
+
+impl Default for TargetStats {
+    fn default() -> Self {
+        TargetStats {
+            runs: 0,
+            retries: 0,
+            failures: Failures::default(),
+            run_seconds: Histogram::new(&status::RUN_SECONDS_BOUNDS),
+            transfer: rsync::TransferStats::default(),
+            last_sync: None,
+            last_success_unix_ms: None,
+            last_verify: None,
+        }
+    }
+}
+
+impl TargetStats {
+    /// Counts what a finished batch did: its runs, their durations and bytes, and how it
+    /// failed if it did.
+    fn count(&mut self, done: &runner::Done) {
+        self.runs += done.runs;
+        for elapsed in &done.run_times {
+            self.run_seconds.observe(elapsed.as_secs_f64());
+        }
+        self.transfer.add(done.transfer);
+        match done.class {
+            rsync::ExitClass::Success => {}
+            rsync::ExitClass::Transient => self.failures.transient += 1,
+            rsync::ExitClass::Fatal => self.failures.fatal += 1,
+            rsync::ExitClass::SourceRace => self.failures.source_race += 1,
+        }
+    }
 }
 
 /// One target: its own backlog and decisions, so a slow or unreachable target never holds
@@ -548,13 +585,14 @@ impl Engine {
 
     fn snapshot(&self, stats: &Stats, started: SystemTime) -> StatusSnapshot {
         let now = Instant::now();
+        let no_runs = TargetStats::default();
         let mut groups: Vec<status::GroupStatus> = Vec::new();
         for g in &self.config.groups {
             let targets = self
                 .targets
                 .iter()
                 .filter(|t| t.settings.group_name == g.name)
-                .map(|t| (t, stats.target(&t.settings)))
+                .map(|t| (t, stats.target(&t.settings).unwrap_or(&no_runs)))
                 .map(|(t, ts)| status::TargetStatus {
                     name: t.settings.name.clone(),
                     dest: t.settings.dest.to_string(),
@@ -565,11 +603,17 @@ impl Engine {
                         .oldest_unsynced()
                         .map(|o| now.saturating_duration_since(o).as_millis() as u64),
                     in_flight_paths: t.backlog.in_flight_paths() as u64,
-                    last_sync: ts.and_then(|s| s.last_sync.clone()),
+                    last_sync: ts.last_sync.clone(),
+                    last_success_unix_ms: ts.last_success_unix_ms,
                     consecutive_failures: t.machine.failures(),
-                    rsync_runs: ts.map_or(0, |s| s.runs),
-                    retries_total: ts.map_or(0, |s| s.retries),
-                    verify: ts.and_then(|s| s.last_verify.clone()),
+                    rsync_runs: ts.runs,
+                    retries_total: ts.retries,
+                    failures: ts.failures.clone(),
+                    run_seconds: ts.run_seconds.clone(),
+                    sent_bytes: ts.transfer.sent,
+                    received_bytes: ts.transfer.received,
+                    literal_bytes: ts.transfer.literal,
+                    verify: ts.last_verify.clone(),
                 })
                 .collect();
             groups.push(status::GroupStatus {
@@ -807,7 +851,7 @@ impl Engine {
         let now = Instant::now();
         let t = &mut self.targets[done.target];
         let ts = stats.target_mut(&t.settings);
-        ts.runs += done.runs;
+        ts.count(&done);
         let verdict = t.machine.finished(now, done.finished(), mode);
         let record = LastSync {
             finished_unix_ms: unix_ms(SystemTime::now()),
@@ -833,6 +877,7 @@ impl Engine {
                 }
             }
             Verdict::Synced { initial_sync_done } => {
+                ts.last_success_unix_ms = Some(record.finished_unix_ms);
                 ts.last_sync = Some(record);
                 t.backlog.confirm(&dest);
                 if initial_sync_done {

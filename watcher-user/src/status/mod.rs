@@ -8,6 +8,7 @@
 //! The pieces, each in its own module:
 //!
 //! - `snapshot`: the [`StatusSnapshot`] types and their JSON line;
+//! - `histogram`: the [`Histogram`] of rsync run durations the snapshot carries;
 //! - `socket`: the socket server ([`StatusSocket`]) and the client ([`query`]), and the
 //!   protocol between them;
 //! - `render`: the text `watcher status` prints ([`render()`]);
@@ -18,6 +19,7 @@
 //! is held to (and which connection makes room for a new one), and the bounded request
 //! reader.
 
+mod histogram;
 mod metrics;
 mod render;
 mod snapshot;
@@ -35,9 +37,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::{AbortHandle, JoinSet};
 
+pub use histogram::{Histogram, RUN_SECONDS_BOUNDS};
 pub use metrics::{MetricsListener, render_metrics};
 pub use render::{format_age, render};
-pub use snapshot::{GroupStatus, LastSync, LastVerify, StatusSnapshot, TargetState, TargetStatus};
+pub use snapshot::{
+    Failures, GroupStatus, LastSync, LastVerify, StatusSnapshot, TargetState, TargetStatus,
+};
 pub use socket::{StatusSocket, query, serve_socket};
 
 /// Why the status socket or the metrics endpoint could not be served or queried.
