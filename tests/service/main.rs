@@ -891,7 +891,7 @@ fn status_socket_reports_groups_and_targets() {
         "watcher_dirty_paths{group=",
         "watcher_dirty_paths{group=\"alpha\",target=\"alpha-mirror\"} 0",
         "watcher_dirty_paths{group=\"beta\",target=\"beta-mirror\"} 0",
-        "watcher_target_up{group=\"alpha\",target=\"alpha-mirror\"} 1",
+        "watcher_target_state{group=\"alpha\",target=\"alpha-mirror\",state=\"in_step\"} 1",
     ] {
         assert!(
             response.contains(needle),
@@ -907,6 +907,239 @@ fn status_socket_reports_groups_and_targets() {
         "{ctx}: status socket {} left behind after a clean stop",
         socket.display()
     );
+}
+
+/// The value of the sample `line_start` (a metric name with its labels, exactly) in a scrape.
+fn metric_value(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
+        .map(|v| {
+            if v == "+Inf" {
+                f64::INFINITY
+            } else {
+                v.parse()
+                    .unwrap_or_else(|e| panic!("{line_start}: bad value {v:?}: {e}"))
+            }
+        })
+}
+
+/// The metrics endpoint as a Prometheus server sees it: scraped over HTTP with many idle
+/// clients connected, every family present with its TYPE, the histogram complete, counters
+/// named `_total`, no rates, and the process families.
+#[test]
+fn metrics_follow_prometheus_conventions() {
+    let Some(_timer) = harness::begin("metrics_follow_prometheus_conventions") else {
+        return;
+    };
+    let ctx = "metrics_follow_prometheus_conventions";
+    let s = Scratch::new("svc-metrics");
+    populate(&s.src, 3, 10, "metrics");
+    let port = service::free_port();
+    let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let config = s.path().join("watcher.toml");
+    let mut spec = ConfigSpec::in_dir(s.path());
+    spec.metrics = Some(metrics);
+    spec.groups.push(GroupSpec::new(
+        "data",
+        &s.src,
+        vec![TargetSpec::local("local", &s.dst)],
+    ));
+    spec.write(&config);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+    let runs_at_ready = d.count("rsync finished");
+    write(&s.src.join("d000/after-ready"), "x".repeat(100_000));
+    d.wait_for("an rsync run after ready", CONVERGE_TIMEOUT, |log| {
+        log.count("rsync finished") > runs_at_ready
+    });
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    // The snapshot behind the endpoint is refreshed every 200 ms.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Any local user can hold connections open without sending anything.
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|i| {
+            std::net::TcpStream::connect(metrics)
+                .unwrap_or_else(|e| panic!("{ctx}: idle connection {i}: {e}"))
+        })
+        .collect();
+    let response = service::http_get_metrics(metrics);
+    drop(idle);
+    let (head, text) = response.split_once("\r\n\r\n").unwrap_or_else(|| {
+        panic!("{ctx}: not an HTTP response behind 200 idle clients: {response:?}")
+    });
+    assert!(head.starts_with("HTTP/1.1 200"), "{ctx}: {head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{ctx}: {head}"
+    );
+    eprintln!("{ctx}: scrape:\n{text}");
+
+    let types: std::collections::BTreeMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+        .collect();
+    let want = [
+        ("watcher_build_info", "gauge"),
+        ("watcher_backend_info", "gauge"),
+        ("watcher_events_total", "counter"),
+        ("watcher_backend_events_total", "counter"),
+        ("watcher_overflows_total", "counter"),
+        ("watcher_rescans_total", "counter"),
+        ("watcher_target_state", "gauge"),
+        ("watcher_dirty_paths", "gauge"),
+        ("watcher_in_flight_paths", "gauge"),
+        ("watcher_oldest_unsynced_seconds", "gauge"),
+        ("watcher_rsync_runs_total", "counter"),
+        ("watcher_sync_retries_total", "counter"),
+        ("watcher_sync_failures_consecutive", "gauge"),
+        ("watcher_last_success_timestamp_seconds", "gauge"),
+        ("watcher_rsync_sent_bytes_total", "counter"),
+        ("watcher_rsync_received_bytes_total", "counter"),
+        ("watcher_rsync_literal_data_bytes_total", "counter"),
+        ("watcher_rsync_failures_total", "counter"),
+        ("watcher_rsync_run_duration_seconds", "histogram"),
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ];
+    for (name, kind) in want {
+        assert_eq!(
+            types.get(name).copied(),
+            Some(kind),
+            "{ctx}: family {name} (TYPE {kind})"
+        );
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{ctx}: no HELP for {name}"
+        );
+    }
+    for (name, kind) in &types {
+        assert!(
+            *kind != "counter" || name.ends_with("_total"),
+            "{ctx}: counter {name} does not end in _total"
+        );
+        assert!(
+            !name.contains("per_second") && !name.contains("rate"),
+            "{ctx}: {name} exports a rate"
+        );
+    }
+    for gone in [
+        "watcher_target_up",
+        "watcher_events_per_second",
+        "watcher_info{",
+    ] {
+        assert!(!text.contains(gone), "{ctx}: {gone} is still exported");
+    }
+
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        metric_value(
+            text,
+            &format!("watcher_build_info{{version=\"{version}\"}}")
+        ),
+        Some(1.0),
+        "{ctx}: build info"
+    );
+    let target = "group=\"data\",target=\"local\"";
+    assert_eq!(
+        metric_value(
+            text,
+            &format!("watcher_target_state{{{target},state=\"in_step\"}}")
+        ),
+        Some(1.0),
+        "{ctx}: state"
+    );
+    let states: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("watcher_target_state{") && l.ends_with(" 1"))
+        .collect();
+    assert_eq!(states.len(), 1, "{ctx}: one state at a time: {states:?}");
+
+    // The histogram: ascending `le` buckets ending with +Inf, cumulative, +Inf == _count.
+    let hist = "watcher_rsync_run_duration_seconds";
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{hist}_bucket{{{target},le=\"")))
+        .map(|rest| {
+            let (le, value) = rest.split_once("\"} ").expect("bucket line");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le")
+            };
+            (le, value.parse().expect("count"))
+        })
+        .collect();
+    assert!(buckets.len() >= 2, "{ctx}: buckets {buckets:?}");
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "{ctx}: buckets not ascending and cumulative: {buckets:?}"
+    );
+    let count = metric_value(text, &format!("{hist}_count{{{target}}}")).expect("_count");
+    let sum = metric_value(text, &format!("{hist}_sum{{{target}}}")).expect("_sum");
+    assert_eq!(
+        buckets.last().copied(),
+        Some((f64::INFINITY, count)),
+        "{ctx}"
+    );
+    let runs = metric_value(text, &format!("watcher_rsync_runs_total{{{target}}}")).expect("runs");
+    assert!(
+        count >= 2.0 && count == runs,
+        "{ctx}: {count} observations, {runs} runs"
+    );
+    assert!(sum > 0.0, "{ctx}: _sum {sum}");
+
+    let sent = metric_value(text, &format!("watcher_rsync_sent_bytes_total{{{target}}}"))
+        .expect("sent bytes");
+    let literal = metric_value(
+        text,
+        &format!("watcher_rsync_literal_data_bytes_total{{{target}}}"),
+    )
+    .expect("literal bytes");
+    assert!(
+        literal >= 100_000.0 && sent >= literal,
+        "{ctx}: 100,000 bytes written, sent {sent}, literal {literal}"
+    );
+    for class in ["transient", "fatal", "source_race"] {
+        assert_eq!(
+            metric_value(
+                text,
+                &format!("watcher_rsync_failures_total{{{target},class=\"{class}\"}}")
+            ),
+            Some(0.0),
+            "{ctx}: failures of class {class}"
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let last = metric_value(
+        text,
+        &format!("watcher_last_success_timestamp_seconds{{{target}}}"),
+    )
+    .expect("last success");
+    assert!(
+        last >= started - 1.0 && last <= now + 1.0,
+        "{ctx}: last success {last}, test ran {started}..{now}"
+    );
+    let start = metric_value(text, "process_start_time_seconds").expect("start time");
+    assert!(
+        start >= started - 2.0 && start <= now + 1.0,
+        "{ctx}: process start {start}, test ran {started}..{now}"
+    );
+    assert!(metric_value(text, "process_open_fds").is_some_and(|n| n >= 3.0));
+    assert!(metric_value(text, "process_resident_memory_bytes").is_some_and(|n| n > 0.0));
+    d.stop();
 }
 
 // ---------------------------------------------------------------------------------------

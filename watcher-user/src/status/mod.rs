@@ -13,7 +13,8 @@
 //!   protocol between them;
 //! - `render`: the text `watcher status` prints ([`render()`]);
 //! - `metrics`: the Prometheus text ([`render_metrics`]) and its HTTP endpoint
-//!   ([`MetricsListener`]).
+//!   ([`MetricsListener`]);
+//! - `process`: the conventional `process_*` figures ([`ProcessStats`]), read from `/proc`.
 //!
 //! This module holds what the two servers share: the error type, the limits every connection
 //! is held to (and which connection makes room for a new one), and the bounded request
@@ -21,6 +22,7 @@
 
 mod histogram;
 mod metrics;
+mod process;
 mod render;
 mod snapshot;
 mod socket;
@@ -38,7 +40,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::{AbortHandle, JoinSet};
 
 pub use histogram::{Histogram, RUN_SECONDS_BOUNDS};
-pub use metrics::{MetricsListener, render_metrics};
+pub use metrics::{MetricsListener, render_metrics, render_process_metrics};
+pub use process::ProcessStats;
 pub use render::{format_age, render};
 pub use snapshot::{
     Failures, GroupStatus, LastSync, LastVerify, StatusSnapshot, TargetState, TargetStatus,
