@@ -6,7 +6,8 @@
 //! backend = "auto"                     # "auto" | "fanotify" | "inotify" | "ebpf"
 //! state_dir = "/var/lib/watcher"
 //! status_socket = "/run/watcher/status.sock"
-//! metrics = "127.0.0.1:9469"           # loopback only; absent = no metrics endpoint
+//! metrics = "127.0.0.1:9469"           # absent = no metrics endpoint
+//! metrics_allow_remote = false         # true: `metrics` may be a non-loopback address
 //! rsync = "rsync"
 //! ebpf_probes = "auto"                 # backend "ebpf": "auto" | "vfs" | "syscalls"
 //! ebpf_ringbuf_bytes = 16777216        # backend "ebpf": ring buffer size
@@ -85,8 +86,11 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// Unix socket answering status queries (default `/run/watcher/status.sock`).
     pub status_socket: PathBuf,
-    /// Address of the metrics endpoint, always a loopback address; `None` = no endpoint.
+    /// Address of the metrics endpoint; `None` = no endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Whether `metrics` may be other than a loopback address (the endpoint has no
+    /// authentication, so this is asked for explicitly).
+    pub metrics_allow_remote: bool,
     /// The rsync binary: a bare name looked up in `PATH` (default `rsync`) or an absolute path.
     pub rsync: PathBuf,
     /// The ebpf backend's probe set (`auto`: VFS probes where the kernel takes them).
@@ -105,6 +109,7 @@ impl Default for DaemonConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             status_socket: PathBuf::from(DEFAULT_STATUS_SOCKET),
             metrics: None,
+            metrics_allow_remote: false,
             rsync: PathBuf::from(DEFAULT_RSYNC),
             ebpf_probes: crate::backend::ebpf::ProbeChoice::Auto,
             ebpf_ringbuf_bytes: crate::backend::ebpf::DEFAULT_RINGBUF_BYTES,
@@ -321,6 +326,7 @@ struct RawDaemon {
     state_dir: Option<Spanned<String>>,
     status_socket: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
+    metrics_allow_remote: Option<bool>,
     rsync: Option<Spanned<String>>,
     ebpf_probes: Option<Spanned<String>>,
     ebpf_ringbuf_bytes: Option<Spanned<i64>>,
@@ -540,12 +546,13 @@ impl Ctx<'_> {
                     ),
                 )
             })?;
-            if !addr.ip().is_loopback() {
+            config.metrics_allow_remote = raw.metrics_allow_remote.unwrap_or(false);
+            if !addr.ip().is_loopback() && !config.metrics_allow_remote {
                 return Err(self.error(
                     &metrics.span(),
                     "daemon.metrics",
                     format!(
-                        "{addr} is not a loopback address; the metrics endpoint has no authentication, so bind it to 127.0.0.1 or [::1]"
+                        "{addr} is not a loopback address; the metrics endpoint has no authentication, so bind it to 127.0.0.1 or [::1], or set metrics_allow_remote = true to serve it to other hosts"
                     ),
                 ));
             }
@@ -1747,6 +1754,7 @@ dest = "user@host:/srv/src2"
                 state_dir: "/var/lib/watcher-test".into(),
                 status_socket: "/run/watcher-test/status.sock".into(),
                 metrics: Some("[::1]:9469".parse().expect("addr")),
+                metrics_allow_remote: false,
                 rsync: "/usr/local/bin/rsync".into(),
                 ebpf_probes: crate::backend::ebpf::ProbeChoice::Syscalls,
                 ebpf_ringbuf_bytes: 65536,
@@ -1805,6 +1813,31 @@ dest = "user@host:/srv/src2"
         let second = &config.groups[1];
         assert_eq!(second.name, "src2");
         assert_eq!(second.targets[0].name, "user@host:/srv/src2");
+    }
+
+    #[test]
+    fn a_remote_metrics_address_is_asked_for_explicitly() {
+        let fx = Fixture::new();
+        let tail = "\n[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"backup1::data\"\n";
+        let config = fx
+            .parse(&format!(
+                "[daemon]\nmetrics = \"0.0.0.0:9469\"\nmetrics_allow_remote = true\n{tail}"
+            ))
+            .expect("valid");
+        assert_eq!(
+            config.daemon.metrics,
+            Some("0.0.0.0:9469".parse().expect("addr"))
+        );
+        assert!(config.daemon.metrics_allow_remote);
+        let err = fx
+            .parse(&format!(
+                "[daemon]\nmetrics = \"10.0.0.1:9469\"\nmetrics_allow_remote = false\n{tail}"
+            ))
+            .expect_err("not loopback");
+        assert!(
+            err.to_string().contains("set metrics_allow_remote = true"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -340,8 +340,8 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
             }
         });
         if let Some(addr) = config.daemon.metrics {
-            let listener =
-                status::MetricsListener::bind(addr).context("opening the metrics endpoint")?;
+            let listener = status::MetricsListener::bind(addr, config.daemon.metrics_allow_remote)
+                .context("opening the metrics endpoint")?;
             let rx = status_rx.clone();
             servers.spawn(async move {
                 if let Err(e) = listener.serve(rx).await {

@@ -38,6 +38,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
             state_dir: args.state_dir.clone().unwrap_or(defaults.state_dir),
             status_socket: args.status_socket.clone().unwrap_or(defaults.status_socket),
             metrics: None,
+            metrics_allow_remote: false,
             rsync: args.rsync,
             ebpf_probes: args.ebpf_probes,
             ebpf_ringbuf_bytes: args.ebpf_ringbuf_bytes,

@@ -1,7 +1,8 @@
 //! Prometheus metrics: the snapshot in the text exposition format, and the plain HTTP endpoint
 //! that serves it.
 //!
-//! The endpoint has no authentication, so it only binds loopback addresses. It answers
+//! The endpoint has no authentication, so it only binds loopback addresses unless the
+//! configuration asks for another one explicitly (`metrics_allow_remote`). It answers
 //! `GET /metrics` (and `HEAD`) with the latest snapshot and nothing else; a request is read up
 //! to a bounded head, and the connection is closed after one response. A client that sends
 //! nothing is dropped after a short idle timeout, or sooner when a new client needs its slot. The text and its
@@ -340,7 +341,7 @@ fn scrape_text(s: &StatusSnapshot) -> String {
     text
 }
 
-/// The metrics endpoint: plain HTTP on a loopback address.
+/// The metrics endpoint: plain HTTP, on a loopback address unless asked otherwise.
 #[derive(Debug)]
 pub struct MetricsListener {
     listener: std::net::TcpListener,
@@ -348,11 +349,15 @@ pub struct MetricsListener {
 }
 
 impl MetricsListener {
-    /// Binds `addr`, which must be a loopback address (port 0 picks a free port). Needs no
-    /// runtime; [`serve`](Self::serve) does.
-    pub fn bind(addr: SocketAddr) -> Result<MetricsListener, StatusError> {
+    /// Binds `addr` (port 0 picks a free port), which must be a loopback address unless
+    /// `allow_remote`. Needs no runtime; [`serve`](Self::serve) does.
+    pub fn bind(addr: SocketAddr, allow_remote: bool) -> Result<MetricsListener, StatusError> {
         if !addr.ip().is_loopback() {
-            return Err(StatusError::NotLoopback { addr });
+            if !allow_remote {
+                return Err(StatusError::NotLoopback { addr });
+            }
+            tracing::warn!(%addr, "metrics endpoint on a non-loopback address: it has no \
+                authentication, anyone who can reach it can read the metrics");
         }
         let net_err = |action, source| StatusError::Net {
             action,
@@ -730,7 +735,7 @@ mod tests {
 
     #[test]
     fn metrics_over_tcp() {
-        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into(), false).unwrap();
         let addr = listener.local_addr();
         assert_ne!(addr.port(), 0);
         let (tx, rx) = watch::channel(sample());
@@ -777,7 +782,7 @@ mod tests {
     /// lock a scraper out, neither while they are held open nor afterwards.
     #[test]
     fn idle_clients_do_not_lock_out_a_scrape() {
-        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into(), false).unwrap();
         let addr = listener.local_addr();
         let (tx, rx) = watch::channel(sample());
         let server = std::thread::spawn(move || runtime().block_on(listener.serve(rx)));
@@ -818,11 +823,17 @@ mod tests {
     }
 
     #[test]
-    fn metrics_refuse_non_loopback() {
-        let err = MetricsListener::bind((Ipv4Addr::UNSPECIFIED, 0).into()).unwrap_err();
+    fn metrics_refuse_non_loopback_unless_allowed() {
+        let err = MetricsListener::bind((Ipv4Addr::UNSPECIFIED, 0).into(), false).unwrap_err();
         assert!(matches!(err, StatusError::NotLoopback { .. }), "{err:?}");
         assert!(err.to_string().contains("0.0.0.0:0"), "{err}");
-        let err = MetricsListener::bind((Ipv4Addr::new(10, 0, 0, 1), 9100).into()).unwrap_err();
+        assert!(err.to_string().contains("metrics_allow_remote"), "{err}");
+        let err =
+            MetricsListener::bind((Ipv4Addr::new(10, 0, 0, 1), 9100).into(), false).unwrap_err();
         assert!(matches!(err, StatusError::NotLoopback { .. }), "{err:?}");
+        // Asked for: every address, loopback included, so the test can connect.
+        let listener = MetricsListener::bind((Ipv4Addr::UNSPECIFIED, 0).into(), true).unwrap();
+        assert!(listener.local_addr().ip().is_unspecified());
+        assert_ne!(listener.local_addr().port(), 0);
     }
 }

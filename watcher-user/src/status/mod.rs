@@ -1,5 +1,5 @@
 //! Daemon status: the snapshot the daemon publishes, the unix socket `watcher status` reads
-//! it from, its human rendering, and a Prometheus text endpoint on loopback.
+//! it from, its human rendering, and a Prometheus text endpoint (on loopback by default).
 //!
 //! The daemon puts a fresh [`StatusSnapshot`] into a [`tokio::sync::watch`] channel whenever
 //! something changes (or on a timer); the servers here only read the latest value, so a slow
@@ -84,9 +84,9 @@ pub enum StatusError {
         #[source]
         source: serde_json::Error,
     },
-    /// The metrics endpoint is for local scrapers only.
+    /// A non-loopback metrics address the configuration did not allow.
     #[error(
-        "metrics address {addr} is not a loopback address; the endpoint has no authentication, so it only listens on 127.0.0.1 or ::1"
+        "metrics address {addr} is not a loopback address; the endpoint has no authentication, so it only listens on 127.0.0.1 or ::1 unless metrics_allow_remote = true"
     )]
     NotLoopback { addr: SocketAddr },
     /// A filesystem or socket call failed; `action` says what was being done.
