@@ -1434,6 +1434,100 @@ fn counters_survive_a_reload_and_count_only_events_under_the_roots() {
     d.stop();
 }
 
+/// `watcher status --config FILE --wait-in-step` returns once the changes made before it
+/// are on the replica (exit 0); with a target that cannot be reached it gives up at
+/// `--timeout` (exit 3) and names that target.
+#[test]
+fn status_wait_in_step_waits_for_every_target() {
+    let Some(_timer) = harness::begin("status_wait_in_step_waits_for_every_target") else {
+        return;
+    };
+    let ctx = "status_wait_in_step_waits_for_every_target";
+    let s = Scratch::new("svc-wait");
+    populate(&s.src, 3, 10, "wait");
+    let (config, mut spec) = one_group_config(&s);
+    let socket = spec.status_socket.clone();
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+
+    // Written just before the call: the wait must cover them.
+    let written = populate(&s.src.join("burst"), 20, 50, "burst");
+    std::fs::remove_dir_all(s.src.join("d001")).expect("rm -rf d001");
+    let t = Instant::now();
+    let out = run_watcher(
+        &[
+            OsStr::new("status"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("--wait-in-step"),
+            OsStr::new("--timeout"),
+            OsStr::new("60s"),
+        ],
+        Duration::from_secs(90),
+    );
+    eprintln!(
+        "{ctx}: in step {:.1?} after {written} files were written: {}\n{}{}",
+        t.elapsed(),
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.status.code(), Some(0), "{ctx}: {}", out.stderr);
+    assert!(out.stdout.contains("in step"), "{ctx}: {}", out.stdout);
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: when --wait-in-step returned"),
+    );
+
+    // A target nobody listens for: never in step.
+    let port = service::free_port();
+    spec.groups[0].targets.push(TargetSpec {
+        name: "unreachable".into(),
+        dest: format!("rsync://127.0.0.1:{port}/data"),
+        password_file: None,
+    });
+    spec.write(&config);
+    d.signal(Signal::SIGHUP);
+    d.wait_for_line("configuration reloaded", RELOAD_LIMIT);
+    let t = Instant::now();
+    let out = run_watcher(
+        &[
+            OsStr::new("status"),
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--wait-in-step"),
+            OsStr::new("--timeout"),
+            OsStr::new("2s"),
+        ],
+        Duration::from_secs(30),
+    );
+    let waited = t.elapsed();
+    eprintln!(
+        "{ctx}: with an unreachable target, after {waited:.1?}: {}\n{}",
+        out.status, out.stderr
+    );
+    assert_eq!(out.status.code(), Some(3), "{ctx}: {}", out.stderr);
+    assert!(
+        out.stderr.contains("not in step after 2s") && out.stderr.contains("data/unreachable"),
+        "{ctx}: stderr does not name the target: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("data/local"),
+        "{ctx}: the target in step is named: {}",
+        out.stderr
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(15),
+        "{ctx}: --timeout 2s took {waited:?}"
+    );
+    // The unreachable target still holds its initial sync: exit 1 says so.
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(harness::STOP_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "{ctx}: exit after SIGTERM");
+}
+
 // ---------------------------------------------------------------------------------------
 // Config check
 

@@ -626,6 +626,7 @@ impl Engine {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_unix_ms: unix_ms(started),
+            taken_unix_ms: unix_ms(SystemTime::now()),
             backend: self.backend_name.to_string(),
             events_total: stats.events,
             backend_events_total: stats.backend_events,

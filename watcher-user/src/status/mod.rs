@@ -12,6 +12,7 @@
 //! - `socket`: the socket server ([`StatusSocket`]) and the client ([`query`]), and the
 //!   protocol between them;
 //! - `render`: the text `watcher status` prints ([`render()`]);
+//! - `wait`: `watcher status --wait-in-step` ([`wait_in_step`]);
 //! - `metrics`: the Prometheus text ([`render_metrics`]) and its HTTP endpoint
 //!   ([`MetricsListener`]);
 //! - `process`: the conventional `process_*` figures ([`ProcessStats`]), read from `/proc`.
@@ -26,6 +27,7 @@ mod process;
 mod render;
 mod snapshot;
 mod socket;
+mod wait;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -47,6 +49,7 @@ pub use snapshot::{
     Failures, GroupStatus, LastSync, LastVerify, StatusSnapshot, TargetState, TargetStatus,
 };
 pub use socket::{StatusSocket, query, serve_socket};
+pub use wait::{InStep, SETTLE, in_step, wait_in_step};
 
 /// Why the status socket or the metrics endpoint could not be served or queried.
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,8 @@ pub struct StatusSnapshot {
     pub pid: u32,
     pub version: String,
     pub started_unix_ms: u64,
+    /// When this snapshot was taken (0: the placeholder before the first one).
+    pub taken_unix_ms: u64,
     /// `fanotify` or `inotify`.
     pub backend: String,
     /// Changes under the source roots that marked a path for syncing.
@@ -193,6 +195,7 @@ pub(super) fn sample() -> StatusSnapshot {
         pid: 4242,
         version: "0.1.0".into(),
         started_unix_ms: 1_000_000,
+        taken_unix_ms: 1_000_000 + 3_600_000,
         backend: "fanotify".into(),
         events_total: 123_456,
         backend_events_total: 9_876_543,
