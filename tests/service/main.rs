@@ -892,7 +892,7 @@ fn status_socket_reports_groups_and_targets() {
         "watcher_dirty_paths{group=",
         "watcher_dirty_paths{group=\"alpha\",target=\"alpha-mirror\"} 0",
         "watcher_dirty_paths{group=\"beta\",target=\"beta-mirror\"} 0",
-        "watcher_target_up{group=\"alpha\",target=\"alpha-mirror\"} 1",
+        "watcher_target_state{group=\"alpha\",target=\"alpha-mirror\",state=\"in_step\"} 1",
     ] {
         assert!(
             response.contains(needle),
@@ -908,6 +908,239 @@ fn status_socket_reports_groups_and_targets() {
         "{ctx}: status socket {} left behind after a clean stop",
         socket.display()
     );
+}
+
+/// The value of the sample `line_start` (a metric name with its labels, exactly) in a scrape.
+fn metric_value(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
+        .map(|v| {
+            if v == "+Inf" {
+                f64::INFINITY
+            } else {
+                v.parse()
+                    .unwrap_or_else(|e| panic!("{line_start}: bad value {v:?}: {e}"))
+            }
+        })
+}
+
+/// The metrics endpoint as a Prometheus server sees it: scraped over HTTP with many idle
+/// clients connected, every family present with its TYPE, the histogram complete, counters
+/// named `_total`, no rates, and the process families.
+#[test]
+fn metrics_follow_prometheus_conventions() {
+    let Some(_timer) = harness::begin("metrics_follow_prometheus_conventions") else {
+        return;
+    };
+    let ctx = "metrics_follow_prometheus_conventions";
+    let s = Scratch::new("svc-metrics");
+    populate(&s.src, 3, 10, "metrics");
+    let port = service::free_port();
+    let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    let config = s.path().join("watcher.toml");
+    let mut spec = ConfigSpec::in_dir(s.path());
+    spec.metrics = Some(metrics);
+    spec.groups.push(GroupSpec::new(
+        "data",
+        &s.src,
+        vec![TargetSpec::local("local", &s.dst)],
+    ));
+    spec.write(&config);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+    let runs_at_ready = d.count("rsync finished");
+    write(&s.src.join("d000/after-ready"), "x".repeat(100_000));
+    d.wait_for("an rsync run after ready", CONVERGE_TIMEOUT, |log| {
+        log.count("rsync finished") > runs_at_ready
+    });
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    // The snapshot behind the endpoint is refreshed every 200 ms.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Any local user can hold connections open without sending anything.
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|i| {
+            std::net::TcpStream::connect(metrics)
+                .unwrap_or_else(|e| panic!("{ctx}: idle connection {i}: {e}"))
+        })
+        .collect();
+    let response = service::http_get_metrics(metrics);
+    drop(idle);
+    let (head, text) = response.split_once("\r\n\r\n").unwrap_or_else(|| {
+        panic!("{ctx}: not an HTTP response behind 200 idle clients: {response:?}")
+    });
+    assert!(head.starts_with("HTTP/1.1 200"), "{ctx}: {head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{ctx}: {head}"
+    );
+    eprintln!("{ctx}: scrape:\n{text}");
+
+    let types: std::collections::BTreeMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+        .collect();
+    let want = [
+        ("watcher_build_info", "gauge"),
+        ("watcher_backend_info", "gauge"),
+        ("watcher_events_total", "counter"),
+        ("watcher_backend_events_total", "counter"),
+        ("watcher_overflows_total", "counter"),
+        ("watcher_rescans_total", "counter"),
+        ("watcher_target_state", "gauge"),
+        ("watcher_dirty_paths", "gauge"),
+        ("watcher_in_flight_paths", "gauge"),
+        ("watcher_oldest_unsynced_seconds", "gauge"),
+        ("watcher_rsync_runs_total", "counter"),
+        ("watcher_sync_retries_total", "counter"),
+        ("watcher_sync_failures_consecutive", "gauge"),
+        ("watcher_last_success_timestamp_seconds", "gauge"),
+        ("watcher_rsync_sent_bytes_total", "counter"),
+        ("watcher_rsync_received_bytes_total", "counter"),
+        ("watcher_rsync_literal_data_bytes_total", "counter"),
+        ("watcher_rsync_failures_total", "counter"),
+        ("watcher_rsync_run_duration_seconds", "histogram"),
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ];
+    for (name, kind) in want {
+        assert_eq!(
+            types.get(name).copied(),
+            Some(kind),
+            "{ctx}: family {name} (TYPE {kind})"
+        );
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "{ctx}: no HELP for {name}"
+        );
+    }
+    for (name, kind) in &types {
+        assert!(
+            *kind != "counter" || name.ends_with("_total"),
+            "{ctx}: counter {name} does not end in _total"
+        );
+        assert!(
+            !name.contains("per_second") && !name.contains("rate"),
+            "{ctx}: {name} exports a rate"
+        );
+    }
+    for gone in [
+        "watcher_target_up",
+        "watcher_events_per_second",
+        "watcher_info{",
+    ] {
+        assert!(!text.contains(gone), "{ctx}: {gone} is still exported");
+    }
+
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        metric_value(
+            text,
+            &format!("watcher_build_info{{version=\"{version}\"}}")
+        ),
+        Some(1.0),
+        "{ctx}: build info"
+    );
+    let target = "group=\"data\",target=\"local\"";
+    assert_eq!(
+        metric_value(
+            text,
+            &format!("watcher_target_state{{{target},state=\"in_step\"}}")
+        ),
+        Some(1.0),
+        "{ctx}: state"
+    );
+    let states: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("watcher_target_state{") && l.ends_with(" 1"))
+        .collect();
+    assert_eq!(states.len(), 1, "{ctx}: one state at a time: {states:?}");
+
+    // The histogram: ascending `le` buckets ending with +Inf, cumulative, +Inf == _count.
+    let hist = "watcher_rsync_run_duration_seconds";
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{hist}_bucket{{{target},le=\"")))
+        .map(|rest| {
+            let (le, value) = rest.split_once("\"} ").expect("bucket line");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le")
+            };
+            (le, value.parse().expect("count"))
+        })
+        .collect();
+    assert!(buckets.len() >= 2, "{ctx}: buckets {buckets:?}");
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "{ctx}: buckets not ascending and cumulative: {buckets:?}"
+    );
+    let count = metric_value(text, &format!("{hist}_count{{{target}}}")).expect("_count");
+    let sum = metric_value(text, &format!("{hist}_sum{{{target}}}")).expect("_sum");
+    assert_eq!(
+        buckets.last().copied(),
+        Some((f64::INFINITY, count)),
+        "{ctx}"
+    );
+    let runs = metric_value(text, &format!("watcher_rsync_runs_total{{{target}}}")).expect("runs");
+    assert!(
+        count >= 2.0 && count == runs,
+        "{ctx}: {count} observations, {runs} runs"
+    );
+    assert!(sum > 0.0, "{ctx}: _sum {sum}");
+
+    let sent = metric_value(text, &format!("watcher_rsync_sent_bytes_total{{{target}}}"))
+        .expect("sent bytes");
+    let literal = metric_value(
+        text,
+        &format!("watcher_rsync_literal_data_bytes_total{{{target}}}"),
+    )
+    .expect("literal bytes");
+    assert!(
+        literal >= 100_000.0 && sent >= literal,
+        "{ctx}: 100,000 bytes written, sent {sent}, literal {literal}"
+    );
+    for class in ["transient", "fatal", "source_race"] {
+        assert_eq!(
+            metric_value(
+                text,
+                &format!("watcher_rsync_failures_total{{{target},class=\"{class}\"}}")
+            ),
+            Some(0.0),
+            "{ctx}: failures of class {class}"
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let last = metric_value(
+        text,
+        &format!("watcher_last_success_timestamp_seconds{{{target}}}"),
+    )
+    .expect("last success");
+    assert!(
+        last >= started - 1.0 && last <= now + 1.0,
+        "{ctx}: last success {last}, test ran {started}..{now}"
+    );
+    let start = metric_value(text, "process_start_time_seconds").expect("start time");
+    assert!(
+        start >= started - 2.0 && start <= now + 1.0,
+        "{ctx}: process start {start}, test ran {started}..{now}"
+    );
+    assert!(metric_value(text, "process_open_fds").is_some_and(|n| n >= 3.0));
+    assert!(metric_value(text, "process_resident_memory_bytes").is_some_and(|n| n > 0.0));
+    d.stop();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1037,6 +1270,263 @@ fn sighup_reload_adds_a_target_without_losing_changes() {
          stream of changes postpones indefinitely"
     );
     d.stop();
+}
+
+/// `watcher status --socket SOCKET --json`, parsed.
+fn status_json(socket: &Path, ctx: &str) -> serde_json::Value {
+    let out = run_watcher(
+        &[
+            OsStr::new("status"),
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--json"),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "{ctx}: watcher status --json exited {}: {}",
+        out.status,
+        out.stderr
+    );
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{ctx}: status --json is not JSON: {e}\n{}", out.stdout))
+}
+
+/// The status of target `target` of group `group` in a `status --json` snapshot.
+fn target_json<'a>(
+    v: &'a serde_json::Value,
+    group: &str,
+    target: &str,
+) -> Option<&'a serde_json::Value> {
+    v["groups"]
+        .as_array()?
+        .iter()
+        .filter(|g| g["name"] == group)
+        .flat_map(|g| g["targets"].as_array().into_iter().flatten())
+        .find(|t| t["name"] == target)
+}
+
+fn counter(v: &serde_json::Value, ctx: &str, what: &str) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("{ctx}: {what} is not a count: {v}"))
+}
+
+/// The event counters and each target's runs, retries and last sync are the daemon's, not
+/// one configuration's: a SIGHUP keeps them. Events outside the roots (on the same
+/// filesystem) count as read by the backend, never as events under the roots.
+#[test]
+fn counters_survive_a_reload_and_count_only_events_under_the_roots() {
+    let Some(_timer) =
+        harness::begin("counters_survive_a_reload_and_count_only_events_under_the_roots")
+    else {
+        return;
+    };
+    let ctx = "counters_survive_a_reload_and_count_only_events_under_the_roots";
+    let s = Scratch::new("svc-counters");
+    populate(&s.src, 3, 10, "base");
+    let (config, mut spec) = one_group_config(&s);
+    let socket = spec.status_socket.clone();
+    let outside = s.path().join("outside");
+    mkdir_p(&outside);
+
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+    let runs_at_ready = d.count("rsync finished");
+    for i in 0..40 {
+        write(&s.src.join(format!("d000/new{i:02}")), format!("new {i}\n"));
+    }
+    d.wait_for("an rsync run for the new files", CONVERGE_TIMEOUT, |log| {
+        log.count("rsync finished") > runs_at_ready
+    });
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
+    let mut before = serde_json::Value::Null;
+    assert!(
+        poll_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            before = status_json(&socket, ctx);
+            target_json(&before, "data", "local").is_some_and(|t| t["state"] == "in_step")
+        }),
+        "{ctx}: not in step within 30 s: {before}"
+    );
+    let events = counter(&before["events_total"], ctx, "events_total");
+    assert!(
+        events >= 40,
+        "{ctx}: 40 files written under the root, events_total {events}"
+    );
+    let local = target_json(&before, "data", "local").expect("target local");
+    let runs = counter(&local["rsync_runs"], ctx, "rsync_runs");
+    let last_sync = local["last_sync"]["finished_unix_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{ctx}: no last sync after a sync: {local}"));
+    assert!(runs >= 2, "{ctx}: rsync_runs {runs}");
+
+    // Changes beside the root, on its filesystem: read by a filesystem-wide backend, but not
+    // events under the roots.
+    let read_before = counter(&before["backend_events_total"], ctx, "backend_events_total");
+    for i in 0..300 {
+        write(&outside.join(format!("f{i:03}")), "outside\n");
+    }
+    if before["backend"] != "inotify" {
+        let mut now = serde_json::Value::Null;
+        assert!(
+            poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+                now = status_json(&socket, ctx);
+                now["backend_events_total"]
+                    .as_u64()
+                    .is_some_and(|n| n >= read_before + 300)
+            }),
+            "{ctx}: backend {} did not count 300 changes beside the root: {} before, now {}",
+            before["backend"],
+            read_before,
+            now["backend_events_total"]
+        );
+    }
+    let beside = status_json(&socket, ctx);
+    assert_eq!(
+        counter(&beside["events_total"], ctx, "events_total"),
+        events,
+        "{ctx}: changes outside the root counted as events under the roots"
+    );
+
+    // Reload with a second target; wait until the new configuration's snapshot shows it.
+    spec.groups[0]
+        .targets
+        .push(TargetSpec::local("second", &s.path().join("dst2")));
+    spec.write(&config);
+    d.signal(Signal::SIGHUP);
+    d.wait_for_line("configuration reloaded", RELOAD_LIMIT);
+    let mut after = serde_json::Value::Null;
+    assert!(
+        poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
+            after = status_json(&socket, ctx);
+            target_json(&after, "data", "second").is_some()
+        }),
+        "{ctx}: the reloaded configuration's target is not in the status: {after}"
+    );
+    let after_events = counter(&after["events_total"], ctx, "events_total");
+    assert!(
+        after_events >= events,
+        "{ctx}: events_total went from {events} to {after_events} over a reload"
+    );
+    let after_read = counter(&after["backend_events_total"], ctx, "backend_events_total");
+    let read_then = counter(&beside["backend_events_total"], ctx, "backend_events_total");
+    assert!(
+        after_read >= read_then,
+        "{ctx}: backend_events_total went from {read_then} to {after_read} over a reload"
+    );
+    let local = target_json(&after, "data", "local").expect("target local");
+    let after_runs = counter(&local["rsync_runs"], ctx, "rsync_runs");
+    assert!(
+        after_runs >= runs,
+        "{ctx}: rsync_runs of target local went from {runs} to {after_runs} over a reload"
+    );
+    assert!(
+        local["last_sync"]["finished_unix_ms"]
+            .as_u64()
+            .is_some_and(|t| t >= last_sync),
+        "{ctx}: the last sync of target local was lost over a reload: {local}"
+    );
+    wait_converged(
+        &s.src,
+        &s.path().join("dst2"),
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        ctx,
+    );
+    d.stop();
+}
+
+/// `watcher status --config FILE --wait-in-step` returns once the changes made before it
+/// are on the replica (exit 0); with a target that cannot be reached it gives up at
+/// `--timeout` (exit 3) and names that target.
+#[test]
+fn status_wait_in_step_waits_for_every_target() {
+    let Some(_timer) = harness::begin("status_wait_in_step_waits_for_every_target") else {
+        return;
+    };
+    let ctx = "status_wait_in_step_waits_for_every_target";
+    let s = Scratch::new("svc-wait");
+    populate(&s.src, 3, 10, "wait");
+    let (config, mut spec) = one_group_config(&s);
+    let socket = spec.status_socket.clone();
+    let mut d = Service::start_run(&config, READY_TIMEOUT);
+
+    // Written just before the call: the wait must cover them.
+    let written = populate(&s.src.join("burst"), 20, 50, "burst");
+    std::fs::remove_dir_all(s.src.join("d001")).expect("rm -rf d001");
+    let t = Instant::now();
+    let out = run_watcher(
+        &[
+            OsStr::new("status"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+            OsStr::new("--wait-in-step"),
+            OsStr::new("--timeout"),
+            OsStr::new("60s"),
+        ],
+        Duration::from_secs(90),
+    );
+    eprintln!(
+        "{ctx}: in step {:.1?} after {written} files were written: {}\n{}{}",
+        t.elapsed(),
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.status.code(), Some(0), "{ctx}: {}", out.stderr);
+    assert!(out.stdout.contains("in step"), "{ctx}: {}", out.stdout);
+    assert_equal_now(
+        &s.src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{ctx}: when --wait-in-step returned"),
+    );
+
+    // A target nobody listens for: never in step.
+    let port = service::free_port();
+    spec.groups[0].targets.push(TargetSpec {
+        name: "unreachable".into(),
+        dest: format!("rsync://127.0.0.1:{port}/data"),
+        password_file: None,
+    });
+    spec.write(&config);
+    d.signal(Signal::SIGHUP);
+    d.wait_for_line("configuration reloaded", RELOAD_LIMIT);
+    let t = Instant::now();
+    let out = run_watcher(
+        &[
+            OsStr::new("status"),
+            OsStr::new("--socket"),
+            socket.as_os_str(),
+            OsStr::new("--wait-in-step"),
+            OsStr::new("--timeout"),
+            OsStr::new("2s"),
+        ],
+        Duration::from_secs(30),
+    );
+    let waited = t.elapsed();
+    eprintln!(
+        "{ctx}: with an unreachable target, after {waited:.1?}: {}\n{}",
+        out.status, out.stderr
+    );
+    assert_eq!(out.status.code(), Some(3), "{ctx}: {}", out.stderr);
+    assert!(
+        out.stderr.contains("not in step after 2s") && out.stderr.contains("data/unreachable"),
+        "{ctx}: stderr does not name the target: {}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("data/local"),
+        "{ctx}: the target in step is named: {}",
+        out.stderr
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(15),
+        "{ctx}: --timeout 2s took {waited:?}"
+    );
+    // The unreachable target still holds its initial sync: exit 1 says so.
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit(harness::STOP_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "{ctx}: exit after SIGTERM");
 }
 
 // ---------------------------------------------------------------------------------------

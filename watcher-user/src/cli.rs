@@ -169,6 +169,7 @@ impl SyncArgs {
                 state_dir: self.state_dir.as_deref().map(|d| at(from_cwd(d))),
                 status_socket: self.status_socket.as_deref().map(|s| at(from_cwd(s))),
                 metrics: None,
+                metrics_allow_remote: None,
                 rsync: Some(at(rsync)),
                 ebpf_probes: Some(at(name(self.ebpf_probes))),
                 ebpf_ringbuf_bytes: Some(count(self.ebpf_ringbuf_bytes)),
@@ -254,12 +255,23 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The daemon's status socket.
-    #[arg(long, value_name = "PATH", default_value = defaults::STATUS_SOCKET)]
-    pub socket: PathBuf,
+    /// The daemon's status socket [default: the one --config names, else /run/watcher/status.sock].
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    pub socket: Option<PathBuf>,
+    /// Ask the daemon that runs this configuration file (its `status_socket`).
+    #[arg(long, short = 'c', value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Print the raw JSON snapshot.
     #[arg(long)]
     pub json: bool,
+    /// Wait until every target is in step, then print the status: exit 0; exit 3 when
+    /// --timeout passes first, 4 when a target has failed (the targets are named on stderr).
+    /// Changes made before the call are taken into account.
+    #[arg(long)]
+    pub wait_in_step: bool,
+    /// With --wait-in-step: how long to wait at most (e.g. 30s, 10m, 2h) [default: no limit].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "wait_in_step")]
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -338,6 +350,47 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn status_finds_its_socket_and_waits() {
+        let status =
+            |args: &[&str]| match Cli::try_parse_from(["watcher", "status"].iter().chain(args)) {
+                Ok(Cli {
+                    command: Command::Status(a),
+                    ..
+                }) => Ok(a),
+                Ok(other) => panic!("not status: {other:?}"),
+                Err(e) => Err(e.kind()),
+            };
+        let a = status(&[]).expect("parses");
+        assert_eq!(
+            (a.socket, a.config, a.wait_in_step, a.timeout),
+            (None, None, false, None)
+        );
+        let a = status(&[
+            "--config",
+            "/etc/w.toml",
+            "--wait-in-step",
+            "--timeout",
+            "1m 30s",
+        ])
+        .expect("parses");
+        assert_eq!(a.config, Some(PathBuf::from("/etc/w.toml")));
+        assert!(a.wait_in_step);
+        assert_eq!(a.timeout, Some(std::time::Duration::from_secs(90)));
+        assert_eq!(
+            status(&["--socket", "/s", "--config", "/c"]).unwrap_err(),
+            clap::error::ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            status(&["--timeout", "5s"]).unwrap_err(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            status(&["--wait-in-step", "--timeout", "soon"]).unwrap_err(),
+            clap::error::ErrorKind::ValueValidation
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Owns the event loop, signals, reloads, status snapshots and the summary at exit; the
 //! decisions (when to flush, what a failed run means) are each target's [`SyncMachine`]'s.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,7 @@ use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
-use crate::status::{self, LastSync, LastVerify, StatusSnapshot};
+use crate::status::{self, Failures, Histogram, LastSync, LastVerify, StatusSnapshot};
 use crate::sync_machine::{
     Action, FIRST_BACKOFF, FlushKind, GiveUpCause, Mode, RACES_BEFORE_WHOLE_TREE, RetryCause,
     SyncMachine, Verdict,
@@ -81,12 +82,52 @@ impl FileId {
     }
 }
 
-/// What a target has done, for status and the summary.
-#[derive(Debug, Default)]
+/// What a target has done, for status and the summary. Kept across reloads (in [`Stats`]),
+/// so counters only ever grow.
+#[derive(Debug)]
 struct TargetStats {
     runs: u64,
+    /// Batches put back to be retried after a failed run.
+    retries: u64,
+    failures: Failures,
+    run_seconds: Histogram,
+    transfer: rsync::TransferStats,
     last_sync: Option<LastSync>,
+    last_success_unix_ms: Option<u64>,
     last_verify: Option<LastVerify>,
+}
+
+impl Default for TargetStats {
+    fn default() -> Self {
+        TargetStats {
+            runs: 0,
+            retries: 0,
+            failures: Failures::default(),
+            run_seconds: Histogram::new(&status::RUN_SECONDS_BOUNDS),
+            transfer: rsync::TransferStats::default(),
+            last_sync: None,
+            last_success_unix_ms: None,
+            last_verify: None,
+        }
+    }
+}
+
+impl TargetStats {
+    /// Counts what a finished batch did: its runs, their durations and bytes, and how it
+    /// failed if it did.
+    fn count(&mut self, done: &runner::Done) {
+        self.runs += done.runs;
+        for elapsed in &done.run_times {
+            self.run_seconds.observe(elapsed.as_secs_f64());
+        }
+        self.transfer.add(done.transfer);
+        match done.class {
+            rsync::ExitClass::Success => {}
+            rsync::ExitClass::Transient => self.failures.transient += 1,
+            rsync::ExitClass::Fatal => self.failures.fatal += 1,
+            rsync::ExitClass::SourceRace => self.failures.source_race += 1,
+        }
+    }
 }
 
 /// One target: its own backlog and decisions, so a slow or unreachable target never holds
@@ -97,7 +138,6 @@ struct TargetState {
     machine: SyncMachine,
     /// Paths rsync keeps failing on, set aside so the rest keeps syncing.
     failing: FailingPaths,
-    stats: TargetStats,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -267,16 +307,36 @@ fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Insta
     }
 }
 
-/// Counters for status and the summary at exit.
+/// Counters for status and the summary at exit. They belong to the daemon, not to one
+/// configuration: a reload keeps them.
 #[derive(Debug, Default)]
 struct Stats {
     event_batches: u64,
+    /// Changes under a source root that marked a path for some target.
     events: u64,
+    /// Everything the backend read, including changes elsewhere on a watched filesystem.
+    backend_events: u64,
     overflows: u64,
     rescans: u64,
     /// For events/s in status: (when, events) at the last refresh.
     rate_mark: Option<(Instant, u64)>,
     events_per_sec: f64,
+    /// Per group and target name.
+    targets: HashMap<String, HashMap<String, TargetStats>>,
+}
+
+impl Stats {
+    fn target(&self, settings: &Settings) -> Option<&TargetStats> {
+        self.targets.get(&settings.group_name)?.get(&settings.name)
+    }
+
+    fn target_mut(&mut self, settings: &Settings) -> &mut TargetStats {
+        self.targets
+            .entry(settings.group_name.clone())
+            .or_default()
+            .entry(settings.name.clone())
+            .or_default()
+    }
 }
 
 /// `watcher sync` / `watcher run`: returns the process exit code.
@@ -369,8 +429,8 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
             }
         });
         if let Some(addr) = config.daemon.metrics {
-            let listener =
-                status::MetricsListener::bind(addr).context("opening the metrics endpoint")?;
+            let listener = status::MetricsListener::bind(addr, config.daemon.metrics_allow_remote)
+                .context("opening the metrics endpoint")?;
             let rx = status_rx.clone();
             servers.spawn(async move {
                 if let Err(e) = listener.serve(rx).await {
@@ -381,12 +441,20 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
     }
 
     let started = SystemTime::now();
+    let mut stats = Stats::default();
     let prepared = Engine::prepare(config, &opts, &own_pids, None)?;
     let mut engine = prepared.into_engine(&opts, Vec::new());
     let mut signals = signals;
     let code = loop {
         match engine
-            .run(&opts, &own_pids, &status_tx, started, &mut signals)
+            .run(
+                &opts,
+                &own_pids,
+                &status_tx,
+                started,
+                &mut stats,
+                &mut signals,
+            )
             .await?
         {
             Outcome::Exit(code) => break code,
@@ -504,7 +572,6 @@ fn target_states(
                 backlog: Backlog::new(t.max_backlog, journal),
                 machine: SyncMachine::new(g.flush, g.verify_interval, now),
                 failing: FailingPaths::default(),
-                stats: TargetStats::default(),
             };
             if let Some(found) = &recovered {
                 state.backlog.restore(&found.marks, now);
@@ -680,13 +747,15 @@ impl Engine {
 
     fn snapshot(&self, stats: &Stats, started: SystemTime) -> StatusSnapshot {
         let now = Instant::now();
+        let no_runs = TargetStats::default();
         let mut groups: Vec<status::GroupStatus> = Vec::new();
         for g in &self.config.groups {
             let targets = self
                 .targets
                 .iter()
                 .filter(|t| t.settings.group_name == g.name)
-                .map(|t| status::TargetStatus {
+                .map(|t| (t, stats.target(&t.settings).unwrap_or(&no_runs)))
+                .map(|(t, ts)| status::TargetStatus {
                     name: t.settings.name.clone(),
                     dest: t.settings.dest.to_string(),
                     state: t.machine.phase(t.backlog.len()),
@@ -696,11 +765,17 @@ impl Engine {
                         .oldest_unsynced()
                         .map(|o| now.saturating_duration_since(o).as_millis() as u64),
                     in_flight_paths: t.backlog.in_flight_paths() as u64,
-                    last_sync: t.stats.last_sync.clone(),
+                    last_sync: ts.last_sync.clone(),
+                    last_success_unix_ms: ts.last_success_unix_ms,
                     consecutive_failures: t.machine.failures(),
-                    rsync_runs: t.stats.runs,
-                    retries_total: t.machine.retries_total(),
-                    verify: t.stats.last_verify.clone(),
+                    rsync_runs: ts.runs,
+                    retries_total: ts.retries,
+                    failures: ts.failures.clone(),
+                    run_seconds: ts.run_seconds.clone(),
+                    sent_bytes: ts.transfer.sent,
+                    received_bytes: ts.transfer.received,
+                    literal_bytes: ts.transfer.literal,
+                    verify: ts.last_verify.clone(),
                     failing_paths: t
                         .failing
                         .iter()
@@ -725,8 +800,10 @@ impl Engine {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_unix_ms: unix_ms(started),
+            taken_unix_ms: unix_ms(SystemTime::now()),
             backend: self.backend_name.to_string(),
             events_total: stats.events,
+            backend_events_total: stats.backend_events,
             events_per_sec: stats.events_per_sec,
             overflows: stats.overflows,
             rescans: stats.rescans,
@@ -768,14 +845,14 @@ impl Engine {
     fn take_in(&mut self, batch: &[Event], stats: &mut Stats) {
         let now = Instant::now();
         stats.event_batches += 1;
-        stats.events += batch.len() as u64;
+        stats.backend_events += batch.len() as u64;
         for event in batch {
+            let marked = route(&self.filter, &mut self.targets, event, now);
             match event {
                 Event::Overflow => stats.overflows += 1,
                 Event::Rescan { .. } => stats.rescans += 1,
-                Event::Change { .. } => {}
+                Event::Change { .. } => stats.events += u64::from(marked),
             }
-            route(&self.filter, &mut self.targets, event, now);
         }
         for t in &mut self.targets {
             if t.backlog.take_touched() {
@@ -814,10 +891,10 @@ impl Engine {
         own_pids: &Arc<OwnPids>,
         status_tx: &watch::Sender<StatusSnapshot>,
         started: SystemTime,
+        stats: &mut Stats,
         signals: &mut Signals<'_>,
     ) -> anyhow::Result<Outcome> {
         let mut tasks: JoinSet<runner::Done> = JoinSet::new();
-        let mut stats = Stats::default();
         let mut lifecycle = Lifecycle::Running { ready: false };
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -863,7 +940,7 @@ impl Engine {
             );
             tokio::select! {
                 msg = async { match self.events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => match msg {
-                    Some(batch) => self.take_in(&batch, &mut stats),
+                    Some(batch) => self.take_in(&batch, stats),
                     None => {
                         self.events = None;
                         if let Lifecycle::Running { .. } = lifecycle {
@@ -874,9 +951,9 @@ impl Engine {
                 },
                 Some(joined) = tasks.join_next() => {
                     let done = joined.context("a flush task panicked")?;
-                    self.finish(done, lifecycle.mode());
+                    self.finish(done, lifecycle.mode(), stats);
                 },
-                _ = housekeeping.tick() => self.housekeeping(&mut stats, status_tx, started),
+                _ = housekeeping.tick() => self.housekeeping(stats, status_tx, started),
                 _ = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
                     notify(&[sd_notify::NotifyState::Watchdog]);
                 },
@@ -909,7 +986,7 @@ impl Engine {
         }
 
         if let Lifecycle::Reloading(cfg) = lifecycle {
-            status_tx.send_replace(self.snapshot(&stats, started));
+            status_tx.send_replace(self.snapshot(stats, started));
             return Ok(Outcome::Reload(cfg));
         }
         let mut reader_failed = lifecycle_failed(&lifecycle);
@@ -934,10 +1011,16 @@ impl Engine {
         }
         tracing::info!(
             events = stats.events,
+            backend_events = stats.backend_events,
             event_batches = stats.event_batches,
             overflows = stats.overflows,
             rescans = stats.rescans,
-            rsync_runs = self.targets.iter().map(|t| t.stats.runs).sum::<u64>(),
+            rsync_runs = stats
+                .targets
+                .values()
+                .flat_map(|g| g.values())
+                .map(|t| t.runs)
+                .sum::<u64>(),
             unsynced,
             "stopped"
         );
@@ -947,10 +1030,11 @@ impl Engine {
 
     /// Takes a finished flush into account: the target's machine decides, this carries
     /// the decision out on the backlog and says it in the log.
-    fn finish(&mut self, done: runner::Done, mode: Mode) {
+    fn finish(&mut self, done: runner::Done, mode: Mode, stats: &mut Stats) {
         let now = Instant::now();
         let t = &mut self.targets[done.target];
-        t.stats.runs += done.runs;
+        let ts = stats.target_mut(&t.settings);
+        ts.count(&done);
         let mut finished = done.finished();
         if finished.kind == FlushKind::Changes
             && let Some(failures) = &done.failures
@@ -984,7 +1068,7 @@ impl Engine {
         match verdict {
             Verdict::Verified => {
                 t.backlog.verify_done();
-                t.stats.last_verify = Some(LastVerify {
+                ts.last_verify = Some(LastVerify {
                     finished_unix_ms: record.finished_unix_ms,
                     fixed_paths: done.itemized,
                     ok: record.ok,
@@ -996,7 +1080,8 @@ impl Engine {
                 }
             }
             Verdict::Synced { initial_sync_done } => {
-                t.stats.last_sync = Some(record);
+                ts.last_success_unix_ms = Some(record.finished_unix_ms);
+                ts.last_sync = Some(record);
                 t.backlog.confirm(&dest);
                 if initial_sync_done {
                     tracing::info!(target = %dest, elapsed_ms = done.elapsed.as_millis() as u64, "initial sync done");
@@ -1008,7 +1093,8 @@ impl Engine {
                 whole_tree,
                 at,
             } => {
-                t.stats.last_sync = Some(record);
+                ts.retries += 1;
+                ts.last_sync = Some(record);
                 // A run cut short (a signal, a race) may leave temporary files where a
                 // transfer was under way: widening syncs the directories it worked in.
                 t.put_back(done.batch, now, widen);
@@ -1035,7 +1121,7 @@ impl Engine {
                 }
             }
             Verdict::GiveUp { cause, widen } => {
-                t.stats.last_sync = Some(record);
+                ts.last_sync = Some(record);
                 t.put_back(done.batch, now, widen);
                 match cause {
                     GiveUpCause::Draining => {
@@ -1107,7 +1193,6 @@ mod tests {
             backlog: Backlog::new(1_000, None),
             machine: SyncMachine::new(FlushConfig::default(), None, Instant::now()),
             failing: FailingPaths::default(),
-            stats: TargetStats::default(),
         }
     }
 

@@ -1,9 +1,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use watcher::cli::{Cli, Command, ConfigCommand, SyncArgs};
-use watcher::config::{self, Config};
+use watcher::config::{self, Config, DaemonConfig};
 use watcher::daemon::{self, RunOptions};
 
 fn main() -> ExitCode {
@@ -31,6 +32,40 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
         dry_run: args.dry_run,
     };
     Ok((config, opts))
+}
+
+/// `watcher status --wait-in-step`: the last snapshot and the exit code (0 in step, 3 timed
+/// out, 4 a target failed), with the targets that are not in step on stderr.
+fn wait_in_step(
+    socket: &std::path::Path,
+    timeout: Option<Duration>,
+) -> anyhow::Result<(watcher::status::StatusSnapshot, i32)> {
+    use watcher::status::InStep;
+    let (snapshot, verdict) = watcher::status::wait_in_step(socket, timeout)?;
+    let code = match verdict {
+        InStep::All => 0,
+        InStep::Waiting(targets) => {
+            let waited = humantime::format_duration(timeout.unwrap_or_default());
+            eprintln!("watcher: not in step after {waited}:");
+            for t in targets {
+                eprintln!("  {t}");
+            }
+            3
+        }
+        InStep::Stale => {
+            let waited = humantime::format_duration(timeout.unwrap_or_default());
+            eprintln!("watcher: the daemon published no status within {waited}");
+            3
+        }
+        InStep::Failed(targets) => {
+            eprintln!("watcher: stopped on a fatal error, will not get in step:");
+            for t in targets {
+                eprintln!("  {t}");
+            }
+            4
+        }
+    };
+    Ok((snapshot, code))
 }
 
 fn run(command: Command) -> anyhow::Result<i32> {
@@ -67,7 +102,23 @@ fn run(command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Status(args) => {
-            let snapshot = watcher::status::query(&args.socket, Duration::from_secs(5))?;
+            let socket = match (args.socket, args.config) {
+                (Some(socket), _) => socket,
+                (None, Some(config)) => {
+                    config::load(&config)
+                        .with_context(|| {
+                            format!("finding the status socket in {}", config.display())
+                        })?
+                        .daemon
+                        .status_socket
+                }
+                (None, None) => DaemonConfig::default().status_socket,
+            };
+            let (snapshot, code) = if args.wait_in_step {
+                wait_in_step(&socket, args.timeout)?
+            } else {
+                (watcher::status::query(&socket, Duration::from_secs(5))?, 0)
+            };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&snapshot)?);
             } else {
@@ -77,7 +128,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
                     .unwrap_or(0);
                 print!("{}", watcher::status::render(&snapshot, now));
             }
-            Ok(0)
+            Ok(code)
         }
         Command::Watch(args) => {
             watcher::watch::run_watch(&args.paths, args.format, &args.backend_options())

@@ -282,10 +282,11 @@ pub fn plan(
 
 /// Asks the runs of a batch for what the engine reads back from them: the paths rsync
 /// changed (`--itemize-changes`, a verify pass counts its repairs so; a dry run already
-/// itemizes), and overall progress on stdout (`--info=progress2`, rsync 3.1+) for a
-/// whole-tree run, which can take hours.
+/// itemizes), overall progress on stdout (`--info=progress2`, rsync 3.1+) for a
+/// whole-tree run, which can take hours, and the bytes moved (`--stats`, for the metrics).
 pub fn report(runs: &mut [Run], itemize: bool, progress: bool, opts: &RsyncOptions) {
     for run in runs {
+        run.args.insert(1, "--stats".into());
         if itemize && !opts.dry_run {
             run.args.insert(1, "--itemize-changes".into());
         }
@@ -306,7 +307,106 @@ pub struct RunResult {
     pub stdout: String,
     /// Lines of `--itemize-changes` output: paths rsync changed (or would change).
     pub itemized: u64,
+    /// What `--stats` said (zero when the run was not asked for it, or died first).
+    pub transfer: TransferStats,
     pub elapsed: Duration,
+}
+
+/// The bytes a run moved, from rsync's `--stats` summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// "Total bytes sent": everything rsync wrote to the connection (file data, checksums,
+    /// the file list). For a local target, what the sender wrote to the receiver.
+    pub sent: u64,
+    /// "Total bytes received": what came back.
+    pub received: u64,
+    /// "Literal data": file contents sent as they are, that is without the parts the
+    /// delta algorithm found on the target already.
+    pub literal: u64,
+}
+
+impl TransferStats {
+    /// Adds another run's figures.
+    pub fn add(&mut self, other: TransferStats) {
+        self.sent += other.sent;
+        self.received += other.received;
+        self.literal += other.literal;
+    }
+
+    /// Takes one line of rsync's stdout into account; returns whether it belongs to the
+    /// `--stats` summary. A later figure replaces an earlier one: the summary comes last,
+    /// after any file names `-v` may print (a file could be named like a summary line).
+    fn feed_line(&mut self, line: &str) -> bool {
+        let Some((key, value)) = line.split_once(": ") else {
+            return false;
+        };
+        let slot = match key {
+            "Total bytes sent" => &mut self.sent,
+            "Total bytes received" => &mut self.received,
+            "Literal data" => &mut self.literal,
+            _ => return STATS_KEYS.contains(&key),
+        };
+        if let Some(n) = value.split_whitespace().next().and_then(parse_stats_number) {
+            *slot = n;
+        }
+        true
+    }
+}
+
+/// The other lines of the `--stats` summary (rsync 3.1 to 3.4), kept out of the output the
+/// daemon logs.
+const STATS_KEYS: [&str; 10] = [
+    "Number of files",
+    "Number of created files",
+    "Number of deleted files",
+    "Number of regular files transferred",
+    "Total file size",
+    "Total transferred file size",
+    "Matched data",
+    "File list size",
+    "File list generation time",
+    "File list transfer time",
+];
+
+/// A figure of rsync's `--stats`: `187`, `2,500,003` (digit groups, `.` in locales whose
+/// decimal mark is `,`), or with `-h` `2.50M` / `2,50M` (two decimals and a unit of 1000;
+/// `-hh` units of 1024 are read as 1000, so such figures come out 2 to 13% low).
+fn parse_stats_number(text: &str) -> Option<u64> {
+    let (digits, scale) = match text.chars().last()? {
+        'K' => (&text[..text.len() - 1], 1e3),
+        'M' => (&text[..text.len() - 1], 1e6),
+        'G' => (&text[..text.len() - 1], 1e9),
+        'T' => (&text[..text.len() - 1], 1e12),
+        'P' => (&text[..text.len() - 1], 1e15),
+        _ => (text, 1.0),
+    };
+    if digits.is_empty()
+        || !digits.starts_with(|c: char| c.is_ascii_digit())
+        || !digits
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == ',' || c == '.')
+    {
+        return None;
+    }
+    if scale == 1.0 {
+        // A whole number: anything but digits is a group separator.
+        return digits
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok();
+    }
+    // Scaled: the mark before the last two digits is the decimal one.
+    let (whole, fraction) = match digits.len().checked_sub(3) {
+        Some(at) if matches!(digits.as_bytes()[at], b'.' | b',') => {
+            (&digits[..at], &digits[at + 1..])
+        }
+        _ => (digits, ""),
+    };
+    let whole: String = whole.chars().filter(char::is_ascii_digit).collect();
+    let number: f64 = format!("{whole}.{fraction}0").parse().ok()?;
+    Some((number * scale).round() as u64)
 }
 
 /// Keep at most this much of rsync's stderr and stdout.
@@ -380,6 +480,7 @@ struct StdoutSink {
     keep: bool,
     kept: Vec<u8>,
     itemized: u64,
+    transfer: TransferStats,
     partial: Vec<u8>,
 }
 
@@ -393,7 +494,7 @@ impl StdoutSink {
                     if let Some(p) = self.progress.as_mut() {
                         p.update(&text);
                     }
-                } else if !text.trim().is_empty() {
+                } else if !text.trim().is_empty() && !self.transfer.feed_line(&text) {
                     if is_itemized(&text) {
                         self.itemized += 1;
                     }
@@ -449,6 +550,7 @@ pub async fn execute(
         keep: keep_stdout,
         kept: Vec::new(),
         itemized: 0,
+        transfer: TransferStats::default(),
         partial: Vec::new(),
     };
     let (_, err) = tokio::join!(
@@ -492,6 +594,7 @@ pub async fn execute(
         stderr,
         stdout: String::from_utf8_lossy(&sink.kept).into_owned(),
         itemized: sink.itemized,
+        transfer: sink.transfer,
         elapsed: started.elapsed(),
     })
 }
@@ -794,6 +897,7 @@ mod tests {
             keep: true,
             kept: Vec::new(),
             itemized: 0,
+            transfer: TransferStats::default(),
             partial: Vec::new(),
         };
         sink.feed(b"        32,768  50%   31.25MB/s    0:00:00 (xfr#1, to-chk=1/3)\r");
@@ -804,5 +908,99 @@ mod tests {
         let kept = String::from_utf8(sink.kept).unwrap();
         assert!(kept.contains(">f+++++++++ a file") && kept.contains("sent 1 bytes"));
         assert!(!kept.contains("xfr#"));
+    }
+
+    #[test]
+    fn stats_figures_are_read_in_every_format() {
+        for (text, want) in [
+            ("0", Some(0)),
+            ("187", Some(187)),
+            ("2,500,776", Some(2_500_776)),
+            // Locales whose decimal mark is a comma group digits with a point.
+            ("2.500.776", Some(2_500_776)),
+            // -h: two decimals and a unit.
+            ("2.50M", Some(2_500_000)),
+            ("2,50M", Some(2_500_000)),
+            ("57", Some(57)),
+            ("1.23K", Some(1_230)),
+            ("999.99G", Some(999_990_000_000)),
+            ("1,234.56T", Some(1_234_560_000_000_000)),
+            ("1.234,56T", Some(1_234_560_000_000_000)),
+            ("3K", Some(3_000)),
+            ("", None),
+            ("M", None),
+            ("bytes", None),
+            ("-1", None),
+            ("1e5", None),
+            ("12x", None),
+        ] {
+            assert_eq!(parse_stats_number(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn stats_summary_is_read_and_not_kept() {
+        let mut sink = StdoutSink {
+            progress: None,
+            keep: true,
+            kept: Vec::new(),
+            itemized: 0,
+            transfer: TransferStats::default(),
+            partial: Vec::new(),
+        };
+        // rsync 3.2 with --itemize-changes --stats; a file named like a summary line comes
+        // before the summary itself.
+        sink.feed(
+            b">f+++++++++ Total bytes sent: 9\n\
+              \n\
+              Number of files: 3 (reg: 2, dir: 1)\n\
+              Number of created files: 2 (reg: 2)\n\
+              Number of deleted files: 0\n\
+              Number of regular files transferred: 2\n\
+              Total file size: 2,500,003 bytes\n\
+              Total transferred file size: 2,500,003 bytes\n\
+              Literal data: 2,500,003 bytes\n\
+              Matched data: 0 bytes\n\
+              File list size: 0\n\
+              File list generation time: 0.001 seconds\n\
+              File list transfer time: 0.000 seconds\n\
+              Total bytes sent: 2,500,776\n\
+              Total bytes received: 54\n\
+              \n\
+              sent 2,500,776 bytes  received 54 bytes  5,001,660.00 bytes/sec\n\
+              total size is 2,500,003  speedup is 1.00\n",
+        );
+        assert_eq!(
+            sink.transfer,
+            TransferStats {
+                sent: 2_500_776,
+                received: 54,
+                literal: 2_500_003,
+            }
+        );
+        assert_eq!(sink.itemized, 1);
+        let kept = String::from_utf8(sink.kept).unwrap();
+        assert_eq!(
+            kept,
+            ">f+++++++++ Total bytes sent: 9\n\
+             sent 2,500,776 bytes  received 54 bytes  5,001,660.00 bytes/sec\n\
+             total size is 2,500,003  speedup is 1.00\n"
+        );
+
+        let mut total = TransferStats::default();
+        total.add(sink.transfer);
+        total.add(TransferStats {
+            sent: 1,
+            received: 2,
+            literal: 3,
+        });
+        assert_eq!(
+            total,
+            TransferStats {
+                sent: 2_500_777,
+                received: 56,
+                literal: 2_500_006,
+            }
+        );
     }
 }

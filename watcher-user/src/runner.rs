@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::backend::OwnPids;
 use crate::dirty::Batch;
 use crate::failing::{self, Failure};
-use crate::rsync::{self, ExitClass, RsyncOptions};
+use crate::rsync::{self, ExitClass, RsyncOptions, TransferStats};
 use crate::sync_machine::{Finished, FlushKind};
 use crate::target::Target;
 
@@ -49,6 +49,10 @@ pub struct Done {
     pub runs: u64,
     /// Paths rsync itemized (verify passes count repairs this way).
     pub itemized: u64,
+    /// The bytes the runs moved, summed.
+    pub transfer: TransferStats,
+    /// How long each rsync process ran, in order (one per run that started).
+    pub run_times: Vec<Duration>,
     pub elapsed: Duration,
     /// A partial transfer (23) that named each path it failed on.
     pub failures: Option<Vec<Failure>>,
@@ -96,6 +100,8 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         detail: String::new(),
         runs: 0,
         itemized: 0,
+        transfer: TransferStats::default(),
+        run_times: Vec::new(),
         elapsed: Duration::ZERO,
         failures: None,
     };
@@ -138,9 +144,12 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                     paths = run.paths,
                     code = r.code,
                     elapsed_ms = r.elapsed.as_millis() as u64,
+                    sent_bytes = r.transfer.sent,
                     "rsync finished"
                 );
                 done.itemized += r.itemized;
+                done.transfer.add(r.transfer);
+                done.run_times.push(r.elapsed);
                 if opts.dry_run {
                     for line in r.stdout.lines() {
                         tracing::info!(target = %dest, "dry run: {line}");

@@ -6,7 +6,8 @@
 //! backend = "auto"                     # "auto" | "fanotify" | "inotify" | "ebpf"
 //! state_dir = "/var/lib/watcher"
 //! status_socket = "/run/watcher/status.sock"
-//! metrics = "127.0.0.1:9469"           # loopback only; absent = no metrics endpoint
+//! metrics = "127.0.0.1:9469"           # absent = no metrics endpoint
+//! metrics_allow_remote = false         # true: `metrics` may be a non-loopback address
 //! rsync = "rsync"
 //! ebpf_probes = "auto"                 # backend "ebpf": "auto" | "vfs" | "syscalls"
 //! ebpf_ringbuf_bytes = 16777216        # backend "ebpf": ring buffer size
@@ -90,8 +91,11 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// Unix socket answering status queries (default `/run/watcher/status.sock`).
     pub status_socket: PathBuf,
-    /// Address of the metrics endpoint, always a loopback address; `None` = no endpoint.
+    /// Address of the metrics endpoint; `None` = no endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Whether `metrics` may be other than a loopback address (the endpoint has no
+    /// authentication, so this is asked for explicitly).
+    pub metrics_allow_remote: bool,
     /// The rsync binary: a bare name looked up in `PATH` (default `rsync`) or an absolute path.
     pub rsync: PathBuf,
     /// The ebpf backend's probe set (`auto`: VFS probes where the kernel takes them).
@@ -110,6 +114,7 @@ impl Default for DaemonConfig {
             state_dir: PathBuf::from(defaults::STATE_DIR),
             status_socket: PathBuf::from(defaults::STATUS_SOCKET),
             metrics: None,
+            metrics_allow_remote: false,
             rsync: PathBuf::from(defaults::RSYNC),
             ebpf_probes: defaults::EBPF_PROBES,
             ebpf_ringbuf_bytes: defaults::EBPF_RINGBUF_BYTES,

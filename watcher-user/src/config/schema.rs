@@ -78,6 +78,7 @@ pub struct RawDaemon {
     pub state_dir: Option<Spanned<PathBuf>>,
     pub status_socket: Option<Spanned<PathBuf>>,
     pub metrics: Option<Spanned<String>>,
+    pub metrics_allow_remote: Option<bool>,
     pub rsync: Option<Spanned<PathBuf>>,
     pub ebpf_probes: Option<Spanned<String>>,
     pub ebpf_ringbuf_bytes: Option<Spanned<i64>>,

@@ -517,6 +517,7 @@ fn full_config() {
             state_dir: "/var/lib/watcher-test".into(),
             status_socket: "/run/watcher-test/status.sock".into(),
             metrics: Some("[::1]:9469".parse().expect("addr")),
+            metrics_allow_remote: false,
             rsync: "/usr/local/bin/rsync".into(),
             ebpf_probes: crate::backend::ebpf::ProbeChoice::Syscalls,
             ebpf_ringbuf_bytes: 65536,
@@ -793,5 +794,30 @@ fn load_reports_errors_against_the_file() {
             "{}:3: sync[0].delay_ms: expected a non-negative integer, got -1",
             path.display()
         )
+    );
+}
+
+#[test]
+fn a_remote_metrics_address_is_asked_for_explicitly() {
+    let fx = Fixture::new();
+    let tail = "\n[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"backup1::data\"\n";
+    let config = fx
+        .parse(&format!(
+            "[daemon]\nmetrics = \"0.0.0.0:9469\"\nmetrics_allow_remote = true\n{tail}"
+        ))
+        .expect("valid");
+    assert_eq!(
+        config.daemon.metrics,
+        Some("0.0.0.0:9469".parse().expect("addr"))
+    );
+    assert!(config.daemon.metrics_allow_remote);
+    let err = fx
+        .parse(&format!(
+            "[daemon]\nmetrics = \"10.0.0.1:9469\"\nmetrics_allow_remote = false\n{tail}"
+        ))
+        .expect_err("not loopback");
+    assert!(
+        err.to_string().contains("set metrics_allow_remote = true"),
+        "{err}"
     );
 }

@@ -198,12 +198,13 @@ impl Ctx<'_> {
                     ),
                 )
             })?;
-            if !addr.ip().is_loopback() {
+            config.metrics_allow_remote = raw.metrics_allow_remote.unwrap_or(false);
+            if !addr.ip().is_loopback() && !config.metrics_allow_remote {
                 return Err(self.error(
                     &metrics.span(),
                     "daemon.metrics",
                     format!(
-                        "{addr} is not a loopback address; the metrics endpoint has no authentication, so bind it to 127.0.0.1 or [::1]"
+                        "{addr} is not a loopback address; the metrics endpoint has no authentication, so bind it to 127.0.0.1 or [::1], or set metrics_allow_remote = true to serve it to other hosts"
                     ),
                 ));
             }

@@ -1,21 +1,28 @@
 //! Prometheus metrics: the snapshot in the text exposition format, and the plain HTTP endpoint
 //! that serves it.
 //!
-//! The endpoint has no authentication, so it only binds loopback addresses. It answers
+//! The endpoint has no authentication, so it only binds loopback addresses unless the
+//! configuration asks for another one explicitly (`metrics_allow_remote`). It answers
 //! `GET /metrics` (and `HEAD`) with the latest snapshot and nothing else; a request is read up
-//! to a bounded head, and the connection is closed after one response. The text and its
+//! to a bounded head, and the connection is closed after one response. A client that sends
+//! nothing is dropped after a short idle timeout, or sooner when a new client needs its slot. The text and its
 //! endpoint live together because nothing else uses either: the rendering is pure and tested
 //! on its own, the endpoint over a real loopback connection.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 
+use tokio::sync::watch;
+
+use super::process::ProcessStats;
 use super::snapshot::{StatusSnapshot, TargetState, TargetStatus};
-use super::{ACCEPT_BACKOFF, CLIENT_TIMEOUT, MAX_CONNECTIONS, StatusError, read_request};
+use super::{ACCEPT_BACKOFF, CLIENT_TIMEOUT, Connections, StatusError, read_request_within};
+#[cfg(test)]
+use super::{IDLE_TIMEOUT, MAX_CONNECTIONS};
 
 /// Longest HTTP request head accepted.
 const MAX_HTTP_HEAD: usize = 8 * 1024;
@@ -50,60 +57,110 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// The snapshot in the Prometheus text exposition format (version 0.0.4).
+/// One sample line: `name{label="value",...} value`.
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (key, value)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{key}=\"{}\"", escape_label(value));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {}", format_value(value));
+}
+
+/// The snapshot in the Prometheus text exposition format (version 0.0.4): the daemon's
+/// families (`watcher_*`). Counters are the daemon's since it started (a reload keeps them);
+/// rates are left to `rate()`.
 pub fn render_metrics(s: &StatusSnapshot) -> String {
     let mut out = String::new();
     family(
         &mut out,
-        "watcher_info",
+        "watcher_build_info",
         "gauge",
-        "Version and change-capture backend of the daemon.",
+        "The version of the daemon, as a label; always 1.",
     );
-    let _ = writeln!(
-        out,
-        "watcher_info{{version=\"{}\",backend=\"{}\"}} 1",
-        escape_label(&s.version),
-        escape_label(&s.backend)
+    sample(
+        &mut out,
+        "watcher_build_info",
+        &[("version", &s.version)],
+        1.0,
     );
-    let globals: [(&str, &str, &str, f64); 5] = [
-        (
-            "watcher_start_time_seconds",
-            "gauge",
-            "Start time of the daemon, seconds since the Unix epoch.",
-            s.started_unix_ms as f64 / 1000.0,
-        ),
+    family(
+        &mut out,
+        "watcher_backend_info",
+        "gauge",
+        "The change-capture backend in use, as a label; always 1.",
+    );
+    sample(
+        &mut out,
+        "watcher_backend_info",
+        &[("backend", &s.backend)],
+        1.0,
+    );
+    let counters: [(&str, &str, u64); 4] = [
         (
             "watcher_events_total",
-            "counter",
-            "Change events read from the backend.",
-            s.events_total as f64,
+            "Changes under the source roots that marked a path for syncing.",
+            s.events_total,
         ),
         (
-            "watcher_events_per_second",
-            "gauge",
-            "Recent rate of change events.",
-            s.events_per_sec,
+            "watcher_backend_events_total",
+            "Events read from the change-capture backend, including changes outside every source root on a watched filesystem.",
+            s.backend_events_total,
         ),
         (
             "watcher_overflows_total",
-            "counter",
             "Event queue overflows (each one triggers a full pass).",
-            s.overflows as f64,
+            s.overflows,
         ),
-        (
-            "watcher_rescans_total",
-            "counter",
-            "Subtrees rescanned.",
-            s.rescans as f64,
-        ),
+        ("watcher_rescans_total", "Subtrees rescanned.", s.rescans),
     ];
-    for (name, kind, help, value) in globals {
-        family(&mut out, name, kind, help);
-        let _ = writeln!(out, "{name} {}", format_value(value));
+    for (name, help, value) in counters {
+        family(&mut out, name, "counter", help);
+        sample(&mut out, name, &[], value as f64);
+    }
+
+    let targets: Vec<(&str, &TargetStatus)> = s
+        .groups
+        .iter()
+        .flat_map(|g| g.targets.iter().map(move |t| (g.name.as_str(), t)))
+        .collect();
+
+    family(
+        &mut out,
+        "watcher_target_state",
+        "gauge",
+        "The state of the target: 1 for the current one, 0 for the others.",
+    );
+    const STATES: [TargetState; 5] = [
+        TargetState::InitialSync,
+        TargetState::InStep,
+        TargetState::Syncing,
+        TargetState::Retrying,
+        TargetState::Failed,
+    ];
+    for &(group, t) in &targets {
+        for state in STATES {
+            sample(
+                &mut out,
+                "watcher_target_state",
+                &[
+                    ("group", group),
+                    ("target", &t.name),
+                    ("state", state.as_str()),
+                ],
+                f64::from(u8::from(t.state == state)),
+            );
+        }
     }
 
     type Sample = fn(&TargetStatus) -> Option<f64>;
-    let per_target: [(&str, &str, &str, Sample); 10] = [
+    let per_target: [(&str, &str, &str, Sample); 11] = [
         (
             "watcher_failing_paths",
             "gauge",
@@ -147,75 +204,150 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
             |t| Some(f64::from(t.consecutive_failures)),
         ),
         (
-            "watcher_last_sync_success",
+            "watcher_last_success_timestamp_seconds",
             "gauge",
-            "Whether the last rsync run succeeded (absent before the first run).",
-            |t| t.last_sync.as_ref().map(|l| if l.ok { 1.0 } else { 0.0 }),
+            "When the last successful sync of the target finished, seconds since the Unix epoch (absent before the first).",
+            |t| t.last_success_unix_ms.map(|ms| ms as f64 / 1000.0),
         ),
         (
-            "watcher_last_sync_timestamp_seconds",
-            "gauge",
-            "When the last rsync run finished, seconds since the Unix epoch.",
-            |t| {
-                t.last_sync
-                    .as_ref()
-                    .map(|l| l.finished_unix_ms as f64 / 1000.0)
-            },
+            "watcher_rsync_sent_bytes_total",
+            "counter",
+            "Bytes rsync sent to the target (its --stats \"Total bytes sent\": file data, checksums, file lists).",
+            |t| Some(t.sent_bytes as f64),
         ),
         (
-            "watcher_target_up",
-            "gauge",
-            "1 while the target is kept in step, 0 while it is retrying or has failed.",
-            |t| Some(if t.state.is_up() { 1.0 } else { 0.0 }),
+            "watcher_rsync_received_bytes_total",
+            "counter",
+            "Bytes rsync received from the target (its --stats \"Total bytes received\").",
+            |t| Some(t.received_bytes as f64),
+        ),
+        (
+            "watcher_rsync_literal_data_bytes_total",
+            "counter",
+            "File data rsync sent as it is, the part not found on the target already (its --stats \"Literal data\").",
+            |t| Some(t.literal_bytes as f64),
         ),
     ];
-    for (name, kind, help, sample) in per_target {
+    for (name, kind, help, value) in per_target {
         family(&mut out, name, kind, help);
-        for group in &s.groups {
-            let g = escape_label(&group.name);
-            for t in &group.targets {
-                if let Some(value) = sample(t) {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{group=\"{g}\",target=\"{}\"}} {}",
-                        escape_label(&t.name),
-                        format_value(value)
-                    );
-                }
-            }
-        }
-    }
-    family(
-        &mut out,
-        "watcher_target_state",
-        "gauge",
-        "The state of the target: 1 for the current one.",
-    );
-    const STATES: [TargetState; 5] = [
-        TargetState::InitialSync,
-        TargetState::InStep,
-        TargetState::Syncing,
-        TargetState::Retrying,
-        TargetState::Failed,
-    ];
-    for group in &s.groups {
-        let g = escape_label(&group.name);
-        for t in &group.targets {
-            let target = escape_label(&t.name);
-            for state in STATES {
-                let _ = writeln!(
-                    out,
-                    "watcher_target_state{{group=\"{g}\",target=\"{target}\",state=\"{}\"}} {}",
-                    state.as_str(),
-                    u8::from(t.state == state)
+        for &(group, t) in &targets {
+            if let Some(value) = value(t) {
+                sample(
+                    &mut out,
+                    name,
+                    &[("group", group), ("target", &t.name)],
+                    value,
                 );
             }
         }
     }
+
+    family(
+        &mut out,
+        "watcher_rsync_failures_total",
+        "counter",
+        "Failed rsync batches by the class of rsync's exit: transient (retried), fatal (the target stops), source_race (the source changed under rsync; retried).",
+    );
+    for &(group, t) in &targets {
+        for (class, count) in t.failures.by_class() {
+            sample(
+                &mut out,
+                "watcher_rsync_failures_total",
+                &[("group", group), ("target", &t.name), ("class", class)],
+                count as f64,
+            );
+        }
+    }
+
+    const DURATION: &str = "watcher_rsync_run_duration_seconds";
+    family(&mut out, DURATION, "histogram", "How long rsync runs took.");
+    for &(group, t) in &targets {
+        let labels = [("group", group), ("target", t.name.as_str())];
+        for (le, count) in t.run_seconds.cumulative() {
+            let le = format_value(le);
+            sample(
+                &mut out,
+                &format!("{DURATION}_bucket"),
+                &[labels[0], labels[1], ("le", &le)],
+                count as f64,
+            );
+        }
+        sample(
+            &mut out,
+            &format!("{DURATION}_sum"),
+            &labels,
+            t.run_seconds.sum,
+        );
+        sample(
+            &mut out,
+            &format!("{DURATION}_count"),
+            &labels,
+            t.run_seconds.count() as f64,
+        );
+    }
     out
 }
 
-/// The metrics endpoint: plain HTTP on a loopback address.
+/// The process families of the Prometheus conventions (`process_*`).
+pub fn render_process_metrics(p: &ProcessStats) -> String {
+    let mut out = String::new();
+    let mut gauge = |name: &str, kind: &str, help: &str, value: f64| {
+        family(&mut out, name, kind, help);
+        sample(&mut out, name, &[], value);
+    };
+    gauge(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds,
+    );
+    gauge(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        p.resident_bytes as f64,
+    );
+    gauge(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        p.virtual_bytes as f64,
+    );
+    gauge(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        p.open_fds as f64,
+    );
+    if let Some(max) = p.max_fds {
+        gauge(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max as f64,
+        );
+    }
+    gauge(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        p.start_time_seconds,
+    );
+    out
+}
+
+/// What a scrape gets: the snapshot's families, then the process's (left out should
+/// `/proc` not be readable).
+fn scrape_text(s: &StatusSnapshot) -> String {
+    let mut text = render_metrics(s);
+    match ProcessStats::read() {
+        Ok(p) => text.push_str(&render_process_metrics(&p)),
+        Err(e) => tracing::debug!(error = %e, "reading process metrics"),
+    }
+    text
+}
+
+/// The metrics endpoint: plain HTTP, on a loopback address unless asked otherwise.
 #[derive(Debug)]
 pub struct MetricsListener {
     listener: std::net::TcpListener,
@@ -223,11 +355,15 @@ pub struct MetricsListener {
 }
 
 impl MetricsListener {
-    /// Binds `addr`, which must be a loopback address (port 0 picks a free port). Needs no
-    /// runtime; [`serve`](Self::serve) does.
-    pub fn bind(addr: SocketAddr) -> Result<MetricsListener, StatusError> {
+    /// Binds `addr` (port 0 picks a free port), which must be a loopback address unless
+    /// `allow_remote`. Needs no runtime; [`serve`](Self::serve) does.
+    pub fn bind(addr: SocketAddr, allow_remote: bool) -> Result<MetricsListener, StatusError> {
         if !addr.ip().is_loopback() {
-            return Err(StatusError::NotLoopback { addr });
+            if !allow_remote {
+                return Err(StatusError::NotLoopback { addr });
+            }
+            tracing::warn!(%addr, "metrics endpoint on a non-loopback address: it has no \
+                authentication, anyone who can reach it can read the metrics");
         }
         let net_err = |action, source| StatusError::Net {
             action,
@@ -261,23 +397,22 @@ impl MetricsListener {
                 source,
             }
         })?;
-        let mut connections = JoinSet::new();
+        let mut connections = Connections::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        if connections.len() >= MAX_CONNECTIONS {
-                            tracing::debug!("too many metrics connections; closing one");
-                            continue;
+                        let rx = rx.clone();
+                        if !connections.admit(|requested| answer_http(stream, rx, requested)) {
+                            tracing::debug!("too many metrics requests at once; closing a connection");
                         }
-                        connections.spawn(answer_http(stream, rx.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(%addr, error = %e, "accepting on metrics endpoint");
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                () = connections.join_next() => {}
                 changed = rx.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -351,13 +486,15 @@ fn http_response(head: &[u8], complete: bool, metrics: impl FnOnce() -> String) 
 async fn answer_http<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     rx: watch::Receiver<StatusSnapshot>,
+    requested: Arc<AtomicBool>,
 ) {
     let exchange = async {
-        let (head, complete) = read_request(&mut stream, MAX_HTTP_HEAD, head_complete).await?;
+        let (head, complete) =
+            read_request_within(&mut stream, MAX_HTTP_HEAD, head_complete, &requested).await?;
         if head.is_empty() {
             return Ok(());
         }
-        let response = http_response(&head, complete, || render_metrics(&rx.borrow()));
+        let response = http_response(&head, complete, || scrape_text(&rx.borrow()));
         stream.write_all(&response).await?;
         stream.shutdown().await
     };
@@ -378,6 +515,54 @@ mod tests {
     use crate::status::runtime;
     use crate::status::snapshot::sample;
 
+    /// Checks the exposition format: every family introduced once by HELP and TYPE, its
+    /// samples right after it (a histogram's as `_bucket` with `le`, `_sum`, `_count`), every
+    /// value a number. Returns each family's type.
+    pub(crate) fn check_exposition(text: &str) -> std::collections::BTreeMap<String, String> {
+        let mut types = std::collections::BTreeMap::new();
+        let mut current = (String::new(), String::new());
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap();
+                assert!(!types.contains_key(name), "{name} twice");
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+                assert!(
+                    types.insert(name.to_owned(), kind.to_owned()).is_none(),
+                    "{name} twice"
+                );
+                current = (name.to_owned(), kind.to_owned());
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let (family, kind) = &current;
+                if kind == "histogram" {
+                    let suffix = name.strip_prefix(family.as_str()).unwrap_or("");
+                    assert!(
+                        ["_bucket", "_sum", "_count"].contains(&suffix),
+                        "sample outside its family: {line}"
+                    );
+                    assert_eq!(
+                        suffix == "_bucket",
+                        line.contains(",le=\""),
+                        "le goes with _bucket: {line}"
+                    );
+                } else {
+                    assert_eq!(name, family, "sample outside its family: {line}");
+                }
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "counter without _total: {name}");
+                }
+                let value = line.rsplit(' ').next().unwrap();
+                assert!(
+                    value.parse::<f64>().is_ok() || value == "+Inf",
+                    "bad value in {line}"
+                );
+            }
+        }
+        types
+    }
+
     #[test]
     fn metrics_text() {
         let text = render_metrics(&sample());
@@ -385,8 +570,9 @@ mod tests {
             "# HELP watcher_events_total ",
             "# TYPE watcher_events_total counter\nwatcher_events_total 123456\n",
             "# TYPE watcher_overflows_total counter\nwatcher_overflows_total 2\n",
-            "watcher_events_per_second 78.25\n",
-            "watcher_info{version=\"0.1.0\",backend=\"fanotify\"} 1\n",
+            "# TYPE watcher_backend_events_total counter\nwatcher_backend_events_total 9876543\n",
+            "# TYPE watcher_build_info gauge\nwatcher_build_info{version=\"0.1.0\"} 1\n",
+            "watcher_backend_info{backend=\"fanotify\"} 1\n",
             "# TYPE watcher_dirty_paths gauge\n",
             "watcher_dirty_paths{group=\"data\",target=\"local\"} 0\n",
             "watcher_dirty_paths{group=\"data\",target=\"remote \\\"eu\\\"\"} 120\n",
@@ -395,30 +581,86 @@ mod tests {
             "# TYPE watcher_rsync_runs_total counter\n",
             "watcher_rsync_runs_total{group=\"data\",target=\"local\"} 12\n",
             "watcher_sync_failures_consecutive{group=\"data\",target=\"remote \\\"eu\\\"\"} 2\n",
-            "watcher_last_sync_success{group=\"data\",target=\"local\"} 1\n",
-            "watcher_last_sync_success{group=\"data\",target=\"remote \\\"eu\\\"\"} 0\n",
-            "watcher_target_up{group=\"data\",target=\"local\"} 1\n",
-            "watcher_target_up{group=\"data\",target=\"remote \\\"eu\\\"\"} 0\n",
             "watcher_target_state{group=\"data\",target=\"local\",state=\"in_step\"} 1\n",
             "watcher_target_state{group=\"data\",target=\"local\",state=\"failed\"} 0\n",
+            "watcher_target_state{group=\"data\",target=\"remote \\\"eu\\\"\",state=\"retrying\"} 1\n",
+            "watcher_last_success_timestamp_seconds{group=\"data\",target=\"local\"} 4598.8\n",
+            "watcher_rsync_sent_bytes_total{group=\"data\",target=\"local\"} 2500776\n",
+            "watcher_rsync_received_bytes_total{group=\"data\",target=\"local\"} 54\n",
+            "watcher_rsync_literal_data_bytes_total{group=\"data\",target=\"local\"} 2500003\n",
+            "watcher_rsync_failures_total{group=\"data\",target=\"remote \\\"eu\\\"\",class=\"transient\"} 3\n",
+            "watcher_rsync_failures_total{group=\"data\",target=\"remote \\\"eu\\\"\",class=\"fatal\"} 0\n",
+            "watcher_rsync_failures_total{group=\"data\",target=\"remote \\\"eu\\\"\",class=\"source_race\"} 1\n",
+            "watcher_rsync_failures_total{group=\"data\",target=\"local\",class=\"transient\"} 0\n",
+            "# TYPE watcher_rsync_run_duration_seconds histogram\n",
+            "watcher_rsync_run_duration_seconds_bucket{group=\"data\",target=\"local\",le=\"0.01\"} 0\n",
+            "watcher_rsync_run_duration_seconds_bucket{group=\"data\",target=\"local\",le=\"0.025\"} 1\n",
+            "watcher_rsync_run_duration_seconds_bucket{group=\"data\",target=\"local\",le=\"0.05\"} 2\n",
+            "watcher_rsync_run_duration_seconds_bucket{group=\"data\",target=\"local\",le=\"2.5\"} 5\n",
+            "watcher_rsync_run_duration_seconds_bucket{group=\"data\",target=\"local\",le=\"30\"} 5\n",
+            "watcher_rsync_run_duration_seconds_bucket{group=\"data\",target=\"local\",le=\"60\"} 6\n",
+            "watcher_rsync_run_duration_seconds_bucket{group=\"data\",target=\"local\",le=\"+Inf\"} 6\n",
+            "watcher_rsync_run_duration_seconds_sum{group=\"data\",target=\"local\"} 43.25\n",
+            "watcher_rsync_run_duration_seconds_count{group=\"data\",target=\"local\"} 6\n",
+            "watcher_rsync_run_duration_seconds_count{group=\"data\",target=\"remote \\\"eu\\\"\"} 0\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
-        // Every family is introduced once, and its samples follow it without interruption.
-        let mut seen = std::collections::HashSet::new();
-        let mut current = String::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = rest.split(' ').next().unwrap().to_owned();
-                assert!(seen.insert(name.clone()), "{name} twice");
-                current = name;
-            } else if !line.starts_with('#') {
-                let name = line.split(['{', ' ']).next().unwrap();
-                assert_eq!(name, current, "sample outside its family: {line}");
-                let value = line.rsplit(' ').next().unwrap();
-                assert!(value.parse::<f64>().is_ok(), "bad value in {line}");
-            }
+        // No rate (that is rate()'s job), one family for the state, the start time is
+        // process_start_time_seconds.
+        for gone in [
+            "per_second",
+            "watcher_target_up",
+            "watcher_info",
+            "watcher_start_time",
+            "watcher_last_sync_success",
+        ] {
+            assert!(!text.contains(gone), "{gone} in:\n{text}");
         }
+        // Not before the first successful sync.
+        assert!(
+            !text.contains("watcher_last_success_timestamp_seconds{group=\"data\",target=\"remote"),
+            "{text}"
+        );
+        let types = check_exposition(&text);
+        assert_eq!(types.len(), 20, "{types:?}");
+    }
+
+    #[test]
+    fn process_metrics_text() {
+        let p = ProcessStats {
+            cpu_seconds: 3.25,
+            resident_bytes: 8_388_608,
+            virtual_bytes: 1_234_567_168,
+            start_time_seconds: 1_700_001_234.5,
+            open_fds: 12,
+            max_fds: Some(1024),
+        };
+        let text = render_process_metrics(&p);
+        let types = check_exposition(&text);
+        let want: std::collections::BTreeMap<String, String> = [
+            ("process_cpu_seconds_total", "counter"),
+            ("process_resident_memory_bytes", "gauge"),
+            ("process_virtual_memory_bytes", "gauge"),
+            ("process_open_fds", "gauge"),
+            ("process_max_fds", "gauge"),
+            ("process_start_time_seconds", "gauge"),
+        ]
+        .into_iter()
+        .map(|(n, k)| (n.to_owned(), k.to_owned()))
+        .collect();
+        assert_eq!(types, want);
+        for line in [
+            "process_cpu_seconds_total 3.25\n",
+            "process_resident_memory_bytes 8388608\n",
+            "process_open_fds 12\n",
+            "process_max_fds 1024\n",
+            "process_start_time_seconds 1700001234.5\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        let unlimited = render_process_metrics(&ProcessStats { max_fds: None, ..p });
+        assert!(!unlimited.contains("process_max_fds"), "{unlimited}");
     }
 
     #[test]
@@ -440,6 +682,7 @@ mod tests {
             text.lines()
                 .all(|l| l.starts_with('#') || l.starts_with("watcher_"))
         );
+        check_exposition(&text);
     }
 
     #[test]
@@ -498,7 +741,7 @@ mod tests {
 
     #[test]
     fn metrics_over_tcp() {
-        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into(), false).unwrap();
         let addr = listener.local_addr();
         assert_ne!(addr.port(), 0);
         let (tx, rx) = watch::channel(sample());
@@ -515,7 +758,17 @@ mod tests {
             head.contains(&format!("Content-Length: {}", body.len())),
             "{head}"
         );
-        assert_eq!(body, render_metrics(&sample()));
+        assert!(body.starts_with(&render_metrics(&sample())), "{body}");
+        let types = check_exposition(body);
+        assert_eq!(
+            types.get("process_cpu_seconds_total").map(String::as_str),
+            Some("counter"),
+            "{body}"
+        );
+        assert!(
+            types.contains_key("process_resident_memory_bytes"),
+            "{body}"
+        );
 
         tx.send_modify(|s| s.overflows = 9);
         let response = http_get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
@@ -531,12 +784,62 @@ mod tests {
         server.join().unwrap().unwrap();
     }
 
+    /// Any local user can open connections to the endpoint and send nothing: they must not
+    /// lock a scraper out, neither while they are held open nor afterwards.
     #[test]
-    fn metrics_refuse_non_loopback() {
-        let err = MetricsListener::bind((Ipv4Addr::UNSPECIFIED, 0).into()).unwrap_err();
+    fn idle_clients_do_not_lock_out_a_scrape() {
+        let listener = MetricsListener::bind((Ipv4Addr::LOCALHOST, 0).into(), false).unwrap();
+        let addr = listener.local_addr();
+        let (tx, rx) = watch::channel(sample());
+        let server = std::thread::spawn(move || runtime().block_on(listener.serve(rx)));
+
+        let idle: Vec<TcpStream> = (0..3 * MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let start = std::time::Instant::now();
+        let response = http_get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK\r\n"),
+            "scrape behind {} idle clients: {response:?}",
+            idle.len()
+        );
+        assert!(
+            start.elapsed() < IDLE_TIMEOUT,
+            "the scrape waited for idle clients to time out: {:?}",
+            start.elapsed()
+        );
+
+        // The newest idle client is still connected, and is dropped once it has been idle
+        // for the idle timeout.
+        let mut newest = idle.last().unwrap().try_clone().unwrap();
+        newest
+            .set_read_timeout(Some(IDLE_TIMEOUT + Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let waited = std::time::Instant::now();
+        let n = newest
+            .read(&mut buf)
+            .expect("closed, not timed out on our side");
+        assert_eq!(n, 0, "an idle client got data");
+        assert!(waited.elapsed() <= IDLE_TIMEOUT + Duration::from_secs(1));
+
+        drop(idle);
+        drop(tx);
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn metrics_refuse_non_loopback_unless_allowed() {
+        let err = MetricsListener::bind((Ipv4Addr::UNSPECIFIED, 0).into(), false).unwrap_err();
         assert!(matches!(err, StatusError::NotLoopback { .. }), "{err:?}");
         assert!(err.to_string().contains("0.0.0.0:0"), "{err}");
-        let err = MetricsListener::bind((Ipv4Addr::new(10, 0, 0, 1), 9100).into()).unwrap_err();
+        assert!(err.to_string().contains("metrics_allow_remote"), "{err}");
+        let err =
+            MetricsListener::bind((Ipv4Addr::new(10, 0, 0, 1), 9100).into(), false).unwrap_err();
         assert!(matches!(err, StatusError::NotLoopback { .. }), "{err:?}");
+        // Asked for: every address, loopback included, so the test can connect.
+        let listener = MetricsListener::bind((Ipv4Addr::UNSPECIFIED, 0).into(), true).unwrap();
+        assert!(listener.local_addr().ip().is_unspecified());
+        assert_ne!(listener.local_addr().port(), 0);
     }
 }

@@ -1,5 +1,5 @@
 //! Daemon status: the snapshot the daemon publishes, the unix socket `watcher status` reads
-//! it from, its human rendering, and a Prometheus text endpoint on loopback.
+//! it from, its human rendering, and a Prometheus text endpoint (on loopback by default).
 //!
 //! The daemon puts a fresh [`StatusSnapshot`] into a [`tokio::sync::watch`] channel whenever
 //! something changes (or on a timer); the servers here only read the latest value, so a slow
@@ -8,34 +8,49 @@
 //! The pieces, each in its own module:
 //!
 //! - `snapshot`: the [`StatusSnapshot`] types and their JSON line;
+//! - `histogram`: the [`Histogram`] of rsync run durations the snapshot carries;
 //! - `socket`: the socket server ([`StatusSocket`]) and the client ([`query`]), and the
 //!   protocol between them;
 //! - `render`: the text `watcher status` prints ([`render()`]);
+//! - `wait`: `watcher status --wait-in-step` ([`wait_in_step`]);
 //! - `metrics`: the Prometheus text ([`render_metrics`]) and its HTTP endpoint
-//!   ([`MetricsListener`]).
+//!   ([`MetricsListener`]);
+//! - `process`: the conventional `process_*` figures ([`ProcessStats`]), read from `/proc`.
 //!
 //! This module holds what the two servers share: the error type, the limits every connection
-//! is held to, and the bounded request reader.
+//! is held to (and which connection makes room for a new one), and the bounded request
+//! reader.
 
+mod histogram;
 mod metrics;
+mod process;
 mod render;
 mod snapshot;
 mod socket;
+mod wait;
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::task::{AbortHandle, JoinSet};
 
-pub use metrics::{MetricsListener, render_metrics};
+pub use histogram::{Histogram, RUN_SECONDS_BOUNDS};
+pub use metrics::{MetricsListener, render_metrics, render_process_metrics};
+pub use process::ProcessStats;
 pub use render::{format_age, render};
 pub use snapshot::{
-    FailingPath, GroupStatus, LastSync, LastVerify, MAX_FAILING_SHOWN, StatusSnapshot, TargetState,
-    TargetStatus,
+    FailingPath, Failures, GroupStatus, LastSync, LastVerify, MAX_FAILING_SHOWN, StatusSnapshot,
+    TargetState, TargetStatus,
 };
 pub use socket::{StatusSocket, query, serve_socket};
+pub use wait::{InStep, SETTLE, in_step, wait_in_step};
 
 /// Why the status socket or the metrics endpoint could not be served or queried.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +88,9 @@ pub enum StatusError {
         #[source]
         source: serde_json::Error,
     },
-    /// The metrics endpoint is for local scrapers only.
+    /// A non-loopback metrics address the configuration did not allow.
     #[error(
-        "metrics address {addr} is not a loopback address; the endpoint has no authentication, so it only listens on 127.0.0.1 or ::1"
+        "metrics address {addr} is not a loopback address; the endpoint has no authentication, so it only listens on 127.0.0.1 or ::1 unless metrics_allow_remote = true"
     )]
     NotLoopback { addr: SocketAddr },
     /// A filesystem or socket call failed; `action` says what was being done.
@@ -98,10 +113,85 @@ pub enum StatusError {
 
 /// How long a client may take to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more are closed at once.
+/// How long a client may stay connected without having sent its whole request. Scrapers and
+/// `watcher status` send theirs as soon as they are connected.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once. A new one beyond this replaces the oldest that is still
+/// waiting for its request; when every one has sent its request, the new one is closed.
 const MAX_CONNECTIONS: usize = 64;
 /// Pause after a failed accept (out of descriptors, say), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The connections a server is answering. Any local user may connect and send nothing;
+/// such clients must not lock out a scraper or `watcher status`, so when the limit is
+/// reached the oldest client that has not sent its request yet is dropped for the new one.
+struct Connections {
+    tasks: JoinSet<()>,
+    /// Open connections, oldest first, each with whether its request has been read.
+    open: VecDeque<(AbortHandle, Arc<AtomicBool>)>,
+}
+
+impl Connections {
+    fn new() -> Self {
+        Connections {
+            tasks: JoinSet::new(),
+            open: VecDeque::new(),
+        }
+    }
+
+    /// Serves a new connection with `answer`, which is handed the flag to set once the
+    /// request is read. Returns false when every slot is busy answering a request (the
+    /// connection is then dropped).
+    fn admit<F>(&mut self, answer: impl FnOnce(Arc<AtomicBool>) -> F) -> bool
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.open.retain(|(task, _)| !task.is_finished());
+        if self.open.len() >= MAX_CONNECTIONS {
+            let Some(idle) = self
+                .open
+                .iter()
+                .position(|(_, requested)| !requested.load(Ordering::Relaxed))
+            else {
+                return false;
+            };
+            if let Some((task, _)) = self.open.remove(idle) {
+                task.abort();
+            }
+        }
+        let requested = Arc::new(AtomicBool::new(false));
+        let task = self.tasks.spawn(answer(requested.clone()));
+        self.open.push_back((task, requested));
+        true
+    }
+
+    /// Waits for a connection to end (forever when there is none).
+    async fn join_next(&mut self) {
+        if self.tasks.join_next().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// [`read_request`] for at most [`IDLE_TIMEOUT`]; sets `requested` once it has read the
+/// request.
+async fn read_request_within<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: usize,
+    complete: impl Fn(&[u8]) -> bool,
+    requested: &AtomicBool,
+) -> io::Result<(Vec<u8>, bool)> {
+    let read = tokio::time::timeout(IDLE_TIMEOUT, read_request(stream, limit, complete))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within the idle timeout",
+            )
+        })??;
+    requested.store(true, Ordering::Relaxed);
+    Ok(read)
+}
 
 /// Reads until `complete` holds for what was read, EOF, or `limit` bytes.
 /// Returns the bytes and whether `complete` held.

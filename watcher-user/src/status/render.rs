@@ -1,9 +1,9 @@
 //! The status for people: what `watcher status` prints.
 //!
-//! A header (version, pid, backend, uptime, event counters), then per group a table with one
-//! row per target and notes (the last error, verification results) below it. Names and
-//! messages come from the configuration and from rsync, so control characters are escaped
-//! before they reach the terminal.
+//! A header (version, pid, backend, uptime, event counters: those under the roots and all the
+//! backend read), then per group a table with one row per target and notes (the last error,
+//! verification results) below it. Names and messages come from the configuration and from
+//! rsync, so control characters are escaped before they reach the terminal.
 //!
 //! Pure text from a snapshot and the current time (passed in), so the layout is tested
 //! without a daemon or a clock.
@@ -90,8 +90,8 @@ pub fn render(s: &StatusSnapshot, now_unix_ms: u64) -> String {
     );
     let _ = writeln!(
         out,
-        "events {} total, {:.1}/s  overflows {}  rescans {}",
-        s.events_total, s.events_per_sec, s.overflows, s.rescans
+        "events {} under the roots, {:.1}/s ({} read by the backend)  overflows {}  rescans {}",
+        s.events_total, s.events_per_sec, s.backend_events_total, s.overflows, s.rescans
     );
     if s.groups.is_empty() {
         out.push_str("\nno source groups\n");
@@ -285,7 +285,7 @@ mod tests {
             "pid 4242",
             "backend fanotify",
             "up 1h",
-            "events 123456 total, 78.2/s",
+            "events 123456 under the roots, 78.2/s (9876543 read by the backend)",
             "overflows 2",
             "rescans 3",
             "data: /srv/data",

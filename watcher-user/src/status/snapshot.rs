@@ -10,6 +10,8 @@ use std::io;
 
 use serde::{Deserialize, Serialize};
 
+use super::histogram::Histogram;
+
 /// What the daemon is doing, as of one moment.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -17,9 +19,16 @@ pub struct StatusSnapshot {
     pub pid: u32,
     pub version: String,
     pub started_unix_ms: u64,
+    /// When this snapshot was taken (0: the placeholder before the first one).
+    pub taken_unix_ms: u64,
     /// `fanotify` or `inotify`.
     pub backend: String,
+    /// Changes under the source roots that marked a path for syncing.
     pub events_total: u64,
+    /// Everything the backend read, including changes outside every root (fanotify and
+    /// ebpf watch whole filesystems).
+    pub backend_events_total: u64,
+    /// Recent rate of `events_total`.
     pub events_per_sec: f64,
     pub overflows: u64,
     pub rescans: u64,
@@ -51,9 +60,21 @@ pub struct TargetStatus {
     /// Paths in the rsync run under way.
     pub in_flight_paths: u64,
     pub last_sync: Option<LastSync>,
+    /// When the last successful sync (not a verify pass) finished.
+    pub last_success_unix_ms: Option<u64>,
     pub consecutive_failures: u32,
     pub rsync_runs: u64,
     pub retries_total: u64,
+    /// Failed batches by the class of rsync's exit.
+    pub failures: Failures,
+    /// How long rsync runs took, in seconds.
+    pub run_seconds: Histogram,
+    /// Bytes rsync sent, as its `--stats` counts them (file data, checksums, file lists).
+    pub sent_bytes: u64,
+    /// Bytes rsync received.
+    pub received_bytes: u64,
+    /// File data sent as it is (the part the delta algorithm did not find on the target).
+    pub literal_bytes: u64,
     pub verify: Option<LastVerify>,
     /// Paths rsync keeps failing on, set aside while the rest syncs (the first
     /// [`MAX_FAILING_SHOWN`]; `failing_paths_total` counts them all).
@@ -76,6 +97,29 @@ pub struct FailingPath {
     pub since_unix_ms: u64,
     /// Failed tries in a row.
     pub failures: u32,
+}
+
+/// Failed batches of a target, by the class of the exit of the run that failed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Failures {
+    /// Retried with backoff: connection, I/O, timeout, partial transfer, killed.
+    pub transient: u64,
+    /// Usage, protocol or unsupported-option errors.
+    pub fatal: u64,
+    /// A listed directory changed while rsync read it.
+    pub source_race: u64,
+}
+
+impl Failures {
+    /// Each class with its name (as in metric labels) and count.
+    pub fn by_class(&self) -> [(&'static str, u64); 3] {
+        [
+            ("transient", self.transient),
+            ("fatal", self.fatal),
+            ("source_race", self.source_race),
+        ]
+    }
 }
 
 /// The state of a target.
@@ -172,8 +216,10 @@ pub(super) fn sample() -> StatusSnapshot {
         pid: 4242,
         version: "0.1.0".into(),
         started_unix_ms: 1_000_000,
+        taken_unix_ms: 1_000_000 + 3_600_000,
         backend: "fanotify".into(),
         events_total: 123_456,
+        backend_events_total: 9_876_543,
         events_per_sec: 78.25,
         overflows: 2,
         rescans: 3,
@@ -194,7 +240,18 @@ pub(super) fn sample() -> StatusSnapshot {
                             elapsed_ms: 35,
                             detail: String::new(),
                         }),
+                        last_success_unix_ms: Some(1_000_000 + 3_600_000 - 1_200),
                         rsync_runs: 12,
+                        run_seconds: {
+                            let mut h = Histogram::new(&super::histogram::RUN_SECONDS_BOUNDS);
+                            for s in [0.02, 0.03, 0.2, 1.5, 1.5, 40.0] {
+                                h.observe(s);
+                            }
+                            h
+                        },
+                        sent_bytes: 2_500_776,
+                        received_bytes: 54,
+                        literal_bytes: 2_500_003,
                         verify: Some(LastVerify {
                             finished_unix_ms: 1_000_000 + 3_600_000 - 180_000,
                             fixed_paths: 0,
@@ -217,9 +274,19 @@ pub(super) fn sample() -> StatusSnapshot {
                             elapsed_ms: 2_500,
                             detail: "rsync: failed to connect\nconnection refused".into(),
                         }),
+                        last_success_unix_ms: None,
                         consecutive_failures: 2,
                         rsync_runs: 30,
                         retries_total: 4,
+                        failures: Failures {
+                            transient: 3,
+                            fatal: 0,
+                            source_race: 1,
+                        },
+                        run_seconds: Histogram::new(&super::histogram::RUN_SECONDS_BOUNDS),
+                        sent_bytes: 0,
+                        received_bytes: 0,
+                        literal_bytes: 0,
                         verify: None,
                         ..TargetStatus::default()
                     },

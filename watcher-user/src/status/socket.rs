@@ -14,14 +14,15 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use super::snapshot::{StatusSnapshot, encode_snapshot};
-use super::{ACCEPT_BACKOFF, CLIENT_TIMEOUT, MAX_CONNECTIONS, StatusError, read_request};
+use super::{ACCEPT_BACKOFF, CLIENT_TIMEOUT, Connections, StatusError, read_request_within};
 
 /// Longest status command accepted.
 const MAX_COMMAND: usize = 256;
@@ -117,23 +118,22 @@ impl StatusSocket {
                 path: guard.path.clone(),
                 source,
             })?;
-        let mut connections = JoinSet::new();
+        let mut connections = Connections::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        if connections.len() >= MAX_CONNECTIONS {
-                            tracing::debug!("too many status connections; closing one");
-                            continue;
+                        let rx = rx.clone();
+                        if !connections.admit(|requested| answer_status(stream, rx, requested)) {
+                            tracing::debug!("too many status requests at once; closing a connection");
                         }
-                        connections.spawn(answer_status(stream, rx.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(path = %guard.path.display(), error = %e, "accepting on status socket");
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                () = connections.join_next() => {}
                 changed = rx.changed() => {
                     if changed.is_err() {
                         break;
@@ -256,10 +256,15 @@ fn status_reply(request: &[u8], rx: &watch::Receiver<StatusSnapshot>) -> io::Res
     }
 }
 
-async fn answer_status(mut stream: tokio::net::UnixStream, rx: watch::Receiver<StatusSnapshot>) {
+async fn answer_status(
+    mut stream: tokio::net::UnixStream,
+    rx: watch::Receiver<StatusSnapshot>,
+    requested: Arc<AtomicBool>,
+) {
     let exchange = async {
         let (request, complete) =
-            read_request(&mut stream, MAX_COMMAND, |b| b.contains(&b'\n')).await?;
+            read_request_within(&mut stream, MAX_COMMAND, |b| b.contains(&b'\n'), &requested)
+                .await?;
         if !complete && request.is_empty() {
             return Ok(());
         }
@@ -444,6 +449,23 @@ mod tests {
         assert!(!path.exists());
         let err = query(&path, Duration::from_secs(1)).unwrap_err();
         assert!(matches!(err, StatusError::NotListening { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn idle_clients_do_not_lock_out_a_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.sock");
+        let socket = StatusSocket::bind(&path).unwrap();
+        let (tx, rx) = watch::channel(sample());
+        let server = std::thread::spawn(move || runtime().block_on(socket.serve(rx)));
+        let idle: Vec<StdUnixStream> = (0..3 * crate::status::MAX_CONNECTIONS)
+            .map(|_| StdUnixStream::connect(&path).unwrap())
+            .collect();
+        let got = query(&path, Duration::from_secs(1)).unwrap();
+        assert_eq!(got.pid, 4242, "behind {} idle clients", idle.len());
+        drop(idle);
+        drop(tx);
+        server.join().unwrap().unwrap();
     }
 
     #[test]
