@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dirty;
+pub mod docs;
 pub mod event;
 pub mod filter;
 pub mod flush;
