@@ -19,6 +19,7 @@ use crate::dirty::{Batch, Scope};
 use crate::event::{ChangeKind, Event};
 use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
+use crate::notify::{Standing, StatusLine, notify, status_text};
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
 use crate::status::{self, LastSync, LastVerify, StatusSnapshot};
@@ -294,6 +295,9 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let started = SystemTime::now();
     let prepared = Engine::prepare(config, &own_pids)?;
     let mut engine = prepared.into_engine(&opts, Vec::new())?;
+    // The marks are set: every change from now on is seen, so the service is up. The
+    // initial sync goes on behind it and is reported in STATUS= lines.
+    notify(&[sd_notify::NotifyState::Ready]);
     let mut signals = signals;
     let code = loop {
         match engine
@@ -329,11 +333,6 @@ struct Signals<'a> {
 
 /// Dirty paths and journals carried across a reload, keyed by group and target name.
 type HandOver = Vec<(String, String, Batch, Option<Journal>)>;
-
-fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    // Not under systemd (no NOTIFY_SOCKET) is the normal case outside a service.
-    let _ = sd_notify::notify(states);
-}
 
 fn target_states(
     config: &Config,
@@ -637,6 +636,7 @@ impl Engine {
         let mut tasks: JoinSet<runner::Done> = JoinSet::new();
         let mut stats = Stats::default();
         let mut lifecycle = Lifecycle::Running { ready: false };
+        let mut status_line = StatusLine::default();
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watchdog =
@@ -655,8 +655,8 @@ impl Engine {
             {
                 *ready = true;
                 tracing::info!(targets = self.targets.len(), "ready");
-                notify(&[sd_notify::NotifyState::Ready]);
             }
+            status_line.update(self.status_text());
             if self.targets.iter().all(|t| t.machine.given_up()) {
                 break;
             }
@@ -761,6 +761,26 @@ impl Engine {
         );
         let gave_up = self.targets.iter().any(|t| t.machine.given_up());
         Ok(Outcome::Exit(i32::from(reader_failed || gave_up)))
+    }
+
+    /// The `STATUS=` line for systemd: initial sync progress, in step, retrying targets.
+    fn status_text(&self) -> String {
+        let several_groups = self.config.groups.len() > 1;
+        let standings: Vec<Standing> = self
+            .targets
+            .iter()
+            .map(|t| Standing {
+                label: if several_groups {
+                    format!("{}/{}", t.settings.group_name, t.settings.name)
+                } else {
+                    t.settings.name.clone()
+                },
+                in_step: t.machine.in_step(),
+                retrying: t.machine.failures() > 0,
+                failed: t.machine.given_up(),
+            })
+            .collect();
+        status_text(&standings)
     }
 
     /// Takes a finished flush into account: the target's machine decides, this carries

@@ -22,6 +22,7 @@ pub mod filter;
 pub mod flush;
 pub mod journal;
 pub mod logging;
+pub mod notify;
 pub mod resolve;
 pub mod rsync;
 pub mod runner;
