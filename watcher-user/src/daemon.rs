@@ -111,6 +111,7 @@ impl TargetState {
             root: self.settings.root.clone(),
             dest: self.settings.dest.clone(),
             opts: self.settings.rsync.clone(),
+            stop: None,
         }
     }
 }
@@ -241,6 +242,9 @@ struct Engine {
     events: Option<mpsc::Receiver<Vec<Event>>>,
     reader: Option<std::thread::JoinHandle<Result<(), backend::BackendError>>>,
     stop: Arc<AtomicBool>,
+    /// Set on SIGTERM/SIGINT: a verify pass in flight stops at once (it is only a check
+    /// and runs again on its schedule), so the exit never waits for a whole-tree compare.
+    stop_verify: watch::Sender<bool>,
 }
 
 /// A configuration that passed every check, with its backend started (so no change is
@@ -453,6 +457,7 @@ impl Prepared {
             events: Some(events),
             reader: Some(reader),
             stop,
+            stop_verify: watch::Sender::new(false),
         })
     }
 }
@@ -572,7 +577,10 @@ impl Engine {
         for (index, t) in self.targets.iter_mut().enumerate() {
             match t.machine.decide(now, t.backlog.len(), mode) {
                 Action::Flush(kind) => {
-                    let job = t.start_flush(index, kind, now);
+                    let mut job = t.start_flush(index, kind, now);
+                    if kind == FlushKind::Verify {
+                        job.stop = Some(self.stop_verify.subscribe());
+                    }
                     tasks.spawn(runner::run(job, own_pids.clone()));
                 }
                 Action::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
@@ -699,8 +707,8 @@ impl Engine {
                     notify(&[sd_notify::NotifyState::Watchdog]);
                 },
                 _ = sleep => {},
-                _ = signals.term.recv() => begin_shutdown(&mut lifecycle, &self.stop, "SIGTERM")?,
-                _ = signals.int.recv() => begin_shutdown(&mut lifecycle, &self.stop, "SIGINT")?,
+                _ = signals.term.recv() => begin_shutdown(&mut lifecycle, &self.stop, &self.stop_verify, "SIGTERM")?,
+                _ = signals.int.recv() => begin_shutdown(&mut lifecycle, &self.stop, &self.stop_verify, "SIGINT")?,
                 _ = signals.hup.recv() => {
                     let path = opts.config_path.as_deref();
                     match (path, &lifecycle) {
@@ -800,6 +808,10 @@ impl Engine {
         };
         let dest = t.settings.dest.clone();
         match verdict {
+            Verdict::Verified if done.stopped => {
+                t.backlog.verify_done();
+                tracing::info!(target = %dest, "verify pass stopped for exit; it runs again on its schedule after the next start");
+            }
             Verdict::Verified => {
                 t.backlog.verify_done();
                 t.stats.last_verify = Some(LastVerify {
@@ -886,11 +898,12 @@ fn spawn_reader(
     (rx, handle)
 }
 
-/// First signal: stop reading, flush what is dirty, exit (a pending reload is dropped).
-/// Second: exit now.
+/// First signal: stop reading, stop a verify pass, flush what is dirty, exit (a pending
+/// reload is dropped). Second: exit now.
 fn begin_shutdown(
     lifecycle: &mut Lifecycle,
     stop: &AtomicBool,
+    stop_verify: &watch::Sender<bool>,
     signal: &str,
 ) -> anyhow::Result<()> {
     if let Lifecycle::Draining(_) = lifecycle {
@@ -900,6 +913,7 @@ fn begin_shutdown(
     notify(&[sd_notify::NotifyState::Stopping]);
     *lifecycle = Lifecycle::Draining(DrainCause::Signal);
     stop.store(true, Ordering::Relaxed);
+    stop_verify.send_replace(true);
     Ok(())
 }
 
