@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the system packages the daemon, its tests and benchmarks need (rsync,
-    /// inotify-tools, lsyncd, bpftool), and the toolchain of the ebpf backend (nightly rust-src,
+    /// inotify-tools, lsyncd, bpftool, systemd-analyze, man), and the toolchain of the ebpf backend (nightly rust-src,
     /// bpf-linker).
     Setup,
     /// Build the daemon and replicate a small generated example tree, showing live changes.
@@ -252,6 +252,10 @@ fn setup() -> anyhow::Result<()> {
         ("lsyncd", "lsyncd"),
         // An independent BTF reader the ebpf backend's offset test checks against.
         ("bpftool", "bpftool"),
+        // The unit file's test: systemd-analyze verify and security (no running systemd
+        // needed), and man, which verify runs for the pages the unit names.
+        ("systemd-analyze", "systemd"),
+        ("man", "man-db"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
