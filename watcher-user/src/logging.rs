@@ -20,7 +20,6 @@
 
 use std::fmt::{self, Write as _};
 use std::io::{IsTerminal, Write as _};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
@@ -93,13 +92,13 @@ pub fn stderr_is_journal() -> bool {
     let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };
-    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
         return false;
     };
     value
         .to_str()
         .and_then(parse_journal_stream)
-        .is_some_and(|(dev, ino)| dev == meta.dev() && ino == meta.ino())
+        .is_some_and(|(dev, ino)| dev == stat.st_dev && ino == stat.st_ino)
 }
 
 /// `DEVICE:INODE`, both decimal.
