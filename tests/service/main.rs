@@ -14,6 +14,7 @@
 //! choice), `WATCHER_E2E_SEED=N` replays the churn of the outage test, and
 //! `WATCHER_E2E_KEEP=1` keeps the trees of a failed test.
 
+mod admin;
 #[allow(dead_code)]
 #[path = "../e2e/churn.rs"]
 mod churn;

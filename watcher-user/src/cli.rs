@@ -1,4 +1,4 @@
-//! Command line: `watcher sync`, `watcher watch`, `watcher check`.
+//! Command line: `watcher sync`, `watcher run`, `watcher watch`, `watcher check`, ...
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt as _;
@@ -42,6 +42,10 @@ pub enum Command {
     Watch(WatchArgs),
     /// Show which backends this kernel and the filesystems of PATHs support, and why not.
     Check(CheckArgs),
+    /// Print the completion script for a shell (bash, zsh, fish, ...).
+    Completions(CompletionsArgs),
+    /// Print the manual page watcher(1), or write it and one page per subcommand into DIR.
+    Man(ManArgs),
 }
 
 /// An on/off option.
@@ -340,6 +344,20 @@ impl EbpfArgs {
 pub struct CheckArgs {
     /// Paths whose filesystems to check (default: the current directory).
     pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell the script is for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write watcher.1 and watcher-SUBCOMMAND.1 into this directory instead.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[cfg(test)]

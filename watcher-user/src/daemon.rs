@@ -21,6 +21,7 @@ use crate::event::{ChangeKind, Event};
 use crate::failing::{self, FailingPaths};
 use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
+use crate::notify::{Standing, StatusLine, notify, status_text};
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
 use crate::status::{self, Failures, Histogram, LastSync, LastVerify, StatusSnapshot};
@@ -208,6 +209,7 @@ impl TargetState {
             dest: self.settings.dest.clone(),
             opts: self.settings.rsync.clone(),
             set_aside: self.failing.excludes(),
+            stop: None,
         }
     }
 
@@ -389,6 +391,9 @@ struct Engine {
     events: Option<mpsc::Receiver<Vec<Event>>>,
     reader: Option<std::thread::JoinHandle<Result<(), backend::BackendError>>>,
     stop: Arc<AtomicBool>,
+    /// Set on SIGTERM/SIGINT: a verify pass in flight stops at once (it is only a check
+    /// and runs again on its schedule), so the exit never waits for a whole-tree compare.
+    stop_verify: watch::Sender<bool>,
 }
 
 /// A configuration that passed every check, with its backend started (so no change is
@@ -444,6 +449,9 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let mut stats = Stats::default();
     let prepared = Engine::prepare(config, &opts, &own_pids, None)?;
     let mut engine = prepared.into_engine(&opts, Vec::new());
+    // The marks are set: every change from now on is seen, so the service is up. The
+    // initial sync goes on behind it and is reported in STATUS= lines.
+    notify(&[sd_notify::NotifyState::Ready]);
     let mut signals = signals;
     let code = loop {
         match engine
@@ -488,11 +496,6 @@ struct Signals<'a> {
 
 /// Dirty paths and journals carried across a reload, keyed by group and target name.
 type HandOver = Vec<(String, String, Batch, Option<Journal>)>;
-
-fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    // Not under systemd (no NOTIFY_SOCKET) is the normal case outside a service.
-    let _ = sd_notify::notify(states);
-}
 
 /// Which targets of the running engine a new one takes over, by group and target name.
 type Continuing = Vec<(String, String)>;
@@ -657,6 +660,7 @@ impl Prepared {
             events: Some(events),
             reader: Some(reader),
             stop,
+            stop_verify: watch::Sender::new(false),
         }
     }
 }
@@ -831,7 +835,10 @@ impl Engine {
             match t.machine.decide(now, t.backlog.len(), mode) {
                 Action::Flush(_) if !t.root_still_there() => {}
                 Action::Flush(kind) => {
-                    let job = t.start_flush(index, kind, now);
+                    let mut job = t.start_flush(index, kind, now);
+                    if kind == FlushKind::Verify {
+                        job.stop = Some(self.stop_verify.subscribe());
+                    }
                     tasks.spawn(runner::run(job, own_pids.clone()));
                 }
                 Action::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
@@ -896,6 +903,7 @@ impl Engine {
     ) -> anyhow::Result<Outcome> {
         let mut tasks: JoinSet<runner::Done> = JoinSet::new();
         let mut lifecycle = Lifecycle::Running { ready: false };
+        let mut status_line = StatusLine::default();
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watchdog =
@@ -914,8 +922,8 @@ impl Engine {
             {
                 *ready = true;
                 tracing::info!(targets = self.targets.len(), "ready");
-                notify(&[sd_notify::NotifyState::Ready]);
             }
+            status_line.update(self.status_text());
             if self.targets.iter().all(|t| t.machine.given_up()) {
                 break;
             }
@@ -958,8 +966,8 @@ impl Engine {
                     notify(&[sd_notify::NotifyState::Watchdog]);
                 },
                 _ = sleep => {},
-                _ = signals.term.recv() => begin_shutdown(&mut lifecycle, &self.stop, "SIGTERM")?,
-                _ = signals.int.recv() => begin_shutdown(&mut lifecycle, &self.stop, "SIGINT")?,
+                _ = signals.term.recv() => begin_shutdown(&mut lifecycle, &self.stop, &self.stop_verify, "SIGTERM")?,
+                _ = signals.int.recv() => begin_shutdown(&mut lifecycle, &self.stop, &self.stop_verify, "SIGINT")?,
                 _ = signals.hup.recv() => {
                     let path = opts.config_path.as_deref();
                     match (path, &lifecycle) {
@@ -1028,6 +1036,26 @@ impl Engine {
         Ok(Outcome::Exit(i32::from(reader_failed || gave_up)))
     }
 
+    /// The `STATUS=` line for systemd: initial sync progress, in step, retrying targets.
+    fn status_text(&self) -> String {
+        let several_groups = self.config.groups.len() > 1;
+        let standings: Vec<Standing> = self
+            .targets
+            .iter()
+            .map(|t| Standing {
+                label: if several_groups {
+                    format!("{}/{}", t.settings.group_name, t.settings.name)
+                } else {
+                    t.settings.name.clone()
+                },
+                in_step: t.machine.in_step(),
+                retrying: t.machine.failures() > 0,
+                failed: t.machine.given_up(),
+            })
+            .collect();
+        status_text(&standings)
+    }
+
     /// Takes a finished flush into account: the target's machine decides, this carries
     /// the decision out on the backlog and says it in the log.
     fn finish(&mut self, done: runner::Done, mode: Mode, stats: &mut Stats) {
@@ -1066,6 +1094,10 @@ impl Engine {
         };
         let dest = t.settings.dest.clone();
         match verdict {
+            Verdict::Verified if done.stopped => {
+                t.backlog.verify_done();
+                tracing::info!(target = %dest, "verify pass stopped for exit; it runs again on its schedule after the next start");
+            }
             Verdict::Verified => {
                 t.backlog.verify_done();
                 ts.last_verify = Some(LastVerify {
@@ -1157,11 +1189,12 @@ fn spawn_reader(
     (rx, handle)
 }
 
-/// First signal: stop reading, flush what is dirty, exit (a pending reload is dropped).
-/// Second: exit now.
+/// First signal: stop reading, stop a verify pass, flush what is dirty, exit (a pending
+/// reload is dropped). Second: exit now.
 fn begin_shutdown(
     lifecycle: &mut Lifecycle,
     stop: &AtomicBool,
+    stop_verify: &watch::Sender<bool>,
     signal: &str,
 ) -> anyhow::Result<()> {
     if let Lifecycle::Draining(_) = lifecycle {
@@ -1171,6 +1204,7 @@ fn begin_shutdown(
     notify(&[sd_notify::NotifyState::Stopping]);
     *lifecycle = Lifecycle::Draining(DrainCause::Signal);
     stop.store(true, Ordering::Relaxed);
+    stop_verify.send_replace(true);
     Ok(())
 }
 

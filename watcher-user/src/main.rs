@@ -165,5 +165,22 @@ fn run(command: Command) -> anyhow::Result<i32> {
             }
             Ok(if lost.is_empty() { 0 } else { 1 })
         }
+        Command::Completions(args) => {
+            watcher::docs::completions(args.shell, &mut std::io::stdout())?;
+            Ok(0)
+        }
+        Command::Man(args) => {
+            match args.dir {
+                Some(dir) => {
+                    for page in watcher::docs::write_man_pages(&dir)
+                        .with_context(|| format!("writing man pages to {}", dir.display()))?
+                    {
+                        println!("{}", page.display());
+                    }
+                }
+                None => watcher::docs::man_page(&mut std::io::stdout())?,
+            }
+            Ok(0)
+        }
     }
 }

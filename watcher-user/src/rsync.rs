@@ -518,6 +518,7 @@ pub async fn execute(
     own_pids: &Arc<OwnPids>,
     keep_stdout: bool,
     progress: Option<Progress>,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> std::io::Result<RunResult> {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(binary)
@@ -553,27 +554,54 @@ pub async fn execute(
         transfer: TransferStats::default(),
         partial: Vec::new(),
     };
-    let (_, err) = tokio::join!(
-        async {
-            let mut buf = vec![0u8; 16 * 1024];
-            if let Some(s) = stdout.as_mut() {
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
+    // Scoped, so the borrow of `sink` ends with it.
+    let (_, err) = {
+        let output = async {
+            tokio::join!(
+                async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    if let Some(s) = stdout.as_mut() {
+                        while let Ok(n) = s.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            sink.feed(&buf[..n]);
+                        }
                     }
-                    sink.feed(&buf[..n]);
+                    sink.feed(b"\n");
+                },
+                async {
+                    let mut buf = Vec::new();
+                    if let Some(s) = stderr.as_mut() {
+                        let _ = s.read_to_end(&mut buf).await;
+                    }
+                    buf
+                }
+            )
+        };
+        // Asked to stop: SIGTERM lets rsync remove its temporary file and end its other
+        // processes (SIGKILL would leave both); its output then ends as it exits.
+        tokio::pin!(output);
+        tokio::select! {
+            out = &mut output => out,
+            () = stop_requested(stop) => {
+                use nix::sys::signal::{Signal, kill};
+                let pid = pid.map(nix::unistd::Pid::from_raw);
+                if let Some(pid) = pid {
+                    let _ = kill(pid, Signal::SIGTERM);
+                }
+                match tokio::time::timeout(STOP_GRACE, &mut output).await {
+                    Ok(out) => out,
+                    Err(_) => {
+                        if let Some(pid) = pid {
+                            let _ = kill(pid, Signal::SIGKILL);
+                        }
+                        output.await
+                    }
                 }
             }
-            sink.feed(b"\n");
-        },
-        async {
-            let mut buf = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let _ = s.read_to_end(&mut buf).await;
-            }
-            buf
         }
-    );
+    };
     if let Some(p) = &sink.progress {
         p.finish();
     }
@@ -597,6 +625,19 @@ pub async fn execute(
         transfer: sink.transfer,
         elapsed: started.elapsed(),
     })
+}
+
+/// How long a stopped rsync may take to clean up after SIGTERM before it gets SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves once `stop` turns true; never without one, or once its sender is gone.
+async fn stop_requested(stop: Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(mut stop) = stop
+        && stop.wait_for(|s| *s).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// rsync is missing, too old, or does not behave as the daemon relies on.

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::backend::OwnPids;
 use crate::dirty::Batch;
 use crate::failing::{self, Failure};
@@ -33,6 +35,9 @@ pub struct Job {
     /// Exclude patterns for paths set aside (see [`crate::failing`]), on top of the
     /// target's own.
     pub set_aside: Vec<String>,
+    /// When this turns true, the rsync run in flight is stopped (SIGTERM) and the batch
+    /// ends as stopped: set for verify passes, which an exit does not wait for.
+    pub stop: Option<watch::Receiver<bool>>,
 }
 
 /// How a batch ended.
@@ -44,6 +49,8 @@ pub struct Done {
     pub code: Option<i32>,
     /// An rsync run was killed by a signal.
     pub killed: bool,
+    /// The batch was stopped through [`Job::stop`].
+    pub stopped: bool,
     /// What went wrong, for the log (empty on success).
     pub detail: String,
     pub runs: u64,
@@ -88,6 +95,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         dest,
         mut opts,
         set_aside,
+        stop,
     } = job;
     opts.excludes.extend(set_aside);
     let mut done = Done {
@@ -97,6 +105,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         class: ExitClass::Success,
         code: Some(0),
         killed: false,
+        stopped: false,
         detail: String::new(),
         runs: 0,
         itemized: 0,
@@ -134,9 +143,17 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
             &own_pids,
             verify || opts.dry_run,
             progress,
+            stop.clone(),
         )
         .await;
         done.runs += 1;
+        if stop.as_ref().is_some_and(|s| *s.borrow()) {
+            done.stopped = true;
+            done.class = ExitClass::Transient;
+            done.code = result.as_ref().ok().and_then(|r| r.code);
+            done.detail = "stopped".into();
+            break;
+        }
         match result {
             Ok(r) => {
                 tracing::info!(

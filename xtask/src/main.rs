@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | bench | vm`.
+//! Project tasks: `cargo xtask setup | run | test | bench | install | vm`.
 //!
 //! Every task installs what it needs first (idempotent, and quick when already present), so
 //! each works on a fresh machine.
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod install;
 mod vm;
 
 #[derive(Parser)]
@@ -23,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the system packages the daemon, its tests and benchmarks need (rsync,
-    /// inotify-tools, lsyncd, bpftool), and the toolchain of the ebpf backend (nightly rust-src,
+    /// inotify-tools, lsyncd, bpftool, systemd-analyze, man), and the toolchain of the ebpf backend (nightly rust-src,
     /// bpf-linker).
     Setup,
     /// Build the daemon and replicate a small generated example tree, showing live changes.
@@ -43,6 +44,22 @@ enum Task {
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Build in release mode and install the binary, the systemd unit, the example
+    /// configuration, shell completions (bash, zsh, fish) and man pages under PREFIX.
+    Install {
+        /// Installation prefix; the unit names PREFIX/bin/watcher.
+        #[arg(long, value_name = "DIR", default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Staging directory prepended to every path written (for packaging).
+        #[arg(long, value_name = "DIR")]
+        destdir: Option<PathBuf>,
+        /// Install this binary instead of building one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Build with the ebpf backend (its toolchain: `cargo xtask setup`).
+        #[arg(long, conflicts_with = "binary")]
+        ebpf: bool,
     },
     /// Run a command in a qemu guest booting a stock Debian kernel (BPF LSM on), with the
     /// host's files shared: `cargo xtask vm -- CMD [ARGS...]`.
@@ -135,6 +152,42 @@ fn main() -> anyhow::Result<()> {
                 .args(&args);
             status(&mut cmd)
         }
+        Task::Install {
+            prefix,
+            destdir,
+            binary,
+            ebpf,
+        } => {
+            let binary = match binary {
+                Some(b) => invoked_from.join(b),
+                None => {
+                    let mut cmd = cargo();
+                    cmd.args([
+                        "build",
+                        "--release",
+                        "-p",
+                        "watcher-user",
+                        "--bin",
+                        "watcher",
+                    ]);
+                    if ebpf {
+                        cmd.args(["--features", "watcher-user/ebpf"]);
+                    }
+                    status(&mut cmd)?;
+                    root.join("target/release/watcher")
+                }
+            };
+            let layout = install::Layout {
+                prefix: invoked_from.join(prefix),
+                destdir: destdir.map(|d| invoked_from.join(d)),
+            };
+            install::install(&binary, &root, &layout)?;
+            eprintln!(
+                "xtask: done; edit {}/watcher/watcher.toml, then: systemctl daemon-reload && systemctl enable --now watcher",
+                layout.sysconfdir().display()
+            );
+            Ok(())
+        }
         Task::Vm(args) => {
             let code = vm::run(&root, &invoked_from, args)?;
             std::process::exit(code)
@@ -199,6 +252,10 @@ fn setup() -> anyhow::Result<()> {
         ("lsyncd", "lsyncd"),
         // An independent BTF reader the ebpf backend's offset test checks against.
         ("bpftool", "bpftool"),
+        // The unit file's test: systemd-analyze verify and security (no running systemd
+        // needed), and man, which verify runs for the pages the unit names.
+        ("systemd-analyze", "systemd"),
+        ("man", "man-db"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
