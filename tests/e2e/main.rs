@@ -12,6 +12,7 @@
 mod churn;
 mod harness;
 mod operations;
+mod renames;
 mod rsyncd;
 mod tree;
 

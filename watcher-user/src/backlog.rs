@@ -34,7 +34,13 @@ pub struct Backlog {
     /// Past this many paths, the deepest are folded into their directories.
     max: usize,
     flying: Option<Flying>,
+    /// Renames since the last batch, in order (old, new), for targets that can replay them.
+    renames: Vec<(PathBuf, PathBuf)>,
 }
+
+/// Renames kept per batch at most; past that they are not replayed, only synced (their
+/// marks are in the dirty set either way).
+const MAX_RENAMES: usize = 10_000;
 
 impl Backlog {
     /// An empty backlog that folds past `max` paths, journaling to `journal` if given.
@@ -46,6 +52,7 @@ impl Backlog {
             touched: false,
             max: max.max(1),
             flying: None,
+            renames: Vec::new(),
         }
     }
 
@@ -105,6 +112,18 @@ impl Backlog {
         if !self.dirty.is_empty() && self.since.is_none() {
             self.since = Some(now);
         }
+    }
+
+    /// Records a rename to replay before the next batch (its paths are marked separately).
+    pub fn renamed(&mut self, old: &Path, new: &Path) {
+        if self.renames.len() < MAX_RENAMES {
+            self.renames.push((old.to_path_buf(), new.to_path_buf()));
+        }
+    }
+
+    /// The renames the next batch carries, in the order they happened.
+    pub fn take_renames(&mut self) -> Vec<(PathBuf, PathBuf)> {
+        std::mem::take(&mut self.renames)
     }
 
     /// Whether anything was marked since the last call.

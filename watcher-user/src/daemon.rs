@@ -192,12 +192,13 @@ impl TargetState {
 
     /// Starts a flush of `kind`: takes its batch and says what the runner needs.
     fn start_flush(&mut self, index: usize, kind: FlushKind, now: Instant) -> Job {
-        let batch = match kind {
+        let (batch, renames) = match kind {
             FlushKind::Changes => {
                 self.failing.batch_started();
-                self.backlog.take_batch(now)
+                let renames = self.backlog.take_renames();
+                (self.backlog.take_batch(now), renames)
             }
-            FlushKind::Verify => self.backlog.verify_batch(),
+            FlushKind::Verify => (self.backlog.verify_batch(), Vec::new()),
         };
         self.machine.started(now, kind);
         tracing::debug!(target = %self.settings.dest, paths = batch.len(), ?kind, "flushing");
@@ -210,6 +211,7 @@ impl TargetState {
             opts: self.settings.rsync.clone(),
             set_aside: self.failing.excludes(),
             stop: None,
+            renames,
         }
     }
 
@@ -288,6 +290,29 @@ fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Insta
                 mark(group, parent, Scope::Entry);
             }
             marked
+        }
+        Event::Renamed { from, to, is_dir } => {
+            // Only a rename within one group, between names rsync syncs, can be replayed;
+            // anything else stays what its MovedFrom and MovedTo made it (a delete, a new
+            // subtree).
+            let (Match::Inside(group, old), Match::Inside(to_group, new)) =
+                (filter.classify(from, *is_dir), filter.classify(to, *is_dir))
+            else {
+                return false;
+            };
+            if group != to_group {
+                return false;
+            }
+            for t in targets.iter_mut().filter(|t| t.settings.group == group) {
+                t.backlog.renamed(old, new);
+                // Found in place after the replay, a renamed file need not be sent again:
+                // listed as a subtree, rsync compares it by size and mtime instead of
+                // rewriting it (a listed entry is sent whatever its times).
+                if !*is_dir {
+                    t.mark(new, Scope::Subtree, now);
+                }
+            }
+            false
         }
         Event::Rescan { path } => {
             let mut any = false;
@@ -859,6 +884,7 @@ impl Engine {
                 Event::Overflow => stats.overflows += 1,
                 Event::Rescan { .. } => stats.rescans += 1,
                 Event::Change { .. } => stats.events += u64::from(marked),
+                Event::Renamed { .. } => {}
             }
         }
         for t in &mut self.targets {

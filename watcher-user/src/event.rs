@@ -27,6 +27,15 @@ pub enum Event {
         /// Process that made the change, when the backend knows it (0 otherwise).
         pid: i32,
     },
+    /// `from` was renamed to `to` (both absolute), as one operation the kernel reported
+    /// whole (fanotify's FAN_RENAME). It comes right after the `MovedFrom` and `MovedTo`
+    /// changes of the same rename, which say what is dirty; this only lets a target
+    /// replay the rename instead of copying the data again (rsync then still checks it).
+    Renamed {
+        from: PathBuf,
+        to: PathBuf,
+        is_dir: bool,
+    },
     /// Something under `path` changed but the backend cannot say what: sync the subtree.
     Rescan { path: PathBuf },
     /// The backend lost events (queue overflow): every root must be rescanned.

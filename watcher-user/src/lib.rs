@@ -26,6 +26,7 @@ pub mod flush;
 pub mod journal;
 pub mod logging;
 pub mod notify;
+pub mod replay;
 pub mod resolve;
 pub mod rsync;
 pub mod runner;

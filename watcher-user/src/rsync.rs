@@ -271,11 +271,33 @@ pub fn plan(
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
     }
+    // The root itself can only be listed as ".", and rsync's --dirs copies the contents of a
+    // directory named "." (not only its attributes): with --ignore-times that would rewrite
+    // every file at the top of the tree whenever a name there comes or goes. Its own
+    // attributes get a run of their own instead: every top-level name hidden from the
+    // sender and protected on the receiver, so not even a --delete among the user's
+    // rsync_args could touch the replica's contents.
+    let root_entry = entries.remove(&b""[..]);
     if !entries.is_empty() {
         let (stdin, paths) = nul_list(entries.into_iter().map(|b| Path::new(OsStr::from_bytes(b))));
         let mut args = list_args(false);
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
+    }
+    if root_entry {
+        let mut args = common_args(opts);
+        args.extend([
+            "--no-recursive".into(),
+            "--dirs".into(),
+            "--filter=H /*".into(),
+            "--filter=P /*".into(),
+        ]);
+        tail(&mut args);
+        runs.push(Run {
+            args,
+            stdin: Vec::new(),
+            paths: 1,
+        });
     }
     runs
 }
@@ -768,6 +790,7 @@ pub fn display_args(binary: &Path, args: &[OsString]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn opts() -> RsyncOptions {
         RsyncOptions {
@@ -867,10 +890,11 @@ mod tests {
             &opts(),
             |_| true,
         );
-        assert_eq!(runs.len(), 1);
+        // The root's own attributes come in a run of their own (see below).
+        assert_eq!(runs.len(), 2);
         // Sorted by bytes; "./" keeps '#' and ';' from being read as comments.
-        assert_eq!(runs[0].stdin, b".\0./#hash\0./-x\0./;semi\0./a\nb\0");
-        assert_eq!(runs[0].paths, 5);
+        assert_eq!(runs[0].stdin, b"./#hash\0./-x\0./;semi\0./a\nb\0");
+        assert_eq!(runs[0].paths, 4);
         let a = args(&runs[0]);
         for want in [
             "--no-recursive",
@@ -898,12 +922,49 @@ mod tests {
             &opts(),
             |_| true,
         );
-        assert_eq!(runs.len(), 2);
+        assert_eq!(runs.len(), 3);
         assert_eq!(runs[0].stdin, b"./t\0");
         assert!(args(&runs[0]).contains(&"-r") && args(&runs[0]).contains(&"--delete"));
         assert!(!args(&runs[0]).contains(&"--ignore-times"));
-        assert_eq!(runs[1].stdin, b".\0./d\0./f\0");
+        assert_eq!(runs[1].stdin, b"./d\0./f\0");
         assert!(args(&runs[1]).contains(&"--no-recursive"));
+        // The root last, so its mtime ends up final.
+        assert!(runs[2].stdin.is_empty());
+    }
+
+    /// The root listed as "." would make rsync --dirs copy its contents too (and with
+    /// --ignore-times, rewrite them all); its own run carries only its attributes, whatever
+    /// delete options the user added.
+    #[test]
+    fn the_root_entry_carries_only_its_attributes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("s"), tmp.path().join("d"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        std::fs::write(src.join("top"), "new content").unwrap();
+        std::fs::write(dst.join("top"), "old content").unwrap();
+        std::fs::write(dst.join("extra"), "not in the source").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let batch = Batch {
+            entries: vec!["".into()],
+            subtrees: vec![],
+        };
+        let mut options = opts();
+        options.excludes.clear();
+        options.extra_args = vec!["--delete".into(), "--delete-excluded".into()];
+        let runs = plan(&batch, &src, &Target::Local(dst.clone()), &options, |_| {
+            true
+        });
+        assert_eq!(runs.len(), 1);
+        let status = std::process::Command::new("rsync")
+            .args(&runs[0].args)
+            .status()
+            .expect("run rsync");
+        assert!(status.success());
+        let mode = std::fs::metadata(&dst).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o750, "the root's attributes");
+        assert_eq!(std::fs::read(dst.join("top")).unwrap(), b"old content");
+        assert!(dst.join("extra").exists());
     }
 
     #[test]

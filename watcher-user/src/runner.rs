@@ -38,6 +38,9 @@ pub struct Job {
     /// When this turns true, the rsync run in flight is stopped (SIGTERM) and the batch
     /// ends as stopped: set for verify passes, which an exit does not wait for.
     pub stop: Option<watch::Receiver<bool>>,
+    /// Renames (old, new, root-relative) since the last batch, in order: replayed on a
+    /// local replica before rsync runs, so rsync finds the data in place.
+    pub renames: Vec<(PathBuf, PathBuf)>,
 }
 
 /// How a batch ended.
@@ -96,6 +99,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         mut opts,
         set_aside,
         stop,
+        renames,
     } = job;
     opts.excludes.extend(set_aside);
     let mut done = Done {
@@ -114,6 +118,19 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         elapsed: Duration::ZERO,
         failures: None,
     };
+    if let Target::Local(replica) = &dest
+        && !renames.is_empty()
+        && !opts.dry_run
+    {
+        let replica = replica.clone();
+        let count = renames.len();
+        let replayed =
+            tokio::task::spawn_blocking(move || crate::replay::local(&replica, &renames)).await;
+        let replayed = replayed.unwrap_or(0);
+        if replayed > 0 {
+            tracing::info!(target = %dest, renames = count, replayed, "renames replayed on the replica");
+        }
+    }
     let planned = {
         let batch = done.batch.clone();
         let (root, dest, opts) = (root.clone(), dest.clone(), opts.clone());

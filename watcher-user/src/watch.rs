@@ -33,6 +33,8 @@ pub fn format_event(filter: &Filter, event: &Event, format: Format) -> Option<Ve
             };
             (kind, path.as_path(), *is_dir, *pid)
         }
+        // Its MovedFrom and MovedTo were printed already.
+        Event::Renamed { .. } => return None,
         Event::Rescan { path } => ("rescan", path.as_path(), true, 0),
         Event::Overflow => ("overflow", Path::new(""), false, 0),
     };

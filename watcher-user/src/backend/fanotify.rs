@@ -234,21 +234,24 @@ impl Translator {
                 if is_dir {
                     self.directory_moved(fs, old.as_deref(), new.as_deref(), ev.self_handle());
                 }
-                if let Some(path) = old {
+                if let Some(path) = &old {
                     out.push(Event::Change {
                         kind: ChangeKind::MovedFrom,
-                        path,
+                        path: path.clone(),
                         is_dir,
                         pid,
                     });
                 }
-                if let Some(path) = new {
+                if let Some(path) = &new {
                     out.push(Event::Change {
                         kind: ChangeKind::MovedTo,
-                        path,
+                        path: path.clone(),
                         is_dir,
                         pid,
                     });
+                }
+                if let (Some(from), Some(to)) = (old, new) {
+                    out.push(Event::Renamed { from, to, is_dir });
                 }
             } else {
                 if is_dir {
