@@ -1,5 +1,12 @@
 //! Change capture. Every backend turns kernel notifications into [`Event`]s with absolute
 //! paths; nothing downstream knows which backend produced them.
+//!
+//! [`start`] takes one [`BackendOptions`] value and picks the backend (`auto`: fanotify
+//! where it works, else inotify). The backends share one read loop (`read_loop`: waiting,
+//! interrupted calls, draining after a stop, the daemon's own processes) and supply only
+//! "read what is queued into events"; fanotify and inotify share the meaning of their
+//! common event mask (`mask`). `mountinfo` reads the mount table for messages, the ebpf
+//! root filter and the VFS records.
 
 pub mod ebpf;
 pub mod fanotify;
