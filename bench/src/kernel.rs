@@ -425,7 +425,7 @@ impl Ctx {
                         ));
                     }
                     let wall = w.wall.as_secs_f64();
-                    let events = summary.field("events");
+                    let events = summary.field("backend_events");
                     let records = summary.backend.as_ref().and(summary.field("records"));
                     eprintln!(
                         "kernel inside: run {}: {group}: {}: {} files in {}, complete {}, events {:?}, records {:?}, daemon CPU {}, rsync CPU {}, writer CPU {}",
@@ -631,7 +631,7 @@ impl Ctx {
                             .with_context(|| format!("removing {}", change.display()))?;
                     }
                     let delivered = match c {
-                        Comp::Fanotify => summary.field("events"),
+                        Comp::Fanotify => summary.field("backend_events"),
                         Comp::Ebpf | Comp::EbpfUnfiltered => {
                             summary.backend.as_ref().and(summary.field("records"))
                         }

@@ -654,7 +654,7 @@ impl Ctx {
                     thousands(created)
                 );
                 sec.push("", c, 0, Some(created as f64 / took));
-                sec.push("", c, 1, field("events").map(|e| e / took));
+                sec.push("", c, 1, field("backend_events").map(|e| e / took));
                 sec.push("", c, 2, field("overflows"));
                 sec.push("", c, 3, field("rsync_runs"));
             }

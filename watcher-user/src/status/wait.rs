@@ -80,12 +80,20 @@ pub fn wait_in_step(
     timeout: Option<Duration>,
 ) -> Result<(StatusSnapshot, InStep), StatusError> {
     let start = Instant::now();
-    let since = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let unix_ms = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    let since = unix_ms();
     loop {
-        let snapshot = query(socket, QUERY_TIMEOUT)?;
+        let mut snapshot = query(socket, QUERY_TIMEOUT)?;
+        if snapshot.taken_unix_ms == 0 && snapshot.pid != 0 {
+            // A daemon from before snapshots carried their time: it refreshes them every
+            // 200 ms, so this one is at most that old.
+            snapshot.taken_unix_ms = unix_ms().saturating_sub(200);
+        }
         let verdict = in_step(&snapshot, since);
         if matches!(verdict, InStep::All | InStep::Failed(_)) {
             return Ok((snapshot, verdict));
