@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the system packages the daemon, its tests and benchmarks need (rsync,
-    /// inotify-tools, lsyncd, bpftool), and the toolchain of the ebpf backend (nightly rust-src,
+    /// inotify-tools, lsyncd, bpftool, openssh), and the toolchain of the ebpf backend (nightly rust-src,
     /// bpf-linker).
     Setup,
     /// Build the daemon and replicate a small generated example tree, showing live changes.
@@ -199,12 +199,17 @@ fn setup() -> anyhow::Result<()> {
         ("lsyncd", "lsyncd"),
         // An independent BTF reader the ebpf backend's offset test checks against.
         ("bpftool", "bpftool"),
+        // The ssh target tests start their own sshd on 127.0.0.1.
+        ("sshd", "openssh-server"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
     ];
-    let missing: Vec<&str> = wanted
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(tool, _)| !on_path(tool))
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     apt_install(&missing)
 }
 
