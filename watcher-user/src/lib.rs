@@ -24,6 +24,7 @@ pub mod logging;
 pub mod resolve;
 pub mod rsync;
 pub mod runner;
+pub mod ssh;
 pub mod status;
 pub mod sync_machine;
 pub mod target;
