@@ -30,6 +30,10 @@
 //!
 //! [[sync.target]]
 //! dest = "/mnt/replica/data"
+//!
+//! [[sync.target]]
+//! dest = "replica@backup2:/srv/replica/data"
+//! ssh = ["ssh", "-p", "2222", "-i", "/etc/watcher/id_ed25519"]   # default: ssh
 //! ```
 //!
 //! Every error names the file, the line and the key as a dotted path
@@ -149,6 +153,9 @@ pub struct TargetConfig {
     pub password_file: Option<PathBuf>,
     /// Extra rsync options for this target, after the group's.
     pub rsync_args: Vec<OsString>,
+    /// The ssh command for a `host:/path` target, program first (empty: `ssh`, or the
+    /// `-e`/`--rsh` in `rsync_args`).
+    pub ssh: Vec<OsString>,
     /// Dirty paths held for this target before subtrees are collapsed (default 1 000 000).
     pub max_backlog: usize,
 }
@@ -354,6 +361,7 @@ struct RawTarget {
     password_file: Option<Spanned<String>>,
     #[serde(default)]
     rsync_args: Vec<Spanned<String>>,
+    ssh: Option<Spanned<Vec<String>>>,
     max_backlog: Option<Spanned<i64>>,
 }
 
@@ -909,6 +917,24 @@ impl Ctx<'_> {
         };
 
         let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
+        let ssh = match &raw.ssh {
+            None => Vec::new(),
+            Some(cmd) if kind != DestKind::Ssh => {
+                return Err(self.error(
+                    &cmd.span(),
+                    format!("{key}.ssh"),
+                    format!("ssh is only for ssh targets (host:/path), and {dest} is not one"),
+                ));
+            }
+            Some(cmd) if cmd.get_ref().first().is_none_or(String::is_empty) => {
+                return Err(self.error(
+                    &cmd.span(),
+                    format!("{key}.ssh"),
+                    "expected the ssh command, program first: [\"ssh\", \"-p\", \"2222\"]",
+                ));
+            }
+            Some(cmd) => cmd.get_ref().iter().map(OsString::from).collect(),
+        };
         let max_backlog = self.count(
             raw.max_backlog.as_ref(),
             &format!("{key}.max_backlog"),
@@ -920,6 +946,7 @@ impl Ctx<'_> {
             dest: OsString::from(dest),
             password_file,
             rsync_args,
+            ssh,
             max_backlog: usize::try_from(max_backlog).unwrap_or(usize::MAX),
         })
     }
@@ -1478,6 +1505,18 @@ mod tests {
             "\"/etc\" is not an rsync option",
         ),
         (
+            "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h::m\"\nssh = [\"ssh\"]\n",
+            5,
+            "sync[0].target[0].ssh",
+            "only for ssh targets",
+        ),
+        (
+            "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h:/r\"\nssh = []\n",
+            5,
+            "sync[0].target[0].ssh",
+            "program first",
+        ),
+        (
             "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h::m\"\nrsync_args = [\"--password-file=/p\"]\n",
             5,
             "sync[0].target[0].rsync_args[0]",
@@ -1733,6 +1772,7 @@ source = "@D/src2"
 
 [[sync.target]]
 dest = "user@host:/srv/src2"
+ssh = ["ssh", "-p", "2222", "-i", "/etc/watcher/id_ed25519"]
 "#;
 
     #[test]
@@ -1777,6 +1817,7 @@ dest = "user@host:/srv/src2"
                     dest: "backup1::data".into(),
                     password_file: Some(password.clone()),
                     rsync_args: vec!["--timeout=60".into()],
+                    ssh: vec![],
                     max_backlog: 1000,
                 },
                 TargetConfig {
@@ -1784,6 +1825,7 @@ dest = "user@host:/srv/src2"
                     dest: fx.root.join("replica/data").into_os_string(),
                     password_file: None,
                     rsync_args: vec![],
+                    ssh: vec![],
                     max_backlog: 1_000_000,
                 },
             ]
@@ -1805,6 +1847,10 @@ dest = "user@host:/srv/src2"
         let second = &config.groups[1];
         assert_eq!(second.name, "src2");
         assert_eq!(second.targets[0].name, "user@host:/srv/src2");
+        assert_eq!(
+            second.targets[0].ssh,
+            ["ssh", "-p", "2222", "-i", "/etc/watcher/id_ed25519"].map(OsString::from)
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ fn sync_config(args: SyncArgs) -> anyhow::Result<(Config, RunOptions)> {
                 dest: args.target,
                 password_file: None,
                 rsync_args: Vec::new(),
+                ssh: Vec::new(),
                 max_backlog: 1_000_000,
             }],
             excludes: args.excludes,
