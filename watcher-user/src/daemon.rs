@@ -21,6 +21,7 @@ use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
+use crate::ssh::{self, Links};
 use crate::status::{self, LastSync, LastVerify, StatusSnapshot};
 use crate::sync_machine::{
     Action, FIRST_BACKOFF, FlushKind, GiveUpCause, Mode, RACES_BEFORE_WHOLE_TREE, RetryCause,
@@ -44,6 +45,9 @@ pub struct RunOptions {
 /// How often journals are made durable and the status snapshot is refreshed.
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
 
+/// How often an idle ssh target's connection is looked at, for status.
+const LINK_CHECK: Duration = Duration::from_secs(2);
+
 /// Batches of events in flight from the reader thread; when full, the reader stops reading
 /// and the kernel queue absorbs the burst (or overflows, which triggers a rescan).
 const EVENT_CHANNEL_BATCHES: usize = 256;
@@ -57,6 +61,8 @@ struct Settings {
     dest: Target,
     root: PathBuf,
     rsync: RsyncOptions,
+    /// The shared connection of an ssh target.
+    link: Option<Arc<ssh::Link>>,
 }
 
 /// What a target has done, for status and the summary.
@@ -110,6 +116,7 @@ impl TargetState {
             root: self.settings.root.clone(),
             dest: self.settings.dest.clone(),
             opts: self.settings.rsync.clone(),
+            link: self.settings.link.clone(),
         }
     }
 }
@@ -240,6 +247,7 @@ struct Engine {
     events: Option<mpsc::Receiver<Vec<Event>>>,
     reader: Option<std::thread::JoinHandle<Result<(), backend::BackendError>>>,
     stop: Arc<AtomicBool>,
+    links: Links,
 }
 
 /// A configuration that passed every check, with its backend started (so no change is
@@ -249,6 +257,8 @@ struct Prepared {
     filter: Filter,
     groups: Vec<GroupId>,
     backend: Box<dyn Backend>,
+    /// The connections of the ssh targets, checked.
+    links: Links,
 }
 
 /// What ended one engine's event loop.
@@ -305,7 +315,8 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
                 Ok(prepared) => {
                     // The new marks are set: stop the old reader, take in its last events,
                     // and carry every dirty path and journal over.
-                    let backlog = engine.stop_and_hand_over().await;
+                    let (backlog, links) = engine.stop_and_hand_over().await;
+                    links.close_except(&prepared.links);
                     engine = prepared.into_engine(&opts, backlog)?;
                     tracing::info!("configuration reloaded");
                     notify(&[sd_notify::NotifyState::Ready]);
@@ -317,6 +328,7 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
             },
         }
     };
+    engine.links.close_except(&Links::default());
     servers.abort_all();
     Ok(code)
 }
@@ -340,6 +352,7 @@ fn target_states(
     groups: &[GroupId],
     opts: &RunOptions,
     filter: &Filter,
+    links: &Links,
     carried: &mut HandOver,
 ) -> anyhow::Result<Vec<TargetState>> {
     let now = Instant::now();
@@ -349,6 +362,11 @@ fn target_states(
             let target = Target::parse(&t.dest)
                 .with_context(|| format!("sync group {}: target {}", g.name, t.name))?;
             target.check_overlap(filter.root(*group))?;
+            let link = links.get(&g.name, &t.name);
+            let extra_args = match &link {
+                Some(link) => link.rsync_args(&t.rsync_args(g)),
+                None => t.rsync_args(g),
+            };
             let settings = Settings {
                 group: *group,
                 group_name: g.name.clone(),
@@ -359,9 +377,10 @@ fn target_states(
                     binary: config.daemon.rsync.clone(),
                     hardlinks: g.hard_links,
                     excludes: filter.excludes(*group).to_vec(),
-                    extra_args: t.rsync_args(g),
+                    extra_args,
                     dry_run: opts.dry_run,
                 },
+                link,
             };
             let (carried_batch, carried_journal) = match carried
                 .iter()
@@ -432,7 +451,14 @@ fn target_states(
 impl Prepared {
     /// Builds the targets (with carried-over backlogs) and starts reading events.
     fn into_engine(self, opts: &RunOptions, mut carried: HandOver) -> anyhow::Result<Engine> {
-        let targets = target_states(&self.config, &self.groups, opts, &self.filter, &mut carried)?;
+        let targets = target_states(
+            &self.config,
+            &self.groups,
+            opts,
+            &self.filter,
+            &self.links,
+            &mut carried,
+        )?;
         for (group, target, batch, _) in &carried {
             if !batch.is_empty() {
                 tracing::warn!(group = %group, target = %target, paths = batch.len(),
@@ -454,6 +480,7 @@ impl Prepared {
             events: Some(events),
             reader: Some(reader),
             stop,
+            links: self.links,
         })
     }
 }
@@ -477,6 +504,22 @@ impl Engine {
             }
         }
         let filter = builder.build()?;
+        // Before the backend starts: a target that cannot work stops a start or a reload.
+        let links = Links::start(
+            &ssh::control_dir(&config.daemon.status_socket),
+            config.groups.iter().flat_map(|g| {
+                g.targets.iter().map(move |t| {
+                    let (name, dest) = (t.name.as_str(), t.dest.as_os_str());
+                    (
+                        g.name.as_str(),
+                        name,
+                        dest,
+                        t.ssh.as_slice(),
+                        t.rsync_args(g),
+                    )
+                })
+            }),
+        )?;
         let roots: Vec<PathBuf> = config.groups.iter().map(|g| g.source.clone()).collect();
         let d = &config.daemon;
         backend::ebpf::set_probe_choice(d.ebpf_probes);
@@ -489,12 +532,13 @@ impl Engine {
             filter,
             groups,
             backend,
+            links,
         })
     }
 
     /// The dirty paths of every target and their journals, after the reader stopped and its
     /// last events were routed.
-    async fn stop_and_hand_over(mut self) -> HandOver {
+    async fn stop_and_hand_over(mut self) -> (HandOver, Links) {
         self.stop.store(true, Ordering::Relaxed);
         let now = Instant::now();
         if let Some(events) = self.events.as_mut() {
@@ -507,13 +551,15 @@ impl Engine {
         if let Some(reader) = self.reader.take() {
             let _ = tokio::task::spawn_blocking(move || reader.join()).await;
         }
-        self.targets
+        let handed = self
+            .targets
             .into_iter()
             .map(|t| {
                 let (batch, journal) = t.backlog.hand_over();
                 (t.settings.group_name, t.settings.name, batch, journal)
             })
-            .collect()
+            .collect();
+        (handed, self.links)
     }
 
     fn snapshot(&self, stats: &Stats, started: SystemTime) -> StatusSnapshot {
@@ -539,6 +585,14 @@ impl Engine {
                     rsync_runs: t.stats.runs,
                     retries_total: t.machine.retries_total(),
                     verify: t.stats.last_verify.clone(),
+                    ssh: t.settings.link.as_ref().map(|l| {
+                        let c = l.status();
+                        status::SshConnection {
+                            up: c.up,
+                            since_unix_ms: c.since_unix_ms,
+                            reconnects: c.reconnects,
+                        }
+                    }),
                 })
                 .collect();
             groups.push(status::GroupStatus {
@@ -612,6 +666,9 @@ impl Engine {
     ) {
         for t in &mut self.targets {
             t.backlog.sync_journal(&t.settings.dest);
+            if let Some(link) = &t.settings.link {
+                link.observe_every(LINK_CHECK);
+            }
         }
         let now = Instant::now();
         if let Some((at, count)) = stats.rate_mark {
@@ -897,6 +954,7 @@ mod tests {
                 dest: Target::Remote("host::m".into()),
                 root: "/srv/data".into(),
                 rsync: RsyncOptions::default(),
+                link: None,
             },
             backlog: Backlog::new(1_000, None),
             machine: SyncMachine::new(FlushConfig::default(), None, Instant::now()),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::backend::OwnPids;
 use crate::dirty::Batch;
 use crate::rsync::{self, ExitClass, RsyncOptions};
+use crate::ssh;
 use crate::sync_machine::{Finished, FlushKind};
 use crate::target::Target;
 
@@ -29,6 +30,8 @@ pub struct Job {
     pub root: PathBuf,
     pub dest: Target,
     pub opts: RsyncOptions,
+    /// The shared connection of an ssh target.
+    pub link: Option<Arc<ssh::Link>>,
 }
 
 /// How a batch ended.
@@ -76,7 +79,13 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         root,
         dest,
         opts,
+        link,
     } = job;
+    // A master that died (its socket left behind) is cleaned up, so this run's ssh makes
+    // a new one.
+    if let Some(link) = &link {
+        link.observe();
+    }
     let mut done = Done {
         target,
         kind,
@@ -140,8 +149,15 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                 done.killed = r.code.is_none();
                 if r.class != ExitClass::Success {
                     done.class = r.class;
+                    // ssh's own words ("Connection refused", "Permission denied") name the
+                    // cause better than rsync's exit code.
+                    let cause = link
+                        .as_ref()
+                        .and_then(|l| ssh::diagnose(l.label(), &r.stderr))
+                        .map(|e| format!("{e}; "))
+                        .unwrap_or_default();
                     done.detail = format!(
-                        "rsync exited with {:?} ({}): {}\n  command: {}",
+                        "{cause}rsync exited with {:?} ({}): {}\n  command: {}",
                         r.code,
                         rsync::describe(r.code),
                         r.stderr,
@@ -160,6 +176,9 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                 break;
             }
         }
+    }
+    if let Some(link) = &link {
+        link.observe();
     }
     done.elapsed = started.elapsed();
     done

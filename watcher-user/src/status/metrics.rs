@@ -103,7 +103,7 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
     }
 
     type Sample = fn(&TargetStatus) -> Option<f64>;
-    let per_target: [(&str, &str, &str, Sample); 9] = [
+    let per_target: [(&str, &str, &str, Sample); 12] = [
         (
             "watcher_dirty_paths",
             "gauge",
@@ -161,6 +161,29 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
             "gauge",
             "1 while the target is kept in step, 0 while it is retrying or has failed.",
             |t| Some(if t.state.is_up() { 1.0 } else { 0.0 }),
+        ),
+        (
+            "watcher_ssh_connection_up",
+            "gauge",
+            "1 while an ssh target's shared connection is up (ssh targets only).",
+            |t| t.ssh.as_ref().map(|c| if c.up { 1.0 } else { 0.0 }),
+        ),
+        (
+            "watcher_ssh_connection_since_seconds",
+            "gauge",
+            "Since when an ssh target's connection has been up (or down), seconds since the Unix epoch.",
+            |t| {
+                t.ssh
+                    .as_ref()
+                    .and_then(|c| c.since_unix_ms)
+                    .map(|ms| ms as f64 / 1000.0)
+            },
+        ),
+        (
+            "watcher_ssh_reconnects_total",
+            "counter",
+            "Connections an ssh target made again after losing one.",
+            |t| t.ssh.as_ref().map(|c| c.reconnects as f64),
         ),
     ];
     for (name, kind, help, sample) in per_target {
@@ -395,9 +418,14 @@ mod tests {
             "watcher_target_up{group=\"data\",target=\"remote \\\"eu\\\"\"} 0\n",
             "watcher_target_state{group=\"data\",target=\"local\",state=\"in_step\"} 1\n",
             "watcher_target_state{group=\"data\",target=\"local\",state=\"failed\"} 0\n",
+            "watcher_ssh_connection_up{group=\"data\",target=\"remote \\\"eu\\\"\"} 0\n",
+            "watcher_ssh_connection_since_seconds{group=\"data\",target=\"remote \\\"eu\\\"\"} 4535\n",
+            "# TYPE watcher_ssh_reconnects_total counter\nwatcher_ssh_reconnects_total{group=\"data\",target=\"remote \\\"eu\\\"\"} 3\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+        // Only ssh targets have connection metrics.
+        assert!(!text.contains("watcher_ssh_connection_up{group=\"data\",target=\"local\"}"));
         // Every family is introduced once, and its samples follow it without interruption.
         let mut seen = std::collections::HashSet::new();
         let mut current = String::new();

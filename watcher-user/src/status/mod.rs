@@ -31,7 +31,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use metrics::{MetricsListener, render_metrics};
 pub use render::{format_age, render};
-pub use snapshot::{GroupStatus, LastSync, LastVerify, StatusSnapshot, TargetState, TargetStatus};
+pub use snapshot::{
+    GroupStatus, LastSync, LastVerify, SshConnection, StatusSnapshot, TargetState, TargetStatus,
+};
 pub use socket::{StatusSocket, query, serve_socket};
 
 /// Why the status socket or the metrics endpoint could not be served or queried.

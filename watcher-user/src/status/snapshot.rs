@@ -55,6 +55,20 @@ pub struct TargetStatus {
     pub rsync_runs: u64,
     pub retries_total: u64,
     pub verify: Option<LastVerify>,
+    /// The connection of an ssh target (None for other targets).
+    pub ssh: Option<SshConnection>,
+}
+
+/// The connection an ssh target's runs share.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SshConnection {
+    /// A master connection answers on the control socket.
+    pub up: bool,
+    /// Since when it has been up (or down); None before the daemon first looked.
+    pub since_unix_ms: Option<u64>,
+    /// Connections made after the first one (each lost one made again).
+    pub reconnects: u64,
 }
 
 /// The state of a target.
@@ -200,6 +214,11 @@ pub(super) fn sample() -> StatusSnapshot {
                         rsync_runs: 30,
                         retries_total: 4,
                         verify: None,
+                        ssh: Some(SshConnection {
+                            up: false,
+                            since_unix_ms: Some(1_000_000 + 3_600_000 - 65_000),
+                            reconnects: 3,
+                        }),
                     },
                 ],
             },
