@@ -18,10 +18,14 @@
 //! (`BatchMode=yes`: never prompt; `ConnectTimeout`; keepalives that notice a dead peer).
 //! Host keys are checked as ssh always does: an unknown host is refused, never accepted.
 //!
-//! Two quoting rules meet here. rsync splits its `-e` string itself, at spaces, with `'`
-//! and `"` quoting (a doubled quote inside stands for itself); no shell is involved.
-//! A remote command travels as one string that the remote login shell parses, so each
-//! word is single-quoted for a POSIX shell; names are bytes and may be anything.
+//! - `quote`: the `-e` string rsync splits, and commands for the remote shell;
+//! - `check`: what ssh's failures mean, and the remote side's start-up check.
+
+mod check;
+mod quote;
+
+pub use check::{CheckError, RemoteInfo, diagnose};
+pub use quote::{join_rsh, remote_command, sh_quote, split_rsh, take_rsh};
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
@@ -108,209 +112,6 @@ pub enum SshError {
     /// The ssh command is empty (`ssh = []`, `-e ''`).
     #[error("the ssh command for {host} is empty")]
     EmptyCommand { host: String },
-}
-
-/// Why the remote side of an ssh target cannot be used, from ssh's own words.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CheckError {
-    /// No connection: refused, timed out, no route, unknown name.
-    #[error("ssh {host}: cannot reach the host: {detail}")]
-    Unreachable { host: String, detail: String },
-    /// The host's key is in no known_hosts file.
-    #[error(
-        "ssh {host}: the host key is not known (add it to the known_hosts file, e.g. from ssh-keyscan after checking its fingerprint; the daemon never accepts one on its own): {detail}"
-    )]
-    HostKeyUnknown { host: String, detail: String },
-    /// The host presented a key other than the known one.
-    #[error(
-        "ssh {host}: the host key does not match the known one (a reinstalled host, or someone in between): {detail}"
-    )]
-    HostKeyChanged { host: String, detail: String },
-    /// The server refused every key offered.
-    #[error(
-        "ssh {host}: authentication refused (is the daemon's key in the remote authorized_keys?): {detail}"
-    )]
-    AuthRefused { host: String, detail: String },
-    /// No rsync on the remote side.
-    #[error("ssh {host}: no rsync on the remote side (install rsync 3.1.3 or later there)")]
-    NoRemoteRsync { host: String },
-    /// The remote rsync lacks what every run relies on.
-    #[error("ssh {host}: the remote rsync is version {version}; 3.1.3 or later is needed")]
-    RemoteRsyncTooOld { host: String, version: String },
-    /// The target directory (or, when it does not exist yet, its parent) takes no new file.
-    #[error("ssh {host}: cannot write to the target path {path:?} (checked in {dir:?})")]
-    NotWritable {
-        host: String,
-        path: String,
-        dir: String,
-    },
-    /// ssh could not be started.
-    #[error("ssh {host}: cannot run {program}: {detail}")]
-    Spawn {
-        host: String,
-        program: String,
-        detail: String,
-    },
-    /// No answer in time.
-    #[error("ssh {host}: no answer within {secs} s")]
-    Timeout { host: String, secs: u64 },
-    /// Anything else ssh or the remote shell said.
-    #[error("ssh {host}: {detail}")]
-    Other { host: String, detail: String },
-}
-
-impl CheckError {
-    /// Whether the daemon must not start with this target: retrying cannot help until
-    /// someone changes a key, a known_hosts file or the remote host. An unreachable host
-    /// may come back: its target is retried like any target that is down.
-    pub fn is_fatal(&self) -> bool {
-        !matches!(
-            self,
-            CheckError::Unreachable { .. } | CheckError::Timeout { .. } | CheckError::Other { .. }
-        )
-    }
-}
-
-/// What ssh's stderr says went wrong, if it is one of the failures ssh itself reports.
-pub fn diagnose(host: &str, stderr: &str) -> Option<CheckError> {
-    let detail = stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("rsync") && !l.starts_with('@'))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let host = host.to_owned();
-    let has = |needle: &str| stderr.contains(needle);
-    if has("REMOTE HOST IDENTIFICATION HAS CHANGED") || has("Host key for") && has("has changed") {
-        Some(CheckError::HostKeyChanged { host, detail })
-    } else if has("Host key verification failed") || has("No ") && has("host key is known") {
-        Some(CheckError::HostKeyUnknown { host, detail })
-    } else if has("Permission denied (") || has("Too many authentication failures") {
-        Some(CheckError::AuthRefused { host, detail })
-    } else if has("Connection refused")
-        || has("Connection timed out")
-        || has("No route to host")
-        || has("Network is unreachable")
-        || has("Could not resolve hostname")
-        || has("Connection closed by")
-        || has("Connection reset by")
-        || has("kex_exchange_identification")
-    {
-        Some(CheckError::Unreachable { host, detail })
-    } else {
-        None
-    }
-}
-
-/// Splits an `-e` string the way rsync does: at spaces, `'...'` and `"..."` quote, and a
-/// doubled quote character inside quotes stands for itself.
-pub fn split_rsh(cmd: &OsStr) -> Vec<OsString> {
-    let mut args = Vec::new();
-    let mut word: Option<Vec<u8>> = None;
-    let mut quote: Option<u8> = None;
-    let bytes = cmd.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let c = bytes[i];
-        i += 1;
-        match quote {
-            None if c == b' ' => {
-                if let Some(w) = word.take() {
-                    args.push(OsString::from_vec(w));
-                }
-            }
-            None if c == b'\'' || c == b'"' => {
-                quote = Some(c);
-                word.get_or_insert_with(Vec::new);
-            }
-            Some(q) if c == q => {
-                if bytes.get(i) == Some(&q) {
-                    word.get_or_insert_with(Vec::new).push(q);
-                    i += 1;
-                } else {
-                    quote = None;
-                }
-            }
-            _ => word.get_or_insert_with(Vec::new).push(c),
-        }
-    }
-    if let Some(w) = word {
-        args.push(OsString::from_vec(w));
-    }
-    args
-}
-
-/// Joins words into an `-e` string that [`split_rsh`] (rsync) splits back into them.
-pub fn join_rsh(words: &[OsString]) -> OsString {
-    let mut out = Vec::new();
-    for (i, w) in words.iter().enumerate() {
-        if i > 0 {
-            out.push(b' ');
-        }
-        let b = w.as_bytes();
-        if !b.is_empty() && !b.iter().any(|c| b" '\"".contains(c)) {
-            out.extend_from_slice(b);
-        } else {
-            out.push(b'\'');
-            for &c in b {
-                out.push(c);
-                if c == b'\'' {
-                    out.push(b'\'');
-                }
-            }
-            out.push(b'\'');
-        }
-    }
-    OsString::from_vec(out)
-}
-
-/// One word for a POSIX shell, whatever its bytes: single-quoted, each `'` as `'\''`.
-pub fn sh_quote(word: &OsStr) -> Vec<u8> {
-    let mut out = vec![b'\''];
-    for &c in word.as_bytes() {
-        if c == b'\'' {
-            out.extend_from_slice(b"'\\''");
-        } else {
-            out.push(c);
-        }
-    }
-    out.push(b'\'');
-    out
-}
-
-/// A command line for the remote login shell: every word quoted, so the remote side runs
-/// exactly these words.
-pub fn remote_command(words: &[&OsStr]) -> OsString {
-    let mut out = Vec::new();
-    for (i, w) in words.iter().enumerate() {
-        if i > 0 {
-            out.push(b' ');
-        }
-        out.extend(sh_quote(w));
-    }
-    OsString::from_vec(out)
-}
-
-/// Takes the remote shell out of rsync arguments (`-e CMD`, `-eCMD`, `--rsh=CMD`,
-/// `--rsh CMD`): the last one given, as rsync would use it.
-pub fn take_rsh(args: &mut Vec<OsString>) -> Option<OsString> {
-    let mut found = None;
-    let mut kept = Vec::with_capacity(args.len());
-    let mut it = std::mem::take(args).into_iter();
-    while let Some(arg) = it.next() {
-        let b = arg.as_bytes();
-        if b == b"-e" || b == b"--rsh" {
-            found = it.next();
-        } else if let Some(rest) = b.strip_prefix(b"--rsh=") {
-            found = Some(OsStr::from_bytes(rest).to_owned());
-        } else if b.len() > 2 && b.starts_with(b"-e") {
-            found = Some(OsStr::from_bytes(&b[2..]).to_owned());
-        } else {
-            kept.push(arg);
-        }
-    }
-    *args = kept;
-    found
 }
 
 /// The port given in ssh options (`-p N`, `-pN`, `-o Port=N`), for messages.
@@ -451,23 +252,6 @@ fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// What the start-up check found on the remote side.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteInfo {
-    pub rsync_version: String,
-}
-
-/// Run on the remote side by [`Link::check`], with the target path as `$1`: prints the
-/// rsync version line and whether a file can be made where rsync will write.
-const CHECK_SCRIPT: &str = r#"v=$(rsync --version 2>/dev/null | head -n 1)
-printf 'rsync:%s\n' "$v"
-d=$1
-[ -n "$d" ] || d=.
-[ -d "$d" ] || d=$(dirname -- "$d")
-t="$d/.watcher-check.$$"
-if ( : > "$t" ) 2>/dev/null; then rm -f -- "$t"; echo 'writable:yes'; else echo 'writable:no'; fi
-"#;
-
 /// One ssh target's connection: the ssh command that rides its master, the master's
 /// control socket, and what the daemon saw of it.
 #[derive(Debug)]
@@ -606,7 +390,7 @@ impl Link {
         let cmd = self.command(&[
             OsStr::new("sh"),
             OsStr::new("-c"),
-            OsStr::new(CHECK_SCRIPT),
+            OsStr::new(check::CHECK_SCRIPT),
             OsStr::new("watcher-check"),
             &self.remote.path,
         ]);
@@ -937,15 +721,15 @@ fn output_within(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn os(s: &str) -> OsString {
+    pub(crate) fn os(s: &str) -> OsString {
         s.into()
     }
 
     /// Names that break naive quoting, option parsing, line-based parsing or UTF-8.
-    fn hostile() -> Vec<OsString> {
+    pub(crate) fn hostile() -> Vec<OsString> {
         let mut v: Vec<OsString> = [
             "plain",
             "with space",
@@ -997,116 +781,6 @@ mod tests {
             });
             assert_eq!(got, want, "{spec}");
         }
-    }
-
-    #[test]
-    fn rsh_strings_split_like_rsync() {
-        let table: &[(&str, &[&str])] = &[
-            ("ssh", &["ssh"]),
-            ("ssh  -p 2222", &["ssh", "-p", "2222"]),
-            ("ssh -i '/a b/key'", &["ssh", "-i", "/a b/key"]),
-            ("ssh -o \"Foo=a b\"", &["ssh", "-o", "Foo=a b"]),
-            ("ssh 'it''s'", &["ssh", "it's"]),
-            ("ssh ''", &["ssh", ""]),
-            ("ssh a'b c'd", &["ssh", "ab cd"]),
-        ];
-        for (cmd, want) in table {
-            let want: Vec<OsString> = want.iter().map(|w| os(w)).collect();
-            assert_eq!(split_rsh(OsStr::new(cmd)), want, "{cmd}");
-        }
-    }
-
-    #[test]
-    fn joined_rsh_splits_back_to_the_same_words() {
-        let mut words = vec![os("ssh")];
-        words.extend(hostile());
-        assert_eq!(split_rsh(&join_rsh(&words)), words);
-    }
-
-    #[test]
-    fn rsh_is_taken_out_of_rsync_arguments() {
-        let table: &[(&[&str], Option<&str>, &[&str])] = &[
-            (&["--numeric-ids"], None, &["--numeric-ids"]),
-            (&["-e", "ssh -p 2", "-z"], Some("ssh -p 2"), &["-z"]),
-            (&["-essh -p 3"], Some("ssh -p 3"), &[]),
-            (&["--rsh=ssh -p 4", "-z"], Some("ssh -p 4"), &["-z"]),
-            (&["--rsh", "a", "--rsh=b"], Some("b"), &[]),
-        ];
-        for (args, rsh, rest) in table {
-            let mut v: Vec<OsString> = args.iter().map(|a| os(a)).collect();
-            assert_eq!(take_rsh(&mut v), rsh.map(os), "{args:?}");
-            assert_eq!(
-                v,
-                rest.iter().map(|a| os(a)).collect::<Vec<_>>(),
-                "{args:?}"
-            );
-        }
-    }
-
-    /// What a POSIX shell makes of a remote command line: the exact words, bytes and all,
-    /// with nothing expanded, run, or read as an option.
-    #[test]
-    fn remote_commands_survive_the_remote_shell() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let names = hostile();
-        let mut words: Vec<&OsStr> = vec![OsStr::new("printf"), OsStr::new("%s\\0")];
-        words.extend(names.iter().map(OsString::as_os_str));
-        let line = remote_command(&words);
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(&line)
-            .current_dir(dir.path())
-            .output()
-            .expect("sh");
-        assert!(out.status.success(), "{out:?}");
-        let mut want = Vec::new();
-        for n in &names {
-            want.extend_from_slice(n.as_bytes());
-            want.push(0);
-        }
-        assert_eq!(out.stdout, want);
-        assert!(!dir.path().join("pwned").exists(), "a name was run");
-    }
-
-    /// The check script takes the path as `$1`: hostile names are tested for writability,
-    /// not run.
-    #[test]
-    fn check_script_handles_hostile_paths() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for name in hostile() {
-            if name.is_empty() || name.as_bytes().contains(&b'/') {
-                continue;
-            }
-            let target = dir.path().join(&name);
-            for exists in [false, true] {
-                if exists {
-                    std::fs::create_dir_all(&target).expect("mkdir");
-                }
-                let line = remote_command(&[
-                    OsStr::new("sh"),
-                    OsStr::new("-c"),
-                    OsStr::new(CHECK_SCRIPT),
-                    OsStr::new("watcher-check"),
-                    target.as_os_str(),
-                ]);
-                let out = Command::new("sh")
-                    .arg("-c")
-                    .arg(&line)
-                    .current_dir(dir.path())
-                    .output()
-                    .expect("sh");
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                assert!(stdout.contains("writable:yes"), "{name:?}: {stdout}");
-                assert!(stdout.contains("rsync:rsync"), "{name:?}: {stdout}");
-            }
-        }
-        assert!(!dir.path().join("pwned").exists(), "a name was run");
-        let entries: Vec<_> = std::fs::read_dir(dir.path())
-            .expect("read_dir")
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().as_bytes().starts_with(b".watcher-check"))
-            .collect();
-        assert!(entries.is_empty(), "check files left behind");
     }
 
     #[test]
@@ -1197,45 +871,6 @@ mod tests {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&dir, &link).expect("symlink");
         assert!(ensure_control_dir(&link).is_err(), "a symlink is refused");
-    }
-
-    #[test]
-    fn ssh_failures_are_named() {
-        let h = "root@127.0.0.1 port 2222";
-        type Is = fn(&CheckError) -> bool;
-        let table: &[(&str, Is)] = &[
-            (
-                "ssh: connect to host 127.0.0.1 port 2222: Connection refused\r\nrsync: connection unexpectedly closed",
-                |e| matches!(e, CheckError::Unreachable { .. }),
-            ),
-            (
-                "No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.\r\nHost key verification failed.",
-                |e| matches!(e, CheckError::HostKeyUnknown { .. }),
-            ),
-            (
-                "@@@@@@@@@@@\r\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\r\nHost key verification failed.",
-                |e| matches!(e, CheckError::HostKeyChanged { .. }),
-            ),
-            ("root@127.0.0.1: Permission denied (publickey).", |e| {
-                matches!(e, CheckError::AuthRefused { .. })
-            }),
-        ];
-        for (stderr, is) in table {
-            let e = diagnose(h, stderr).expect(stderr);
-            assert!(is(&e), "{stderr}: {e:?}");
-            assert!(
-                e.to_string().starts_with("ssh root@127.0.0.1 port 2222: "),
-                "{e}"
-            );
-        }
-        assert!(diagnose(h, "rsync: some other error").is_none());
-        assert!(
-            !CheckError::Unreachable {
-                host: h.into(),
-                detail: String::new()
-            }
-            .is_fatal()
-        );
     }
 
     #[test]
