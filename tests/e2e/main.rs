@@ -5,6 +5,9 @@
 //! (paths, types, contents, permissions, owners, nanosecond mtimes of files,
 //! directories including the root, and symlinks, symlink targets). See `tree.rs`.
 //!
+//! The `*_over_ssh` and `ssh_*` tests write the replica through a real OpenSSH server on
+//! 127.0.0.1 that they start themselves (`sshd.rs`; `cargo xtask setup` installs it).
+//!
 //! They need root (filesystem-wide fanotify marks). Run with
 //! `cargo test -p watcher-user --test e2e -- --test-threads=2`. Seeded tests print
 //! their seed; `WATCHER_E2E_SEED=N` replays one.
