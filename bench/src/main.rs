@@ -16,6 +16,7 @@ mod kernel;
 mod proc;
 mod report;
 mod scen;
+mod sshd;
 mod svg;
 mod tree;
 
@@ -38,6 +39,9 @@ enum Scenario {
     Churn,
     Scale,
     Kernel,
+    /// Lone-change latency to an ssh target on 127.0.0.1 against a local target, and the
+    /// ssh authentications for 100 lone changes.
+    Ssh,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -351,6 +355,7 @@ fn run() -> Result<bool> {
             Scenario::Churn => ctx.churn(),
             Scenario::Scale => ctx.scale(),
             Scenario::Kernel => ctx.kernel(),
+            Scenario::Ssh => ctx.ssh(),
         };
         if let Err(e) = r {
             proc::check_interrupted()?;

@@ -1,5 +1,6 @@
 //! The scenarios: `ready`, `latency`, `burst`, `churn` and `scale`, each running every
-//! competitor one after the other on the same generated tree.
+//! competitor one after the other on the same generated tree; `ssh`, the daemon's lone
+//! changes to an ssh target against a local one.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,12 @@ use rand::{Rng, SeedableRng};
 use crate::comp::{self, Comp, Env, Running};
 use crate::proc;
 use crate::report::{Report, Section, Unit, dur, thousands};
+use crate::sshd;
 use crate::svg::Series;
 use crate::tree::{self, SUBDIRS, Tree};
+
+/// Lone changes per run of the `ssh` scenario (the figure: authentications for 100).
+const SSH_CHANGES: usize = 100;
 
 /// Wait before the `Slab` reading after ready: the kernel folds its per-CPU counters into
 /// `/proc/meminfo` only every `vm.stat_interval` (1 s).
@@ -351,6 +356,128 @@ impl Ctx {
                 color: color(*c),
             });
         }
+        self.report.sections.push(sec);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------------- ssh
+
+    pub fn ssh(&mut self) -> Result<()> {
+        let base = self.workdir.join("ssh");
+        let r = self.ssh_in(&base);
+        tree::remove(&base)?;
+        r
+    }
+
+    /// Lone changes to a local target and to the same machine over ssh (a real sshd on
+    /// 127.0.0.1), one after the other in each run, and the authentications the server
+    /// logged while the ssh target took [`SSH_CHANGES`] of them.
+    fn ssh_in(&mut self, base: &Path) -> Result<()> {
+        if !Path::new(sshd::SSHD).is_file() {
+            self.report.note(format!(
+                "ssh: skipped, no {} (cargo xtask setup installs openssh-server)",
+                sshd::SSHD
+            ));
+            return Ok(());
+        }
+        let (tree, _) = Tree::generate(&base.join("src"), self.sizes.tree_files)?;
+        let local = base.join("dst-local");
+        let remote = base.join("dst-ssh");
+        seed(&tree.root, &local)?;
+        seed(&tree.root, &remote)?;
+        let server = sshd::Sshd::start(&base.join("sshd"))?;
+        let mut sec = Section::new(
+            "ssh: lone changes to an ssh target",
+            vec![format!(
+                "The `latency` measurement ({} quiet before each sample, replica busy-polled) on a {}-file tree, {SSH_CHANGES} lone changes per run to a local target and then to `root@127.0.0.1:DST` through an OpenSSH server the harness starts on 127.0.0.1 (key authentication, `--rsync-arg=--rsh=ssh -p PORT -i KEY -o UserKnownHostsFile=FILE`), {} runs. p50 per run, p95 and max over all samples. Authentications: `Accepted publickey` lines the server logged from the daemon's start (its remote check) to the end of the samples; the daemon keeps one OpenSSH master connection per target, so the goal is 1.",
+                dur(SAMPLE_GAP),
+                thousands(tree.files()),
+                self.repeat,
+            )],
+            &[
+                ("p50", Unit::Secs, false),
+                ("p95", Unit::Secs, false),
+                ("max", Unit::Secs, false),
+                ("timeouts", Unit::Count, false),
+                ("ssh authentications", Unit::Count, false),
+            ],
+        )
+        .with_ratios(&[], "");
+        let dest = format!("root@127.0.0.1:{}", remote.display());
+        let mut args = self.watcher_args.clone();
+        args.push(server.rsh_arg());
+        let mut rng = StdRng::seed_from_u64(0x0554);
+        let mut pooled: [Vec<Option<Duration>>; 2] = [Vec::new(), Vec::new()];
+        let mut p50s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for rep in 0..self.repeat {
+            for (i, case) in ["local target", "ssh target"].into_iter().enumerate() {
+                let before = server.accepted();
+                let (dst, r) = if i == 0 {
+                    (
+                        local.as_path(),
+                        self.start("ssh", Comp::Fanotify, &tree, &local)?,
+                    )
+                } else {
+                    let dst = Path::new(&dest);
+                    let env = Env {
+                        watcher_args: &args,
+                        ..self.env()
+                    };
+                    let lines = comp::command_lines(&env, Comp::Fanotify, &tree.root, dst)?;
+                    let r = comp::start(&env, Comp::Fanotify, &tree.root, dst, tree.dirs())?;
+                    self.report.command("ssh: watcher (ssh target)", lines);
+                    (remote.as_path(), r)
+                };
+                eprintln!("ssh: run {}: {case}; {SSH_CHANGES} samples", rep + 1);
+                let s = samples(
+                    &tree,
+                    dst,
+                    r.pid(),
+                    SSH_CHANGES,
+                    "ssh",
+                    rep * 2 + i,
+                    &mut rng,
+                )?;
+                let auths = server.accepted() - before;
+                r.stop()?;
+                let p50 = percentile(&s, 0.5).map(|d| d.as_secs_f64());
+                sec.push(case, Comp::Fanotify, 0, p50);
+                if i == 1 {
+                    sec.push(case, Comp::Fanotify, 4, Some(auths as f64));
+                }
+                p50s[i].extend(p50);
+                pooled[i].extend(s);
+            }
+        }
+        let mut summary = Vec::new();
+        for (i, case) in ["local target", "ssh target"].into_iter().enumerate() {
+            let s = &pooled[i];
+            for (col, p) in [(1, 0.95), (2, 1.0)] {
+                sec.push(
+                    case,
+                    Comp::Fanotify,
+                    col,
+                    percentile(s, p).map(|d| d.as_secs_f64()),
+                );
+            }
+            let timeouts = s.iter().filter(|v| v.is_none()).count();
+            sec.push(case, Comp::Fanotify, 3, Some(timeouts as f64));
+            summary.push(format!(
+                "{case}: p50 {}, p95 {}",
+                percentile(s, 0.5).map_or("-".into(), dur),
+                percentile(s, 0.95).map_or("-".into(), dur)
+            ));
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        if let (Some(l), Some(r)) = (median(&p50s[0]), median(&p50s[1])) {
+            summary.push(format!("p50 ssh / local: {:.2}x", r / l));
+        }
+        self.report.note(format!("ssh: {}", summary.join("; ")));
+        server.stop()?;
         self.report.sections.push(sec);
         Ok(())
     }

@@ -5,6 +5,9 @@
 //! (paths, types, contents, permissions, owners, nanosecond mtimes of files,
 //! directories including the root, and symlinks, symlink targets). See `tree.rs`.
 //!
+//! The `*_over_ssh` and `ssh_*` tests write the replica through a real OpenSSH server on
+//! 127.0.0.1 that they start themselves (`sshd.rs`; `cargo xtask setup` installs it).
+//!
 //! They need root (filesystem-wide fanotify marks). Run with
 //! `cargo test -p watcher-user --test e2e -- --test-threads=2`. Seeded tests print
 //! their seed; `WATCHER_E2E_SEED=N` replays one.
@@ -14,6 +17,8 @@ mod harness;
 mod operations;
 mod renames;
 mod rsyncd;
+mod ssh_target;
+mod sshd;
 mod tree;
 
 use std::ffi::{OsStr, OsString};
@@ -179,6 +184,82 @@ fn churn_rsync_daemon_target() {
     rsyncd.stop();
 }
 
+/// Where a test's replica is written: its `dst` directory itself, or the same directory
+/// over ssh, through a real sshd on 127.0.0.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Local,
+    Ssh,
+}
+
+/// The target argument and extra arguments for a test's daemon; holds the sshd.
+struct Dest {
+    spec: OsString,
+    args: Vec<OsString>,
+    sshd: Option<sshd::Sshd>,
+}
+
+impl Dest {
+    fn new(via: Via, s: &Scratch) -> Dest {
+        match via {
+            Via::Local => Dest {
+                spec: s.dst.clone().into_os_string(),
+                args: Vec::new(),
+                sshd: None,
+            },
+            Via::Ssh => {
+                let server = sshd::Sshd::start(&s.path().join("sshd"));
+                Dest {
+                    spec: server.dest(&s.dst).into(),
+                    args: vec![server.rsh_arg().into()],
+                    sshd: Some(server),
+                }
+            }
+        }
+    }
+
+    /// The daemon's arguments with `extra` after this destination's own.
+    fn args(&self, extra: &[OsString]) -> Vec<OsString> {
+        let mut all = self.args.clone();
+        all.extend(extra.iter().cloned());
+        all
+    }
+
+    /// Over ssh: every run rode the one connection the start-up check made.
+    fn assert_one_connection(&self, ctx: &str) {
+        if let Some(server) = &self.sshd {
+            assert_eq!(
+                server.accepted(),
+                1,
+                "{ctx}: sshd accepted more than one authentication (runs did not share the \
+                 connection)"
+            );
+        }
+    }
+}
+
+/// The name of a test's variant, for its scratch directory and messages.
+fn named(test: &str, via: Via) -> String {
+    match via {
+        Via::Local => test.to_owned(),
+        Via::Ssh => format!("{test}_over_ssh"),
+    }
+}
+
+#[test]
+fn churn_ssh_target() {
+    let Some(_timer) = harness::begin("churn_ssh_target") else {
+        return;
+    };
+    if !sshd::available_or_skip("churn_ssh_target") {
+        return;
+    }
+    let s = Scratch::new("churn-ssh");
+    let dest = Dest::new(Via::Ssh, &s);
+    churn_against("churn_ssh_target", &s, &dest.spec, &dest.args, false);
+    dest.assert_one_connection("churn_ssh_target");
+}
+
 /// A big tree (`dirs` x `files`) changed by simple, cheap operations: the churn model
 /// is meant for small trees.
 struct BigTree {
@@ -311,9 +392,26 @@ fn changes_during_initial_sync_reach_replica() {
     let Some(_timer) = harness::begin("changes_during_initial_sync_reach_replica") else {
         return;
     };
-    let seed = harness::seed("changes_during_initial_sync_reach_replica");
-    let ctx = format!("changes_during_initial_sync_reach_replica, seed {seed}");
+    changes_during_initial_sync(Via::Local);
+}
+
+#[test]
+fn changes_during_initial_sync_reach_replica_over_ssh() {
+    let test = "changes_during_initial_sync_reach_replica_over_ssh";
+    let Some(_timer) = harness::begin(test) else {
+        return;
+    };
+    if sshd::available_or_skip(test) {
+        changes_during_initial_sync(Via::Ssh);
+    }
+}
+
+fn changes_during_initial_sync(via: Via) {
+    let test = named("changes_during_initial_sync_reach_replica", via);
+    let seed = harness::seed(&test);
+    let ctx = format!("{test}, seed {seed}");
     let s = Scratch::new("initial-sync");
+    let dest = Dest::new(via, &s);
     let t = Instant::now();
     let mut tree = BigTree::create(&s.src, 500, 100, seed);
     eprintln!("created 50,000 files in {:?}", t.elapsed());
@@ -322,7 +420,7 @@ fn changes_during_initial_sync_reach_replica() {
     // set, during the initial sync, and (one more round) after it.
     let d = {
         let _start = QUEUE_LIMIT_LOCK.read().unwrap_or_else(|e| e.into_inner());
-        let mut d = Daemon::spawn(&s.src, &s.dst, &[]);
+        let mut d = Daemon::spawn(&s.src, &dest.spec, &dest.args(&[]));
         let t = Instant::now();
         let mut rounds_before_ready = 0;
         let mut ready_seen_after_first_round = None;
@@ -361,6 +459,7 @@ fn changes_during_initial_sync_reach_replica() {
     eprintln!("converged {took:?} after the last change");
     d.stop();
     assert_equal_now(&s.src, &s.dst, &skip_nothing, &format!("{ctx}: after stop"));
+    dest.assert_one_connection(&ctx);
 }
 
 #[test]
@@ -368,9 +467,25 @@ fn overflow_burst_converges() {
     let Some(_timer) = harness::begin("overflow_burst_converges") else {
         return;
     };
-    let seed = harness::seed("overflow_burst_converges");
-    let ctx = format!("overflow_burst_converges, seed {seed}");
+    overflow_burst(Via::Local);
+}
+
+#[test]
+fn overflow_burst_converges_over_ssh() {
+    let Some(_timer) = harness::begin("overflow_burst_converges_over_ssh") else {
+        return;
+    };
+    if sshd::available_or_skip("overflow_burst_converges_over_ssh") {
+        overflow_burst(Via::Ssh);
+    }
+}
+
+fn overflow_burst(via: Via) {
+    let test = named("overflow_burst_converges", via);
+    let seed = harness::seed(&test);
+    let ctx = format!("{test}, seed {seed}");
     let s = Scratch::new("overflow");
+    let dest = Dest::new(via, &s);
     let mut churn = Churn::new(&s.src, seed);
     churn.populate(150);
     mark_root(&s.src);
@@ -390,7 +505,7 @@ fn overflow_burst_converges() {
     let mut d = {
         let _no_other_start = QUEUE_LIMIT_LOCK.write().unwrap_or_else(|e| e.into_inner());
         let _limit = SysctlGuard::set(queue_limit, "64");
-        let mut d = Daemon::spawn(&s.src, &s.dst, &extra);
+        let mut d = Daemon::spawn(&s.src, &dest.spec, &dest.args(&extra));
         d.wait_for_line("ready", READY_TIMEOUT);
         d
     };
@@ -434,6 +549,7 @@ fn overflow_burst_converges() {
         &format!("{ctx}: after the rescan"),
     );
     d.stop();
+    dest.assert_one_connection(&ctx);
 }
 
 /// File names that break naive quoting, option parsing, line-based lists or UTF-8.
@@ -511,8 +627,24 @@ fn odd_file_names_replicate() {
     let Some(_timer) = harness::begin("odd_file_names_replicate") else {
         return;
     };
-    let ctx = "odd_file_names_replicate";
+    odd_file_names(Via::Local);
+}
+
+#[test]
+fn odd_file_names_replicate_over_ssh() {
+    let Some(_timer) = harness::begin("odd_file_names_replicate_over_ssh") else {
+        return;
+    };
+    if sshd::available_or_skip("odd_file_names_replicate_over_ssh") {
+        odd_file_names(Via::Ssh);
+    }
+}
+
+fn odd_file_names(via: Via) {
+    let test = named("odd_file_names_replicate", via);
+    let ctx = test.as_str();
     let s = Scratch::new("odd-names");
+    let dest = Dest::new(via, &s);
     let names = odd_names();
 
     // Before the start: files and directories (with a file inside) of every odd name.
@@ -529,7 +661,7 @@ fn odd_file_names_replicate() {
     eprintln!("deepest source path: {deep_len} bytes");
     mark_root(&s.src);
 
-    let d = Daemon::start(&s.src, &s.dst, &[]);
+    let d = Daemon::start(&s.src, &dest.spec, &dest.args(&[]));
     assert_equal_now(
         &s.src,
         &s.dst,
@@ -637,6 +769,7 @@ fn odd_file_names_replicate() {
         );
     }
     d.stop();
+    dest.assert_one_connection(ctx);
 }
 
 /// An entry replaced by one of another type under the same name: the replica must

@@ -197,6 +197,7 @@ impl SyncArgs {
                     dest: at(OsText(dest)),
                     password_file,
                     rsync_args: Vec::new(),
+                    ssh: None,
                     max_backlog: None,
                 })],
             })],

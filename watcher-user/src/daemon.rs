@@ -24,6 +24,7 @@ use crate::journal::{Journal, Recovered};
 use crate::notify::{Standing, StatusLine, notify, status_text};
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
+use crate::ssh::{self, Links};
 use crate::status::{self, Failures, Histogram, LastSync, LastVerify, StatusSnapshot};
 use crate::sync_machine::{
     Action, FIRST_BACKOFF, FlushKind, GiveUpCause, Mode, RACES_BEFORE_WHOLE_TREE, RetryCause,
@@ -47,6 +48,9 @@ pub struct RunOptions {
 /// How often journals are made durable and the status snapshot is refreshed.
 const HOUSEKEEPING: Duration = Duration::from_millis(200);
 
+/// How often an idle ssh target's connection is looked at, for status.
+const LINK_CHECK: Duration = Duration::from_secs(2);
+
 /// Batches of events in flight from the reader thread; when full, the reader stops reading
 /// and the kernel queue absorbs the burst (or overflows, which triggers a rescan).
 const EVENT_CHANNEL_BATCHES: usize = 256;
@@ -63,6 +67,8 @@ struct Settings {
     /// stops its group rather than being followed.
     root_id: FileId,
     rsync: RsyncOptions,
+    /// The shared connection of an ssh target.
+    link: Option<Arc<ssh::Link>>,
 }
 
 /// A file's identity: its device and inode, read without following a symlink.
@@ -212,6 +218,7 @@ impl TargetState {
             set_aside: self.failing.excludes(),
             stop: None,
             renames,
+            link: self.settings.link.clone(),
         }
     }
 
@@ -419,6 +426,8 @@ struct Engine {
     /// Set on SIGTERM/SIGINT: a verify pass in flight stops at once (it is only a check
     /// and runs again on its schedule), so the exit never waits for a whole-tree compare.
     stop_verify: watch::Sender<bool>,
+    /// The connections of the ssh targets.
+    links: Links,
 }
 
 /// A configuration that passed every check, with its backend started (so no change is
@@ -428,6 +437,8 @@ struct Prepared {
     filter: Filter,
     targets: Vec<TargetState>,
     backend: Box<dyn Backend>,
+    /// The connections of the ssh targets, checked.
+    links: Links,
 }
 
 /// What ended one engine's event loop.
@@ -496,7 +507,8 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
                     Ok(prepared) => {
                         // The new marks are set and every new part is ready: stop the old reader,
                         // take in its last events, and carry every dirty path and journal over.
-                        let carried = engine.stop_and_hand_over().await;
+                        let (carried, links) = engine.stop_and_hand_over().await;
+                        links.close_except(&prepared.links);
                         engine = prepared.into_engine(&opts, carried);
                         tracing::info!("configuration reloaded");
                         notify(&[sd_notify::NotifyState::Ready]);
@@ -509,6 +521,7 @@ async fn supervise(config: Config, opts: RunOptions) -> anyhow::Result<i32> {
             }
         }
     };
+    engine.links.close_except(&Links::default());
     servers.abort_all();
     Ok(code)
 }
@@ -556,6 +569,7 @@ fn target_states(
     opts: &RunOptions,
     filter: &Filter,
     continuing: &Continuing,
+    links: &Links,
 ) -> anyhow::Result<Vec<TargetState>> {
     let now = Instant::now();
     let mut targets = Vec::new();
@@ -564,6 +578,11 @@ fn target_states(
         let root_id = FileId::of(&root)
             .with_context(|| format!("sync group {}: source {}", g.name, root.display()))?;
         for t in &g.targets {
+            let link = links.get(&g.name, &t.name);
+            let extra_args = match &link {
+                Some(link) => link.rsync_args(&t.rsync_args(g)),
+                None => t.rsync_args(g),
+            };
             let settings = Settings {
                 group: *group,
                 group_name: g.name.clone(),
@@ -575,9 +594,10 @@ fn target_states(
                     binary: config.daemon.rsync.clone(),
                     hardlinks: g.hard_links,
                     excludes: filter.excludes(*group).to_vec(),
-                    extra_args: t.rsync_args(g),
+                    extra_args,
                     dry_run: opts.dry_run,
                 },
+                link,
             };
             let carried = continuing
                 .iter()
@@ -686,6 +706,7 @@ impl Prepared {
             reader: Some(reader),
             stop,
             stop_verify: watch::Sender::new(false),
+            links: self.links,
         }
     }
 }
@@ -713,6 +734,26 @@ impl Engine {
             groups.push(id);
         }
         let filter = builder.build()?;
+        // Before the backend starts: a target that cannot work stops a start or a reload.
+        let links = Links::start(
+            &ssh::control_dir(&config.daemon.status_socket),
+            config.groups.iter().flat_map(|g| {
+                g.targets.iter().map(move |t| {
+                    let dest = match &t.dest {
+                        Target::Local(path) => path.as_os_str(),
+                        Target::Remote(spec) => spec.as_os_str(),
+                    };
+                    let name = t.name.as_str();
+                    (
+                        g.name.as_str(),
+                        name,
+                        dest,
+                        t.ssh.as_slice(),
+                        t.rsync_args(g),
+                    )
+                })
+            }),
+        )?;
         let roots: Vec<PathBuf> = config.groups.iter().map(|g| g.source.clone()).collect();
         let d = &config.daemon;
         let options = backend::BackendOptions {
@@ -732,7 +773,7 @@ impl Engine {
                 .map(|t| (t.settings.group_name.clone(), t.settings.name.clone()))
                 .collect()
         });
-        let targets = target_states(&config, &groups, opts, &filter, &continuing)?;
+        let targets = target_states(&config, &groups, opts, &filter, &continuing, &links)?;
         if !opts.dry_run {
             for g in &config.groups {
                 for t in &g.targets {
@@ -747,12 +788,13 @@ impl Engine {
             filter,
             targets,
             backend,
+            links,
         })
     }
 
     /// The dirty paths of every target and their journals, after the reader stopped and its
     /// last events were routed.
-    async fn stop_and_hand_over(mut self) -> HandOver {
+    async fn stop_and_hand_over(mut self) -> (HandOver, Links) {
         self.stop.store(true, Ordering::Relaxed);
         let now = Instant::now();
         if let Some(events) = self.events.as_mut() {
@@ -765,13 +807,15 @@ impl Engine {
         if let Some(reader) = self.reader.take() {
             let _ = tokio::task::spawn_blocking(move || reader.join()).await;
         }
-        self.targets
+        let handed = self
+            .targets
             .into_iter()
             .map(|t| {
                 let (batch, journal) = t.backlog.hand_over();
                 (t.settings.group_name, t.settings.name, batch, journal)
             })
-            .collect()
+            .collect();
+        (handed, self.links)
     }
 
     fn snapshot(&self, stats: &Stats, started: SystemTime) -> StatusSnapshot {
@@ -817,6 +861,14 @@ impl Engine {
                         })
                         .collect(),
                     failing_paths_total: t.failing.len() as u64,
+                    ssh: t.settings.link.as_ref().map(|l| {
+                        let c = l.status();
+                        status::SshConnection {
+                            up: c.up,
+                            since_unix_ms: c.since_unix_ms,
+                            reconnects: c.reconnects,
+                        }
+                    }),
                 })
                 .collect();
             groups.push(status::GroupStatus {
@@ -904,6 +956,9 @@ impl Engine {
         for t in &mut self.targets {
             t.backlog.sync_journal(&t.settings.dest);
             t.root_still_there();
+            if let Some(link) = &t.settings.link {
+                link.observe_every(LINK_CHECK);
+            }
         }
         let now = Instant::now();
         if let Some((at, count)) = stats.rate_mark {
@@ -1249,6 +1304,7 @@ mod tests {
                 root: "/srv/data".into(),
                 root_id: FileId { dev: 0, ino: 0 },
                 rsync: RsyncOptions::default(),
+                link: None,
             },
             backlog: Backlog::new(1_000, None),
             machine: SyncMachine::new(FlushConfig::default(), None, Instant::now()),

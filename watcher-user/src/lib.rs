@@ -30,6 +30,7 @@ pub mod replay;
 pub mod resolve;
 pub mod rsync;
 pub mod runner;
+pub mod ssh;
 pub mod status;
 pub mod sync_machine;
 pub mod target;

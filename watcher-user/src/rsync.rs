@@ -697,19 +697,10 @@ pub fn probe(binary: &Path) -> Result<String, ProbeError> {
             source,
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let version = text
-        .split_whitespace()
-        .skip_while(|w| *w != "version")
-        .nth(1)
-        .ok_or_else(|| ProbeError::NoVersion {
-            binary: binary.to_path_buf(),
-        })?
-        .to_owned();
-    let numbers: Vec<u32> = version
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    if numbers.as_slice() < [3, 1, 3].as_slice() {
+    let version = version_in(&text).ok_or_else(|| ProbeError::NoVersion {
+        binary: binary.to_path_buf(),
+    })?;
+    if !recent_enough(&version) {
         return Err(ProbeError::TooOld {
             binary: binary.to_path_buf(),
             version,
@@ -721,6 +712,24 @@ pub fn probe(binary: &Path) -> Result<String, ProbeError> {
         detail,
     })?;
     Ok(version)
+}
+
+/// The version in `rsync --version` output ("rsync  version 3.2.7  protocol version 31").
+pub fn version_in(text: &str) -> Option<String> {
+    text.split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .map(str::to_owned)
+}
+
+/// Whether an rsync of this version has what every run relies on (3.1.3+:
+/// `--delete-missing-args`, nanosecond `--modify-window`), on either side of a transfer.
+pub fn recent_enough(version: &str) -> bool {
+    let numbers: Vec<u32> = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    numbers.as_slice() >= [3, 1, 3].as_slice()
 }
 
 fn self_test(binary: &Path) -> Result<(), String> {

@@ -16,6 +16,7 @@ use crate::backend::OwnPids;
 use crate::dirty::Batch;
 use crate::failing::{self, Failure};
 use crate::rsync::{self, ExitClass, RsyncOptions, TransferStats};
+use crate::ssh;
 use crate::sync_machine::{Finished, FlushKind};
 use crate::target::Target;
 
@@ -41,6 +42,8 @@ pub struct Job {
     /// Renames (old, new, root-relative) since the last batch, in order: replayed on a
     /// local replica before rsync runs, so rsync finds the data in place.
     pub renames: Vec<(PathBuf, PathBuf)>,
+    /// The shared connection of an ssh target.
+    pub link: Option<Arc<ssh::Link>>,
 }
 
 /// How a batch ended.
@@ -100,8 +103,14 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         set_aside,
         stop,
         renames,
+        link,
     } = job;
     opts.excludes.extend(set_aside);
+    // A master that died (its socket left behind) is cleaned up, so this run's ssh makes
+    // a new one.
+    if let Some(link) = &link {
+        link.observe();
+    }
     let mut done = Done {
         target,
         kind,
@@ -200,8 +209,15 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                         done.failures = failing::parse(&r.stderr, &root, local);
                     }
                     done.class = r.class;
+                    // ssh's own words ("Connection refused", "Permission denied") name the
+                    // cause better than rsync's exit code.
+                    let cause = link
+                        .as_ref()
+                        .and_then(|l| ssh::diagnose(l.label(), &r.stderr))
+                        .map(|e| format!("{e}; "))
+                        .unwrap_or_default();
                     done.detail = format!(
-                        "rsync exited with {:?} ({}): {}\n  command: {}",
+                        "{cause}rsync exited with {:?} ({}): {}\n  command: {}",
                         r.code,
                         rsync::describe(r.code),
                         r.stderr,
@@ -220,6 +236,9 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                 break;
             }
         }
+    }
+    if let Some(link) = &link {
+        link.observe();
     }
     done.elapsed = started.elapsed();
     done

@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the system packages the daemon, its tests and benchmarks need (rsync,
-    /// inotify-tools, lsyncd, bpftool, systemd-analyze, man), and the toolchain of the ebpf backend (nightly rust-src,
+    /// inotify-tools, lsyncd, bpftool, systemd-analyze, man, openssh), and the toolchain of the
+    /// ebpf backend (nightly rust-src,
     /// bpf-linker).
     Setup,
     /// Build the daemon and replicate a small generated example tree, showing live changes.
@@ -256,12 +257,17 @@ fn setup() -> anyhow::Result<()> {
         // needed), and man, which verify runs for the pages the unit names.
         ("systemd-analyze", "systemd"),
         ("man", "man-db"),
+        // The ssh target tests start their own sshd on 127.0.0.1.
+        ("sshd", "openssh-server"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
     ];
-    let missing: Vec<&str> = wanted
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(tool, _)| !on_path(tool))
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     apt_install(&missing)
 }
 

@@ -160,6 +160,9 @@ pub struct TargetConfig {
     pub password_file: Option<PathBuf>,
     /// Extra rsync options for this target, after the group's.
     pub rsync_args: Vec<OsString>,
+    /// The ssh command for a `host:/path` target, program first (empty: `ssh`, or the
+    /// `-e`/`--rsh` in `rsync_args`).
+    pub ssh: Vec<OsString>,
     /// Dirty paths held for this target before subtrees are collapsed (default 1 000 000).
     pub max_backlog: usize,
 }

@@ -114,5 +114,6 @@ pub struct RawTarget {
     pub password_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub rsync_args: Vec<Spanned<OsText>>,
+    pub ssh: Option<Spanned<Vec<String>>>,
     pub max_backlog: Option<Spanned<i64>>,
 }

@@ -503,6 +503,7 @@ source = "@D/src2"
 
 [[sync.target]]
 dest = "user@host:/srv/src2"
+ssh = ["ssh", "-p", "2222", "-i", "/etc/watcher/id_ed25519"]
 "#;
 
 #[test]
@@ -548,6 +549,7 @@ fn full_config() {
                 dest: Target::Remote("backup1::data".into()),
                 password_file: Some(password.clone()),
                 rsync_args: vec!["--timeout=60".into()],
+                ssh: vec![],
                 max_backlog: 1000,
             },
             TargetConfig {
@@ -555,6 +557,7 @@ fn full_config() {
                 dest: Target::Local(fx.root.join("replica/data")),
                 password_file: None,
                 rsync_args: vec![],
+                ssh: vec![],
                 max_backlog: 1_000_000,
             },
         ]
@@ -820,4 +823,23 @@ fn a_remote_metrics_address_is_asked_for_explicitly() {
         err.to_string().contains("set metrics_allow_remote = true"),
         "{err}"
     );
+}
+
+#[test]
+fn an_ssh_command_belongs_to_an_ssh_target() {
+    let fx = Fixture::new();
+    let config = fx
+        .parse("[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h:/r\"\nssh = [\"ssh\", \"-p\", \"2222\"]\n")
+        .expect("valid");
+    assert_eq!(
+        config.groups[0].targets[0].ssh,
+        ["ssh", "-p", "2222"].map(std::ffi::OsString::from)
+    );
+    for (text, want) in [
+        ("[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h::m\"\nssh = [\"ssh\"]\n", "only for ssh targets"),
+        ("[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h:/r\"\nssh = []\n", "program first"),
+    ] {
+        let err = fx.parse(text).expect_err("refused").to_string();
+        assert!(err.contains("sync[0].target[0].ssh") && err.contains(want), "{err}");
+    }
 }

@@ -577,6 +577,24 @@ impl Ctx<'_> {
         };
 
         let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
+        let ssh = match &raw.ssh {
+            None => Vec::new(),
+            Some(cmd) if target.kind() != TargetKind::Ssh => {
+                return Err(self.error(
+                    &cmd.span(),
+                    format!("{key}.ssh"),
+                    format!("ssh is only for ssh targets (host:/path), and {dest} is not one"),
+                ));
+            }
+            Some(cmd) if cmd.get_ref().first().is_none_or(String::is_empty) => {
+                return Err(self.error(
+                    &cmd.span(),
+                    format!("{key}.ssh"),
+                    "expected the ssh command, program first: [\"ssh\", \"-p\", \"2222\"]",
+                ));
+            }
+            Some(cmd) => cmd.get_ref().iter().map(OsString::from).collect(),
+        };
         let max_backlog = self.count(
             raw.max_backlog.as_ref(),
             &format!("{key}.max_backlog"),
@@ -588,6 +606,7 @@ impl Ctx<'_> {
             dest: target,
             password_file,
             rsync_args,
+            ssh,
             max_backlog: usize::try_from(max_backlog).unwrap_or(usize::MAX),
         })
     }

@@ -160,7 +160,7 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
     }
 
     type Sample = fn(&TargetStatus) -> Option<f64>;
-    let per_target: [(&str, &str, &str, Sample); 11] = [
+    let per_target: [(&str, &str, &str, Sample); 14] = [
         (
             "watcher_failing_paths",
             "gauge",
@@ -226,6 +226,29 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
             "counter",
             "File data rsync sent as it is, the part not found on the target already (its --stats \"Literal data\").",
             |t| Some(t.literal_bytes as f64),
+        ),
+        (
+            "watcher_ssh_connection_up",
+            "gauge",
+            "1 while an ssh target's shared connection is up (ssh targets only).",
+            |t| t.ssh.as_ref().map(|c| if c.up { 1.0 } else { 0.0 }),
+        ),
+        (
+            "watcher_ssh_connection_since_seconds",
+            "gauge",
+            "Since when an ssh target's connection has been up (or down), seconds since the Unix epoch.",
+            |t| {
+                t.ssh
+                    .as_ref()
+                    .and_then(|c| c.since_unix_ms)
+                    .map(|ms| ms as f64 / 1000.0)
+            },
+        ),
+        (
+            "watcher_ssh_reconnects_total",
+            "counter",
+            "Connections an ssh target made again after losing one.",
+            |t| t.ssh.as_ref().map(|c| c.reconnects as f64),
         ),
     ];
     for (name, kind, help, value) in per_target {
@@ -603,6 +626,9 @@ mod tests {
             "watcher_rsync_run_duration_seconds_sum{group=\"data\",target=\"local\"} 43.25\n",
             "watcher_rsync_run_duration_seconds_count{group=\"data\",target=\"local\"} 6\n",
             "watcher_rsync_run_duration_seconds_count{group=\"data\",target=\"remote \\\"eu\\\"\"} 0\n",
+            "watcher_ssh_connection_up{group=\"data\",target=\"remote \\\"eu\\\"\"} 0\n",
+            "watcher_ssh_connection_since_seconds{group=\"data\",target=\"remote \\\"eu\\\"\"} 4535\n",
+            "# TYPE watcher_ssh_reconnects_total counter\nwatcher_ssh_reconnects_total{group=\"data\",target=\"remote \\\"eu\\\"\"} 3\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
@@ -622,8 +648,10 @@ mod tests {
             !text.contains("watcher_last_success_timestamp_seconds{group=\"data\",target=\"remote"),
             "{text}"
         );
+        // Only ssh targets have connection metrics.
+        assert!(!text.contains("watcher_ssh_connection_up{group=\"data\",target=\"local\"}"));
         let types = check_exposition(&text);
-        assert_eq!(types.len(), 20, "{types:?}");
+        assert_eq!(types.len(), 23, "{types:?}");
     }
 
     #[test]

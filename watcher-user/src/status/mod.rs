@@ -46,8 +46,8 @@ pub use metrics::{MetricsListener, render_metrics, render_process_metrics};
 pub use process::ProcessStats;
 pub use render::{format_age, render};
 pub use snapshot::{
-    FailingPath, Failures, GroupStatus, LastSync, LastVerify, MAX_FAILING_SHOWN, StatusSnapshot,
-    TargetState, TargetStatus,
+    FailingPath, Failures, GroupStatus, LastSync, LastVerify, MAX_FAILING_SHOWN, SshConnection,
+    StatusSnapshot, TargetState, TargetStatus,
 };
 pub use socket::{StatusSocket, query, serve_socket};
 pub use wait::{InStep, SETTLE, in_step, wait_in_step};

@@ -185,6 +185,15 @@ pub fn render(s: &StatusSnapshot, now_unix_ms: u64) -> String {
                     notes.push(format!("  ... and {hidden} more"));
                 }
             }
+            if let Some(c) = &t.ssh {
+                notes.push(format!(
+                    "{name}: ssh connection {}{}, {} reconnects",
+                    if c.up { "up" } else { "down" },
+                    c.since_unix_ms
+                        .map_or_else(String::new, |at| format!(" since {}", ago(now_unix_ms, at))),
+                    c.reconnects
+                ));
+            }
             if let Some(v) = &t.verify {
                 notes.push(format!(
                     "{name}: verified {}: {}, {} paths fixed",
@@ -300,6 +309,7 @@ mod tests {
             "backup::data",
             "remote \"eu\": rsync: failed to connect | connection refused",
             "local: verified 3m ago: ok, 0 paths fixed",
+            "remote \"eu\": ssh connection down since 1m05s ago, 3 reconnects",
             "(no targets)",
             "we\\ird\\nname: /srv/other",
         ] {

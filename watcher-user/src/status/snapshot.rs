@@ -76,6 +76,8 @@ pub struct TargetStatus {
     /// File data sent as it is (the part the delta algorithm did not find on the target).
     pub literal_bytes: u64,
     pub verify: Option<LastVerify>,
+    /// The connection of an ssh target (None for other targets).
+    pub ssh: Option<SshConnection>,
     /// Paths rsync keeps failing on, set aside while the rest syncs (the first
     /// [`MAX_FAILING_SHOWN`]; `failing_paths_total` counts them all).
     pub failing_paths: Vec<FailingPath>,
@@ -120,6 +122,19 @@ impl Failures {
             ("source_race", self.source_race),
         ]
     }
+
+}
+
+/// The connection an ssh target's runs share.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SshConnection {
+    /// A master connection answers on the control socket.
+    pub up: bool,
+    /// Since when it has been up (or down); None before the daemon first looked.
+    pub since_unix_ms: Option<u64>,
+    /// Connections made after the first one (each lost one made again).
+    pub reconnects: u64,
 }
 
 /// The state of a target.
@@ -288,6 +303,11 @@ pub(super) fn sample() -> StatusSnapshot {
                         received_bytes: 0,
                         literal_bytes: 0,
                         verify: None,
+                        ssh: Some(SshConnection {
+                            up: false,
+                            since_unix_ms: Some(1_000_000 + 3_600_000 - 65_000),
+                            reconnects: 3,
+                        }),
                         ..TargetStatus::default()
                     },
                 ],
