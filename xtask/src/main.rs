@@ -67,6 +67,11 @@ enum Task {
     Vm(vm::VmArgs),
 }
 
+/// Tests of a target kind rather than of change capture run in the first pass only: the
+/// ssh target's tests exercise the connection and the remote side, which no backend
+/// changes, and the qemu guest has no sshd of its own.
+const TARGET_ONLY_SKIPS: [&str; 2] = ["--skip", "ssh"];
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = project_root();
@@ -100,6 +105,7 @@ fn main() -> anyhow::Result<()> {
                     .args(features)
                     .env("WATCHER_E2E_BACKEND", backend)
                     .arg("--")
+                    .args(TARGET_ONLY_SKIPS)
                     .args(&args);
                 status(&mut cmd)?;
             }
@@ -111,6 +117,7 @@ fn main() -> anyhow::Result<()> {
             cmd.args(["vm", "--mem", "4096", "--timeout", "1800", "--"])
                 .arg(&e2e)
                 .arg("--test-threads=1")
+                .args(TARGET_ONLY_SKIPS)
                 .args(&args)
                 .env("WATCHER_E2E_BACKEND", "ebpf")
                 .env("WATCHER_E2E_EBPF_PROBES", "vfs");
