@@ -836,10 +836,19 @@ fn an_ssh_command_belongs_to_an_ssh_target() {
         ["ssh", "-p", "2222"].map(std::ffi::OsString::from)
     );
     for (text, want) in [
-        ("[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h::m\"\nssh = [\"ssh\"]\n", "only for ssh targets"),
-        ("[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h:/r\"\nssh = []\n", "program first"),
+        (
+            "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h::m\"\nssh = [\"ssh\"]\n",
+            "only for ssh targets",
+        ),
+        (
+            "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"h:/r\"\nssh = []\n",
+            "program first",
+        ),
     ] {
         let err = fx.parse(text).expect_err("refused").to_string();
-        assert!(err.contains("sync[0].target[0].ssh") && err.contains(want), "{err}");
+        assert!(
+            err.contains("sync[0].target[0].ssh") && err.contains(want),
+            "{err}"
+        );
     }
 }

@@ -122,7 +122,6 @@ impl Failures {
             ("source_race", self.source_race),
         ]
     }
-
 }
 
 /// The connection an ssh target's runs share.
