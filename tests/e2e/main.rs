@@ -56,6 +56,17 @@ fn write(path: &Path, data: impl AsRef<[u8]>) {
     std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
+/// Rewrites `path` in place (same inode, so every name of it sees the new bytes).
+fn write_in_place(path: &Path, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 fn mkdir_p(path: &Path) {
     std::fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", path.display()));
 }
@@ -856,6 +867,51 @@ fn rewrite_with_same_size_and_mtime_replicates() {
     write(&f, vec![b'B'; 4096]);
     set_mtime(&f, 1_600_000_000, 5);
     wait_converged(&s.src, &s.dst, Duration::from_secs(30), &skip_nothing, ctx);
+    d.stop();
+}
+
+/// A same-size rewrite restored to the old mtime (`cp -p`, `tar x`, `touch -r`) inside a
+/// directory that was just created or moved in: the directory's recursive run compares by
+/// size and mtime and would skip it; the daemon knows the file was written.
+#[test]
+fn folded_rewrite_with_same_size_and_mtime_replicates() {
+    let test = "folded_rewrite_with_same_size_and_mtime_replicates";
+    let Some(_timer) = harness::begin("folded_rewrite_with_same_size_and_mtime_replicates") else {
+        return;
+    };
+    let s = Scratch::new("folded-rewrite");
+    let src = &s.src;
+    mkdir_p(&src.join("tarred"));
+    mkdir_p(&src.join("moved/sub"));
+    write(&src.join("tarred/f"), vec![b'A'; 4096]);
+    write(&src.join("moved/sub/g"), vec![b'A'; 4096]);
+    set_mtime(&src.join("tarred/f"), 1_600_000_000, 5);
+    set_mtime(&src.join("moved/sub/g"), 1_600_000_000, 5);
+    let mut d = Daemon::start(src, &s.dst, &[]);
+    assert_equal_now(
+        src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{test}: after `ready`"),
+    );
+    d.wait_rsync_quiet(Duration::from_millis(500), Duration::from_secs(20));
+
+    // Every change lands in one batch: the daemon reads nothing until it is continued.
+    d.signal(Signal::SIGSTOP);
+    // `tar x` over an existing tree: the directory is made again, the file written with
+    // its recorded mtime.
+    std::fs::remove_dir_all(src.join("tarred")).expect("rm -rf tarred");
+    mkdir_p(&src.join("tarred"));
+    write(&src.join("tarred/f"), vec![b'B'; 4096]);
+    set_mtime(&src.join("tarred/f"), 1_600_000_000, 5);
+    // A rewrite in place, then its directory moved away and back.
+    write_in_place(&src.join("moved/sub/g"), &[b'C'; 4096]);
+    set_mtime(&src.join("moved/sub/g"), 1_600_000_000, 5);
+    rename(&src.join("moved"), &src.join("away"));
+    rename(&src.join("away"), &src.join("moved"));
+    d.signal(Signal::SIGCONT);
+
+    wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, test);
     d.stop();
 }
 

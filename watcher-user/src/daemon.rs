@@ -1119,6 +1119,7 @@ mod tests {
         Batch {
             entries: entries.iter().map(PathBuf::from).collect(),
             subtrees: subtrees.iter().map(PathBuf::from).collect(),
+            ..Batch::default()
         }
     }
 

@@ -195,8 +195,14 @@ fn first_non_dir_ancestor(
 /// - A batch covering the root is one whole-tree `rsync -a --delete`.
 /// - Subtrees go in one recursive `--files-from` run (`--delete` removes what a listed
 ///   subtree no longer holds).
+/// - Folded paths (marked on their own, covered by a subtree) go in one non-recursive
+///   `--checksum` run after the subtrees, with their directories: a rewrite that kept size
+///   and mtime, which the subtree run's quick check skipped, is compared by content and
+///   sent; a file the subtree run just sent costs a read on each side, no transfer. With
+///   `compare_subtrees` (too many folded paths to list) the subtree run itself compares
+///   by content.
 /// - Entries (files, symlinks, missing paths, directories' own attributes) go in one
-///   non-recursive run, after the subtrees so directory mtimes end up final: a chmod of a
+///   non-recursive run, last, so directory mtimes end up final: a chmod of a
 ///   huge directory does not walk it, `--delete-missing-args --force` removes what no longer
 ///   exists (non-empty directories too), and `--ignore-times` sends a listed file even if a
 ///   rewrite kept its size and mtime (it changed: the kernel said so).
@@ -214,22 +220,33 @@ pub fn plan(
         args.push(source_arg(root));
         args.push(target.rsync_arg());
     };
-    if batch.covers_root() {
-        let mut args = common_args(opts);
-        args.extend(["--delete".into(), "--force".into()]);
-        tail(&mut args);
-        return vec![Run {
-            args,
-            stdin: Vec::new(),
-            paths: 0,
-        }];
-    }
+    let compare = |args: &mut Vec<OsString>| {
+        if batch.compare_subtrees {
+            args.push("--checksum".into());
+        }
+    };
+    let mut runs = Vec::new();
     let mut known = hashbrown::HashMap::new();
     let mut entries: std::collections::BTreeSet<&[u8]> = std::collections::BTreeSet::new();
     let mut collapsed: Vec<PathBuf> = Vec::new();
     let mut subtrees: Vec<&Path> = Vec::new();
-    for (path, subtree) in batch
-        .subtrees
+    if batch.covers_root() {
+        let mut args = common_args(opts);
+        args.extend(["--delete".into(), "--force".into()]);
+        compare(&mut args);
+        tail(&mut args);
+        runs.push(Run {
+            args,
+            stdin: Vec::new(),
+            paths: 0,
+        });
+    }
+    let subtree_list = if batch.covers_root() {
+        &[][..]
+    } else {
+        &batch.subtrees[..]
+    };
+    for (path, subtree) in subtree_list
         .iter()
         .map(|p| (p, true))
         .chain(batch.entries.iter().map(|p| (p, false)))
@@ -245,16 +262,31 @@ pub fn plan(
     for ancestor in &collapsed {
         entries.insert(ancestor.as_os_str().as_bytes());
     }
-    let list_args = |recursive: bool| {
+    // Folded files with their directories, whose mtimes a file sent again would change.
+    let mut folded: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    for path in &batch.folded {
+        if first_non_dir_ancestor(path, root, &is_dir, &mut known).is_some() {
+            continue;
+        }
+        folded.insert(path.clone());
+        // Not the root unless a folded file lies in it: listed, the root brings every
+        // top-level entry into the run.
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            let top = d.as_os_str().is_empty();
+            if (top && path.parent() != Some(d)) || !folded.insert(d.to_path_buf()) {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+    let list_args = |recursive: bool, skip: &str| {
         let mut args = common_args(opts);
         if recursive {
             args.extend(["-r".into(), "--delete".into()]);
+            compare(&mut args);
         } else {
-            args.extend([
-                "--no-recursive".into(),
-                "--dirs".into(),
-                "--ignore-times".into(),
-            ]);
+            args.extend(["--no-recursive".into(), "--dirs".into(), skip.into()]);
         }
         args.extend([
             "--delete-missing-args".into(),
@@ -264,16 +296,21 @@ pub fn plan(
         ]);
         args
     };
-    let mut runs = Vec::new();
     if !subtrees.is_empty() {
         let (stdin, paths) = nul_list(subtrees.into_iter());
-        let mut args = list_args(true);
+        let mut args = list_args(true, "");
+        tail(&mut args);
+        runs.push(Run { args, stdin, paths });
+    }
+    if !folded.is_empty() {
+        let (stdin, paths) = nul_list(folded.iter().map(PathBuf::as_path));
+        let mut args = list_args(false, "--checksum");
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
     }
     if !entries.is_empty() {
         let (stdin, paths) = nul_list(entries.into_iter().map(|b| Path::new(OsStr::from_bytes(b))));
-        let mut args = list_args(false);
+        let mut args = list_args(false, "--ignore-times");
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
     }
@@ -573,6 +610,7 @@ fn self_test(binary: &Path) -> Result<(), String> {
     let batch = Batch {
         entries: vec!["-d/new\nline".into(), "gone".into(), "stale".into()],
         subtrees: vec![],
+        ..Batch::default()
     };
     let opts = RsyncOptions {
         binary: binary.to_path_buf(),
@@ -679,6 +717,7 @@ mod tests {
         let batch = Batch {
             entries: vec![],
             subtrees: vec!["".into()],
+            ..Batch::default()
         };
         let runs = plan(
             &batch,
@@ -715,6 +754,7 @@ mod tests {
                 ";semi".into(),
             ],
             subtrees: vec![],
+            ..Batch::default()
         };
         let runs = plan(
             &batch,
@@ -746,6 +786,7 @@ mod tests {
         let batch = Batch {
             entries: vec!["d".into(), "f".into(), "".into()],
             subtrees: vec!["t".into()],
+            ..Batch::default()
         };
         let runs = plan(
             &batch,
@@ -763,6 +804,51 @@ mod tests {
     }
 
     #[test]
+    fn folded_files_are_compared_by_content_after_their_subtree() {
+        let batch = Batch {
+            entries: vec!["e".into()],
+            subtrees: vec!["t".into()],
+            folded: vec!["t/a/f".into(), "t/g".into()],
+            compare_subtrees: false,
+        };
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Local("/d".into()),
+            &opts(),
+            |_| true,
+        );
+        assert_eq!(runs.len(), 3);
+        assert_eq!(runs[0].stdin, b"./t\0");
+        assert!(!args(&runs[0]).contains(&"--checksum"));
+        // With their directories, whose mtimes a file sent again changes.
+        assert_eq!(runs[1].stdin, b"./t\0./t/a\0./t/a/f\0./t/g\0");
+        let a = args(&runs[1]);
+        assert!(a.contains(&"--checksum") && a.contains(&"--no-recursive"));
+        assert!(!a.contains(&"--ignore-times"));
+        assert_eq!(runs[2].stdin, b"./e\0");
+        assert!(args(&runs[2]).contains(&"--ignore-times"));
+
+        // After a whole-tree run too; too many to list: the subtree run compares contents.
+        let batch = Batch {
+            entries: vec![],
+            subtrees: vec!["".into()],
+            folded: vec!["x/f".into(), "top".into()],
+            compare_subtrees: true,
+        };
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Local("/d".into()),
+            &opts(),
+            |_| true,
+        );
+        assert_eq!(runs.len(), 2);
+        assert!(runs[0].stdin.is_empty() && args(&runs[0]).contains(&"--checksum"));
+        assert_eq!(runs[1].stdin, b".\0./top\0./x\0./x/f\0");
+    }
+
+    #[test]
     fn paths_below_a_replaced_directory_collapse_to_it() {
         // "x" was a directory and is now a file or a symlink; "gone" no longer exists.
         let batch = Batch {
@@ -773,6 +859,7 @@ mod tests {
                 "x/b/c".into(),
             ],
             subtrees: vec!["x/d".into(), "ok/new".into()],
+            ..Batch::default()
         };
         let is_dir = |p: &Path| p == Path::new("/s/ok");
         let runs = plan(
