@@ -346,6 +346,10 @@ pub struct RunResult {
     pub elapsed: Duration,
 }
 
+/// How long every process of a local `-H` run may sleep without using CPU before the run
+/// is taken for stuck and killed (see [`execute`]).
+pub const STALL_AFTER: Duration = Duration::from_secs(20);
+
 /// Keep at most this much of rsync's stderr and stdout.
 const OUTPUT_TAIL: usize = 64 * 1024;
 
@@ -446,14 +450,114 @@ impl StdoutSink {
     }
 }
 
+/// The processes of one rsync run (`pid` and its descendants, from /proc): their CPU time
+/// in clock ticks, and whether every one of them is asleep.
+fn run_activity(pid: i32) -> Option<(u64, bool)> {
+    let mut procs: Vec<(i32, i32, bool, u64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ... utime stime" (fields 14 and 15); comm may hold spaces.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(ppid), Some(utime), Some(stime)) = (
+            f.first(),
+            f.get(1).and_then(|v| v.parse::<i32>().ok()),
+            f.get(11).and_then(|v| v.parse::<u64>().ok()),
+            f.get(12).and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        procs.push((p, ppid, *state == "S", utime + stime));
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    let mine: Vec<_> = procs.iter().filter(|p| tree.contains(&p.0)).collect();
+    if mine.is_empty() {
+        return None;
+    }
+    Some((mine.iter().map(|p| p.3).sum(), mine.iter().all(|p| p.2)))
+}
+
+/// Waits until the processes of a local run have all been asleep without using any CPU
+/// for `after`: stuck, since a local rsync only waits on itself (or on the disk, which is
+/// not sleeping in this sense). Never returns for `None`.
+async fn stalled(pid: Option<i32>, after: Option<Duration>) {
+    let (Some(pid), Some(after)) = (pid, after) else {
+        return std::future::pending().await;
+    };
+    let mut last: Option<u64> = None;
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match run_activity(pid) {
+            Some((cpu, true)) if last == Some(cpu) && since.elapsed() >= after => return,
+            Some((cpu, true)) if last == Some(cpu) => {}
+            Some((cpu, _)) => {
+                last = Some(cpu);
+                since = Instant::now();
+            }
+            None => {}
+        }
+    }
+}
+
+/// Kills `pid` and its descendants.
+fn kill_run(pid: i32) {
+    let mut tree = vec![pid];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        let stats: Vec<(i32, i32)> = dir
+            .flatten()
+            .filter_map(|e| {
+                let p = e.file_name().to_str()?.parse::<i32>().ok()?;
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                let rest = &stat[stat.rfind(')')? + 1..];
+                let ppid = rest.split_whitespace().nth(1)?.parse::<i32>().ok()?;
+                Some((p, ppid))
+            })
+            .collect();
+        let mut i = 0;
+        while i < tree.len() {
+            let parent = tree[i];
+            tree.extend(stats.iter().filter(|s| s.1 == parent).map(|s| s.0));
+            i += 1;
+        }
+    }
+    for p in tree {
+        // SAFETY: kill(2) on processes this run started.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+        }
+    }
+}
+
 /// Spawns rsync for `run`, feeding the list on stdin. Its pid is in `own_pids` while it runs
-/// so the backend ignores its writes.
+/// so the backend ignores its writes. With `stall_after` (local targets), a run whose
+/// processes all sleep without using CPU for that long is killed: rsync 3.5.0 with `-H`
+/// was seen waiting on itself for good when the source changed under it (every process
+/// in a read; `--timeout` does not fire, the keepalives keep it alive).
 pub async fn execute(
     binary: &Path,
     run: &Run,
     own_pids: &Arc<OwnPids>,
     keep_stdout: bool,
     progress: Option<Progress>,
+    stall_after: Option<Duration>,
 ) -> std::io::Result<RunResult> {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(binary)
@@ -488,27 +592,50 @@ pub async fn execute(
         itemized: 0,
         partial: Vec::new(),
     };
-    let (_, err) = tokio::join!(
-        async {
-            let mut buf = vec![0u8; 16 * 1024];
-            if let Some(s) = stdout.as_mut() {
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
+    let (mut err, stuck) = {
+        let io = async {
+            tokio::join!(
+                async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    if let Some(s) = stdout.as_mut() {
+                        while let Ok(n) = s.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            sink.feed(&buf[..n]);
+                        }
                     }
-                    sink.feed(&buf[..n]);
+                    sink.feed(b"\n");
+                },
+                async {
+                    let mut buf = Vec::new();
+                    if let Some(s) = stderr.as_mut() {
+                        let _ = s.read_to_end(&mut buf).await;
+                    }
+                    buf
                 }
+            )
+        };
+        tokio::pin!(io);
+        tokio::select! {
+            (_, err) = &mut io => (err, false),
+            _ = stalled(pid, stall_after) => {
+                if let Some(pid) = pid {
+                    kill_run(pid);
+                }
+                (io.await.1, true)
             }
-            sink.feed(b"\n");
-        },
-        async {
-            let mut buf = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let _ = s.read_to_end(&mut buf).await;
-            }
-            buf
         }
-    );
+    };
+    if stuck {
+        err.extend_from_slice(
+            format!(
+                "\nrsync made no progress for {} s, every process asleep: killed",
+                stall_after.unwrap_or_default().as_secs()
+            )
+            .as_bytes(),
+        );
+    }
     if let Some(p) = &sink.progress {
         p.finish();
     }
@@ -872,6 +999,39 @@ mod tests {
         assert_eq!(runs.len(), 2);
         assert_eq!(runs[0].stdin, b"./ok/new\0");
         assert_eq!(runs[1].stdin, b"./gone\0./ok/f\0./x\0");
+    }
+
+    #[test]
+    fn a_run_asleep_without_cpu_is_taken_for_stuck_and_killed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // A shell that waits on a sleeping child: a tree of processes, all asleep.
+            let mut child = tokio::process::Command::new("sh")
+                .args(["-c", "sleep 30; true"])
+                .spawn()
+                .unwrap();
+            let pid = child.id().map(|p| p as i32);
+            let (cpu, asleep) = run_activity(pid.unwrap()).unwrap();
+            assert!(cpu < 100 && (asleep || cpu == 0));
+            let started = Instant::now();
+            stalled(pid, Some(Duration::from_secs(2))).await;
+            assert!(started.elapsed() < Duration::from_secs(10));
+            kill_run(pid.unwrap());
+            let status = child.wait().await.unwrap();
+            assert_eq!(status.code(), None, "killed by a signal");
+        });
+        // Not watched: never reports.
+        let never = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                tokio::time::timeout(Duration::from_millis(50), stalled(Some(1), None)).await
+            });
+        assert!(never.is_err());
     }
 
     #[test]

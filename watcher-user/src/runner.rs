@@ -122,12 +122,16 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     };
     for run in &runs {
         let progress = whole_tree.then(|| rsync::Progress::new(label, &dest, PROGRESS_EVERY));
+        // A local run only waits on itself; a remote one may wait on a slow peer.
+        let stall_after =
+            (opts.hardlinks && matches!(dest, Target::Local(_))).then_some(rsync::STALL_AFTER);
         let result = rsync::execute(
             &opts.binary,
             run,
             &own_pids,
             verify || opts.dry_run,
             progress,
+            stall_after,
         )
         .await;
         done.runs += 1;
