@@ -10,6 +10,7 @@
 //! their seed; `WATCHER_E2E_SEED=N` replays one.
 
 mod churn;
+mod hardlinks;
 mod harness;
 mod rsyncd;
 mod tree;
@@ -35,6 +36,8 @@ use tree::{assert_equal_now, skip_nothing, wait_converged};
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Operations per churn.
 const CHURN_OPS: usize = 2500;
+/// Operations of the churn that includes hard links.
+const HARD_LINK_CHURN_OPS: usize = 5000;
 
 fn set_mtime(path: &Path, secs: i64, nsec: i64) {
     utimensat(
@@ -92,10 +95,26 @@ fn churn_against(
     extra: &[OsString],
     contained_links: bool,
 ) {
+    churn_with(test, scratch, dst, extra, contained_links, CHURN_OPS, false);
+}
+
+/// [`churn_against`] with `ops` operations; `hard_links` adds hard-link operations to the
+/// mix. When the daemon runs with `--hard-links`, the replica's links are compared too.
+fn churn_with(
+    test: &str,
+    scratch: &Scratch,
+    dst: &OsStr,
+    extra: &[OsString],
+    contained_links: bool,
+    ops: usize,
+    hard_links: bool,
+) {
     let seed = harness::seed(test);
     let ctx = format!("{test}, seed {seed}");
     let mut churn = Churn::new(&scratch.src, seed);
     churn.contained_links = contained_links;
+    churn.hard_links = hard_links;
+    let compare_links = extra.iter().any(|a| a == "--hard-links");
     churn.populate(150);
     mark_root(&scratch.src);
 
@@ -108,9 +127,9 @@ fn churn_against(
     );
 
     let t = Instant::now();
-    churn.run(CHURN_OPS, Pace::Spread);
+    churn.run(ops, Pace::Spread);
     eprintln!(
-        "{test}: {CHURN_OPS} operations in {:?}, {} entries now; {:?}",
+        "{test}: {ops} operations in {:?}, {} entries now; {:?}",
         t.elapsed(),
         churn.len(),
         churn.stats
@@ -122,6 +141,9 @@ fn churn_against(
         &skip_nothing,
         &ctx,
     );
+    if compare_links {
+        tree::wait_converged_with_links(&scratch.src, &scratch.dst, CONVERGE_TIMEOUT, &ctx);
+    }
 
     // No feedback loop: with the source unchanged, rsync runs must stop (a run or two
     // for changes already on the replica may still be due) and stay stopped.
@@ -153,6 +175,49 @@ fn churn_against(
         &scratch.dst,
         &skip_nothing,
         &format!("{ctx}: after stop"),
+    );
+    if compare_links {
+        let diff = tree::link_diff(&scratch.src, &scratch.dst).expect("walk the trees");
+        assert!(
+            diff.is_empty(),
+            "{ctx}: hard links differ after stop:\n{}",
+            tree::summarize(&diff, 40)
+        );
+    }
+}
+
+#[test]
+fn churn_with_hard_links_local_target() {
+    let Some(_timer) = harness::begin("churn_with_hard_links_local_target") else {
+        return;
+    };
+    let s = Scratch::new("churn-hardlinks");
+    churn_with(
+        "churn_with_hard_links_local_target",
+        &s,
+        s.dst.as_os_str(),
+        &args(&["--hard-links"]),
+        false,
+        HARD_LINK_CHURN_OPS,
+        true,
+    );
+}
+
+/// Without `--hard-links` every name still gets every change (the replica holds copies).
+#[test]
+fn churn_with_hard_links_no_dash_h() {
+    let Some(_timer) = harness::begin("churn_with_hard_links_no_dash_h") else {
+        return;
+    };
+    let s = Scratch::new("churn-hardlinks-copies");
+    churn_with(
+        "churn_with_hard_links_no_dash_h",
+        &s,
+        s.dst.as_os_str(),
+        &[],
+        false,
+        HARD_LINK_CHURN_OPS,
+        true,
     );
 }
 

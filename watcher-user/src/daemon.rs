@@ -20,6 +20,7 @@ use crate::event::{ChangeKind, Event};
 use crate::failing::{self, FailingPaths};
 use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
+use crate::link_walk::Links;
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
 use crate::status::{self, LastSync, LastVerify, StatusSnapshot};
@@ -61,6 +62,8 @@ struct Settings {
     /// stops its group rather than being followed.
     root_id: FileId,
     rsync: RsyncOptions,
+    /// The group's hard-link index, shared by its targets.
+    links: Arc<Links>,
 }
 
 /// A file's identity: its device and inode, read without following a symlink.
@@ -168,6 +171,7 @@ impl TargetState {
             dest: self.settings.dest.clone(),
             opts: self.settings.rsync.clone(),
             set_aside: self.failing.excludes(),
+            links: self.settings.links.clone(),
         }
     }
 
@@ -203,8 +207,43 @@ impl TargetState {
     }
 }
 
+/// Keeps each group's hard-link index current with `event` (names made, moved, removed;
+/// events lost).
+fn track_links(filter: &Filter, targets: &[TargetState], event: &Event) {
+    let links_of = |group: GroupId| {
+        targets
+            .iter()
+            .find(|t| t.settings.group == group)
+            .map(|t| &t.settings.links)
+    };
+    match event {
+        Event::Change {
+            kind, path, is_dir, ..
+        } => {
+            if let Match::Inside(group, rel) = filter.classify(path, *is_dir)
+                && let Some(links) = links_of(group)
+            {
+                links.on_change(*kind, rel, *is_dir);
+            }
+        }
+        Event::Rescan { path } => {
+            for t in targets {
+                if path.starts_with(&t.settings.root) || t.settings.root.starts_with(path) {
+                    t.settings.links.lost_events();
+                }
+            }
+        }
+        Event::Overflow => {
+            for t in targets {
+                t.settings.links.lost_events();
+            }
+        }
+    }
+}
+
 /// Marks what `event` dirtied in every target of its group. Returns whether anything was marked.
 fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Instant) -> bool {
+    track_links(filter, targets, event);
     let mut mark = |group: GroupId, rel: &Path, scope: Scope| {
         let mut any = false;
         for t in targets.iter_mut().filter(|t| t.settings.group == group) {
@@ -467,6 +506,7 @@ fn target_states(
         let root = filter.root(*group).to_path_buf();
         let root_id = FileId::of(&root)
             .with_context(|| format!("sync group {}: source {}", g.name, root.display()))?;
+        let links = Links::new(&root);
         for t in &g.targets {
             let settings = Settings {
                 group: *group,
@@ -482,6 +522,7 @@ fn target_states(
                     extra_args: t.rsync_args(g),
                     dry_run: opts.dry_run,
                 },
+                links: links.clone(),
             };
             let carried = continuing
                 .iter()
@@ -582,6 +623,14 @@ impl Prepared {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (events, reader) = spawn_reader(self.backend, stop.clone());
+        // After the reader started, so no link made during the walk goes unseen.
+        let mut walking: Vec<GroupId> = Vec::new();
+        for t in &self.targets {
+            if !walking.contains(&t.settings.group) {
+                walking.push(t.settings.group);
+                t.settings.links.start_walker(&t.settings.group_name);
+            }
+        }
         Engine {
             config: self.config,
             filter: self.filter,
@@ -1098,6 +1147,7 @@ mod tests {
                 root: "/srv/data".into(),
                 root_id: FileId { dev: 0, ino: 0 },
                 rsync: RsyncOptions::default(),
+                links: Links::new(Path::new("/srv/data")),
             },
             backlog: Backlog::new(1_000, None),
             machine: SyncMachine::new(FlushConfig::default(), None, Instant::now()),

@@ -205,7 +205,9 @@ fn first_non_dir_ancestor(
 ///   non-recursive run, last, so directory mtimes end up final: a chmod of a
 ///   huge directory does not walk it, `--delete-missing-args --force` removes what no longer
 ///   exists (non-empty directories too), and `--ignore-times` sends a listed file even if a
-///   rewrite kept its size and mtime (it changed: the kernel said so).
+///   rewrite kept its size and mtime (it changed: the kernel said so). Every name of a
+///   multi-link file is listed here together (see [`crate::link_walk`]), so `-H` keeps
+///   them linked.
 ///
 /// `is_dir` tells which paths are directories now (the source is read at flush time).
 pub fn plan(

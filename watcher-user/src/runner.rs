@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::backend::OwnPids;
 use crate::dirty::Batch;
 use crate::failing::{self, Failure};
+use crate::link_walk::Links;
 use crate::rsync::{self, ExitClass, RsyncOptions};
 use crate::sync_machine::{Finished, FlushKind};
 use crate::target::Target;
@@ -33,6 +34,8 @@ pub struct Job {
     /// Exclude patterns for paths set aside (see [`crate::failing`]), on top of the
     /// target's own.
     pub set_aside: Vec<String>,
+    /// The group's hard-link index: every name of a multi-link file goes in one run.
+    pub links: Arc<Links>,
 }
 
 /// How a batch ended.
@@ -84,6 +87,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         dest,
         mut opts,
         set_aside,
+        links,
     } = job;
     opts.excludes.extend(set_aside);
     let mut done = Done {
@@ -102,7 +106,11 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     let planned = {
         let batch = done.batch.clone();
         let (root, dest, opts) = (root.clone(), dest.clone(), opts.clone());
-        tokio::task::spawn_blocking(move || rsync::plan(&batch, &root, &dest, &opts, is_dir)).await
+        tokio::task::spawn_blocking(move || {
+            let batch = links.expand(&batch);
+            rsync::plan(&batch, &root, &dest, &opts, is_dir)
+        })
+        .await
     };
     let mut runs = match planned {
         Ok(runs) => runs,
