@@ -21,24 +21,39 @@ fn unlink(path: &Path) {
 }
 
 /// Steps through the life of a few hard links; after each, the replica must be exact
-/// (and, with `-H`, linked the same way).
-fn hard_link_steps(test: &'static str, hard_links: bool) {
+/// (and, with `-H`, linked the same way). `rsyncd`: the target is an rsync daemon module
+/// instead of a local directory.
+fn hard_link_steps(test: &'static str, hard_links: bool, rsyncd: bool) {
     let Some(_timer) = harness::begin(test) else {
         return;
     };
     let s = Scratch::new(test);
+    let server = rsyncd.then(|| crate::rsyncd::RsyncDaemon::start(s.path(), &s.dst));
     let src = &s.src;
     mkdir_p(&src.join("d/e"));
     write(&src.join("a"), b"first version of a");
     link(&src.join("a"), &src.join("d/e/b"));
     write(&src.join("single"), b"a file with one link");
     write(&src.join("other"), b"a file with one link too");
-    let extra: Vec<OsString> = if hard_links {
+    let mut extra: Vec<OsString> = if hard_links {
         args(&["--hard-links"])
     } else {
         Vec::new()
     };
-    let d = Daemon::start(src, &s.dst, &extra);
+    let target: OsString = match &server {
+        Some(server) => {
+            extra.push(
+                format!(
+                    "--rsync-arg=--password-file={}",
+                    server.password_file.display()
+                )
+                .into(),
+            );
+            server.url().into()
+        }
+        None => s.dst.clone().into(),
+    };
+    let d = Daemon::start(src, &target, &extra);
     let check = |step: &str| {
         let ctx = format!("{test}: {step}");
         if hard_links {
@@ -90,14 +105,30 @@ fn hard_link_steps(test: &'static str, hard_links: bool) {
     if hard_links {
         wait_converged_with_links(src, &s.dst, TIMEOUT, &format!("{test}: after stop"));
     }
+    if let Some(server) = server {
+        server.stop();
+    }
 }
 
 #[test]
 fn hard_links_stay_linked_with_hard_links() {
-    hard_link_steps("hard_links_stay_linked_with_hard_links", true);
+    hard_link_steps("hard_links_stay_linked_with_hard_links", true, false);
+}
+
+#[test]
+fn hard_links_stay_linked_on_an_rsync_daemon_target() {
+    hard_link_steps(
+        "hard_links_stay_linked_on_an_rsync_daemon_target",
+        true,
+        true,
+    );
 }
 
 #[test]
 fn hard_links_all_get_new_content_without_hard_links() {
-    hard_link_steps("hard_links_all_get_new_content_without_hard_links", false);
+    hard_link_steps(
+        "hard_links_all_get_new_content_without_hard_links",
+        false,
+        false,
+    );
 }
