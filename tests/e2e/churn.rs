@@ -53,6 +53,10 @@ enum Op {
     DirToSymlink,
     FileToDir,
     LinkToFile,
+    HardLink,
+    WriteLinked,
+    UnlinkLinked,
+    RewriteKeepMtime,
 }
 
 /// Operation mix (weights).
@@ -76,6 +80,15 @@ const OPS: &[(Op, u32)] = &[
     (Op::DirToSymlink, 1),
     (Op::FileToDir, 2),
     (Op::LinkToFile, 1),
+];
+
+/// Added to the mix when [`Churn::hard_links`] is set (the mix without them is unchanged,
+/// so earlier seeds replay the same operations).
+const HARD_LINK_OPS: &[(Op, u32)] = &[
+    (Op::HardLink, 5),
+    (Op::WriteLinked, 5),
+    (Op::UnlinkLinked, 2),
+    (Op::RewriteKeepMtime, 3),
 ];
 
 const FILE_MODES: &[u32] = &[0o644, 0o600, 0o755, 0o640, 0o444, 0o664];
@@ -102,6 +115,9 @@ pub struct Churn {
     /// rsync daemon without chroot sanitizes targets that leave the module, so against
     /// one the replica could not hold such a link as it is.
     pub contained_links: bool,
+    /// Hard links too: make them, write through them, unlink them; and rewrites that keep
+    /// size and mtime.
+    pub hard_links: bool,
     /// How many times each operation ran.
     pub stats: BTreeMap<String, usize>,
 }
@@ -135,6 +151,7 @@ impl Churn {
             counter: 0,
             excluded_names: false,
             contained_links: false,
+            hard_links: false,
             stats: BTreeMap::new(),
         }
     }
@@ -279,7 +296,12 @@ impl Churn {
     /// Runs `count` operations; with `Pace::Spread` it pauses a few ms now and then.
     pub fn run(&mut self, count: usize, pace: Pace) {
         let start = Instant::now();
-        let total: u32 = OPS.iter().map(|(_, w)| w).sum();
+        let ops: Vec<(Op, u32)> = if self.hard_links {
+            OPS.iter().chain(HARD_LINK_OPS).copied().collect()
+        } else {
+            OPS.to_vec()
+        };
+        let total: u32 = ops.iter().map(|(_, w)| w).sum();
         for i in 0..count {
             if start.elapsed() > MAX_CHURN_TIME {
                 panic!(
@@ -296,7 +318,7 @@ impl Churn {
             } else {
                 let mut x = self.rng.random_range(0..total);
                 let mut chosen = Op::CreateFile;
-                for (op, w) in OPS {
+                for (op, w) in &ops {
                     if x < *w {
                         chosen = *op;
                         break;
@@ -534,6 +556,65 @@ impl Churn {
                     let name = self.fresh_file_name();
                     self.write_new_file(&f.join(name));
                 }
+            }
+            Op::HardLink => {
+                let Some(f) = self.pick_kind(Node::File) else {
+                    return self.apply(Op::CreateFile);
+                };
+                let parent = self.pick_parent();
+                let to = parent.join(self.fresh_file_name());
+                std::fs::hard_link(self.abs(&f), self.abs(&to))
+                    .unwrap_or_else(|e| self.fail("ln", &to, e));
+                self.nodes.insert(to, Node::File);
+            }
+            Op::WriteLinked | Op::UnlinkLinked => {
+                let root = self.root.clone();
+                let Some(f) = self.pick(|p, n| {
+                    n == Node::File
+                        && std::fs::symlink_metadata(root.join(p))
+                            .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 1)
+                }) else {
+                    return self.apply(Op::HardLink);
+                };
+                if op == Op::UnlinkLinked {
+                    std::fs::remove_file(self.abs(&f))
+                        .unwrap_or_else(|e| self.fail("unlink", &f, e));
+                    self.nodes.remove(&f);
+                } else {
+                    // In place: every name of the inode sees the new content.
+                    let data = self.content();
+                    OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(self.abs(&f))
+                        .and_then(|mut h| h.write_all(&data))
+                        .unwrap_or_else(|e| self.fail("write through a link", &f, e));
+                }
+            }
+            Op::RewriteKeepMtime => {
+                // `cp -p`, `tar x`, `touch -r`: new bytes, same size, same mtime.
+                let Some(f) = self.pick_kind(Node::File) else {
+                    return self.apply(Op::CreateFile);
+                };
+                let abs = self.abs(&f);
+                let meta =
+                    std::fs::symlink_metadata(&abs).unwrap_or_else(|e| self.fail("stat", &f, e));
+                let mut data = vec![0u8; meta.len() as usize];
+                self.rng.fill_bytes(&mut data);
+                OpenOptions::new()
+                    .write(true)
+                    .open(&abs)
+                    .and_then(|mut h| h.write_all(&data))
+                    .unwrap_or_else(|e| self.fail("rewrite", &f, e));
+                use std::os::unix::fs::MetadataExt;
+                utimensat(
+                    nix::fcntl::AT_FDCWD,
+                    &abs,
+                    &TimeSpec::UTIME_OMIT,
+                    &TimeSpec::new(meta.mtime(), meta.mtime_nsec()),
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .unwrap_or_else(|e| self.fail("restore mtime", &f, e));
             }
             Op::LinkToFile => {
                 let Some(l) = self.pick_kind(Node::Link) else {

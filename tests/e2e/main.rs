@@ -13,6 +13,7 @@
 //! their seed; `WATCHER_E2E_SEED=N` replays one.
 
 mod churn;
+mod hardlinks;
 mod harness;
 mod operations;
 mod renames;
@@ -42,6 +43,8 @@ use tree::{assert_equal_now, skip_nothing, wait_converged};
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Operations per churn.
 const CHURN_OPS: usize = 2500;
+/// Operations of the churn that includes hard links.
+const HARD_LINK_CHURN_OPS: usize = 5000;
 
 fn set_mtime(path: &Path, secs: i64, nsec: i64) {
     utimensat(
@@ -61,6 +64,17 @@ fn chmod(path: &Path, mode: u32) {
 
 fn write(path: &Path, data: impl AsRef<[u8]>) {
     std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Rewrites `path` in place (same inode, so every name of it sees the new bytes).
+fn write_in_place(path: &Path, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
 fn mkdir_p(path: &Path) {
@@ -88,10 +102,26 @@ fn churn_against(
     extra: &[OsString],
     contained_links: bool,
 ) {
+    churn_with(test, scratch, dst, extra, contained_links, CHURN_OPS, false);
+}
+
+/// [`churn_against`] with `ops` operations; `hard_links` adds hard-link operations to the
+/// mix. When the daemon runs with `--hard-links`, the replica's links are compared too.
+fn churn_with(
+    test: &str,
+    scratch: &Scratch,
+    dst: &OsStr,
+    extra: &[OsString],
+    contained_links: bool,
+    ops: usize,
+    hard_links: bool,
+) {
     let seed = harness::seed(test);
     let ctx = format!("{test}, seed {seed}");
     let mut churn = Churn::new(&scratch.src, seed);
     churn.contained_links = contained_links;
+    churn.hard_links = hard_links;
+    let compare_links = extra.iter().any(|a| a == "--hard-links");
     churn.populate(150);
     mark_root(&scratch.src);
 
@@ -104,9 +134,9 @@ fn churn_against(
     );
 
     let t = Instant::now();
-    churn.run(CHURN_OPS, Pace::Spread);
+    churn.run(ops, Pace::Spread);
     eprintln!(
-        "{test}: {CHURN_OPS} operations in {:?}, {} entries now; {:?}",
+        "{test}: {ops} operations in {:?}, {} entries now; {:?}",
         t.elapsed(),
         churn.len(),
         churn.stats
@@ -118,6 +148,9 @@ fn churn_against(
         &skip_nothing,
         &ctx,
     );
+    if compare_links {
+        tree::wait_converged_with_links(&scratch.src, &scratch.dst, CONVERGE_TIMEOUT, &ctx);
+    }
 
     // No feedback loop: with the source unchanged, rsync runs must stop (a run or two
     // for changes already on the replica may still be due) and stay stopped.
@@ -149,6 +182,49 @@ fn churn_against(
         &scratch.dst,
         &skip_nothing,
         &format!("{ctx}: after stop"),
+    );
+    if compare_links {
+        let diff = tree::link_diff(&scratch.src, &scratch.dst).expect("walk the trees");
+        assert!(
+            diff.is_empty(),
+            "{ctx}: hard links differ after stop:\n{}",
+            tree::summarize(&diff, 40)
+        );
+    }
+}
+
+#[test]
+fn churn_with_hard_links_local_target() {
+    let Some(_timer) = harness::begin("churn_with_hard_links_local_target") else {
+        return;
+    };
+    let s = Scratch::new("churn-hardlinks");
+    churn_with(
+        "churn_with_hard_links_local_target",
+        &s,
+        s.dst.as_os_str(),
+        &args(&["--hard-links"]),
+        false,
+        HARD_LINK_CHURN_OPS,
+        true,
+    );
+}
+
+/// Without `--hard-links` every name still gets every change (the replica holds copies).
+#[test]
+fn churn_with_hard_links_no_dash_h() {
+    let Some(_timer) = harness::begin("churn_with_hard_links_no_dash_h") else {
+        return;
+    };
+    let s = Scratch::new("churn-hardlinks-copies");
+    churn_with(
+        "churn_with_hard_links_no_dash_h",
+        &s,
+        s.dst.as_os_str(),
+        &[],
+        false,
+        HARD_LINK_CHURN_OPS,
+        true,
     );
 }
 
@@ -992,6 +1068,51 @@ fn rewrite_with_same_size_and_mtime_replicates() {
     write(&f, vec![b'B'; 4096]);
     set_mtime(&f, 1_600_000_000, 5);
     wait_converged(&s.src, &s.dst, Duration::from_secs(30), &skip_nothing, ctx);
+    d.stop();
+}
+
+/// A same-size rewrite restored to the old mtime (`cp -p`, `tar x`, `touch -r`) inside a
+/// directory that was just created or moved in: the directory's recursive run compares by
+/// size and mtime and would skip it; the daemon knows the file was written.
+#[test]
+fn folded_rewrite_with_same_size_and_mtime_replicates() {
+    let test = "folded_rewrite_with_same_size_and_mtime_replicates";
+    let Some(_timer) = harness::begin("folded_rewrite_with_same_size_and_mtime_replicates") else {
+        return;
+    };
+    let s = Scratch::new("folded-rewrite");
+    let src = &s.src;
+    mkdir_p(&src.join("tarred"));
+    mkdir_p(&src.join("moved/sub"));
+    write(&src.join("tarred/f"), vec![b'A'; 4096]);
+    write(&src.join("moved/sub/g"), vec![b'A'; 4096]);
+    set_mtime(&src.join("tarred/f"), 1_600_000_000, 5);
+    set_mtime(&src.join("moved/sub/g"), 1_600_000_000, 5);
+    let mut d = Daemon::start(src, &s.dst, &[]);
+    assert_equal_now(
+        src,
+        &s.dst,
+        &skip_nothing,
+        &format!("{test}: after `ready`"),
+    );
+    d.wait_rsync_quiet(Duration::from_millis(500), Duration::from_secs(20));
+
+    // Every change lands in one batch: the daemon reads nothing until it is continued.
+    d.signal(Signal::SIGSTOP);
+    // `tar x` over an existing tree: the directory is made again, the file written with
+    // its recorded mtime.
+    std::fs::remove_dir_all(src.join("tarred")).expect("rm -rf tarred");
+    mkdir_p(&src.join("tarred"));
+    write(&src.join("tarred/f"), vec![b'B'; 4096]);
+    set_mtime(&src.join("tarred/f"), 1_600_000_000, 5);
+    // A rewrite in place, then its directory moved away and back.
+    write_in_place(&src.join("moved/sub/g"), &[b'C'; 4096]);
+    set_mtime(&src.join("moved/sub/g"), 1_600_000_000, 5);
+    rename(&src.join("moved"), &src.join("away"));
+    rename(&src.join("away"), &src.join("moved"));
+    d.signal(Signal::SIGCONT);
+
+    wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, test);
     d.stop();
 }
 

@@ -290,3 +290,112 @@ pub fn assert_equal_now(src: &Path, dst: &Path, skip: Skip<'_>, context: &str) {
         summarize(&d, 40)
     );
 }
+
+/// Regular files of `root` that share an inode with another name inside it: relative
+/// path -> every name of that inode inside the root, sorted; and each such name's link
+/// count.
+fn link_groups(root: &Path) -> std::io::Result<BTreeMap<PathBuf, (Vec<PathBuf>, u64)>> {
+    let mut by_inode: BTreeMap<(u64, u64), Vec<(PathBuf, u64)>> = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for dent in std::fs::read_dir(root.join(&rel))? {
+            let dent = dent?;
+            let rel_child = rel.join(dent.file_name());
+            let md = std::fs::symlink_metadata(root.join(&rel_child))?;
+            if md.file_type().is_dir() {
+                stack.push(rel_child);
+            } else if md.file_type().is_file() && md.nlink() > 1 {
+                by_inode
+                    .entry((md.dev(), md.ino()))
+                    .or_default()
+                    .push((rel_child, md.nlink()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for names in by_inode.into_values() {
+        let mut group: Vec<PathBuf> = names.iter().map(|(n, _)| n.clone()).collect();
+        group.sort();
+        for (name, nlink) in names {
+            out.insert(name, (group.clone(), nlink));
+        }
+    }
+    Ok(out)
+}
+
+/// Where the replica's hard links differ from the source's, one line each: names the
+/// source links together must be one inode on the replica, linked to nothing else (the
+/// replica's link count is the number of those names), and names the source keeps apart
+/// must be apart.
+pub fn link_diff(src: &Path, dst: &Path) -> std::io::Result<Vec<String>> {
+    let expected = link_groups(src)?;
+    let replica = link_groups(dst)?;
+    let mut out = Vec::new();
+    for (name, (group, _)) in &expected {
+        let want: Vec<&PathBuf> = group.iter().collect();
+        match replica.get(name) {
+            None => out.push(format!(
+                "not linked in replica: {name:?} (source links {want:?})"
+            )),
+            Some((got, nlink)) => {
+                if got != group {
+                    out.push(format!(
+                        "links differ: {name:?}: source links {want:?}, replica {got:?}"
+                    ));
+                } else if *nlink != group.len() as u64 {
+                    out.push(format!(
+                        "link count differs: {name:?}: replica {nlink}, {} names",
+                        group.len()
+                    ));
+                }
+            }
+        }
+    }
+    for (name, (got, _)) in &replica {
+        if !expected.contains_key(name) {
+            out.push(format!(
+                "linked in replica only: {name:?} (replica links {got:?})"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Like [`wait_converged`], and the hard links must match too (see [`link_diff`]).
+pub fn wait_converged_with_links(src: &Path, dst: &Path, timeout: Duration, context: &str) {
+    let start = Instant::now();
+    let mut next_report = Duration::from_secs(10);
+    loop {
+        let last = match (compare(src, dst, &skip_nothing), link_diff(src, dst)) {
+            (Ok(a), Ok(b)) if a.is_empty() && b.is_empty() => {
+                eprintln!("converged with links after {:?}", start.elapsed());
+                return;
+            }
+            (Ok(mut a), Ok(b)) => {
+                a.extend(b);
+                a
+            }
+            (Err(e), _) | (_, Err(e)) => vec![format!("could not walk the trees: {e}")],
+        };
+        if start.elapsed() >= next_report {
+            eprintln!(
+                "not converged after {:?} ({context}); {} difference(s):\n{}",
+                start.elapsed(),
+                last.len(),
+                summarize(&last, 5)
+            );
+            next_report += Duration::from_secs(10);
+        }
+        if start.elapsed() >= timeout {
+            panic!(
+                "replica {} did not converge with source {} (links included) within \
+                 {timeout:?} ({context}); {} difference(s):\n{}",
+                dst.display(),
+                src.display(),
+                last.len(),
+                summarize(&last, 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

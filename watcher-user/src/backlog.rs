@@ -153,6 +153,7 @@ impl Backlog {
         Batch {
             entries: Vec::new(),
             subtrees: vec![Default::default()],
+            ..Batch::default()
         }
     }
 

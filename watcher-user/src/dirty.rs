@@ -3,6 +3,12 @@
 //! A trie of path components: marking the same path again is free, and a dirty subtree swallows
 //! every mark below it, so memory stays proportional to the number of distinct dirty paths no
 //! matter how many events arrive.
+//!
+//! A path marked on its own that a subtree covers is still remembered as *folded*: the
+//! recursive run of the subtree compares files by size and mtime, and would skip a rewrite
+//! that kept both (`cp -p`, `tar x`, `touch -r`), though the kernel reported it. Folded
+//! paths are bounded too: past [`FOLDED_MAX`] the batch asks for its subtrees to be compared
+//! by content instead.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -40,7 +46,15 @@ pub struct DirtySet {
     root: Node,
     /// Number of marked nodes, so `len` is O(1).
     len: usize,
+    /// Paths marked on their own below a subtree mark (normalized, as bytes).
+    folded: hashbrown::HashSet<Vec<u8>>,
+    /// More than [`FOLDED_MAX`] paths were folded: some were not kept.
+    folded_overflow: bool,
 }
+
+/// Most folded paths remembered per batch; past it, the batch's subtrees are compared by
+/// content (`--checksum`), which needs no list.
+pub const FOLDED_MAX: usize = 200_000;
 
 /// The paths of one flush, each list sorted by bytes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -49,6 +63,12 @@ pub struct Batch {
     pub entries: Vec<PathBuf>,
     /// Paths to sync with everything under them; none lies under another.
     pub subtrees: Vec<PathBuf>,
+    /// Paths marked on their own that lie under one of `subtrees`: each reached the
+    /// replica through its subtree's run, whose quick check may have skipped a rewrite that
+    /// kept size and mtime, so each is compared again by content.
+    pub folded: Vec<PathBuf>,
+    /// Some folded paths were not kept ([`FOLDED_MAX`]): compare the subtrees by content.
+    pub compare_subtrees: bool,
 }
 
 impl Batch {
@@ -85,24 +105,43 @@ impl DirtySet {
     /// Records that `rel` (relative to the root, "" for the root) needs syncing at `scope`.
     pub fn mark(&mut self, rel: &Path, scope: Scope) {
         let mut node = &mut self.root;
+        let mut path: Vec<u8> = Vec::new();
         for comp in components(rel) {
             if node.mark == Mark::Subtree {
+                if scope == Scope::Entry {
+                    remember(&mut self.folded, &mut self.folded_overflow, normalized(rel));
+                }
                 return;
             }
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(comp);
             // `entry_ref` only allocates the key when the component is new.
             node = node.children.entry_ref(comp).or_default();
         }
         match (node.mark, scope) {
-            (Mark::Subtree, _) | (Mark::Entry, Scope::Entry) => {}
+            (Mark::Subtree, Scope::Entry) => {
+                // The subtree's own path, marked on its own: its attributes (or content,
+                // for a file turned into a directory's place) are in the subtree run.
+            }
+            (Mark::Subtree, Scope::Subtree) | (Mark::Entry, Scope::Entry) => {}
             (Mark::Clean, Scope::Entry) => {
                 node.mark = Mark::Entry;
                 self.len += 1;
             }
             (old, Scope::Subtree) => {
                 let dropped = usize::from(old == Mark::Entry) + count_marks(&node.children);
-                node.children = HashMap::new();
+                let children = std::mem::take(&mut node.children);
                 node.mark = Mark::Subtree;
                 self.len = self.len - dropped + 1;
+                // The node's own entry needs nothing more: the subtree run syncs it.
+                collect_entries(
+                    &children,
+                    &path,
+                    &mut self.folded,
+                    &mut self.folded_overflow,
+                );
             }
         }
     }
@@ -143,6 +182,12 @@ impl DirtySet {
             |a: &PathBuf, b: &PathBuf| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes());
         batch.entries.sort_unstable_by(by_bytes);
         batch.subtrees.sort_unstable_by(by_bytes);
+        batch.folded = std::mem::take(&mut self.folded)
+            .into_iter()
+            .map(|p| PathBuf::from(OsStr::from_bytes(&p)))
+            .collect();
+        batch.folded.sort_unstable_by(by_bytes);
+        batch.compare_subtrees = std::mem::take(&mut self.folded_overflow);
         self.len = 0;
         batch
     }
@@ -156,6 +201,16 @@ impl DirtySet {
         for rel in &batch.entries {
             self.mark(rel, Scope::Entry);
         }
+        self.merge_folded(&batch);
+    }
+
+    /// Folded paths of a batch put back stay folded (or become entries again, where no
+    /// subtree covers them any more).
+    fn merge_folded(&mut self, batch: &Batch) {
+        for rel in &batch.folded {
+            self.mark(rel, Scope::Entry);
+        }
+        self.folded_overflow |= batch.compare_subtrees;
     }
 
     /// Puts back a batch whose rsync run was cut short: the directories of its entries
@@ -173,6 +228,49 @@ impl DirtySet {
                 self.mark(rel.parent().unwrap_or(Path::new("")), Scope::Subtree);
             }
         }
+        self.merge_folded(&batch);
+    }
+}
+
+/// The path as the trie spells it: components joined by single slashes.
+fn normalized(rel: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for comp in components(rel) {
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(comp);
+    }
+    out
+}
+
+fn remember(folded: &mut hashbrown::HashSet<Vec<u8>>, overflow: &mut bool, path: Vec<u8>) {
+    if folded.len() < FOLDED_MAX {
+        folded.insert(path);
+    } else if !folded.contains(&path) {
+        *overflow = true;
+    }
+}
+
+/// Remembers every path marked on its own (entries; subtrees carry no folded marks, they
+/// are synced by the run that covers them) below `children` of the node at `path`.
+fn collect_entries(
+    children: &HashMap<Vec<u8>, Node>,
+    path: &[u8],
+    folded: &mut hashbrown::HashSet<Vec<u8>>,
+    overflow: &mut bool,
+) {
+    for (name, child) in children {
+        let mut child_path = Vec::with_capacity(path.len() + 1 + name.len());
+        child_path.extend_from_slice(path);
+        if !path.is_empty() {
+            child_path.push(b'/');
+        }
+        child_path.extend_from_slice(name);
+        if child.mark == Mark::Entry {
+            remember(folded, overflow, child_path.clone());
+        }
+        collect_entries(&child.children, &child_path, folded, overflow);
     }
 }
 
@@ -187,7 +285,13 @@ impl DirtySet {
             if depth == 0 {
                 break;
             }
-            fold_at(&mut self.root, depth - 1);
+            fold_at(
+                &mut self.root,
+                depth - 1,
+                &mut Vec::new(),
+                &mut self.folded,
+                &mut self.folded_overflow,
+            );
             self.len =
                 usize::from(self.root.mark != Mark::Clean) + count_marks(&self.root.children);
         }
@@ -206,17 +310,31 @@ fn deepest_mark(node: &Node, depth: usize) -> usize {
         .max(own)
 }
 
-/// Turns every node `levels` below `node` that has marked descendants into a subtree.
-fn fold_at(node: &mut Node, levels: usize) {
+/// Turns every node `levels` below `node` (at `path`) that has marked descendants into a
+/// subtree, remembering the entries it swallows as folded.
+fn fold_at(
+    node: &mut Node,
+    levels: usize,
+    path: &mut Vec<u8>,
+    folded: &mut hashbrown::HashSet<Vec<u8>>,
+    overflow: &mut bool,
+) {
     if levels == 0 {
         if count_marks(&node.children) > 0 {
-            node.children = HashMap::new();
+            let children = std::mem::take(&mut node.children);
+            collect_entries(&children, path, folded, overflow);
             node.mark = Mark::Subtree;
         }
         return;
     }
-    for child in node.children.values_mut() {
-        fold_at(child, levels - 1);
+    for (name, child) in node.children.iter_mut() {
+        let len = path.len();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+        fold_at(child, levels - 1, path, folded, overflow);
+        path.truncate(len);
     }
 }
 
@@ -241,51 +359,72 @@ mod tests {
         Batch {
             entries: entries.iter().map(PathBuf::from).collect(),
             subtrees: subtrees.iter().map(PathBuf::from).collect(),
+            ..Batch::default()
         }
+    }
+
+    fn folded(mut b: Batch, folded: &[&str]) -> Batch {
+        b.folded = folded.iter().map(PathBuf::from).collect();
+        b
     }
 
     #[test]
     fn mark_table() {
-        type Row<'a> = (&'a [(&'a str, Scope)], &'a [&'a str], &'a [&'a str]);
+        type Row<'a> = (
+            &'a [(&'a str, Scope)],
+            &'a [&'a str],
+            &'a [&'a str],
+            &'a [&'a str],
+        );
         let rows: &[Row] = &[
-            (&[], &[], &[]),
-            (&[("a", E)], &["a"], &[]),
-            (&[("a", E), ("a", E), ("a", E)], &["a"], &[]),
-            (&[("a", S), ("a", S)], &[], &["a"]),
-            (&[("a", E), ("a", S)], &[], &["a"]),
-            (&[("a", S), ("a", E)], &[], &["a"]),
-            (&[("a/b", E), ("a", S)], &[], &["a"]),
-            (&[("a", S), ("a/b", E), ("a/b/c", S)], &[], &["a"]),
+            (&[], &[], &[], &[]),
+            (&[("a", E)], &["a"], &[], &[]),
+            (&[("a", E), ("a", E), ("a", E)], &["a"], &[], &[]),
+            (&[("a", S), ("a", S)], &[], &["a"], &[]),
+            (&[("a", E), ("a", S)], &[], &["a"], &[]),
+            (&[("a", S), ("a", E)], &[], &["a"], &[]),
+            // An entry a subtree covers is remembered as folded, whichever came first.
+            (&[("a/b", E), ("a", S)], &[], &["a"], &["a/b"]),
+            (&[("a", S), ("a/b", E), ("a/b/c", S)], &[], &["a"], &["a/b"]),
             (
                 &[("a/b/c", E), ("a/b/d", S), ("a/x", E), ("a", S)],
                 &[],
                 &["a"],
+                &["a/b/c", "a/x"],
             ),
-            (&[("a", E), ("a/b", E)], &["a", "a/b"], &[]),
-            (&[("a", E), ("a/b", S)], &["a"], &["a/b"]),
+            (&[("a", E), ("a/b", E)], &["a", "a/b"], &[], &[]),
+            (&[("a", E), ("a/b", S)], &["a"], &["a/b"], &[]),
             (
                 &[("a/b", S), ("a/c", S), ("ab", E)],
                 &["ab"],
                 &["a/b", "a/c"],
+                &[],
             ),
-            (&[("x", E), ("", S), ("y/z", S)], &[], &[""]),
-            (&[("", E), ("x", E)], &["", "x"], &[]),
-            (&[("", E), ("", S)], &[], &[""]),
+            (&[("x", E), ("", S), ("y/z", S)], &[], &[""], &["x"]),
+            (&[("", S), ("a/./b", E), ("a//b/", E)], &[], &[""], &["a/b"]),
+            (&[("", E), ("x", E)], &["", "x"], &[], &[]),
+            (&[("", E), ("", S)], &[], &[""], &[]),
             // byte order, not component order: '-' < '/'
             (
                 &[("a/b", E), ("a-b", E), ("a", E)],
                 &["a", "a-b", "a/b"],
                 &[],
+                &[],
             ),
             // `.` components and doubled or trailing slashes are the same path
-            (&[("a/./b", E), ("a//b/", E), ("./a/b", E)], &["a/b"], &[]),
+            (
+                &[("a/./b", E), ("a//b/", E), ("./a/b", E)],
+                &["a/b"],
+                &[],
+                &[],
+            ),
         ];
-        for (i, (marks, entries, subtrees)) in rows.iter().enumerate() {
+        for (i, (marks, entries, subtrees, folded_paths)) in rows.iter().enumerate() {
             let mut set = DirtySet::new();
             for (rel, scope) in marks.iter() {
                 set.mark(Path::new(rel), *scope);
             }
-            let want = batch(entries, subtrees);
+            let want = folded(batch(entries, subtrees), folded_paths);
             assert_eq!(set.len(), want.len(), "row {i}: len");
             assert_eq!(set.is_empty(), want.is_empty(), "row {i}: is_empty");
             assert_eq!(set.take(), want, "row {i}: {marks:?}");
@@ -300,8 +439,9 @@ mod tests {
         let mut set = DirtySet::new();
         set.mark(Path::new("other"), E);
         set.merge_widened(batch(&["a/b/f", "a/g", "top"], &["s/t"]), no_dirs);
-        // "top" lies in the root: the whole tree, which covers everything else.
-        assert_eq!(set.take(), batch(&[], &[""]));
+        // "top" lies in the root: the whole tree, which covers everything else ("other",
+        // marked on its own, is remembered as folded).
+        assert_eq!(set.take(), folded(batch(&[], &[""]), &["other"]));
         let mut set = DirtySet::new();
         set.merge_widened(batch(&["a/b/f", "a/b/g", "c/d"], &["s/t"]), no_dirs);
         assert_eq!(set.take(), batch(&[], &["a/b", "c", "s/t"]));
@@ -353,7 +493,10 @@ mod tests {
         set.mark(Path::new("e"), Scope::Entry);
         set.merge(failed);
         assert_eq!(set.len(), 3);
-        assert_eq!(set.take(), batch(&["e"], &["a", "c"]));
+        assert_eq!(
+            set.take(),
+            folded(batch(&["e"], &["a", "c"]), &["a/b", "c/d"])
+        );
         assert!(batch(&[], &["", "x"]).covers_root());
         assert!(!batch(&[""], &["x"]).covers_root());
     }
@@ -426,9 +569,17 @@ mod tests {
         set.mark(Path::new("c"), E);
         set.mark(Path::new("a/x"), E);
         assert_eq!(set.len(), 102);
-        let folded = set.collapse(10);
-        assert_eq!(folded, 99);
-        assert_eq!(set.take(), batch(&["a/x", "c"], &["a/b"]));
+        assert_eq!(set.collapse(10), 99);
+        let out = set.take();
+        assert_eq!(
+            (out.entries, out.subtrees),
+            (
+                batch(&["a/x", "c"], &["a/b"]).entries,
+                batch(&[], &["a/b"]).subtrees
+            )
+        );
+        assert_eq!(out.folded.len(), 100);
+        assert!(out.folded.contains(&PathBuf::from("a/b/f7")));
 
         // Already under the limit: nothing changes.
         set.mark(Path::new("d/e"), E);
@@ -437,11 +588,29 @@ mod tests {
     }
 
     #[test]
+    fn folded_paths_are_bounded() {
+        let mut set = DirtySet::new();
+        set.mark(Path::new("d"), S);
+        for i in 0..FOLDED_MAX + 10 {
+            set.mark(Path::new(&format!("d/f{i}")), E);
+        }
+        assert_eq!(set.len(), 1);
+        let out = set.take();
+        assert_eq!(out.folded.len(), FOLDED_MAX);
+        assert!(out.compare_subtrees);
+        // Put back, the flag stays with the batch; taken, it is reset.
+        set.merge(out);
+        assert!(set.take().compare_subtrees);
+        set.mark(Path::new("d"), S);
+        assert!(!set.take().compare_subtrees);
+    }
+
+    #[test]
     fn collapse_can_reach_the_root() {
         let mut set = DirtySet::new();
         set.mark(Path::new("a"), E);
         set.mark(Path::new("b"), E);
         set.collapse(1);
-        assert_eq!(set.take(), batch(&[], &[""]));
+        assert_eq!(set.take(), folded(batch(&[], &[""]), &["a", "b"]));
     }
 }

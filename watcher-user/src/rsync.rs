@@ -195,11 +195,19 @@ fn first_non_dir_ancestor(
 /// - A batch covering the root is one whole-tree `rsync -a --delete`.
 /// - Subtrees go in one recursive `--files-from` run (`--delete` removes what a listed
 ///   subtree no longer holds).
+/// - Folded paths (marked on their own, covered by a subtree) go in one non-recursive
+///   `--checksum` run after the subtrees, with their directories: a rewrite that kept size
+///   and mtime, which the subtree run's quick check skipped, is compared by content and
+///   sent; a file the subtree run just sent costs a read on each side, no transfer. With
+///   `compare_subtrees` (too many folded paths to list) the subtree run itself compares
+///   by content.
 /// - Entries (files, symlinks, missing paths, directories' own attributes) go in one
-///   non-recursive run, after the subtrees so directory mtimes end up final: a chmod of a
+///   non-recursive run, last, so directory mtimes end up final: a chmod of a
 ///   huge directory does not walk it, `--delete-missing-args --force` removes what no longer
 ///   exists (non-empty directories too), and `--ignore-times` sends a listed file even if a
-///   rewrite kept its size and mtime (it changed: the kernel said so).
+///   rewrite kept its size and mtime (it changed: the kernel said so). Every name of a
+///   multi-link file is listed here together (see [`crate::link_walk`]), so `-H` keeps
+///   them linked.
 ///
 /// `is_dir` tells which paths are directories now (the source is read at flush time).
 pub fn plan(
@@ -214,22 +222,33 @@ pub fn plan(
         args.push(source_arg(root));
         args.push(target.rsync_arg());
     };
-    if batch.covers_root() {
-        let mut args = common_args(opts);
-        args.extend(["--delete".into(), "--force".into()]);
-        tail(&mut args);
-        return vec![Run {
-            args,
-            stdin: Vec::new(),
-            paths: 0,
-        }];
-    }
+    let compare = |args: &mut Vec<OsString>| {
+        if batch.compare_subtrees {
+            args.push("--checksum".into());
+        }
+    };
+    let mut runs = Vec::new();
     let mut known = hashbrown::HashMap::new();
     let mut entries: std::collections::BTreeSet<&[u8]> = std::collections::BTreeSet::new();
     let mut collapsed: Vec<PathBuf> = Vec::new();
     let mut subtrees: Vec<&Path> = Vec::new();
-    for (path, subtree) in batch
-        .subtrees
+    if batch.covers_root() {
+        let mut args = common_args(opts);
+        args.extend(["--delete".into(), "--force".into()]);
+        compare(&mut args);
+        tail(&mut args);
+        runs.push(Run {
+            args,
+            stdin: Vec::new(),
+            paths: 0,
+        });
+    }
+    let subtree_list = if batch.covers_root() {
+        &[][..]
+    } else {
+        &batch.subtrees[..]
+    };
+    for (path, subtree) in subtree_list
         .iter()
         .map(|p| (p, true))
         .chain(batch.entries.iter().map(|p| (p, false)))
@@ -245,16 +264,31 @@ pub fn plan(
     for ancestor in &collapsed {
         entries.insert(ancestor.as_os_str().as_bytes());
     }
-    let list_args = |recursive: bool| {
+    // Folded files with their directories, whose mtimes a file sent again would change.
+    let mut folded: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    for path in &batch.folded {
+        if first_non_dir_ancestor(path, root, &is_dir, &mut known).is_some() {
+            continue;
+        }
+        folded.insert(path.clone());
+        // Not the root unless a folded file lies in it: listed, the root brings every
+        // top-level entry into the run.
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            let top = d.as_os_str().is_empty();
+            if (top && path.parent() != Some(d)) || !folded.insert(d.to_path_buf()) {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+    let list_args = |recursive: bool, skip: &str| {
         let mut args = common_args(opts);
         if recursive {
             args.extend(["-r".into(), "--delete".into()]);
+            compare(&mut args);
         } else {
-            args.extend([
-                "--no-recursive".into(),
-                "--dirs".into(),
-                "--ignore-times".into(),
-            ]);
+            args.extend(["--no-recursive".into(), "--dirs".into(), skip.into()]);
         }
         args.extend([
             "--delete-missing-args".into(),
@@ -264,10 +298,15 @@ pub fn plan(
         ]);
         args
     };
-    let mut runs = Vec::new();
     if !subtrees.is_empty() {
         let (stdin, paths) = nul_list(subtrees.into_iter());
-        let mut args = list_args(true);
+        let mut args = list_args(true, "");
+        tail(&mut args);
+        runs.push(Run { args, stdin, paths });
+    }
+    if !folded.is_empty() {
+        let (stdin, paths) = nul_list(folded.iter().map(PathBuf::as_path));
+        let mut args = list_args(false, "--checksum");
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
     }
@@ -280,7 +319,7 @@ pub fn plan(
     let root_entry = entries.remove(&b""[..]);
     if !entries.is_empty() {
         let (stdin, paths) = nul_list(entries.into_iter().map(|b| Path::new(OsStr::from_bytes(b))));
-        let mut args = list_args(false);
+        let mut args = list_args(false, "--ignore-times");
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
     }
@@ -431,6 +470,10 @@ fn parse_stats_number(text: &str) -> Option<u64> {
     Some((number * scale).round() as u64)
 }
 
+/// How long every process of a local `-H` run may sleep without using CPU before the run
+/// is taken for stuck and killed (see [`execute`]).
+pub const STALL_AFTER: Duration = Duration::from_secs(20);
+
 /// Keep at most this much of rsync's stderr and stdout.
 const OUTPUT_TAIL: usize = 64 * 1024;
 
@@ -532,8 +575,107 @@ impl StdoutSink {
     }
 }
 
+/// The processes of one rsync run (`pid` and its descendants, from /proc): their CPU time
+/// in clock ticks, and whether every one of them is asleep.
+fn run_activity(pid: i32) -> Option<(u64, bool)> {
+    let mut procs: Vec<(i32, i32, bool, u64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ... utime stime" (fields 14 and 15); comm may hold spaces.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(ppid), Some(utime), Some(stime)) = (
+            f.first(),
+            f.get(1).and_then(|v| v.parse::<i32>().ok()),
+            f.get(11).and_then(|v| v.parse::<u64>().ok()),
+            f.get(12).and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        procs.push((p, ppid, *state == "S", utime + stime));
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    let mine: Vec<_> = procs.iter().filter(|p| tree.contains(&p.0)).collect();
+    if mine.is_empty() {
+        return None;
+    }
+    Some((mine.iter().map(|p| p.3).sum(), mine.iter().all(|p| p.2)))
+}
+
+/// Waits until the processes of a local run have all been asleep without using any CPU
+/// for `after`: stuck, since a local rsync only waits on itself (or on the disk, which is
+/// not sleeping in this sense). Never returns for `None`.
+async fn stalled(pid: Option<i32>, after: Option<Duration>) {
+    let (Some(pid), Some(after)) = (pid, after) else {
+        return std::future::pending().await;
+    };
+    let mut last: Option<u64> = None;
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match run_activity(pid) {
+            Some((cpu, true)) if last == Some(cpu) && since.elapsed() >= after => return,
+            Some((cpu, true)) if last == Some(cpu) => {}
+            Some((cpu, _)) => {
+                last = Some(cpu);
+                since = Instant::now();
+            }
+            None => {}
+        }
+    }
+}
+
+/// Kills `pid` and its descendants.
+fn kill_run(pid: i32) {
+    let mut tree = vec![pid];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        let stats: Vec<(i32, i32)> = dir
+            .flatten()
+            .filter_map(|e| {
+                let p = e.file_name().to_str()?.parse::<i32>().ok()?;
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                let rest = &stat[stat.rfind(')')? + 1..];
+                let ppid = rest.split_whitespace().nth(1)?.parse::<i32>().ok()?;
+                Some((p, ppid))
+            })
+            .collect();
+        let mut i = 0;
+        while i < tree.len() {
+            let parent = tree[i];
+            tree.extend(stats.iter().filter(|s| s.1 == parent).map(|s| s.0));
+            i += 1;
+        }
+    }
+    for p in tree {
+        // SAFETY: kill(2) on processes this run started.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+        }
+    }
+}
+
 /// Spawns rsync for `run`, feeding the list on stdin. Its pid is in `own_pids` while it runs
-/// so the backend ignores its writes.
+/// so the backend ignores its writes. With `stall_after` (local targets), a run whose
+/// processes all sleep without using CPU for that long is killed: rsync 3.5.0 with `-H`
+/// was seen waiting on itself for good when the source changed under it (every process
+/// in a read; `--timeout` does not fire, the keepalives keep it alive).
 pub async fn execute(
     binary: &Path,
     run: &Run,
@@ -541,6 +683,7 @@ pub async fn execute(
     keep_stdout: bool,
     progress: Option<Progress>,
     stop: Option<tokio::sync::watch::Receiver<bool>>,
+    stall_after: Option<Duration>,
 ) -> std::io::Result<RunResult> {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(binary)
@@ -577,7 +720,7 @@ pub async fn execute(
         partial: Vec::new(),
     };
     // Scoped, so the borrow of `sink` ends with it.
-    let (_, err) = {
+    let (mut err, stuck) = {
         let output = async {
             tokio::join!(
                 async {
@@ -601,18 +744,18 @@ pub async fn execute(
                 }
             )
         };
-        // Asked to stop: SIGTERM lets rsync remove its temporary file and end its other
-        // processes (SIGKILL would leave both); its output then ends as it exits.
         tokio::pin!(output);
         tokio::select! {
-            out = &mut output => out,
+            (_, err) = &mut output => (err, false),
+            // Asked to stop: SIGTERM lets rsync remove its temporary file and end its other
+            // processes (SIGKILL would leave both); its output then ends as it exits.
             () = stop_requested(stop) => {
                 use nix::sys::signal::{Signal, kill};
                 let pid = pid.map(nix::unistd::Pid::from_raw);
                 if let Some(pid) = pid {
                     let _ = kill(pid, Signal::SIGTERM);
                 }
-                match tokio::time::timeout(STOP_GRACE, &mut output).await {
+                let (_, err) = match tokio::time::timeout(STOP_GRACE, &mut output).await {
                     Ok(out) => out,
                     Err(_) => {
                         if let Some(pid) = pid {
@@ -620,10 +763,26 @@ pub async fn execute(
                         }
                         output.await
                     }
+                };
+                (err, false)
+            }
+            _ = stalled(pid, stall_after) => {
+                if let Some(pid) = pid {
+                    kill_run(pid);
                 }
+                (output.await.1, true)
             }
         }
     };
+    if stuck {
+        err.extend_from_slice(
+            format!(
+                "\nrsync made no progress for {} s, every process asleep: killed",
+                stall_after.unwrap_or_default().as_secs()
+            )
+            .as_bytes(),
+        );
+    }
     if let Some(p) = &sink.progress {
         p.finish();
     }
@@ -748,6 +907,7 @@ fn self_test(binary: &Path) -> Result<(), String> {
     let batch = Batch {
         entries: vec!["-d/new\nline".into(), "gone".into(), "stale".into()],
         subtrees: vec![],
+        ..Batch::default()
     };
     let opts = RsyncOptions {
         binary: binary.to_path_buf(),
@@ -855,6 +1015,7 @@ mod tests {
         let batch = Batch {
             entries: vec![],
             subtrees: vec!["".into()],
+            ..Batch::default()
         };
         let runs = plan(
             &batch,
@@ -891,6 +1052,7 @@ mod tests {
                 ";semi".into(),
             ],
             subtrees: vec![],
+            ..Batch::default()
         };
         let runs = plan(
             &batch,
@@ -923,6 +1085,7 @@ mod tests {
         let batch = Batch {
             entries: vec!["d".into(), "f".into(), "".into()],
             subtrees: vec!["t".into()],
+            ..Batch::default()
         };
         let runs = plan(
             &batch,
@@ -956,7 +1119,7 @@ mod tests {
         std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
         let batch = Batch {
             entries: vec!["".into()],
-            subtrees: vec![],
+            ..Batch::default()
         };
         let mut options = opts();
         options.excludes.clear();
@@ -977,6 +1140,51 @@ mod tests {
     }
 
     #[test]
+    fn folded_files_are_compared_by_content_after_their_subtree() {
+        let batch = Batch {
+            entries: vec!["e".into()],
+            subtrees: vec!["t".into()],
+            folded: vec!["t/a/f".into(), "t/g".into()],
+            compare_subtrees: false,
+        };
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Local("/d".into()),
+            &opts(),
+            |_| true,
+        );
+        assert_eq!(runs.len(), 3);
+        assert_eq!(runs[0].stdin, b"./t\0");
+        assert!(!args(&runs[0]).contains(&"--checksum"));
+        // With their directories, whose mtimes a file sent again changes.
+        assert_eq!(runs[1].stdin, b"./t\0./t/a\0./t/a/f\0./t/g\0");
+        let a = args(&runs[1]);
+        assert!(a.contains(&"--checksum") && a.contains(&"--no-recursive"));
+        assert!(!a.contains(&"--ignore-times"));
+        assert_eq!(runs[2].stdin, b"./e\0");
+        assert!(args(&runs[2]).contains(&"--ignore-times"));
+
+        // After a whole-tree run too; too many to list: the subtree run compares contents.
+        let batch = Batch {
+            entries: vec![],
+            subtrees: vec!["".into()],
+            folded: vec!["x/f".into(), "top".into()],
+            compare_subtrees: true,
+        };
+        let runs = plan(
+            &batch,
+            Path::new("/s"),
+            &Target::Local("/d".into()),
+            &opts(),
+            |_| true,
+        );
+        assert_eq!(runs.len(), 2);
+        assert!(runs[0].stdin.is_empty() && args(&runs[0]).contains(&"--checksum"));
+        assert_eq!(runs[1].stdin, b".\0./top\0./x\0./x/f\0");
+    }
+
+    #[test]
     fn paths_below_a_replaced_directory_collapse_to_it() {
         // "x" was a directory and is now a file or a symlink; "gone" no longer exists.
         let batch = Batch {
@@ -987,6 +1195,7 @@ mod tests {
                 "x/b/c".into(),
             ],
             subtrees: vec!["x/d".into(), "ok/new".into()],
+            ..Batch::default()
         };
         let is_dir = |p: &Path| p == Path::new("/s/ok");
         let runs = plan(
@@ -999,6 +1208,39 @@ mod tests {
         assert_eq!(runs.len(), 2);
         assert_eq!(runs[0].stdin, b"./ok/new\0");
         assert_eq!(runs[1].stdin, b"./gone\0./ok/f\0./x\0");
+    }
+
+    #[test]
+    fn a_run_asleep_without_cpu_is_taken_for_stuck_and_killed() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // A shell that waits on a sleeping child: a tree of processes, all asleep.
+            let mut child = tokio::process::Command::new("sh")
+                .args(["-c", "sleep 30; true"])
+                .spawn()
+                .unwrap();
+            let pid = child.id().map(|p| p as i32);
+            let (cpu, asleep) = run_activity(pid.unwrap()).unwrap();
+            assert!(cpu < 100 && (asleep || cpu == 0));
+            let started = Instant::now();
+            stalled(pid, Some(Duration::from_secs(2))).await;
+            assert!(started.elapsed() < Duration::from_secs(10));
+            kill_run(pid.unwrap());
+            let status = child.wait().await.unwrap();
+            assert_eq!(status.code(), None, "killed by a signal");
+        });
+        // Not watched: never reports.
+        let never = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                tokio::time::timeout(Duration::from_millis(50), stalled(Some(1), None)).await
+            });
+        assert!(never.is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::backend::OwnPids;
 use crate::dirty::Batch;
 use crate::failing::{self, Failure};
+use crate::link_walk::Links as HardLinks;
 use crate::rsync::{self, ExitClass, RsyncOptions, TransferStats};
 use crate::ssh;
 use crate::sync_machine::{Finished, FlushKind};
@@ -44,6 +45,8 @@ pub struct Job {
     pub renames: Vec<(PathBuf, PathBuf)>,
     /// The shared connection of an ssh target.
     pub link: Option<Arc<ssh::Link>>,
+    /// The group's hard-link index: every name of a multi-link file goes in one run.
+    pub hard_links: Arc<HardLinks>,
 }
 
 /// How a batch ended.
@@ -104,6 +107,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         stop,
         renames,
         link,
+        hard_links,
     } = job;
     opts.excludes.extend(set_aside);
     // A master that died (its socket left behind) is cleaned up, so this run's ssh makes
@@ -143,7 +147,11 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     let planned = {
         let batch = done.batch.clone();
         let (root, dest, opts) = (root.clone(), dest.clone(), opts.clone());
-        tokio::task::spawn_blocking(move || rsync::plan(&batch, &root, &dest, &opts, is_dir)).await
+        tokio::task::spawn_blocking(move || {
+            let batch = hard_links.expand(&batch);
+            rsync::plan(&batch, &root, &dest, &opts, is_dir)
+        })
+        .await
     };
     let mut runs = match planned {
         Ok(runs) => runs,
@@ -163,6 +171,9 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     };
     for run in &runs {
         let progress = whole_tree.then(|| rsync::Progress::new(label, &dest, PROGRESS_EVERY));
+        // A local run only waits on itself; a remote one may wait on a slow peer.
+        let stall_after =
+            (opts.hardlinks && matches!(dest, Target::Local(_))).then_some(rsync::STALL_AFTER);
         let result = rsync::execute(
             &opts.binary,
             run,
@@ -170,6 +181,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
             verify || opts.dry_run,
             progress,
             stop.clone(),
+            stall_after,
         )
         .await;
         done.runs += 1;

@@ -606,7 +606,13 @@ mod tests {
             run(&mut t, &ev),
             [
                 change(ChangeKind::MovedFrom, "/srv/data/d", true),
-                change(ChangeKind::MovedTo, "/srv/data/e", true)
+                change(ChangeKind::MovedTo, "/srv/data/e", true),
+                // The rename as one operation, for targets that can replay it.
+                Event::Renamed {
+                    from: "/srv/data/d".into(),
+                    to: "/srv/data/e".into(),
+                    is_dir: true
+                }
             ]
         );
         // The cached path of the moved directory is stale now: it must not be used again;

@@ -26,6 +26,7 @@ use crate::event::{ChangeKind, Event};
 use crate::failing::{self, FailingPaths};
 use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
+use crate::link_walk::Links as HardLinks;
 use crate::notify::{Standing, StatusLine, notify, status_text};
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
@@ -80,6 +81,8 @@ struct Settings {
     /// stops its group rather than being followed.
     root_id: FileId,
     rsync: RsyncOptions,
+    /// The group's hard-link index, shared by its targets.
+    hard_links: Arc<HardLinks>,
     /// The shared connection of an ssh target.
     link: Option<Arc<ssh::Link>>,
 }
@@ -297,7 +300,6 @@ struct Signals<'a> {
 type HandOver = Vec<(String, String, Batch, Option<Journal>)>;
 
 impl Engine {
-
     /// The dirty paths of every target and their journals, after the reader stopped and its
     /// last events were routed.
     async fn stop_and_hand_over(mut self) -> (HandOver, Links) {

@@ -46,6 +46,7 @@ pub(super) fn target_states(
         let root = filter.root(*group).to_path_buf();
         let root_id = FileId::of(&root)
             .with_context(|| format!("sync group {}: source {}", g.name, root.display()))?;
+        let hard_links = HardLinks::new(&root);
         for t in &g.targets {
             let link = links.get(&g.name, &t.name);
             let extra_args = match &link {
@@ -67,6 +68,7 @@ pub(super) fn target_states(
                     dry_run: opts.dry_run,
                 },
                 link,
+                hard_links: hard_links.clone(),
             };
             let carried = continuing
                 .iter()
@@ -106,7 +108,11 @@ pub(super) fn target_states(
 
 /// What a reload cannot change while the daemon runs: said clearly, and the running
 /// configuration kept.
-pub(super) fn check_reloadable(old: &Config, new: &Config, opts: &RunOptions) -> anyhow::Result<()> {
+pub(super) fn check_reloadable(
+    old: &Config,
+    new: &Config,
+    opts: &RunOptions,
+) -> anyhow::Result<()> {
     let (was, now) = (&old.daemon, &new.daemon);
     if opts.journal && was.state_dir != now.state_dir {
         bail!(
@@ -166,6 +172,14 @@ impl Prepared {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (events, reader) = spawn_reader(self.backend, stop.clone());
+        // After the reader started, so no link made during the walk goes unseen.
+        let mut walking: Vec<GroupId> = Vec::new();
+        for t in &self.targets {
+            if !walking.contains(&t.settings.group) {
+                walking.push(t.settings.group);
+                t.settings.hard_links.start_walker(&t.settings.group_name);
+            }
+        }
         Engine {
             config: self.config,
             filter: self.filter,

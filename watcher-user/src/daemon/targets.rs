@@ -114,6 +114,7 @@ impl TargetState {
             stop: None,
             renames,
             link: self.settings.link.clone(),
+            hard_links: self.settings.hard_links.clone(),
         }
     }
 
@@ -149,8 +150,50 @@ impl TargetState {
     }
 }
 
+/// Keeps each group's hard-link index current with `event` (names made, moved, removed;
+/// events lost).
+fn track_links(filter: &Filter, targets: &[TargetState], event: &Event) {
+    let links_of = |group: GroupId| {
+        targets
+            .iter()
+            .find(|t| t.settings.group == group)
+            .map(|t| &t.settings.hard_links)
+    };
+    match event {
+        Event::Change {
+            kind, path, is_dir, ..
+        } => {
+            if let Match::Inside(group, rel) = filter.classify(path, *is_dir)
+                && let Some(links) = links_of(group)
+            {
+                links.on_change(*kind, rel, *is_dir);
+            }
+        }
+        // Its MovedFrom and MovedTo changes came before it.
+        Event::Renamed { .. } => {}
+        Event::Rescan { path } => {
+            for t in targets {
+                if path.starts_with(&t.settings.root) || t.settings.root.starts_with(path) {
+                    t.settings.hard_links.lost_events();
+                }
+            }
+        }
+        Event::Overflow => {
+            for t in targets {
+                t.settings.hard_links.lost_events();
+            }
+        }
+    }
+}
+
 /// Marks what `event` dirtied in every target of its group. Returns whether anything was marked.
-pub(super) fn route(filter: &Filter, targets: &mut [TargetState], event: &Event, now: Instant) -> bool {
+pub(super) fn route(
+    filter: &Filter,
+    targets: &mut [TargetState],
+    event: &Event,
+    now: Instant,
+) -> bool {
+    track_links(filter, targets, event);
     let mut mark = |group: GroupId, rel: &Path, scope: Scope| {
         let mut any = false;
         for t in targets.iter_mut().filter(|t| t.settings.group == group) {
@@ -251,6 +294,7 @@ mod tests {
                 root: "/srv/data".into(),
                 root_id: FileId { dev: 0, ino: 0 },
                 rsync: RsyncOptions::default(),
+                hard_links: HardLinks::new(Path::new("/srv/data")),
                 link: None,
             },
             backlog: Backlog::new(1_000, None),
@@ -272,6 +316,7 @@ mod tests {
         Batch {
             entries: entries.iter().map(PathBuf::from).collect(),
             subtrees: subtrees.iter().map(PathBuf::from).collect(),
+            ..Batch::default()
         }
     }
 
