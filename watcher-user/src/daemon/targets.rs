@@ -248,12 +248,18 @@ pub(super) fn route(
             if group != to_group {
                 return false;
             }
+            // Found in place after the replay, a renamed file need not be sent again: listed
+            // as a subtree, rsync compares it by size and mtime instead of rewriting it (a
+            // listed entry is sent whatever its times). Not a file with other names: as an
+            // entry, the batch brings every name of it along (see `link_walk`).
+            let quick_check = !*is_dir
+                && std::fs::symlink_metadata(to).is_ok_and(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.is_file() && m.nlink() == 1
+                });
             for t in targets.iter_mut().filter(|t| t.settings.group == group) {
                 t.backlog.renamed(old, new);
-                // Found in place after the replay, a renamed file need not be sent again:
-                // listed as a subtree, rsync compares it by size and mtime instead of
-                // rewriting it (a listed entry is sent whatever its times).
-                if !*is_dir {
+                if quick_check {
                     t.mark(new, Scope::Subtree, now);
                 }
             }
