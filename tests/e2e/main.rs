@@ -15,6 +15,7 @@ mod operations;
 mod renames;
 mod rsyncd;
 mod tree;
+mod watch;
 
 use std::ffi::{OsStr, OsString};
 use std::fs::Metadata;

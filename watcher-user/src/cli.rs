@@ -278,22 +278,80 @@ pub struct StatusArgs {
     pub timeout: Option<std::time::Duration>,
 }
 
+/// An event `watcher watch -e` can select, named as inotifywait names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// `KIND PATH` per line (PATH ends with / for directories).
-    Text,
-    /// One JSON object per line.
-    Json,
+pub enum WatchEvent {
+    Create,
+    Modify,
+    /// A file open for writing was closed.
+    #[value(name = "close_write", alias = "close-write")]
+    CloseWrite,
+    Attrib,
+    Delete,
+    #[value(name = "moved_from", alias = "moved-from")]
+    MovedFrom,
+    #[value(name = "moved_to", alias = "moved-to")]
+    MovedTo,
+    /// moved_from and moved_to.
+    Move,
+    /// A watched path itself was deleted or moved away.
+    #[value(name = "delete_self", alias = "delete-self")]
+    DeleteSelf,
+}
+
+/// Seconds, or a duration with a unit (`500ms`, `2m`).
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n) => Ok(std::time::Duration::from_secs(n)),
+        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    }
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Exit status: 0 when stopped by a signal, by the timeout or after the one event of \
+--oneshot; 1 on an error; 2 on a usage error, or when --oneshot --timeout ran out before \
+any event (as inotifywait does).")]
 pub struct WatchArgs {
     /// Directories to watch (everything below them).
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    /// Print only these events (comma-separated or repeated): create, modify, close_write,
+    /// attrib, delete, moved_from, moved_to, move, delete_self. Rescans and overflows are
+    /// always printed.
+    #[arg(
+        short = 'e',
+        long = "event",
+        value_enum,
+        value_delimiter = ',',
+        value_name = "EVENT"
+    )]
+    pub events: Vec<WatchEvent>,
+    /// `text` (KIND PATH), `json` (one object per line, with a time), or an inotifywait
+    /// format: %w the directory, %f the name, %e the event names, %T the time (--timefmt).
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub format: String,
+    /// Same as --format json.
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
+    /// How %T prints the time, strftime-like, in UTC: %Y %m %d %H %M %S %s %F %T %z %Z.
+    #[arg(long, value_name = "FORMAT", default_value = "%F %T")]
+    pub timefmt: String,
+    /// Leave out paths matching this rsync-style pattern (`*.swp`, `.cache/`); repeatable.
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub excludes: Vec<String>,
+    /// Exit after this long: seconds, or a duration with a unit (`500ms`, `2m`).
+    #[arg(short = 't', long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: Option<std::time::Duration>,
+    /// Exit after the first event printed.
+    #[arg(short = '1', long)]
+    pub oneshot: bool,
+    /// Accepted for inotifywait's sake: watching goes on until stopped unless --oneshot.
+    #[arg(short = 'm', long, hide = true)]
+    pub monitor: bool,
+    /// Accepted for inotifywait's sake: watching is always recursive.
+    #[arg(short = 'r', long, hide = true)]
+    pub recursive: bool,
     /// Change-capture backend.
     #[arg(long, value_enum, default_value_t = defaults::BACKEND)]
     pub backend: BackendKind,
@@ -302,6 +360,19 @@ pub struct WatchArgs {
 }
 
 impl WatchArgs {
+    /// What to print and when to stop.
+    pub fn options(&self) -> crate::watch::WatchOptions {
+        let format = if self.json { "json" } else { &self.format };
+        crate::watch::WatchOptions {
+            output: crate::watch::Output::parse(format),
+            timefmt: self.timefmt.clone(),
+            events: self.events.clone(),
+            excludes: self.excludes.clone(),
+            oneshot: self.oneshot,
+            timeout: self.timeout,
+        }
+    }
+
     /// The backend and its settings as given on the command line.
     pub fn backend_options(&self) -> crate::backend::BackendOptions {
         crate::backend::BackendOptions {

@@ -131,7 +131,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
             Ok(code)
         }
         Command::Watch(args) => {
-            watcher::watch::run_watch(&args.paths, args.format, &args.backend_options())
+            watcher::watch::run_watch(&args.paths, args.options(), &args.backend_options())
         }
         Command::Check(args) => {
             let paths = if args.paths.is_empty() {
