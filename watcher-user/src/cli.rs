@@ -15,7 +15,12 @@ use crate::target::{self, TargetKind};
 /// Keeps a replica of a directory tree in step with the source, live: one kernel-wide
 /// change feed (fanotify), a coalescing set of dirty paths, batched `rsync --files-from`.
 #[derive(Debug, Parser)]
-#[command(name = "watcher", version, propagate_version = true)]
+#[command(
+    name = "watcher",
+    version,
+    propagate_version = true,
+    after_help = "Exit status: 0 success; 1 an error (configuration, start-up, a failed sync or check); 2 a usage error (unknown option, bad value); `watch` and `status --wait-in-step` say what else they return.\nNO_COLOR set to anything but empty turns colours off."
+)]
 pub struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -70,11 +75,13 @@ pub struct SyncArgs {
     /// Leave out paths matching this rsync-style pattern (`*.swp`, `.cache/`, `/build`); repeatable.
     #[arg(long = "exclude", value_name = "GLOB")]
     pub excludes: Vec<String>,
-    /// Quiet period in milliseconds before a batch of changes is sent.
-    #[arg(long, value_name = "MS", default_value_t = defaults::DELAY_MS)]
+    /// Quiet period before a batch of changes is sent: milliseconds, or a duration with a
+    /// unit (`100ms`, `1s`).
+    #[arg(long, value_name = "MS|DURATION", default_value_t = defaults::DELAY_MS, value_parser = parse_millis)]
     pub delay: u64,
-    /// Longest a change may wait while changes keep coming, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = defaults::MAX_DELAY_MS)]
+    /// Longest a change may wait while changes keep coming: milliseconds, or a duration
+    /// with a unit (`2s`, `1m`).
+    #[arg(long, value_name = "MS|DURATION", default_value_t = defaults::MAX_DELAY_MS, value_parser = parse_millis)]
     pub max_delay: u64,
     /// Send a batch as soon as it holds this many paths.
     #[arg(long, value_name = "N", default_value_t = defaults::MAX_BATCH)]
@@ -299,6 +306,17 @@ pub enum WatchEvent {
     DeleteSelf,
 }
 
+/// Milliseconds, or a duration with a unit (`100ms`, `1s`, `6h`): what `--delay`,
+/// `--max-delay` and the `_ms` configuration keys take.
+pub fn parse_millis(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) => Ok(n),
+        Err(_) => humantime::parse_duration(s)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_err(|e| format!("{e} (expected milliseconds or a duration such as 100ms, 1s)")),
+    }
+}
+
 /// Seconds, or a duration with a unit (`500ms`, `2m`).
 fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
     match s.parse::<u64>() {
@@ -439,6 +457,38 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_documents_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("Exit status: 0 success; 1 an error"),
+            "{help}"
+        );
+        assert!(help.contains("2 a usage error"), "{help}");
+    }
+
+    #[test]
+    fn delays_take_units_and_plain_milliseconds() {
+        let delays = |args: &[&str]| -> Result<(u64, u64), String> {
+            let cli = Cli::try_parse_from(["watcher", "sync", "s", "d"].iter().chain(args))
+                .map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Sync(a) => Ok((a.delay, a.max_delay)),
+                other => panic!("not sync: {other:?}"),
+            }
+        };
+        assert_eq!(
+            delays(&["--delay", "1s", "--max-delay", "6h"]),
+            Ok((1000, 21_600_000))
+        );
+        assert_eq!(
+            delays(&["--delay", "250", "--max-delay", "100ms"]),
+            Ok((250, 100))
+        );
+        let err = delays(&["--delay", "fast"]).unwrap_err();
+        assert!(err.contains("expected milliseconds or a duration"), "{err}");
     }
 
     #[test]

@@ -161,7 +161,7 @@ const BROKEN: &[(&str, usize, &str, &str)] = &[
         "[[sync]]\nsource = \"@D/src\"\n\ndelay_ms = \"fast\"\n",
         4,
         "sync[0].delay_ms",
-        "expected a non-negative integer, got string \"fast\"",
+        "expected milliseconds or a duration such as \"100ms\" or \"1s\", got \"fast\"",
     ),
     (
         "[[sync]]\nsource = \"@D/src\"\nmax_batch = 1.5\n",
@@ -819,5 +819,21 @@ fn a_remote_metrics_address_is_asked_for_explicitly() {
     assert!(
         err.to_string().contains("set metrics_allow_remote = true"),
         "{err}"
+    );
+}
+
+#[test]
+fn ms_keys_take_units_too() {
+    let fx = Fixture::new();
+    let config = fx
+        .parse(
+            "[[sync]]\nsource = \"@D/src\"\ndelay_ms = \"250ms\"\nmax_delay_ms = \"2s\"\n\
+             [[sync.target]]\ndest = \"h::m\"\n",
+        )
+        .expect("valid");
+    let flush = &config.groups[0].flush;
+    assert_eq!(
+        (flush.delay, flush.max_delay),
+        (Duration::from_millis(250), Duration::from_secs(2))
     );
 }
