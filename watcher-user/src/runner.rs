@@ -154,6 +154,8 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     };
     for run in &runs {
         let progress = whole_tree.then(|| rsync::Progress::new(label, &dest, PROGRESS_EVERY));
+        // -v: what runs, on how many paths, as it could be typed again.
+        tracing::debug!(target = %dest, run = label, paths = run.paths, command = %rsync::display_args(&opts.binary, &run.args), "running rsync");
         let result = rsync::execute(
             &opts.binary,
             run,
@@ -200,12 +202,10 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                         done.failures = failing::parse(&r.stderr, &root, local);
                     }
                     done.class = r.class;
-                    done.detail = format!(
-                        "rsync exited with {:?} ({}): {}\n  command: {}",
+                    done.detail = failure_detail(
                         r.code,
-                        rsync::describe(r.code),
-                        r.stderr,
-                        rsync::display_args(&opts.binary, &run.args)
+                        &r.stderr,
+                        &rsync::display_args(&opts.binary, &run.args),
                     );
                     break;
                 }
@@ -223,4 +223,31 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     }
     done.elapsed = started.elapsed();
     done
+}
+
+/// What a failed rsync run is reported as: `rsync failed with exit 10 (error in socket
+/// I/O): STDERR` and the command line.
+fn failure_detail(code: Option<i32>, stderr: &str, command: &str) -> String {
+    let how = match code {
+        Some(code) => format!("with exit {code} ({})", rsync::describe(Some(code))),
+        None => format!("({})", rsync::describe(None)),
+    };
+    format!("rsync failed {how}: {stderr}\n  command: {command}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_read_as_words() {
+        assert_eq!(
+            failure_detail(Some(10), "connection refused", "rsync -a x y"),
+            "rsync failed with exit 10 (error in socket I/O): connection refused\n  command: rsync -a x y"
+        );
+        assert_eq!(
+            failure_detail(None, "", "rsync"),
+            "rsync failed (killed by a signal): \n  command: rsync"
+        );
+    }
 }
