@@ -34,3 +34,4 @@ pub mod status;
 pub mod sync_machine;
 pub mod target;
 pub mod watch;
+pub mod words;
