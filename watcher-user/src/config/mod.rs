@@ -213,10 +213,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         origin: Origin::File { path, text: &text },
     };
     let (config, password_files) = cx.config(&raw)?;
-    for (span, key, file) in password_files {
-        check_password_file(&file).map_err(|message| cx.error(&span, key, message))?;
+    let errors = password_files
+        .into_iter()
+        .filter_map(|(span, key, file)| {
+            check_password_file(&file)
+                .err()
+                .map(|message| cx.error(&span, key, message))
+        })
+        .collect();
+    match ConfigError::all(errors) {
+        Some(e) => Err(e),
+        None => Ok(config),
     }
-    Ok(config)
 }
 
 /// Refuses a config file owned by someone other than root or this process's user, or kept

@@ -447,6 +447,11 @@ fn broken_configs_name_line_and_key() {
             message.contains(&fragment),
             "{message:?} should contain {fragment:?}\n{text}"
         );
+        // A row's error comes first; a table left without groups adds one more.
+        let err = match err {
+            ConfigError::Several(mut errors) => errors.remove(0),
+            err => err,
+        };
         match err {
             ConfigError::Invalid {
                 line: l,
@@ -836,4 +841,21 @@ fn ms_keys_take_units_too() {
         (flush.delay, flush.max_delay),
         (Duration::from_millis(250), Duration::from_secs(2))
     );
+}
+
+#[test]
+fn every_independent_error_is_reported() {
+    let fx = Fixture::new();
+    let text = "[daemon]\nbackend = \"fast\"\n\
+                [[sync]]\nsource = \"@D/src\"\nmax_batch = -1\n[[sync.target]]\ndest = \"h::m\"\n\
+                [[sync]]\nsource = \"@D/missing\"\n[[sync.target]]\ndest = \"h::m\"\n";
+    let err = fx.parse(text).expect_err("three errors").to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines[0].starts_with("w.toml:2: daemon.backend:"), "{err}");
+    assert!(
+        lines[1].starts_with("w.toml:5: sync[0].max_batch:"),
+        "{err}"
+    );
+    assert!(lines[2].starts_with("w.toml:9: sync[1].source:"), "{err}");
 }

@@ -102,9 +102,12 @@ impl Ctx<'_> {
 
     /// Checks `raw`; also returns the password files named, for [`super::load`] to check.
     pub(super) fn config(&self, raw: &RawFile) -> Result<(Config, PasswordFiles), ConfigError> {
-        let daemon = self.daemon(raw.daemon.as_ref())?;
+        // The daemon table and each group are checked apart, and every error is reported:
+        // within one table, checking stops at its first error.
+        let mut errors = Vec::new();
+        let daemon = self.daemon(raw.daemon.as_ref());
         if raw.sync.is_empty() {
-            return Err(self.error(
+            errors.push(self.error(
                 &(0..0),
                 "sync",
                 "no [[sync]] groups: add one with a source and at least one [[sync.target]]",
@@ -114,9 +117,23 @@ impl Ctx<'_> {
         let mut spans = Vec::with_capacity(raw.sync.len());
         let mut password_files = Vec::new();
         for (i, group) in raw.sync.iter().enumerate() {
-            let (config, group_spans) = self.group(i, group, &mut password_files)?;
-            groups.push(config);
-            spans.push(group_spans);
+            match self.group(i, group, &mut password_files) {
+                Ok((config, group_spans)) => {
+                    groups.push(config);
+                    spans.push(group_spans);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let daemon = match daemon {
+            Ok(daemon) => daemon,
+            Err(e) => {
+                errors.insert(0, e);
+                DaemonConfig::default()
+            }
+        };
+        if let Some(e) = ConfigError::all(errors) {
+            return Err(e);
         }
         self.across_groups(&groups, &spans)?;
         let path = match self.origin {
