@@ -711,6 +711,43 @@ fn count_excluded(root: &Path) -> usize {
     all.len() - kept.len()
 }
 
+/// `--exclude-from FILE` takes the same patterns as `--exclude`, one per line, with
+/// comments: left out of the initial sync and of later changes alike.
+#[test]
+fn exclude_from_file_is_honoured() {
+    let Some(_timer) = harness::begin("exclude_from_file_is_honoured") else {
+        return;
+    };
+    let s = Scratch::new("exclude-from");
+    let src = &s.src;
+    let patterns = s.path().join("excludes");
+    write(
+        &patterns,
+        "# editor droppings\n*.swp\n\n; caches\n.cache/\n",
+    );
+    write(&src.join("a.txt"), "kept\n");
+    write(&src.join("b.swp"), "left out\n");
+    mkdir_p(&src.join("d/.cache"));
+    write(&src.join("d/.cache/x"), "left out\n");
+    mark_root(src);
+
+    let extra = args(&["--exclude-from", patterns.to_str().expect("UTF-8 temp dir")]);
+    let d = Daemon::start(src, &s.dst, &extra);
+    assert_equal_now(src, &s.dst, &excluded, "exclude_from: right after `ready`");
+    write(&src.join("d/c.swp"), "left out\n");
+    write(&src.join("d/c.txt"), "kept\n");
+    wait_converged(
+        src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &excluded,
+        "exclude_from: changes",
+    );
+    assert_eq!(count_excluded(&s.dst), 0, "excluded entries on the replica");
+    assert!(s.dst.join("d/c.txt").exists() && s.dst.join("a.txt").exists());
+    d.stop();
+}
+
 #[test]
 fn excluded_paths_are_not_replicated() {
     let Some(_timer) = harness::begin("excluded_paths_are_not_replicated") else {

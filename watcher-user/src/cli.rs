@@ -75,6 +75,10 @@ pub struct SyncArgs {
     /// Leave out paths matching this rsync-style pattern (`*.swp`, `.cache/`, `/build`); repeatable.
     #[arg(long = "exclude", value_name = "GLOB")]
     pub excludes: Vec<String>,
+    /// Leave out paths matching the patterns in FILE, one per line (blank lines and lines
+    /// starting with `#` or `;` are skipped), as rsync's --exclude-from reads them.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Option<PathBuf>,
     /// Quiet period before a batch of changes is sent: milliseconds, or a duration with a
     /// unit (`100ms`, `1s`).
     #[arg(long, value_name = "MS|DURATION", default_value_t = defaults::DELAY_MS, value_parser = parse_millis)]
@@ -190,6 +194,7 @@ impl SyncArgs {
                 name: Some(at("sync".to_owned())),
                 source: at(from_cwd(&self.source)),
                 exclude: self.excludes.iter().cloned().map(at).collect(),
+                exclude_from: self.exclude_from.as_deref().map(|p| at(from_cwd(p))),
                 rsync_args,
                 hard_links: Some(self.hard_links),
                 delay_ms: Some(count(self.delay)),
@@ -225,6 +230,7 @@ fn sync_option(key: &str) -> String {
         "source" => "SOURCE",
         "target" | "dest" | "name" if key.contains(".target") => "TARGET",
         "exclude" => "--exclude",
+        "exclude_from" => "--exclude-from",
         "rsync_args" | "password_file" => "--rsync-arg",
         "hard_links" => "--hard-links",
         "delay_ms" => "--delay",

@@ -129,6 +129,8 @@ pub struct RawGroup {
     pub source: Spanned<PathBuf>,
     #[serde(default)]
     pub exclude: Vec<Spanned<String>>,
+    /// A file of more exclude patterns, one per line (`#` and `;` start comments).
+    pub exclude_from: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub rsync_args: Vec<Spanned<OsText>>,
     pub hard_links: Option<bool>,

@@ -859,3 +859,37 @@ fn every_independent_error_is_reported() {
     );
     assert!(lines[2].starts_with("w.toml:9: sync[1].source:"), "{err}");
 }
+
+#[test]
+fn exclude_from_reads_a_file_of_patterns() {
+    let fx = Fixture::new();
+    let file = fx.root.join("excludes");
+    std::fs::write(&file, "# comment\n*.swp\n\n; another\n.cache/\n").expect("write");
+    let config = fx
+        .parse(
+            "[[sync]]\nsource = \"@D/src\"\nexclude = [\"/build\"]\nexclude_from = \"@D/excludes\"\n\
+             [[sync.target]]\ndest = \"h::m\"\n",
+        )
+        .expect("valid");
+    assert_eq!(
+        config.groups[0].excludes.patterns(),
+        ["/build", "*.swp", ".cache/"]
+    );
+
+    std::fs::write(&file, "ok\n\n*.[ch\n").expect("write");
+    let err = fx
+        .parse(
+            "[[sync]]\nsource = \"@D/src\"\nexclude_from = \"@D/excludes\"\n\
+             [[sync.target]]\ndest = \"h::m\"\n",
+        )
+        .expect_err("bad pattern")
+        .to_string();
+    assert!(err.starts_with("w.toml:3: sync[0].exclude_from: "), "{err}");
+    assert!(err.contains("excludes line 3:"), "{err}");
+
+    let err = fx
+        .parse("[[sync]]\nsource = \"@D/src\"\nexclude_from = \"@D/nope\"\n[[sync.target]]\ndest = \"h::m\"\n")
+        .expect_err("missing file")
+        .to_string();
+    assert!(err.contains("sync[0].exclude_from: cannot read"), "{err}");
+}

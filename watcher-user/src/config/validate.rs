@@ -366,9 +366,39 @@ impl Ctx<'_> {
             }
             patterns.push(pattern.get_ref().clone());
         }
+        // Line numbers of the patterns read from `exclude_from`, which follow `exclude`'s.
+        let mut file_lines = Vec::new();
+        if let Some(file) = &raw.exclude_from {
+            let fkey = format!("{key}.exclude_from");
+            let path = file.get_ref();
+            let fail = |message: String| self.error(&file.span(), fkey.clone(), message);
+            if !path.is_absolute() {
+                return Err(fail(format!("{path:?} is not an absolute path")));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+            for (n, line) in text.lines().enumerate() {
+                if line.is_empty() || line.starts_with(['#', ';']) {
+                    continue;
+                }
+                patterns.push(line.to_owned());
+                file_lines.push(n + 1);
+            }
+        }
         // Compiled here, as the event filter will, so that `config check` refuses what
         // `run` would.
         let excludes = Excludes::compile(&patterns).map_err(|e| {
+            if let (Some(j), Some(file)) = (e.index, &raw.exclude_from)
+                && let Some(line) = j
+                    .checked_sub(raw.exclude.len())
+                    .and_then(|i| file_lines.get(i))
+            {
+                return self.error(
+                    &file.span(),
+                    format!("{key}.exclude_from"),
+                    format!("{} line {line}: {e}", file.get_ref().display()),
+                );
+            }
             let at = e.index.unwrap_or(0);
             let span = raw.exclude.get(at).map_or(header.clone(), |p| p.span());
             let key = match e.index {
