@@ -711,6 +711,50 @@ fn count_excluded(root: &Path) -> usize {
     all.len() - kept.len()
 }
 
+/// `--delete WHEN` against real rsync: `startup` deletes in the initial sync only,
+/// `running` only for changes seen while running, `false` never.
+#[test]
+fn delete_modes_decide_which_runs_delete() {
+    let Some(_timer) = harness::begin("delete_modes_decide_which_runs_delete") else {
+        return;
+    };
+    for (mode, at_startup, while_running) in [
+        ("startup", true, false),
+        ("running", false, true),
+        ("false", false, false),
+    ] {
+        let s = Scratch::new(&format!("delete-{mode}"));
+        write(&s.src.join("keep"), "k\n");
+        write(&s.src.join("gone"), "g\n");
+        write(&s.dst.join("extra"), "only on the replica\n");
+        let mut d = Daemon::start(&s.src, &s.dst, &args(&["--delete", mode]));
+        assert!(s.dst.join("gone").exists(), "{mode}: initial sync");
+        assert_eq!(
+            !s.dst.join("extra").exists(),
+            at_startup,
+            "{mode}: initial sync deleted the replica's extra file"
+        );
+        std::fs::remove_file(s.src.join("gone")).expect("rm gone");
+        write(&s.src.join("marker"), "m\n");
+        assert!(
+            harness::poll_until(CONVERGE_TIMEOUT, Duration::from_millis(50), || s
+                .dst
+                .join("marker")
+                .exists()),
+            "{mode}: marker never reached the replica"
+        );
+        d.wait_rsync_quiet(Duration::from_secs(1), CONVERGE_TIMEOUT);
+        assert_eq!(
+            !s.dst.join("gone").exists(),
+            while_running,
+            "{mode}: a file deleted while running was deleted on the replica"
+        );
+        assert!(s.dst.join("keep").exists(), "{mode}: keep");
+        assert_eq!(d.count("rsync failed"), 0, "{mode}: no rsync failure");
+        d.stop();
+    }
+}
+
 /// `--exclude-from FILE` takes the same patterns as `--exclude`, one per line, with
 /// comments: left out of the initial sync and of later changes alike.
 #[test]

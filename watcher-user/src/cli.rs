@@ -79,6 +79,11 @@ pub struct SyncArgs {
     /// starting with `#` or `;` are skipped), as rsync's --exclude-from reads them.
     #[arg(long, value_name = "FILE")]
     pub exclude_from: Option<PathBuf>,
+    /// Which rsync runs delete on the replica what the source no longer has: `true`
+    /// (all), `false` (none), `startup` (whole-tree passes only: the initial sync, rescans,
+    /// verify), `running` (only the changes seen while running).
+    #[arg(long, value_name = "WHEN", value_parser = ["true", "false", "startup", "running"], default_value = "true")]
+    pub delete: String,
     /// Quiet period before a batch of changes is sent: milliseconds, or a duration with a
     /// unit (`100ms`, `1s`).
     #[arg(long, value_name = "MS|DURATION", default_value_t = defaults::DELAY_MS, value_parser = parse_millis)]
@@ -201,6 +206,11 @@ impl SyncArgs {
                 max_delay_ms: Some(count(self.max_delay)),
                 max_batch: Some(count(self.max_batch)),
                 initial_sync: Some(!self.no_initial_sync),
+                delete: Some(at(match self.delete.as_str() {
+                    "true" => crate::config::RawDelete::Bool(true),
+                    "false" => crate::config::RawDelete::Bool(false),
+                    word => crate::config::RawDelete::Word(word.to_owned()),
+                })),
                 verify_interval: self
                     .verify_interval
                     .map(|d| at(humantime::format_duration(d).to_string())),
@@ -231,6 +241,7 @@ fn sync_option(key: &str) -> String {
         "target" | "dest" | "name" if key.contains(".target") => "TARGET",
         "exclude" => "--exclude",
         "exclude_from" => "--exclude-from",
+        "delete" => "--delete",
         "rsync_args" | "password_file" => "--rsync-arg",
         "hard_links" => "--hard-links",
         "delay_ms" => "--delay",

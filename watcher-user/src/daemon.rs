@@ -577,6 +577,7 @@ fn target_states(
                     excludes: filter.excludes(*group).to_vec(),
                     extra_args: t.rsync_args(g),
                     dry_run: opts.dry_run,
+                    delete: g.delete,
                 },
             };
             let carried = continuing

@@ -69,7 +69,7 @@ use crate::target::Target;
 use toml::de::{DeTable, DeValue};
 
 pub use errors::ConfigError;
-pub use schema::{OsText, RawDaemon, RawFile, RawGroup, RawTarget, Spanned, defaults};
+pub use schema::{OsText, RawDaemon, RawDelete, RawFile, RawGroup, RawTarget, Spanned, defaults};
 use validate::{Ctx, Origin};
 /// A checked configuration file.
 #[derive(Debug, Clone)]
@@ -144,6 +144,8 @@ pub struct GroupConfig {
     pub flush: FlushConfig,
     /// Run a full sync at start-up (default true).
     pub initial_sync: bool,
+    /// `delete`: which rsync runs delete on the replica (default: all of them).
+    pub delete: crate::rsync::DeleteMode,
     /// Interval of a periodic full verification pass; `None` = never.
     pub verify_interval: Option<Duration>,
 }

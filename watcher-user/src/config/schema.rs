@@ -121,6 +121,32 @@ fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Spanned<i64>>
     Ok(Some(Spanned::new(span, value.into_inner().0)))
 }
 
+/// A group's `delete` as written: a boolean or a word, checked in `validate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawDelete {
+    Bool(bool),
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for RawDelete {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDelete;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false, \"startup\" or \"running\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<RawDelete, E> {
+                Ok(RawDelete::Bool(b))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawDelete, E> {
+                Ok(RawDelete::Word(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// A `[[sync]]` table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,6 +166,8 @@ pub struct RawGroup {
     pub max_delay_ms: Option<Spanned<i64>>,
     pub max_batch: Option<Spanned<i64>>,
     pub initial_sync: Option<bool>,
+    /// `true`, `false`, `"startup"` or `"running"`.
+    pub delete: Option<Spanned<RawDelete>>,
     pub verify_interval: Option<Spanned<String>>,
     #[serde(default)]
     pub target: Vec<Spanned<RawTarget>>,

@@ -893,3 +893,26 @@ fn exclude_from_reads_a_file_of_patterns() {
         .to_string();
     assert!(err.contains("sync[0].exclude_from: cannot read"), "{err}");
 }
+
+#[test]
+fn delete_takes_a_boolean_or_when() {
+    use crate::rsync::DeleteMode;
+    let fx = Fixture::new();
+    let group = |value: &str| {
+        fx.parse(&format!(
+            "[[sync]]\nsource = \"@D/src\"\n{value}\n[[sync.target]]\ndest = \"h::m\"\n"
+        ))
+        .map(|c| c.groups[0].delete)
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(group(""), Ok(DeleteMode::Always));
+    assert_eq!(group("delete = true"), Ok(DeleteMode::Always));
+    assert_eq!(group("delete = false"), Ok(DeleteMode::Never));
+    assert_eq!(group("delete = \"startup\""), Ok(DeleteMode::Startup));
+    assert_eq!(group("delete = \"running\""), Ok(DeleteMode::Running));
+    let err = group("delete = \"sometimes\"").unwrap_err();
+    assert!(
+        err.starts_with("w.toml:3: sync[0].delete: unknown value \"sometimes\""),
+        "{err}"
+    );
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::errors::{ConfigError, position};
-use super::schema::{OsText, RawDaemon, RawFile, RawGroup, RawTarget, defaults};
+use super::schema::{OsText, RawDaemon, RawDelete, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
 use crate::filter::Excludes;
@@ -443,6 +443,24 @@ impl Ctx<'_> {
             });
         }
 
+        let delete = match &raw.delete {
+            None => crate::rsync::DeleteMode::Always,
+            Some(value) => {
+                match value.get_ref() {
+                    RawDelete::Bool(true) => crate::rsync::DeleteMode::Always,
+                    RawDelete::Bool(false) => crate::rsync::DeleteMode::Never,
+                    RawDelete::Word(w) if w == "startup" => crate::rsync::DeleteMode::Startup,
+                    RawDelete::Word(w) if w == "running" => crate::rsync::DeleteMode::Running,
+                    RawDelete::Word(w) => {
+                        return Err(self.error(
+                        &value.span(),
+                        format!("{key}.delete"),
+                        format!("unknown value {w:?}, expected true, false, \"startup\" or \"running\""),
+                    ));
+                    }
+                }
+            }
+        };
         let verify_interval = match &raw.verify_interval {
             None => None,
             Some(text) => {
@@ -521,6 +539,7 @@ impl Ctx<'_> {
                 max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
             },
             initial_sync: raw.initial_sync.unwrap_or(defaults::INITIAL_SYNC),
+            delete,
             verify_interval,
         };
         let spans = GroupSpans {
