@@ -21,6 +21,7 @@ mod rsyncd;
 mod ssh_target;
 mod sshd;
 mod tree;
+mod watch;
 
 use std::ffi::{OsStr, OsString};
 use std::fs::Metadata;
@@ -917,6 +918,87 @@ fn count_excluded(root: &Path) -> usize {
     let all = tree::snapshot(root, &skip_nothing).expect("walk");
     let kept = tree::snapshot(root, &excluded).expect("walk");
     all.len() - kept.len()
+}
+
+/// `--delete WHEN` against real rsync: `startup` deletes in the initial sync only,
+/// `running` only for changes seen while running, `false` never.
+#[test]
+fn delete_modes_decide_which_runs_delete() {
+    let Some(_timer) = harness::begin("delete_modes_decide_which_runs_delete") else {
+        return;
+    };
+    for (mode, at_startup, while_running) in [
+        ("startup", true, false),
+        ("running", false, true),
+        ("false", false, false),
+    ] {
+        let s = Scratch::new(&format!("delete-{mode}"));
+        write(&s.src.join("keep"), "k\n");
+        write(&s.src.join("gone"), "g\n");
+        write(&s.dst.join("extra"), "only on the replica\n");
+        let mut d = Daemon::start(&s.src, &s.dst, &args(&["--delete", mode]));
+        assert!(s.dst.join("gone").exists(), "{mode}: initial sync");
+        assert_eq!(
+            !s.dst.join("extra").exists(),
+            at_startup,
+            "{mode}: initial sync deleted the replica's extra file"
+        );
+        std::fs::remove_file(s.src.join("gone")).expect("rm gone");
+        write(&s.src.join("marker"), "m\n");
+        assert!(
+            harness::poll_until(CONVERGE_TIMEOUT, Duration::from_millis(50), || s
+                .dst
+                .join("marker")
+                .exists()),
+            "{mode}: marker never reached the replica"
+        );
+        d.wait_rsync_quiet(Duration::from_secs(1), CONVERGE_TIMEOUT);
+        assert_eq!(
+            !s.dst.join("gone").exists(),
+            while_running,
+            "{mode}: a file deleted while running was deleted on the replica"
+        );
+        assert!(s.dst.join("keep").exists(), "{mode}: keep");
+        assert_eq!(d.count("rsync failed"), 0, "{mode}: no rsync failure");
+        d.stop();
+    }
+}
+
+/// `--exclude-from FILE` takes the same patterns as `--exclude`, one per line, with
+/// comments: left out of the initial sync and of later changes alike.
+#[test]
+fn exclude_from_file_is_honoured() {
+    let Some(_timer) = harness::begin("exclude_from_file_is_honoured") else {
+        return;
+    };
+    let s = Scratch::new("exclude-from");
+    let src = &s.src;
+    let patterns = s.path().join("excludes");
+    write(
+        &patterns,
+        "# editor droppings\n*.swp\n\n; caches\n.cache/\n",
+    );
+    write(&src.join("a.txt"), "kept\n");
+    write(&src.join("b.swp"), "left out\n");
+    mkdir_p(&src.join("d/.cache"));
+    write(&src.join("d/.cache/x"), "left out\n");
+    mark_root(src);
+
+    let extra = args(&["--exclude-from", patterns.to_str().expect("UTF-8 temp dir")]);
+    let d = Daemon::start(src, &s.dst, &extra);
+    assert_equal_now(src, &s.dst, &excluded, "exclude_from: right after `ready`");
+    write(&src.join("d/c.swp"), "left out\n");
+    write(&src.join("d/c.txt"), "kept\n");
+    wait_converged(
+        src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &excluded,
+        "exclude_from: changes",
+    );
+    assert_eq!(count_excluded(&s.dst), 0, "excluded entries on the replica");
+    assert!(s.dst.join("d/c.txt").exists() && s.dst.join("a.txt").exists());
+    d.stop();
 }
 
 #[test]

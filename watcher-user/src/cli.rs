@@ -15,7 +15,12 @@ use crate::target::{self, TargetKind};
 /// Keeps a replica of a directory tree in step with the source, live: one kernel-wide
 /// change feed (fanotify), a coalescing set of dirty paths, batched `rsync --files-from`.
 #[derive(Debug, Parser)]
-#[command(name = "watcher", version, propagate_version = true)]
+#[command(
+    name = "watcher",
+    version,
+    propagate_version = true,
+    after_help = "Exit status: 0 success; 1 an error (configuration, start-up, a failed sync or check); 2 a usage error (unknown option, bad value); `watch` and `status --wait-in-step` say what else they return.\nNO_COLOR set to anything but empty turns colours off."
+)]
 pub struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -70,11 +75,22 @@ pub struct SyncArgs {
     /// Leave out paths matching this rsync-style pattern (`*.swp`, `.cache/`, `/build`); repeatable.
     #[arg(long = "exclude", value_name = "GLOB")]
     pub excludes: Vec<String>,
-    /// Quiet period in milliseconds before a batch of changes is sent.
-    #[arg(long, value_name = "MS", default_value_t = defaults::DELAY_MS)]
+    /// Leave out paths matching the patterns in FILE, one per line (blank lines and lines
+    /// starting with `#` or `;` are skipped), as rsync's --exclude-from reads them.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Option<PathBuf>,
+    /// Which rsync runs delete on the replica what the source no longer has: `true`
+    /// (all), `false` (none), `startup` (whole-tree passes only: the initial sync, rescans,
+    /// verify), `running` (only the changes seen while running).
+    #[arg(long, value_name = "WHEN", value_parser = ["true", "false", "startup", "running"], default_value = "true")]
+    pub delete: String,
+    /// Quiet period before a batch of changes is sent: milliseconds, or a duration with a
+    /// unit (`100ms`, `1s`).
+    #[arg(long, value_name = "MS|DURATION", default_value_t = defaults::DELAY_MS, value_parser = parse_millis)]
     pub delay: u64,
-    /// Longest a change may wait while changes keep coming, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = defaults::MAX_DELAY_MS)]
+    /// Longest a change may wait while changes keep coming: milliseconds, or a duration
+    /// with a unit (`2s`, `1m`).
+    #[arg(long, value_name = "MS|DURATION", default_value_t = defaults::MAX_DELAY_MS, value_parser = parse_millis)]
     pub max_delay: u64,
     /// Send a batch as soon as it holds this many paths.
     #[arg(long, value_name = "N", default_value_t = defaults::MAX_BATCH)]
@@ -183,12 +199,18 @@ impl SyncArgs {
                 name: Some(at("sync".to_owned())),
                 source: at(from_cwd(&self.source)),
                 exclude: self.excludes.iter().cloned().map(at).collect(),
+                exclude_from: self.exclude_from.as_deref().map(|p| at(from_cwd(p))),
                 rsync_args,
                 hard_links: Some(self.hard_links),
                 delay_ms: Some(count(self.delay)),
                 max_delay_ms: Some(count(self.max_delay)),
                 max_batch: Some(count(self.max_batch)),
                 initial_sync: Some(!self.no_initial_sync),
+                delete: Some(at(match self.delete.as_str() {
+                    "true" => crate::config::RawDelete::Bool(true),
+                    "false" => crate::config::RawDelete::Bool(false),
+                    word => crate::config::RawDelete::Word(word.to_owned()),
+                })),
                 verify_interval: self
                     .verify_interval
                     .map(|d| at(humantime::format_duration(d).to_string())),
@@ -219,6 +241,8 @@ fn sync_option(key: &str) -> String {
         "source" => "SOURCE",
         "target" | "dest" | "name" if key.contains(".target") => "TARGET",
         "exclude" => "--exclude",
+        "exclude_from" => "--exclude-from",
+        "delete" => "--delete",
         "rsync_args" | "password_file" => "--rsync-arg",
         "hard_links" => "--hard-links",
         "delay_ms" => "--delay",
@@ -279,22 +303,91 @@ pub struct StatusArgs {
     pub timeout: Option<std::time::Duration>,
 }
 
+/// An event `watcher watch -e` can select, named as inotifywait names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// `KIND PATH` per line (PATH ends with / for directories).
-    Text,
-    /// One JSON object per line.
-    Json,
+pub enum WatchEvent {
+    Create,
+    Modify,
+    /// A file open for writing was closed.
+    #[value(name = "close_write", alias = "close-write")]
+    CloseWrite,
+    Attrib,
+    Delete,
+    #[value(name = "moved_from", alias = "moved-from")]
+    MovedFrom,
+    #[value(name = "moved_to", alias = "moved-to")]
+    MovedTo,
+    /// moved_from and moved_to.
+    Move,
+    /// A watched path itself was deleted or moved away.
+    #[value(name = "delete_self", alias = "delete-self")]
+    DeleteSelf,
+}
+
+/// Milliseconds, or a duration with a unit (`100ms`, `1s`, `6h`): what `--delay`,
+/// `--max-delay` and the `_ms` configuration keys take.
+pub fn parse_millis(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) => Ok(n),
+        Err(_) => humantime::parse_duration(s)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_err(|e| format!("{e} (expected milliseconds or a duration such as 100ms, 1s)")),
+    }
+}
+
+/// Seconds, or a duration with a unit (`500ms`, `2m`).
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n) => Ok(std::time::Duration::from_secs(n)),
+        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    }
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Exit status: 0 when stopped by a signal, by the timeout or after the one event of \
+--oneshot; 1 on an error; 2 on a usage error, or when --oneshot --timeout ran out before \
+any event (as inotifywait does).")]
 pub struct WatchArgs {
     /// Directories to watch (everything below them).
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    /// Print only these events (comma-separated or repeated): create, modify, close_write,
+    /// attrib, delete, moved_from, moved_to, move, delete_self. Rescans and overflows are
+    /// always printed.
+    #[arg(
+        short = 'e',
+        long = "event",
+        value_enum,
+        value_delimiter = ',',
+        value_name = "EVENT"
+    )]
+    pub events: Vec<WatchEvent>,
+    /// `text` (KIND PATH), `json` (one object per line, with a time), or an inotifywait
+    /// format: %w the directory, %f the name, %e the event names, %T the time (--timefmt).
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub format: String,
+    /// Same as --format json.
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
+    /// How %T prints the time, strftime-like, in UTC: %Y %m %d %H %M %S %s %F %T %z %Z.
+    #[arg(long, value_name = "FORMAT", default_value = "%F %T")]
+    pub timefmt: String,
+    /// Leave out paths matching this rsync-style pattern (`*.swp`, `.cache/`); repeatable.
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub excludes: Vec<String>,
+    /// Exit after this long: seconds, or a duration with a unit (`500ms`, `2m`).
+    #[arg(short = 't', long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: Option<std::time::Duration>,
+    /// Exit after the first event printed.
+    #[arg(short = '1', long)]
+    pub oneshot: bool,
+    /// Accepted for inotifywait's sake: watching goes on until stopped unless --oneshot.
+    #[arg(short = 'm', long, hide = true)]
+    pub monitor: bool,
+    /// Accepted for inotifywait's sake: watching is always recursive.
+    #[arg(short = 'r', long, hide = true)]
+    pub recursive: bool,
     /// Change-capture backend.
     #[arg(long, value_enum, default_value_t = defaults::BACKEND)]
     pub backend: BackendKind,
@@ -303,6 +396,19 @@ pub struct WatchArgs {
 }
 
 impl WatchArgs {
+    /// What to print and when to stop.
+    pub fn options(&self) -> crate::watch::WatchOptions {
+        let format = if self.json { "json" } else { &self.format };
+        crate::watch::WatchOptions {
+            output: crate::watch::Output::parse(format),
+            timefmt: self.timefmt.clone(),
+            events: self.events.clone(),
+            excludes: self.excludes.clone(),
+            oneshot: self.oneshot,
+            timeout: self.timeout,
+        }
+    }
+
     /// The backend and its settings as given on the command line.
     pub fn backend_options(&self) -> crate::backend::BackendOptions {
         crate::backend::BackendOptions {
@@ -369,6 +475,38 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_documents_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("Exit status: 0 success; 1 an error"),
+            "{help}"
+        );
+        assert!(help.contains("2 a usage error"), "{help}");
+    }
+
+    #[test]
+    fn delays_take_units_and_plain_milliseconds() {
+        let delays = |args: &[&str]| -> Result<(u64, u64), String> {
+            let cli = Cli::try_parse_from(["watcher", "sync", "s", "d"].iter().chain(args))
+                .map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Sync(a) => Ok((a.delay, a.max_delay)),
+                other => panic!("not sync: {other:?}"),
+            }
+        };
+        assert_eq!(
+            delays(&["--delay", "1s", "--max-delay", "6h"]),
+            Ok((1000, 21_600_000))
+        );
+        assert_eq!(
+            delays(&["--delay", "250", "--max-delay", "100ms"]),
+            Ok((250, 100))
+        );
+        let err = delays(&["--delay", "fast"]).unwrap_err();
+        assert!(err.contains("expected milliseconds or a duration"), "{err}");
     }
 
     #[test]

@@ -10,10 +10,24 @@ use std::path::PathBuf;
 pub enum ChangeKind {
     Created,
     Modified,
+    /// A file open for writing was closed (inotify's `IN_CLOSE_WRITE`). The daemon treats
+    /// it as `Modified`; `watcher watch` prints it apart, as inotifywait does.
+    CloseWrite,
     Attrib,
     Deleted,
     MovedFrom,
     MovedTo,
+}
+
+impl ChangeKind {
+    /// Whether the change adds or removes a name (and so changes its directory's mtime),
+    /// rather than changing what is behind the name.
+    pub fn adds_or_removes(self) -> bool {
+        !matches!(
+            self,
+            ChangeKind::Modified | ChangeKind::CloseWrite | ChangeKind::Attrib
+        )
+    }
 }
 
 /// One event from a backend, with its path already resolved to an absolute path.
@@ -40,4 +54,19 @@ pub enum Event {
     Rescan { path: PathBuf },
     /// The backend lost events (queue overflow): every root must be rescanned.
     Overflow,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChangeKind::*;
+
+    #[test]
+    fn a_close_after_writing_is_a_modification() {
+        for kind in [Modified, CloseWrite, Attrib] {
+            assert!(!kind.adds_or_removes(), "{kind:?}");
+        }
+        for kind in [Created, Deleted, MovedFrom, MovedTo] {
+            assert!(kind.adds_or_removes(), "{kind:?}");
+        }
+    }
 }

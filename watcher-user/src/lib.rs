@@ -37,3 +37,4 @@ pub mod status;
 pub mod sync_machine;
 pub mod target;
 pub mod watch;
+pub mod words;

@@ -144,7 +144,7 @@ impl Links {
                     None => {}
                 }
             }
-            (ChangeKind::Modified, _) | (ChangeKind::Attrib, true) => {}
+            (ChangeKind::Modified | ChangeKind::CloseWrite, _) | (ChangeKind::Attrib, true) => {}
         }
     }
 

@@ -73,7 +73,7 @@ pub fn init(verbose: u8, quiet: bool) -> Sink {
             Sink::PrefixedStderr
         }
         None => {
-            let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            let ansi = std::io::stderr().is_terminal() && !no_color(std::env::var_os("NO_COLOR"));
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
@@ -254,6 +254,11 @@ fn journal_entry(level: &Level, file: Option<&str>, line: Option<u32>, f: &Field
     buf
 }
 
+/// Whether `NO_COLOR` asks for no colours: set and not empty (no-color.org).
+fn no_color(value: Option<std::ffi::OsString>) -> bool {
+    value.is_some_and(|v| !v.is_empty())
+}
+
 /// Undoes the escapes `{:?}` put into a string.
 fn unquote(quoted: &str) -> String {
     let mut out = String::with_capacity(quoted.len());
@@ -291,6 +296,13 @@ impl<S: Subscriber> Layer<S> for JournalLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_color_is_set_and_not_empty() {
+        assert!(no_color(Some("1".into())));
+        assert!(!no_color(Some("".into())));
+        assert!(!no_color(None));
+    }
 
     #[test]
     fn journal_stream_is_device_and_inode() {

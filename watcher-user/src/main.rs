@@ -6,6 +6,7 @@ use clap::Parser;
 use watcher::cli::{Cli, Command, ConfigCommand, SyncArgs};
 use watcher::config::{self, Config, DaemonConfig};
 use watcher::daemon::{self, RunOptions};
+use watcher::words::counted;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -89,11 +90,11 @@ fn run(command: Command) -> anyhow::Result<i32> {
             println!("{}: ok", cfg.path.display());
             for g in &cfg.groups {
                 println!(
-                    "  sync {}: {} -> {} target(s), {} exclude(s)",
+                    "  sync {}: {} -> {}, {}",
                     g.name,
                     g.source.display(),
-                    g.targets.len(),
-                    g.excludes.patterns().len()
+                    counted(g.targets.len() as u64, "target", "targets"),
+                    counted(g.excludes.patterns().len() as u64, "exclude", "excludes")
                 );
                 for t in &g.targets {
                     println!("    target {}: {}", t.name, t.dest);
@@ -131,7 +132,7 @@ fn run(command: Command) -> anyhow::Result<i32> {
             Ok(code)
         }
         Command::Watch(args) => {
-            watcher::watch::run_watch(&args.paths, args.format, &args.backend_options())
+            watcher::watch::run_watch(&args.paths, args.options(), &args.backend_options())
         }
         Command::Check(args) => {
             let paths = if args.paths.is_empty() {

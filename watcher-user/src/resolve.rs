@@ -71,6 +71,24 @@ impl Resolver {
         }
     }
 
+    /// A directory moved from `from` to `to`: the cached paths at or below `from` move
+    /// with it. Kept rather than forgotten because a directory deleted right after its
+    /// move (`mv k k2; rm -rf k2`) can no longer be resolved from its handle, and the
+    /// deletions inside it would be lost.
+    pub fn move_under(&mut self, fsid: Fsid, from: &Path, to: &Path) {
+        if let Some(level) = self.cache.get_mut(&fsid) {
+            for path in level.values_mut() {
+                if let Ok(rest) = path.strip_prefix(from) {
+                    *path = if rest.as_os_str().is_empty() {
+                        to.to_path_buf()
+                    } else {
+                        to.join(rest)
+                    };
+                }
+            }
+        }
+    }
+
     /// Forgets everything (after an overflow, when renames may have been lost).
     pub fn clear(&mut self) {
         self.cache.clear();

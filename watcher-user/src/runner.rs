@@ -174,6 +174,8 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         // A local run only waits on itself; a remote one may wait on a slow peer.
         let stall_after =
             (opts.hardlinks && matches!(dest, Target::Local(_))).then_some(rsync::STALL_AFTER);
+        // -v: what runs, on how many paths, as it could be typed again.
+        tracing::debug!(target = %dest, run = label, paths = run.paths, command = %rsync::display_args(&opts.binary, &run.args), "running rsync");
         let result = rsync::execute(
             &opts.binary,
             run,
@@ -228,13 +230,12 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                         .and_then(|l| ssh::diagnose(l.label(), &r.stderr))
                         .map(|e| format!("{e}; "))
                         .unwrap_or_default();
-                    done.detail = format!(
-                        "{cause}rsync exited with {:?} ({}): {}\n  command: {}",
-                        r.code,
-                        rsync::describe(r.code),
-                        r.stderr,
-                        rsync::display_args(&opts.binary, &run.args)
-                    );
+                    done.detail = cause
+                        + &failure_detail(
+                            r.code,
+                            &r.stderr,
+                            &rsync::display_args(&opts.binary, &run.args),
+                        );
                     break;
                 }
                 if !r.stderr.is_empty() {
@@ -254,4 +255,31 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     }
     done.elapsed = started.elapsed();
     done
+}
+
+/// What a failed rsync run is reported as: `rsync failed with exit 10 (error in socket
+/// I/O): STDERR` and the command line.
+fn failure_detail(code: Option<i32>, stderr: &str, command: &str) -> String {
+    let how = match code {
+        Some(code) => format!("with exit {code} ({})", rsync::describe(Some(code))),
+        None => format!("({})", rsync::describe(None)),
+    };
+    format!("rsync failed {how}: {stderr}\n  command: {command}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_read_as_words() {
+        assert_eq!(
+            failure_detail(Some(10), "connection refused", "rsync -a x y"),
+            "rsync failed with exit 10 (error in socket I/O): connection refused\n  command: rsync -a x y"
+        );
+        assert_eq!(
+            failure_detail(None, "", "rsync"),
+            "rsync failed (killed by a signal): \n  command: rsync"
+        );
+    }
 }

@@ -20,7 +20,8 @@ const _: () = {
 /// The change a directory-entry or inode event's `mask` reports, None when it reports
 /// none of them (self events, overflow, ignored watches). A merged mask counts as its
 /// most far-reaching change: a creation with writes is a creation, so a new directory
-/// is synced with what is inside it.
+/// is synced with what is inside it. A write and the close after it that the kernel
+/// merged into one event count as the close, the event a reader of whole files waits for.
 pub(crate) fn change_kind(mask: u64) -> Option<ChangeKind> {
     let has = |bits: u32| mask & u64::from(bits) != 0;
     Some(if has(libc::IN_MOVED_TO) {
@@ -31,7 +32,9 @@ pub(crate) fn change_kind(mask: u64) -> Option<ChangeKind> {
         ChangeKind::MovedFrom
     } else if has(libc::IN_DELETE) {
         ChangeKind::Deleted
-    } else if has(libc::IN_MODIFY | libc::IN_CLOSE_WRITE) {
+    } else if has(libc::IN_CLOSE_WRITE) {
+        ChangeKind::CloseWrite
+    } else if has(libc::IN_MODIFY) {
         ChangeKind::Modified
     } else if has(libc::IN_ATTRIB) {
         ChangeKind::Attrib
@@ -54,7 +57,8 @@ mod tests {
                 Some(Created),
             ),
             (libc::IN_MODIFY, Some(Modified)),
-            (libc::IN_CLOSE_WRITE, Some(Modified)),
+            (libc::IN_CLOSE_WRITE, Some(CloseWrite)),
+            (libc::IN_MODIFY | libc::IN_CLOSE_WRITE, Some(CloseWrite)),
             (libc::IN_ATTRIB, Some(Attrib)),
             (libc::IN_MODIFY | libc::IN_ATTRIB, Some(Modified)),
             (libc::IN_DELETE, Some(Deleted)),

@@ -81,6 +81,22 @@ pub enum ConfigError {
         /// What is wrong and, where there is one, how to fix it.
         message: String,
     },
+    /// Several independent errors (in different tables or keys), one per line, so that
+    /// one `config check` shows them all.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// The one error of `errors`, [`ConfigError::Several`] when there are more, None for
+    /// none.
+    pub fn all(mut errors: Vec<ConfigError>) -> Option<ConfigError> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(ConfigError::Several(errors)),
+        }
+    }
 }
 
 fn located(path: &Path, line: usize, column: Option<usize>, key: &str, message: &str) -> String {

@@ -69,7 +69,7 @@ use crate::target::Target;
 use toml::de::{DeTable, DeValue};
 
 pub use errors::ConfigError;
-pub use schema::{OsText, RawDaemon, RawFile, RawGroup, RawTarget, Spanned, defaults};
+pub use schema::{OsText, RawDaemon, RawDelete, RawFile, RawGroup, RawTarget, Spanned, defaults};
 use validate::{Ctx, Origin};
 /// A checked configuration file.
 #[derive(Debug, Clone)]
@@ -144,6 +144,8 @@ pub struct GroupConfig {
     pub flush: FlushConfig,
     /// Run a full sync at start-up (default true).
     pub initial_sync: bool,
+    /// `delete`: which rsync runs delete on the replica (default: all of them).
+    pub delete: crate::rsync::DeleteMode,
     /// Interval of a periodic full verification pass; `None` = never.
     pub verify_interval: Option<Duration>,
 }
@@ -216,10 +218,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         origin: Origin::File { path, text: &text },
     };
     let (config, password_files) = cx.config(&raw)?;
-    for (span, key, file) in password_files {
-        check_password_file(&file).map_err(|message| cx.error(&span, key, message))?;
+    let errors = password_files
+        .into_iter()
+        .filter_map(|(span, key, file)| {
+            check_password_file(&file)
+                .err()
+                .map(|message| cx.error(&span, key, message))
+        })
+        .collect();
+    match ConfigError::all(errors) {
+        Some(e) => Err(e),
+        None => Ok(config),
     }
-    Ok(config)
 }
 
 /// Refuses a config file owned by someone other than root or this process's user, or kept

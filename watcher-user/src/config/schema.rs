@@ -85,6 +85,68 @@ pub struct RawDaemon {
     pub ebpf_kernel_filter: Option<bool>,
 }
 
+/// A `_ms` key: milliseconds, or a string with a unit (`"100ms"`, `"1s"`, `"6h"`).
+/// Negative numbers pass through for the range check to report.
+fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Spanned<i64>>, D::Error> {
+    struct Millis(i64);
+    impl<'de> Deserialize<'de> for Millis {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = Millis;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("milliseconds or a duration with a unit (100ms, 1s, 6h)")
+                }
+                fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Millis, E> {
+                    Ok(Millis(n))
+                }
+                fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Millis, E> {
+                    Ok(Millis(i64::try_from(n).unwrap_or(i64::MAX)))
+                }
+                fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Millis, E> {
+                    crate::cli::parse_millis(s)
+                        .map(|ms| Millis(i64::try_from(ms).unwrap_or(i64::MAX)))
+                        .map_err(|_| {
+                            E::custom(format!(
+                                "expected milliseconds or a duration such as \"100ms\" or \"1s\", got {s:?}"
+                            ))
+                        })
+                }
+            }
+            d.deserialize_any(Visitor)
+        }
+    }
+    let value = Spanned::<Millis>::deserialize(d)?;
+    let span = value.span();
+    Ok(Some(Spanned::new(span, value.into_inner().0)))
+}
+
+/// A group's `delete` as written: a boolean or a word, checked in `validate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawDelete {
+    Bool(bool),
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for RawDelete {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDelete;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false, \"startup\" or \"running\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<RawDelete, E> {
+                Ok(RawDelete::Bool(b))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawDelete, E> {
+                Ok(RawDelete::Word(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// A `[[sync]]` table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,13 +155,19 @@ pub struct RawGroup {
     pub source: Spanned<PathBuf>,
     #[serde(default)]
     pub exclude: Vec<Spanned<String>>,
+    /// A file of more exclude patterns, one per line (`#` and `;` start comments).
+    pub exclude_from: Option<Spanned<PathBuf>>,
     #[serde(default)]
     pub rsync_args: Vec<Spanned<OsText>>,
     pub hard_links: Option<bool>,
+    #[serde(default, deserialize_with = "millis")]
     pub delay_ms: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "millis")]
     pub max_delay_ms: Option<Spanned<i64>>,
     pub max_batch: Option<Spanned<i64>>,
     pub initial_sync: Option<bool>,
+    /// `true`, `false`, `"startup"` or `"running"`.
+    pub delete: Option<Spanned<RawDelete>>,
     pub verify_interval: Option<Spanned<String>>,
     #[serde(default)]
     pub target: Vec<Spanned<RawTarget>>,

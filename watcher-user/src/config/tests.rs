@@ -161,7 +161,7 @@ const BROKEN: &[(&str, usize, &str, &str)] = &[
         "[[sync]]\nsource = \"@D/src\"\n\ndelay_ms = \"fast\"\n",
         4,
         "sync[0].delay_ms",
-        "expected a non-negative integer, got string \"fast\"",
+        "expected milliseconds or a duration such as \"100ms\" or \"1s\", got \"fast\"",
     ),
     (
         "[[sync]]\nsource = \"@D/src\"\nmax_batch = 1.5\n",
@@ -447,6 +447,11 @@ fn broken_configs_name_line_and_key() {
             message.contains(&fragment),
             "{message:?} should contain {fragment:?}\n{text}"
         );
+        // A row's error comes first; a table left without groups adds one more.
+        let err = match err {
+            ConfigError::Several(mut errors) => errors.remove(0),
+            err => err,
+        };
         match err {
             ConfigError::Invalid {
                 line: l,
@@ -851,4 +856,94 @@ fn an_ssh_command_belongs_to_an_ssh_target() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn ms_keys_take_units_too() {
+    let fx = Fixture::new();
+    let config = fx
+        .parse(
+            "[[sync]]\nsource = \"@D/src\"\ndelay_ms = \"250ms\"\nmax_delay_ms = \"2s\"\n\
+             [[sync.target]]\ndest = \"h::m\"\n",
+        )
+        .expect("valid");
+    let flush = &config.groups[0].flush;
+    assert_eq!(
+        (flush.delay, flush.max_delay),
+        (Duration::from_millis(250), Duration::from_secs(2))
+    );
+}
+
+#[test]
+fn every_independent_error_is_reported() {
+    let fx = Fixture::new();
+    let text = "[daemon]\nbackend = \"fast\"\n\
+                [[sync]]\nsource = \"@D/src\"\nmax_batch = -1\n[[sync.target]]\ndest = \"h::m\"\n\
+                [[sync]]\nsource = \"@D/missing\"\n[[sync.target]]\ndest = \"h::m\"\n";
+    let err = fx.parse(text).expect_err("three errors").to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines[0].starts_with("w.toml:2: daemon.backend:"), "{err}");
+    assert!(
+        lines[1].starts_with("w.toml:5: sync[0].max_batch:"),
+        "{err}"
+    );
+    assert!(lines[2].starts_with("w.toml:9: sync[1].source:"), "{err}");
+}
+
+#[test]
+fn exclude_from_reads_a_file_of_patterns() {
+    let fx = Fixture::new();
+    let file = fx.root.join("excludes");
+    std::fs::write(&file, "# comment\n*.swp\n\n; another\n.cache/\n").expect("write");
+    let config = fx
+        .parse(
+            "[[sync]]\nsource = \"@D/src\"\nexclude = [\"/build\"]\nexclude_from = \"@D/excludes\"\n\
+             [[sync.target]]\ndest = \"h::m\"\n",
+        )
+        .expect("valid");
+    assert_eq!(
+        config.groups[0].excludes.patterns(),
+        ["/build", "*.swp", ".cache/"]
+    );
+
+    std::fs::write(&file, "ok\n\n*.[ch\n").expect("write");
+    let err = fx
+        .parse(
+            "[[sync]]\nsource = \"@D/src\"\nexclude_from = \"@D/excludes\"\n\
+             [[sync.target]]\ndest = \"h::m\"\n",
+        )
+        .expect_err("bad pattern")
+        .to_string();
+    assert!(err.starts_with("w.toml:3: sync[0].exclude_from: "), "{err}");
+    assert!(err.contains("excludes line 3:"), "{err}");
+
+    let err = fx
+        .parse("[[sync]]\nsource = \"@D/src\"\nexclude_from = \"@D/nope\"\n[[sync.target]]\ndest = \"h::m\"\n")
+        .expect_err("missing file")
+        .to_string();
+    assert!(err.contains("sync[0].exclude_from: cannot read"), "{err}");
+}
+
+#[test]
+fn delete_takes_a_boolean_or_when() {
+    use crate::rsync::DeleteMode;
+    let fx = Fixture::new();
+    let group = |value: &str| {
+        fx.parse(&format!(
+            "[[sync]]\nsource = \"@D/src\"\n{value}\n[[sync.target]]\ndest = \"h::m\"\n"
+        ))
+        .map(|c| c.groups[0].delete)
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(group(""), Ok(DeleteMode::Always));
+    assert_eq!(group("delete = true"), Ok(DeleteMode::Always));
+    assert_eq!(group("delete = false"), Ok(DeleteMode::Never));
+    assert_eq!(group("delete = \"startup\""), Ok(DeleteMode::Startup));
+    assert_eq!(group("delete = \"running\""), Ok(DeleteMode::Running));
+    let err = group("delete = \"sometimes\"").unwrap_err();
+    assert!(
+        err.starts_with("w.toml:3: sync[0].delete: unknown value \"sometimes\""),
+        "{err}"
+    );
 }

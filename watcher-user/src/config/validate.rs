@@ -16,7 +16,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::errors::{ConfigError, position};
-use super::schema::{OsText, RawDaemon, RawFile, RawGroup, RawTarget, defaults};
+use super::schema::{OsText, RawDaemon, RawDelete, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
 use crate::filter::Excludes;
@@ -102,9 +102,12 @@ impl Ctx<'_> {
 
     /// Checks `raw`; also returns the password files named, for [`super::load`] to check.
     pub(super) fn config(&self, raw: &RawFile) -> Result<(Config, PasswordFiles), ConfigError> {
-        let daemon = self.daemon(raw.daemon.as_ref())?;
+        // The daemon table and each group are checked apart, and every error is reported:
+        // within one table, checking stops at its first error.
+        let mut errors = Vec::new();
+        let daemon = self.daemon(raw.daemon.as_ref());
         if raw.sync.is_empty() {
-            return Err(self.error(
+            errors.push(self.error(
                 &(0..0),
                 "sync",
                 "no [[sync]] groups: add one with a source and at least one [[sync.target]]",
@@ -114,9 +117,23 @@ impl Ctx<'_> {
         let mut spans = Vec::with_capacity(raw.sync.len());
         let mut password_files = Vec::new();
         for (i, group) in raw.sync.iter().enumerate() {
-            let (config, group_spans) = self.group(i, group, &mut password_files)?;
-            groups.push(config);
-            spans.push(group_spans);
+            match self.group(i, group, &mut password_files) {
+                Ok((config, group_spans)) => {
+                    groups.push(config);
+                    spans.push(group_spans);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let daemon = match daemon {
+            Ok(daemon) => daemon,
+            Err(e) => {
+                errors.insert(0, e);
+                DaemonConfig::default()
+            }
+        };
+        if let Some(e) = ConfigError::all(errors) {
+            return Err(e);
         }
         self.across_groups(&groups, &spans)?;
         let path = match self.origin {
@@ -349,9 +366,39 @@ impl Ctx<'_> {
             }
             patterns.push(pattern.get_ref().clone());
         }
+        // Line numbers of the patterns read from `exclude_from`, which follow `exclude`'s.
+        let mut file_lines = Vec::new();
+        if let Some(file) = &raw.exclude_from {
+            let fkey = format!("{key}.exclude_from");
+            let path = file.get_ref();
+            let fail = |message: String| self.error(&file.span(), fkey.clone(), message);
+            if !path.is_absolute() {
+                return Err(fail(format!("{path:?} is not an absolute path")));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+            for (n, line) in text.lines().enumerate() {
+                if line.is_empty() || line.starts_with(['#', ';']) {
+                    continue;
+                }
+                patterns.push(line.to_owned());
+                file_lines.push(n + 1);
+            }
+        }
         // Compiled here, as the event filter will, so that `config check` refuses what
         // `run` would.
         let excludes = Excludes::compile(&patterns).map_err(|e| {
+            if let (Some(j), Some(file)) = (e.index, &raw.exclude_from)
+                && let Some(line) = j
+                    .checked_sub(raw.exclude.len())
+                    .and_then(|i| file_lines.get(i))
+            {
+                return self.error(
+                    &file.span(),
+                    format!("{key}.exclude_from"),
+                    format!("{} line {line}: {e}", file.get_ref().display()),
+                );
+            }
             let at = e.index.unwrap_or(0);
             let span = raw.exclude.get(at).map_or(header.clone(), |p| p.span());
             let key = match e.index {
@@ -396,6 +443,24 @@ impl Ctx<'_> {
             });
         }
 
+        let delete = match &raw.delete {
+            None => crate::rsync::DeleteMode::Always,
+            Some(value) => {
+                match value.get_ref() {
+                    RawDelete::Bool(true) => crate::rsync::DeleteMode::Always,
+                    RawDelete::Bool(false) => crate::rsync::DeleteMode::Never,
+                    RawDelete::Word(w) if w == "startup" => crate::rsync::DeleteMode::Startup,
+                    RawDelete::Word(w) if w == "running" => crate::rsync::DeleteMode::Running,
+                    RawDelete::Word(w) => {
+                        return Err(self.error(
+                        &value.span(),
+                        format!("{key}.delete"),
+                        format!("unknown value {w:?}, expected true, false, \"startup\" or \"running\""),
+                    ));
+                    }
+                }
+            }
+        };
         let verify_interval = match &raw.verify_interval {
             None => None,
             Some(text) => {
@@ -474,6 +539,7 @@ impl Ctx<'_> {
                 max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
             },
             initial_sync: raw.initial_sync.unwrap_or(defaults::INITIAL_SYNC),
+            delete,
             verify_interval,
         };
         let spans = GroupSpans {

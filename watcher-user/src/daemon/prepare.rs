@@ -66,6 +66,7 @@ pub(super) fn target_states(
                     excludes: filter.excludes(*group).to_vec(),
                     extra_args,
                     dry_run: opts.dry_run,
+                    delete: g.delete,
                 },
                 link,
                 hard_links: hard_links.clone(),

@@ -206,7 +206,7 @@ pub(super) fn route(
         Event::Change {
             kind, path, is_dir, ..
         } => {
-            let adds_or_removes = !matches!(kind, ChangeKind::Modified | ChangeKind::Attrib);
+            let adds_or_removes = kind.adds_or_removes();
             let (group, rel) = match filter.classify(path, *is_dir) {
                 Match::Inside(group, rel) => (group, rel),
                 // An excluded name still changes its directory's mtime as it comes and goes.

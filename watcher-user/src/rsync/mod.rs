@@ -34,6 +34,34 @@ pub struct RsyncOptions {
     pub extra_args: Vec<OsString>,
     /// `--dry-run --itemize-changes`: show what would change, change nothing.
     pub dry_run: bool,
+    /// Which runs remove from the replica what the source no longer has.
+    pub delete: DeleteMode,
+}
+
+/// A group's `delete` setting, as lsyncd's: when rsync deletes on the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeleteMode {
+    /// Always (`true`, the default).
+    #[default]
+    Always,
+    /// Never (`false`): the replica keeps whatever the source removed.
+    Never,
+    /// Only in whole-tree passes (`"startup"`): the initial sync, and also a rescan after
+    /// lost events and a verify pass, which are whole-tree passes too.
+    Startup,
+    /// Only for the changes seen while running (`"running"`): whole-tree passes delete
+    /// nothing.
+    Running,
+}
+
+impl DeleteMode {
+    fn whole_tree(self) -> bool {
+        matches!(self, DeleteMode::Always | DeleteMode::Startup)
+    }
+
+    fn listed(self) -> bool {
+        matches!(self, DeleteMode::Always | DeleteMode::Running)
+    }
 }
 
 impl Default for RsyncOptions {
@@ -44,6 +72,7 @@ impl Default for RsyncOptions {
             excludes: Vec::new(),
             extra_args: Vec::new(),
             dry_run: false,
+            delete: DeleteMode::Always,
         }
     }
 }
@@ -241,7 +270,9 @@ pub fn plan(
     let mut subtrees: Vec<&Path> = Vec::new();
     if batch.covers_root() {
         let mut args = common_args(opts);
-        args.extend(["--delete".into(), "--force".into()]);
+        if opts.delete.whole_tree() {
+            args.extend(["--delete".into(), "--force".into()]);
+        }
         compare(&mut args);
         tail(&mut args);
         runs.push(Run {
@@ -292,17 +323,21 @@ pub fn plan(
     let list_args = |recursive: bool, skip: &str| {
         let mut args = common_args(opts);
         if recursive {
-            args.extend(["-r".into(), "--delete".into()]);
+            args.push("-r".into());
+            if opts.delete.listed() {
+                args.push("--delete".into());
+            }
             compare(&mut args);
         } else {
             args.extend(["--no-recursive".into(), "--dirs".into(), skip.into()]);
         }
-        args.extend([
-            "--delete-missing-args".into(),
-            "--force".into(),
-            "--from0".into(),
-            "--files-from=-".into(),
-        ]);
+        if opts.delete.listed() {
+            args.extend(["--delete-missing-args".into(), "--force".into()]);
+        } else {
+            // A listed path that is gone is skipped, not an error (exit 23).
+            args.push("--ignore-missing-args".into());
+        }
+        args.extend(["--from0".into(), "--files-from=-".into()]);
         args
     };
     if !subtrees.is_empty() {
@@ -320,9 +355,9 @@ pub fn plan(
     // The root itself can only be listed as ".", and rsync's --dirs copies the contents of a
     // directory named "." (not only its attributes): with --ignore-times that would rewrite
     // every file at the top of the tree whenever a name there comes or goes. Its own
-    // attributes get a run of their own instead: every top-level name hidden from the
-    // sender and protected on the receiver, so not even a --delete among the user's
-    // rsync_args could touch the replica's contents.
+    // attributes get a run of their own instead (a whole-tree run sets them already): every
+    // top-level name hidden from the sender and protected on the receiver, so not even a
+    // --delete among the user's rsync_args could touch the replica's contents.
     let root_entry = entries.remove(&b""[..]);
     if !entries.is_empty() {
         let (stdin, paths) = nul_list(entries.into_iter().map(|b| Path::new(OsStr::from_bytes(b))));
@@ -330,7 +365,7 @@ pub fn plan(
         tail(&mut args);
         runs.push(Run { args, stdin, paths });
     }
-    if root_entry {
+    if root_entry && !batch.covers_root() {
         let mut args = common_args(opts);
         args.extend([
             "--no-recursive".into(),
@@ -496,6 +531,50 @@ mod tests {
         }
         assert!(!a.contains(&"--delete") && !a.contains(&"-r"));
         assert_eq!(&a[a.len() - 2..], ["/s/", "h::m/"]);
+    }
+
+    #[test]
+    fn delete_modes_choose_the_runs_that_delete() {
+        let deletes = |delete: DeleteMode, batch: &Batch| {
+            let opts = RsyncOptions { delete, ..opts() };
+            let runs = plan(
+                batch,
+                Path::new("/s"),
+                &Target::Local("/d".into()),
+                &opts,
+                |_| true,
+            );
+            runs.iter()
+                .map(|r| {
+                    let a = args(r);
+                    let deleting = a.contains(&"--delete") || a.contains(&"--delete-missing-args");
+                    let ignoring = a.contains(&"--ignore-missing-args");
+                    assert!(!(deleting && ignoring), "{a:?}");
+                    deleting
+                })
+                .collect::<Vec<bool>>()
+        };
+        let whole = Batch {
+            entries: vec!["".into()],
+            subtrees: vec!["".into()],
+            ..Batch::default()
+        };
+        let changes = Batch {
+            entries: vec!["f".into()],
+            subtrees: vec!["t".into()],
+            ..Batch::default()
+        };
+        assert!(whole.covers_root());
+        let table = [
+            (DeleteMode::Always, [true], [true, true]),
+            (DeleteMode::Never, [false], [false, false]),
+            (DeleteMode::Startup, [true], [false, false]),
+            (DeleteMode::Running, [false], [true, true]),
+        ];
+        for (mode, on_whole, on_changes) in table {
+            assert_eq!(deletes(mode, &whole), on_whole, "{mode:?} whole tree");
+            assert_eq!(deletes(mode, &changes), on_changes, "{mode:?} changes");
+        }
     }
 
     #[test]

@@ -56,9 +56,9 @@ fn last_sync_text(last: &LastSync, now_unix_ms: u64) -> String {
         (false, None) => "failed".to_owned(),
     };
     format!(
-        "{}: {result} ({} paths, {})",
+        "{}: {result} ({}, {})",
         ago(now_unix_ms, last.finished_unix_ms),
-        last.paths,
+        crate::words::counted(last.paths, "path", "paths"),
         format_age(last.elapsed_ms)
     )
 }
@@ -196,10 +196,10 @@ pub fn render(s: &StatusSnapshot, now_unix_ms: u64) -> String {
             }
             if let Some(v) = &t.verify {
                 notes.push(format!(
-                    "{name}: verified {}: {}, {} paths fixed",
+                    "{name}: verified {}: {}, {} fixed",
                     ago(now_unix_ms, v.finished_unix_ms),
                     if v.ok { "ok" } else { "failed" },
-                    v.fixed_paths
+                    crate::words::counted(v.fixed_paths, "path", "paths")
                 ));
             }
         }

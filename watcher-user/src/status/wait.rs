@@ -57,10 +57,9 @@ pub fn in_step(s: &StatusSnapshot, since_unix_ms: u64) -> InStep {
         .map(|(g, t)| {
             let mut text = format!("{}/{}: {}", g.name, t.name, t.state.human());
             if t.dirty_paths + t.in_flight_paths > 0 {
-                text.push_str(&format!(
-                    ", {} paths waiting",
-                    t.dirty_paths + t.in_flight_paths
-                ));
+                let waiting = t.dirty_paths + t.in_flight_paths;
+                let waiting = crate::words::counted(waiting, "path", "paths");
+                text.push_str(&format!(", {waiting} waiting"));
             }
             text
         })

@@ -145,7 +145,8 @@ impl VfsTranslator {
             vfs_op::REMOVE => (ChangeKind::Deleted, Some(false)),
             vfs_op::REMOVE_DIR => (ChangeKind::Deleted, Some(true)),
             vfs_op::ATTRIB => (ChangeKind::Attrib, None),
-            vfs_op::MODIFY | vfs_op::CLOSE_WRITE => (ChangeKind::Modified, Some(false)),
+            vfs_op::MODIFY => (ChangeKind::Modified, Some(false)),
+            vfs_op::CLOSE_WRITE => (ChangeKind::CloseWrite, Some(false)),
             vfs_op::RENAME => {
                 let Some(old) = self.paths(rec, false, out) else {
                     return;

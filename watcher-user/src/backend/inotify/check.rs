@@ -79,9 +79,9 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
                 path: Some(path.clone()),
                 ok: fits,
                 detail: format!(
-                    "{} directories need as many watches, pinning {}; {} free \
+                    "{} need as many watches, pinning {}; {} free \
                      (fs.inotify.max_user_watches {} - {} in use){}",
-                    outcome.dirs,
+                    crate::words::counted(outcome.dirs as u64, "directory", "directories"),
                     kernel_memory(&outcome.dirs),
                     limits.available(),
                     limits.max,

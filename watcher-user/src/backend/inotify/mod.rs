@@ -476,7 +476,7 @@ impl InotifyBackend {
                     self.tree.remove_subtree(child);
                 }
             }
-            ChangeKind::Modified | ChangeKind::Attrib => {}
+            ChangeKind::Modified | ChangeKind::CloseWrite | ChangeKind::Attrib => {}
         }
     }
 
