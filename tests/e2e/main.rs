@@ -11,6 +11,7 @@
 
 mod churn;
 mod harness;
+mod mounts;
 mod operations;
 mod renames;
 mod rsyncd;

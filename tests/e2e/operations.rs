@@ -286,6 +286,7 @@ fn options() -> BackendOptions {
             probes,
             ..EbpfOptions::default()
         },
+        ..BackendOptions::default()
     }
 }
 

@@ -307,6 +307,7 @@ impl WatchArgs {
         crate::backend::BackendOptions {
             kind: self.backend,
             ebpf: self.ebpf.options(),
+            ..Default::default()
         }
     }
 }

@@ -722,6 +722,7 @@ impl Engine {
                 probes: d.ebpf_probes,
                 kernel_filter: d.ebpf_kernel_filter,
             },
+            ..Default::default()
         };
         let backend = backend::start(&options, &roots, own_pids.clone())
             .context("starting change capture")?;

@@ -161,11 +161,15 @@ pub trait Backend: Send {
 /// How to capture changes: the backend and the settings of the ebpf backend. One value is
 /// handed to [`start`], nothing is kept process-wide: whatever starts a backend (the
 /// daemon, `watcher watch`, a test) says what it wants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendOptions {
     pub kind: BackendKind,
     /// Used when `kind` is [`BackendKind::Ebpf`].
     pub ebpf: ebpf::EbpfOptions,
+    /// Roots whose capture stops at mount points (`one_file_system`, rsync's `-x`): the
+    /// filesystems mounted below them are neither marked nor followed. Every other root's
+    /// nested filesystems are captured by the fanotify backend.
+    pub one_file_system: Vec<PathBuf>,
 }
 
 impl Default for BackendOptions {
@@ -173,6 +177,7 @@ impl Default for BackendOptions {
         BackendOptions {
             kind: BackendKind::Auto,
             ebpf: ebpf::EbpfOptions::default(),
+            one_file_system: Vec::new(),
         }
     }
 }
@@ -184,10 +189,14 @@ pub fn start(
     own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
     match options.kind {
-        BackendKind::Fanotify => start_fanotify(roots, own_pids, "forced with --backend"),
+        BackendKind::Fanotify => start_fanotify(options, roots, own_pids, "forced with --backend"),
         BackendKind::Inotify => start_inotify(roots, own_pids, "forced with --backend"),
         BackendKind::Ebpf => start_ebpf(&options.ebpf, roots, own_pids),
-        BackendKind::Auto => match fanotify::FanotifyBackend::start(roots, own_pids.clone()) {
+        BackendKind::Auto => match fanotify::FanotifyBackend::start(
+            roots,
+            &options.one_file_system,
+            own_pids.clone(),
+        ) {
             Ok(backend) => Ok(fanotify_selected(
                 backend,
                 "the kernel and every root's filesystem support filesystem marks",
@@ -213,11 +222,12 @@ pub fn start(
 }
 
 fn start_fanotify(
+    options: &BackendOptions,
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
     reason: &str,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let backend = fanotify::FanotifyBackend::start(roots, own_pids)?;
+    let backend = fanotify::FanotifyBackend::start(roots, &options.one_file_system, own_pids)?;
     Ok(fanotify_selected(backend, reason))
 }
 

@@ -1,5 +1,6 @@
-//! The mount table: which filesystem type a path is on (for error messages), and which
-//! mounts lie under a directory (for the ebpf backend's in-kernel filter).
+//! The mount table: which filesystem type a path is on (for error messages), which
+//! mounts lie under a directory (the filesystems a backend must cover beside a root's
+//! own), and [`MountWatch`], which follows mounts appearing and disappearing under roots.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -21,6 +22,8 @@ pub fn containing<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
+    /// The mount's id, unique while it is mounted.
+    pub id: u32,
     /// The superblock's device numbers as the kernel keeps them.
     pub major: u32,
     pub minor: u32,
@@ -29,6 +32,111 @@ pub struct Mount {
     pub mount_point: std::path::PathBuf,
     /// The filesystem type (`ext4`, `tmpfs`, ...).
     pub fstype: String,
+}
+
+/// Pseudo filesystems that hold no user data: never captured, never warned about, even
+/// when one is mounted under a root (a root of `/`, say).
+const PSEUDO: &[&str] = &[
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "bpf",
+    "mqueue",
+    "hugetlbfs",
+    "pstore",
+    "configfs",
+    "fusectl",
+    "binfmt_misc",
+    "autofs",
+    "efivarfs",
+    "nsfs",
+    "rpc_pipefs",
+];
+
+/// Whether `fstype` holds files someone would replicate.
+pub fn holds_data(fstype: &str) -> bool {
+    !PSEUDO.contains(&fstype)
+}
+
+/// The mounts strictly below `root` that hold data, in mount-table order (a mount on top of
+/// another comes after it).
+pub fn below<'a>(mounts: &'a [Mount], root: &'a Path) -> impl Iterator<Item = &'a Mount> + 'a {
+    mounts.iter().filter(move |m| {
+        m.mount_point != root && m.mount_point.starts_with(root) && holds_data(&m.fstype)
+    })
+}
+
+/// What changed in the mount table under the followed roots since the last look.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MountChanges {
+    pub appeared: Vec<Mount>,
+    pub gone: Vec<Mount>,
+}
+
+/// Follows the mounts below some roots. The kernel marks /proc/self/mountinfo with
+/// POLLPRI (and POLLERR) once per change of the mount table, re-armed by the poll itself;
+/// whoever polls [`MountWatch::fd`] calls [`MountWatch::changes`] when it fires.
+pub struct MountWatch {
+    file: std::fs::File,
+    roots: Vec<std::path::PathBuf>,
+    known: std::collections::BTreeMap<u32, Mount>,
+}
+
+impl MountWatch {
+    /// Starts following the mounts below `roots`; those there now are known already.
+    pub fn new(roots: Vec<std::path::PathBuf>) -> std::io::Result<Self> {
+        let file = std::fs::File::open("/proc/self/mountinfo")?;
+        let mut watch = MountWatch {
+            file,
+            roots,
+            known: Default::default(),
+        };
+        watch.changes()?;
+        Ok(watch)
+    }
+
+    /// The descriptor to poll for POLLPRI.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
+    }
+
+    /// Re-reads the mount table and tells what appeared and went away below the roots.
+    pub fn changes(&mut self) -> std::io::Result<MountChanges> {
+        use std::io::{Read, Seek};
+        let mut text = Vec::new();
+        self.file.rewind()?;
+        self.file.read_to_end(&mut text)?;
+        Ok(self.update(&parse_mounts(&text)))
+    }
+
+    fn update(&mut self, mounts: &[Mount]) -> MountChanges {
+        let mut now = std::collections::BTreeMap::new();
+        for root in &self.roots {
+            for m in below(mounts, root) {
+                now.insert(m.id, m.clone());
+            }
+        }
+        let appeared = now
+            .iter()
+            .filter(|(id, _)| !self.known.contains_key(id))
+            .map(|(_, m)| m.clone())
+            .collect();
+        let gone = self
+            .known
+            .iter()
+            .filter(|(id, _)| !now.contains_key(id))
+            .map(|(_, m)| m.clone())
+            .collect();
+        self.known = now;
+        MountChanges { appeared, gone }
+    }
 }
 
 /// The kernel's internal `dev_t` (what `super_block.s_dev` holds, what the ebpf probes
@@ -52,6 +160,9 @@ fn parse_mounts(text: &[u8]) -> Vec<Mount> {
         let Some(sep) = fields.iter().position(|f| *f == b"-") else {
             continue;
         };
+        let Some(Ok(id)) = fields.first().map(|f| String::from_utf8_lossy(f).parse()) else {
+            continue;
+        };
         let (Some(dev), Some(root), Some(mount), Some(fstype)) = (
             fields.get(2),
             fields.get(3),
@@ -68,6 +179,7 @@ fn parse_mounts(text: &[u8]) -> Vec<Mount> {
             continue;
         };
         out.push(Mount {
+            id,
             major,
             minor,
             root: std::ffi::OsStr::from_bytes(&unescape(root)).into(),
@@ -115,6 +227,7 @@ mod tests {
             parse_mounts(text),
             vec![
                 Mount {
+                    id: 22,
                     major: 259,
                     minor: 2,
                     root: "/".into(),
@@ -122,6 +235,7 @@ mod tests {
                     fstype: "ext4".into(),
                 },
                 Mount {
+                    id: 40,
                     major: 0,
                     minor: 35,
                     root: "/sub".into(),
@@ -142,6 +256,37 @@ mod tests {
         assert_eq!(at("/data/x"), Some("xfs"));
         assert_eq!(at("/database"), Some("ext4"));
         assert_eq!(at("/"), Some("ext4"));
+    }
+
+    #[test]
+    fn mounts_below_a_root_appear_and_go() {
+        let table = |extra: &[u8]| {
+            let mut text = b"1 0 8:1 / / rw - ext4 /dev/a rw\n\
+                             2 1 8:2 / /srv rw - xfs /dev/b rw\n\
+                             3 2 0:40 / /srv/data/proc rw - proc proc rw\n\
+                             9 1 0:50 / /srvx rw - tmpfs t rw\n"
+                .to_vec();
+            text.extend_from_slice(extra);
+            parse_mounts(&text)
+        };
+        let tmp = b"4 2 0:41 / /srv/data/tmp rw - tmpfs t rw\n";
+        let img = b"5 4 7:0 / /srv/data/tmp/img rw - ext4 /dev/loop0 rw\n";
+        let mut watch = MountWatch {
+            file: std::fs::File::open("/dev/null").expect("open /dev/null"),
+            roots: vec!["/srv/data".into()],
+            known: Default::default(),
+        };
+        watch.update(&table(tmp));
+        let mut both = tmp.to_vec();
+        both.extend_from_slice(img);
+        let changes = watch.update(&table(&both));
+        assert_eq!(changes.gone, []);
+        let appeared: Vec<_> = changes.appeared.iter().map(|m| m.id).collect();
+        assert_eq!(appeared, [5]);
+        let changes = watch.update(&table(b""));
+        assert_eq!(changes.appeared, []);
+        let gone: Vec<_> = changes.gone.iter().map(|m| m.id).collect();
+        assert_eq!(gone, [4, 5]);
     }
 
     #[test]
