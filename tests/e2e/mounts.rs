@@ -1,5 +1,6 @@
 //! Filesystems mounted inside a source root: a tmpfs and an ext4 loop image mounted before
-//! the daemon starts, a tmpfs mounted while it runs, one unmounted while it runs.
+//! the daemon starts, a tmpfs mounted while it runs, one unmounted while it runs; and
+//! `--one-file-system`, which leaves a nested mount out of both capture and replica.
 //!
 //! They need root for `mount` as well as for fanotify marks. Every mount is undone by a
 //! guard, lazily when it is still busy, so a failing test leaves no mount behind.
@@ -182,5 +183,50 @@ fn nested_mounts_replicate() {
     );
     d.wait_rsync_quiet(Duration::from_secs(1), Duration::from_secs(20));
     assert_equal_now(&s.src, &s.dst, &skip_nothing, "still converged");
+    d.stop();
+}
+
+#[test]
+fn one_file_system_leaves_nested_mounts_out() {
+    let Some(_timer) = harness::begin("one_file_system_leaves_nested_mounts_out") else {
+        return;
+    };
+    let s = Scratch::new("one-file-system");
+    let tmp = s.src.join("scratch");
+    let _tmpfs = Mounted::tmpfs(&tmp);
+    // Writes go below the mount's root, whose attributes the replica's (empty) mount point
+    // directory keeps from the initial sync.
+    let inner = tmp.join("inner");
+    mkdir_p(&inner);
+    scribble(&s.src, "root", 0);
+    scribble(&inner, "tmpfs", 0);
+    // rsync -x copies a mount point as an empty directory.
+    let skip = |rel: &Path, _: &std::fs::Metadata| {
+        rel.starts_with("scratch") && rel != Path::new("scratch")
+    };
+    let mut d = Daemon::start(&s.src, &s.dst, &args(&["--one-file-system"]));
+    wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip, "initial sync");
+    for round in 1..3 {
+        scribble(&inner, "tmpfs", round);
+        scribble(&s.src, "root", round);
+    }
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip,
+        "writes on both filesystems",
+    );
+    d.wait_rsync_quiet(Duration::from_secs(1), Duration::from_secs(20));
+    let copied: Vec<_> = std::fs::read_dir(s.dst.join("scratch"))
+        .expect("the mount point is on the replica")
+        .map(|e| e.expect("read replica dir").file_name())
+        .collect();
+    assert!(copied.is_empty(), "the nested mount was copied: {copied:?}");
+    assert!(
+        !d.log.contains("filesystem below a root marked"),
+        "the nested mount was marked:\n{}",
+        d.log.tail(20)
+    );
     d.stop();
 }

@@ -107,6 +107,10 @@ pub struct SyncArgs {
     /// Preserve hard links (rsync -H).
     #[arg(long)]
     pub hard_links: bool,
+    /// Stop at mount points below SOURCE (rsync -x): filesystems mounted there are neither
+    /// watched nor copied.
+    #[arg(long, short = 'x')]
+    pub one_file_system: bool,
     /// The rsync binary to run.
     #[arg(long, value_name = "PATH", default_value = defaults::RSYNC)]
     pub rsync: PathBuf,
@@ -185,6 +189,7 @@ impl SyncArgs {
                 exclude: self.excludes.iter().cloned().map(at).collect(),
                 rsync_args,
                 hard_links: Some(self.hard_links),
+                one_file_system: Some(self.one_file_system),
                 delay_ms: Some(count(self.delay)),
                 max_delay_ms: Some(count(self.max_delay)),
                 max_batch: Some(count(self.max_batch)),
@@ -220,6 +225,7 @@ fn sync_option(key: &str) -> String {
         "exclude" => "--exclude",
         "rsync_args" | "password_file" => "--rsync-arg",
         "hard_links" => "--hard-links",
+        "one_file_system" => "--one-file-system",
         "delay_ms" => "--delay",
         "max_delay_ms" => "--max-delay",
         "max_batch" => "--max-batch",
