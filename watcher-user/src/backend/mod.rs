@@ -168,7 +168,7 @@ pub struct BackendOptions {
     pub ebpf: ebpf::EbpfOptions,
     /// Roots whose capture stops at mount points (`one_file_system`, rsync's `-x`): the
     /// filesystems mounted below them are neither marked nor followed. Every other root's
-    /// nested filesystems are captured by the fanotify backend.
+    /// nested filesystems are captured, and mounts appearing below them later followed.
     pub one_file_system: Vec<PathBuf>,
 }
 
@@ -190,7 +190,7 @@ pub fn start(
 ) -> Result<Box<dyn Backend>, BackendError> {
     match options.kind {
         BackendKind::Fanotify => start_fanotify(options, roots, own_pids, "forced with --backend"),
-        BackendKind::Inotify => start_inotify(roots, own_pids, "forced with --backend"),
+        BackendKind::Inotify => start_inotify(options, roots, own_pids, "forced with --backend"),
         BackendKind::Ebpf => start_ebpf(&options.ebpf, roots, own_pids),
         BackendKind::Auto => match fanotify::FanotifyBackend::start(
             roots,
@@ -209,12 +209,16 @@ pub fn start(
                 | BackendError::FilesystemUnsupported { .. }),
             ) => {
                 let why = error_chain(&e);
-                start_inotify(roots, own_pids, &format!("fanotify unusable: {why}")).map_err(
-                    |inotify| BackendError::NoBackend {
-                        fanotify: why,
-                        inotify: Box::new(inotify),
-                    },
+                start_inotify(
+                    options,
+                    roots,
+                    own_pids,
+                    &format!("fanotify unusable: {why}"),
                 )
+                .map_err(|inotify| BackendError::NoBackend {
+                    fanotify: why,
+                    inotify: Box::new(inotify),
+                })
             }
             Err(e) => Err(e),
         },
@@ -267,11 +271,12 @@ fn start_ebpf(
 }
 
 fn start_inotify(
+    options: &BackendOptions,
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
     reason: &str,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let backend = inotify::InotifyBackend::start(roots, own_pids)?;
+    let backend = inotify::InotifyBackend::start(roots, &options.one_file_system, own_pids)?;
     tracing::info!(
         backend = "inotify",
         reason,

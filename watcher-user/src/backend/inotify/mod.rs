@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
+use super::mountinfo::{self, MountWatch};
 use super::read_loop::{self, EventSource, OwnFilter, POLL_INTERVAL};
 use super::{Backend, BackendError, OwnPids, join_name, mask};
 use crate::event::{ChangeKind, Event};
@@ -122,6 +123,15 @@ pub struct InotifyBackend {
     next_retry: Option<Instant>,
     /// When the watch limit was last reported: once per retry interval, not per directory.
     limit_logged: Option<Instant>,
+    /// The mount table, followed below every root: a filesystem mounted over a watched
+    /// directory reports nothing to that watch, so its tree is walked and rescanned. (One
+    /// unmounted drops its watches: IN_IGNORED rewatches the directory below.)
+    mounts: Option<MountWatch>,
+    /// Roots whose capture stops at mount points (`one_file_system`).
+    stop_at_mounts: Vec<PathBuf>,
+    /// Mount points below those roots: events below them are dropped, as `rsync -x`
+    /// would skip what they name.
+    fenced: Vec<PathBuf>,
 }
 
 /// Roots without those lying inside another root.
@@ -140,8 +150,55 @@ fn outermost(roots: &[PathBuf]) -> Vec<PathBuf> {
 impl InotifyBackend {
     /// Watches every directory under `roots` (absolute, canonical directories), or refuses
     /// when they need more watches than `fs.inotify.max_user_watches` leaves.
-    pub fn start(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Self, BackendError> {
-        Self::start_with(roots, WatchLimits::read()?, own_pids)
+    /// Mounts below the roots in `stop_at_mounts` are left out.
+    pub fn start(
+        roots: &[PathBuf],
+        stop_at_mounts: &[PathBuf],
+        own_pids: Arc<OwnPids>,
+    ) -> Result<Self, BackendError> {
+        let mut backend = Self::start_with(roots, WatchLimits::read()?, own_pids)?;
+        backend.stop_at_mounts = stop_at_mounts.to_vec();
+        let table = mountinfo::mounts();
+        for root in stop_at_mounts {
+            backend
+                .fenced
+                .extend(mountinfo::below(&table, root).map(|m| m.mount_point.clone()));
+        }
+        backend.mounts = match MountWatch::new(roots.to_vec()) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow /proc/self/mountinfo: filesystems mounted below a root later are not seen");
+                None
+            }
+        };
+        Ok(backend)
+    }
+
+    /// Whether `path` lies below a mount point that capture stops at.
+    fn is_fenced(&self, path: &Path) -> bool {
+        self.fenced
+            .iter()
+            .any(|mp| path != mp && path.starts_with(mp))
+    }
+
+    /// Drops the events from `from` on that name paths below a fenced mount point.
+    fn drop_fenced(&self, out: &mut Vec<Event>, from: usize) {
+        if self.fenced.is_empty() {
+            return;
+        }
+        let mut i = from;
+        while i < out.len() {
+            let fenced = match &out[i] {
+                Event::Change { path, .. } | Event::Rescan { path } => self.is_fenced(path),
+                Event::Renamed { from, to, .. } => self.is_fenced(from) || self.is_fenced(to),
+                _ => false,
+            };
+            if fenced {
+                out.remove(i);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn start_with(
@@ -192,6 +249,9 @@ impl InotifyBackend {
             unwatched: BTreeSet::new(),
             next_retry: None,
             limit_logged: None,
+            mounts: None,
+            stop_at_mounts: Vec::new(),
+            fenced: Vec::new(),
         };
         if let Some(f) = outcome
             .failures
@@ -593,15 +653,52 @@ impl EventSource for InotifyBackend {
         let mut buf = std::mem::take(&mut self.buf);
         let read = nix::unistd::read(&self.inotify, &mut buf);
         if let Ok(n) = read {
+            let from = out.len();
             self.handle_batch(&buf[..n], out);
+            self.drop_fenced(out, from);
         }
         self.buf = buf;
         Ok(read?)
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Event>) -> Duration {
+        let from = out.len();
         self.on_timers(now, out);
+        self.drop_fenced(out, from);
         self.wait_time(now)
+    }
+
+    fn mounts_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.mounts.as_ref().map(MountWatch::fd)
+    }
+
+    fn mounts_changed(&mut self, out: &mut Vec<Event>) {
+        let Some(watch) = &mut self.mounts else {
+            return;
+        };
+        let changes = match watch.changes() {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read /proc/self/mountinfo");
+                return;
+            }
+        };
+        for m in &changes.gone {
+            self.fenced.retain(|mp| *mp != m.mount_point);
+        }
+        for m in &changes.appeared {
+            let mp = &m.mount_point;
+            if self.stop_at_mounts.iter().any(|r| mp.starts_with(r)) {
+                self.fenced.push(mp.clone());
+                continue;
+            }
+            if self.is_fenced(mp) {
+                continue;
+            }
+            tracing::info!(mount_point = %mp.display(), fstype = %m.fstype, "filesystem mounted below a root: watching and rescanning it");
+            self.rewatch(mp, out);
+            out.push(Event::Rescan { path: mp.clone() });
+        }
     }
 }
 
@@ -714,7 +811,8 @@ mod tests {
     impl Running {
         fn start(root: &Path) -> Running {
             let backend = Box::new(
-                InotifyBackend::start(&[root.to_path_buf()], Arc::new(OwnPids::new())).unwrap(),
+                InotifyBackend::start(&[root.to_path_buf()], &[], Arc::new(OwnPids::new()))
+                    .unwrap(),
             );
             let (tx, events) = mpsc::channel();
             let stop = Arc::new(AtomicBool::new(false));
