@@ -566,6 +566,7 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
             return rows;
         }
     };
+    let table = mountinfo::mounts();
     for path in paths {
         let detail = match mark_filesystem(&group, path) {
             Ok(rename) => Ok(format!(
@@ -579,6 +580,21 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
             )),
             Err(e) => Err(super::error_chain(&e)),
         };
+        // Filesystems mounted below the path need marks of their own (unless the group
+        // stops at mount points); one that refuses makes `auto` choose inotify.
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        let detail = mountinfo::below(&table, &canonical).fold(detail, |detail, m| {
+            let at = format!("{} at {}", m.fstype, m.mount_point.display());
+            match (detail, mark_filesystem(&group, &m.mount_point)) {
+                (Ok(d), Ok(_)) => Ok(format!("{d}; {at} marked too")),
+                (Ok(d), Err(e)) => Err(format!(
+                    "{d}, but {at} (mounted below it) cannot be marked: {}",
+                    super::error_chain(&e)
+                )),
+                (Err(d), Ok(_)) => Err(d),
+                (Err(d), Err(_)) => Err(format!("{d}; {at} cannot be marked either")),
+            }
+        });
         rows.push(Support {
             backend: "fanotify",
             path: Some(path.clone()),

@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicBool;
 
 use crate::event::Event;
 
-pub use mountinfo::filesystem_type;
+pub use mountinfo::{filesystem_type, remote_writers_note};
 
 /// Which change-capture mechanism to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -188,6 +188,7 @@ pub fn start(
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
+    warn_remote_writers(roots, options);
     match options.kind {
         BackendKind::Fanotify => start_fanotify(options, roots, own_pids, "forced with --backend"),
         BackendKind::Inotify => start_inotify(options, roots, own_pids, "forced with --backend"),
@@ -295,12 +296,45 @@ pub struct Support {
     pub detail: String,
 }
 
-/// Probes every backend on this kernel and, for each path, on its filesystem.
+/// Probes every backend on this kernel and, for each path, on its filesystem. A path on a
+/// network or userspace filesystem says that only local changes are seen.
 pub fn check(paths: &[PathBuf]) -> Vec<Support> {
     let mut rows = fanotify::check(paths);
     rows.extend(inotify::check(paths));
     rows.extend(ebpf::check());
+    for row in &mut rows {
+        if let Some(note) = row
+            .path
+            .as_deref()
+            .and_then(|p| remote_writers_note(&filesystem_type(p)))
+        {
+            row.detail.push_str("; ");
+            row.detail.push_str(&note);
+        }
+    }
     rows
+}
+
+/// Warns, at start-up, about every root or filesystem below one whose changes may be made
+/// where no local notification sees them.
+fn warn_remote_writers(roots: &[PathBuf], options: &BackendOptions) {
+    let table = mountinfo::mounts();
+    for root in roots {
+        let mut places: Vec<(PathBuf, String)> = mountinfo::containing(&table, root)
+            .map(|m| (root.clone(), m.fstype.clone()))
+            .into_iter()
+            .collect();
+        if !options.one_file_system.contains(root) {
+            places.extend(
+                mountinfo::below(&table, root).map(|m| (m.mount_point.clone(), m.fstype.clone())),
+            );
+        }
+        for (path, fstype) in places {
+            if let Some(note) = remote_writers_note(&fstype) {
+                tracing::warn!(path = %path.display(), fstype = %fstype, "{note}");
+            }
+        }
+    }
 }
 
 /// `err` and its sources, joined with ": ".

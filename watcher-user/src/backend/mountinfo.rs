@@ -5,9 +5,23 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// The type (`ext4`, `nfs4`, ...) of the mount holding `path`, from /proc/self/mountinfo.
+/// The type (`ext4`, `overlay`, `nfs4`, `fuse.sshfs`, ...) of the mount holding `path`,
+/// from /proc/self/mountinfo. The path is made canonical first: the table holds canonical
+/// mount points, and a relative path or a symlink would otherwise name the wrong mount.
 pub fn filesystem_type(path: &Path) -> String {
-    containing(&mounts(), path).map_or_else(|| "unknown".into(), |m| m.fstype.clone())
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    containing(&mounts(), &path).map_or_else(|| "unknown".into(), |m| m.fstype.clone())
+}
+
+/// What to tell a user about a source on a filesystem of `fstype` whose writers may be
+/// elsewhere; None for local filesystems.
+pub fn remote_writers_note(fstype: &str) -> Option<String> {
+    writers_elsewhere(fstype).then(|| {
+        format!(
+            "{fstype} can be changed by other machines or a userspace server: only changes made \
+             on this machine are seen; set verify_interval to catch the others"
+        )
+    })
 }
 
 /// The mount holding `path`: the longest mount point it lies under, the later of two
@@ -62,6 +76,17 @@ const PSEUDO: &[&str] = &[
 /// Whether `fstype` holds files someone would replicate.
 pub fn holds_data(fstype: &str) -> bool {
     !PSEUDO.contains(&fstype)
+}
+
+/// Whether changes to a filesystem of `fstype` can be made elsewhere, by another machine
+/// (network filesystems) or a userspace server (FUSE): no local notification sees those.
+pub fn writers_elsewhere(fstype: &str) -> bool {
+    matches!(
+        fstype,
+        "nfs" | "nfs4" | "cifs" | "smb3" | "smbfs" | "ceph" | "glusterfs" | "9p" | "afs"
+    ) || fstype == "fuse"
+        || fstype.starts_with("fuse.")
+        || fstype == "fuseblk"
 }
 
 /// The mounts strictly below `root` that hold data, in mount-table order (a mount on top of
@@ -287,6 +312,22 @@ mod tests {
         assert_eq!(changes.appeared, []);
         let gone: Vec<_> = changes.gone.iter().map(|m| m.id).collect();
         assert_eq!(gone, [4, 5]);
+    }
+
+    #[test]
+    fn network_and_userspace_filesystems_have_writers_elsewhere() {
+        for t in ["nfs", "nfs4", "cifs", "smb3", "fuse.sshfs", "fuseblk"] {
+            assert!(writers_elsewhere(t), "{t}");
+        }
+        for t in ["ext4", "xfs", "btrfs", "tmpfs", "overlay"] {
+            assert!(!writers_elsewhere(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn a_relative_path_has_the_type_of_its_canonical_form() {
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(filesystem_type(Path::new(".")), filesystem_type(&cwd));
     }
 
     #[test]
