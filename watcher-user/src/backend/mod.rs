@@ -192,7 +192,7 @@ pub fn start(
     match options.kind {
         BackendKind::Fanotify => start_fanotify(options, roots, own_pids, "forced with --backend"),
         BackendKind::Inotify => start_inotify(options, roots, own_pids, "forced with --backend"),
-        BackendKind::Ebpf => start_ebpf(&options.ebpf, roots, own_pids),
+        BackendKind::Ebpf => start_ebpf(options, roots, own_pids),
         BackendKind::Auto => match fanotify::FanotifyBackend::start(
             roots,
             &options.one_file_system,
@@ -248,11 +248,12 @@ fn fanotify_selected(backend: fanotify::FanotifyBackend, reason: &str) -> Box<dy
 
 #[cfg(feature = "ebpf")]
 fn start_ebpf(
-    options: &ebpf::EbpfOptions,
+    options: &BackendOptions,
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let backend = ebpf::EbpfBackend::start(options, roots, own_pids)?;
+    let backend =
+        ebpf::EbpfBackend::start(&options.ebpf, roots, &options.one_file_system, own_pids)?;
     tracing::info!(
         backend = "ebpf",
         reason = "forced with --backend",
@@ -264,7 +265,7 @@ fn start_ebpf(
 
 #[cfg(not(feature = "ebpf"))]
 fn start_ebpf(
-    _options: &ebpf::EbpfOptions,
+    _options: &BackendOptions,
     _roots: &[PathBuf],
     _own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {

@@ -164,6 +164,80 @@ impl MountWatch {
     }
 }
 
+/// The mount points capture stops at, for backends that see across them anyway (inotify's
+/// walk, the ebpf probes): events below them are dropped, as `rsync -x` would otherwise
+/// copy what a listed path inside one names.
+#[derive(Debug, Default)]
+pub struct Fence {
+    /// Roots whose capture stops at mount points (`one_file_system`).
+    stop_at: Vec<std::path::PathBuf>,
+    /// The mount points below those roots.
+    fenced: Vec<std::path::PathBuf>,
+}
+
+impl Fence {
+    /// The fence for the roots in `stop_at`, from the mount table now.
+    pub fn new(stop_at: &[std::path::PathBuf]) -> Self {
+        let table = mounts();
+        let fenced = stop_at
+            .iter()
+            .flat_map(|root| below(&table, root).map(|m| m.mount_point.clone()))
+            .collect();
+        Fence {
+            stop_at: stop_at.to_vec(),
+            fenced,
+        }
+    }
+
+    /// Whether `path` lies below a mount point that capture stops at.
+    pub fn contains(&self, path: &Path) -> bool {
+        self.fenced
+            .iter()
+            .any(|mp| path != mp && path.starts_with(mp))
+    }
+
+    /// Takes in `changes` and returns those where capture follows mounts.
+    pub fn update(&mut self, changes: &MountChanges) -> MountChanges {
+        let mut followed = MountChanges::default();
+        for m in &changes.gone {
+            let before = self.fenced.len();
+            self.fenced.retain(|mp| *mp != m.mount_point);
+            if before == self.fenced.len() && !self.contains(&m.mount_point) {
+                followed.gone.push(m.clone());
+            }
+        }
+        for m in &changes.appeared {
+            if self.stop_at.iter().any(|r| m.mount_point.starts_with(r)) {
+                self.fenced.push(m.mount_point.clone());
+            } else if !self.contains(&m.mount_point) {
+                followed.appeared.push(m.clone());
+            }
+        }
+        followed
+    }
+
+    /// Drops the events from index `from` on that name paths below a fenced mount point.
+    pub fn drop_fenced(&self, out: &mut Vec<crate::event::Event>, from: usize) {
+        use crate::event::Event;
+        if self.fenced.is_empty() {
+            return;
+        }
+        let mut i = from;
+        while i < out.len() {
+            let fenced = match &out[i] {
+                Event::Change { path, .. } | Event::Rescan { path } => self.contains(path),
+                Event::Renamed { from, to, .. } => self.contains(from) || self.contains(to),
+                _ => false,
+            };
+            if fenced {
+                out.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
 /// The kernel's internal `dev_t` (what `super_block.s_dev` holds, what the ebpf probes
 /// report) for a device number.
 pub(crate) fn kernel_dev(major: u32, minor: u32) -> u32 {
@@ -312,6 +386,50 @@ mod tests {
         assert_eq!(changes.appeared, []);
         let gone: Vec<_> = changes.gone.iter().map(|m| m.id).collect();
         assert_eq!(gone, [4, 5]);
+    }
+
+    #[test]
+    fn a_fence_drops_what_lies_below_mounts_of_one_file_system_roots() {
+        use crate::event::{ChangeKind, Event};
+        let mount = |id, at: &str| Mount {
+            id,
+            major: 0,
+            minor: id,
+            root: "/".into(),
+            mount_point: at.into(),
+            fstype: "tmpfs".into(),
+        };
+        let mut fence = Fence {
+            stop_at: vec!["/x".into()],
+            fenced: vec![],
+        };
+        let followed = fence.update(&MountChanges {
+            appeared: vec![mount(1, "/x/t"), mount(2, "/y/t"), mount(3, "/x/t/deeper")],
+            gone: vec![],
+        });
+        let ids: Vec<_> = followed.appeared.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [2]);
+        let change = |p: &str| Event::Change {
+            kind: ChangeKind::Created,
+            path: p.into(),
+            is_dir: false,
+            pid: 1,
+        };
+        let mut out = vec![
+            change("/x/t"),
+            change("/x/t/f"),
+            change("/x/f"),
+            change("/y/t/f"),
+        ];
+        fence.drop_fenced(&mut out, 0);
+        assert_eq!(out, [change("/x/t"), change("/x/f"), change("/y/t/f")]);
+        let followed = fence.update(&MountChanges {
+            appeared: vec![],
+            gone: vec![mount(1, "/x/t"), mount(2, "/y/t")],
+        });
+        let ids: Vec<_> = followed.gone.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [2]);
+        assert!(!fence.contains(Path::new("/x/t/f")));
     }
 
     #[test]

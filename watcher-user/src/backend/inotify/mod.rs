@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use super::mountinfo::{self, MountWatch};
+use super::mountinfo::{Fence, MountWatch};
 use super::read_loop::{self, EventSource, OwnFilter, POLL_INTERVAL};
 use super::{Backend, BackendError, OwnPids, join_name, mask};
 use crate::event::{ChangeKind, Event};
@@ -127,11 +127,8 @@ pub struct InotifyBackend {
     /// directory reports nothing to that watch, so its tree is walked and rescanned. (One
     /// unmounted drops its watches: IN_IGNORED rewatches the directory below.)
     mounts: Option<MountWatch>,
-    /// Roots whose capture stops at mount points (`one_file_system`).
-    stop_at_mounts: Vec<PathBuf>,
-    /// Mount points below those roots: events below them are dropped, as `rsync -x`
-    /// would skip what they name.
-    fenced: Vec<PathBuf>,
+    /// Mount points below `one_file_system` roots: events below them are dropped.
+    fence: Fence,
 }
 
 /// Roots without those lying inside another root.
@@ -157,13 +154,7 @@ impl InotifyBackend {
         own_pids: Arc<OwnPids>,
     ) -> Result<Self, BackendError> {
         let mut backend = Self::start_with(roots, WatchLimits::read()?, own_pids)?;
-        backend.stop_at_mounts = stop_at_mounts.to_vec();
-        let table = mountinfo::mounts();
-        for root in stop_at_mounts {
-            backend
-                .fenced
-                .extend(mountinfo::below(&table, root).map(|m| m.mount_point.clone()));
-        }
+        backend.fence = Fence::new(stop_at_mounts);
         backend.mounts = match MountWatch::new(roots.to_vec()) {
             Ok(watch) => Some(watch),
             Err(e) => {
@@ -172,33 +163,6 @@ impl InotifyBackend {
             }
         };
         Ok(backend)
-    }
-
-    /// Whether `path` lies below a mount point that capture stops at.
-    fn is_fenced(&self, path: &Path) -> bool {
-        self.fenced
-            .iter()
-            .any(|mp| path != mp && path.starts_with(mp))
-    }
-
-    /// Drops the events from `from` on that name paths below a fenced mount point.
-    fn drop_fenced(&self, out: &mut Vec<Event>, from: usize) {
-        if self.fenced.is_empty() {
-            return;
-        }
-        let mut i = from;
-        while i < out.len() {
-            let fenced = match &out[i] {
-                Event::Change { path, .. } | Event::Rescan { path } => self.is_fenced(path),
-                Event::Renamed { from, to, .. } => self.is_fenced(from) || self.is_fenced(to),
-                _ => false,
-            };
-            if fenced {
-                out.remove(i);
-            } else {
-                i += 1;
-            }
-        }
     }
 
     fn start_with(
@@ -250,8 +214,7 @@ impl InotifyBackend {
             next_retry: None,
             limit_logged: None,
             mounts: None,
-            stop_at_mounts: Vec::new(),
-            fenced: Vec::new(),
+            fence: Fence::default(),
         };
         if let Some(f) = outcome
             .failures
@@ -655,7 +618,7 @@ impl EventSource for InotifyBackend {
         if let Ok(n) = read {
             let from = out.len();
             self.handle_batch(&buf[..n], out);
-            self.drop_fenced(out, from);
+            self.fence.drop_fenced(out, from);
         }
         self.buf = buf;
         Ok(read?)
@@ -664,7 +627,7 @@ impl EventSource for InotifyBackend {
     fn tick(&mut self, now: Instant, out: &mut Vec<Event>) -> Duration {
         let from = out.len();
         self.on_timers(now, out);
-        self.drop_fenced(out, from);
+        self.fence.drop_fenced(out, from);
         self.wait_time(now)
     }
 
@@ -683,18 +646,8 @@ impl EventSource for InotifyBackend {
                 return;
             }
         };
-        for m in &changes.gone {
-            self.fenced.retain(|mp| *mp != m.mount_point);
-        }
-        for m in &changes.appeared {
+        for m in &self.fence.update(&changes).appeared {
             let mp = &m.mount_point;
-            if self.stop_at_mounts.iter().any(|r| mp.starts_with(r)) {
-                self.fenced.push(mp.clone());
-                continue;
-            }
-            if self.is_fenced(mp) {
-                continue;
-            }
             tracing::info!(mount_point = %mp.display(), fstype = %m.fstype, "filesystem mounted below a root: watching and rescanning it");
             self.rewatch(mp, out);
             out.push(Event::Rescan { path: mp.clone() });
