@@ -15,6 +15,7 @@
 mod churn;
 mod hardlinks;
 mod harness;
+mod mounts;
 mod operations;
 mod renames;
 mod rsyncd;

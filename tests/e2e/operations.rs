@@ -298,6 +298,7 @@ fn options() -> BackendOptions {
             probes,
             ..EbpfOptions::default()
         },
+        ..BackendOptions::default()
     }
 }
 

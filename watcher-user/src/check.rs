@@ -19,14 +19,20 @@ fn usable(rows: &[Support], backend: &str, path: &Path) -> bool {
         && here.iter().all(|r| r.ok)
 }
 
-/// The paths no backend can watch.
-pub fn unwatchable(rows: &[Support], paths: &[PathBuf]) -> Vec<PathBuf> {
+/// The paths no backend can watch: not a directory (`is_dir` says which are), or no
+/// backend's rows allow it (a backend with only kernel-wide rows, like ebpf, takes any
+/// directory).
+pub fn unwatchable(
+    rows: &[Support],
+    paths: &[PathBuf],
+    is_dir: impl Fn(&Path) -> bool,
+) -> Vec<PathBuf> {
     let mut backends: Vec<&str> = rows.iter().map(|r| r.backend).collect();
     backends.sort_unstable();
     backends.dedup();
     paths
         .iter()
-        .filter(|p| !backends.iter().any(|b| usable(rows, b, p)))
+        .filter(|p| !is_dir(p) || !backends.iter().any(|b| usable(rows, b, p)))
         .cloned()
         .collect()
 }
@@ -83,9 +89,14 @@ mod tests {
             (&[], &["/a", "/b"]),
         ];
         for (rows, want) in table {
-            let got = unwatchable(rows, &paths);
+            let got = unwatchable(rows, &paths, |_| true);
             let want: Vec<PathBuf> = want.iter().map(PathBuf::from).collect();
             assert_eq!(got, want, "{rows:?}");
         }
+        // ebpf has kernel-wide rows only: it takes any directory, but /b is none (missing,
+        // a file).
+        let rows = [row("ebpf", None, true)];
+        let got = unwatchable(&rows, &paths, |p| p != Path::new("/b"));
+        assert_eq!(got, [PathBuf::from("/b")]);
     }
 }

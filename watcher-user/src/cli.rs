@@ -123,6 +123,10 @@ pub struct SyncArgs {
     /// Preserve hard links (rsync -H).
     #[arg(long)]
     pub hard_links: bool,
+    /// Stop at mount points below SOURCE (rsync -x): filesystems mounted there are neither
+    /// watched nor copied.
+    #[arg(long, short = 'x')]
+    pub one_file_system: bool,
     /// The rsync binary to run.
     #[arg(long, value_name = "PATH", default_value = defaults::RSYNC)]
     pub rsync: PathBuf,
@@ -202,6 +206,7 @@ impl SyncArgs {
                 exclude_from: self.exclude_from.as_deref().map(|p| at(from_cwd(p))),
                 rsync_args,
                 hard_links: Some(self.hard_links),
+                one_file_system: Some(self.one_file_system),
                 delay_ms: Some(count(self.delay)),
                 max_delay_ms: Some(count(self.max_delay)),
                 max_batch: Some(count(self.max_batch)),
@@ -245,6 +250,7 @@ fn sync_option(key: &str) -> String {
         "delete" => "--delete",
         "rsync_args" | "password_file" => "--rsync-arg",
         "hard_links" => "--hard-links",
+        "one_file_system" => "--one-file-system",
         "delay_ms" => "--delay",
         "max_delay_ms" => "--max-delay",
         "max_batch" => "--max-batch",
@@ -414,6 +420,7 @@ impl WatchArgs {
         crate::backend::BackendOptions {
             kind: self.backend,
             ebpf: self.ebpf.options(),
+            ..Default::default()
         }
     }
 }

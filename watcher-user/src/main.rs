@@ -160,7 +160,9 @@ fn run(command: Command) -> anyhow::Result<i32> {
             for line in watcher::caps::report(watcher::caps::effective()) {
                 println!("  {line}");
             }
-            let lost = watcher::check::unwatchable(&rows, &paths);
+            let lost = watcher::check::unwatchable(&rows, &paths, |p| {
+                std::fs::metadata(p).is_ok_and(|m| m.is_dir())
+            });
             for path in &lost {
                 eprintln!("watcher check: no backend can watch {}", path.display());
             }

@@ -25,9 +25,18 @@ pub enum Resolved {
     Gone,
 }
 
-/// Handles of one or more filesystems, each with a directory fd on it to open handles against.
+/// Where handles of one filesystem are opened: a directory on it.
+enum MountDir {
+    /// Held open (a root: the daemon keeps it busy anyway).
+    Fd(OwnedFd),
+    /// Opened per lookup (a filesystem mounted below a root: a descriptor held open would
+    /// make its unmount fail with EBUSY).
+    Path(PathBuf),
+}
+
+/// Handles of one or more filesystems, each with a directory on it to open handles against.
 pub struct Resolver {
-    mounts: Vec<(Fsid, OwnedFd)>,
+    mounts: Vec<(Fsid, MountDir)>,
     cache: HashMap<Fsid, HashMap<Box<[u8]>, PathBuf>>,
     len: usize,
     capacity: usize,
@@ -51,7 +60,18 @@ impl Resolver {
 
     /// Handles of filesystem `fsid` are opened against `dir_fd` (a directory on it).
     pub fn add_mount(&mut self, fsid: Fsid, dir_fd: OwnedFd) {
-        self.mounts.push((fsid, dir_fd));
+        self.mounts.push((fsid, MountDir::Fd(dir_fd)));
+    }
+
+    /// Handles of filesystem `fsid` are opened against directory `dir`, opened per lookup.
+    pub fn add_mount_path(&mut self, fsid: Fsid, dir: PathBuf) {
+        self.mounts.push((fsid, MountDir::Path(dir)));
+    }
+
+    /// Forgets filesystem `fsid` (it was unmounted): its handles resolve no more.
+    pub fn remove_mount(&mut self, fsid: Fsid) {
+        self.mounts.retain(|(f, _)| *f != fsid);
+        self.invalidate(fsid);
     }
 
     /// Forgets every cached path of `fsid`: a directory moved, so any path below it may be stale.
@@ -102,12 +122,20 @@ impl Resolver {
             return Ok(Resolved::Path(path.clone()));
         }
         self.misses += 1;
-        let mount = self
+        let opened_dir;
+        let mount = match self
             .mounts
             .iter()
             .find(|(f, _)| *f == fsid)
-            .map(|(_, fd)| fd)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EXDEV))?;
+            .map(|(_, dir)| dir)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EXDEV))?
+        {
+            MountDir::Fd(fd) => fd,
+            MountDir::Path(dir) => {
+                opened_dir = OwnedFd::from(std::fs::File::open(dir)?);
+                &opened_dir
+            }
+        };
         // A real allocation failure would pass on a second try; a directory being torn down
         // answers ENOMEM again.
         let opened = match open_by_handle_at(mount.as_fd(), handle) {

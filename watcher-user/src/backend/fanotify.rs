@@ -1,5 +1,12 @@
-//! The fanotify backend: one `FAN_MARK_FILESYSTEM` mark per filesystem holding a source root,
-//! events reported as (directory handle, name) and resolved to paths in user space.
+//! The fanotify backend: one `FAN_MARK_FILESYSTEM` mark per filesystem holding a source root
+//! or mounted below one, events reported as (directory handle, name) and resolved to paths
+//! in user space.
+//!
+//! A mark covers one filesystem, so every filesystem mounted below a root gets its own, and
+//! the mount table is followed while running: a filesystem mounted later is marked and its
+//! mount point rescanned (what was written before the mark is not lost); one unmounted
+//! dirties its mount point (the directory below shows again). Roots that stop at mount
+//! points (`one_file_system`) are left out of both.
 //!
 //! Set-up is O(1) in the size of the tree (no per-directory watches), so it is ready in
 //! milliseconds on millions of files.
@@ -15,6 +22,7 @@ use fanotify_fid::consts::*;
 use fanotify_fid::handle::{Fsid, fsid_of_path};
 use fanotify_fid::{Fanotify, FanotifyError, FidEvent};
 
+use super::mountinfo::{self, Mount, MountWatch};
 use super::read_loop::{self, EventSource, OwnFilter};
 use super::{Backend, BackendError, OwnPids, Support, join_name, mask};
 use crate::event::{ChangeKind, Event};
@@ -48,6 +56,14 @@ pub struct FanotifyBackend {
     /// Linux 5.17+ reports a rename as one event with both names.
     rename_events: bool,
     own_pids: Arc<OwnPids>,
+    /// The mounts below the roots that are followed; None when every root stops at mount
+    /// points or the mount table cannot be read.
+    mounts: Option<MountWatch>,
+    /// Filesystems marked for mounts below roots, by device: their fsid and how many of
+    /// the followed mounts show them.
+    nested: hashbrown::HashMap<(u32, u32), (Fsid, usize)>,
+    /// Devices of the filesystems holding roots (marked already).
+    root_devs: hashbrown::HashSet<(u32, u32)>,
 }
 
 /// Turns parsed fanotify events into [`Event`]s with absolute paths. Its only system call
@@ -137,8 +153,13 @@ fn fsid(path: &Path) -> Result<Fsid, BackendError> {
 }
 
 impl FanotifyBackend {
-    /// Marks every filesystem holding one of `roots` (once per filesystem).
-    pub fn start(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Self, BackendError> {
+    /// Marks every filesystem holding one of `roots` or mounted below one (once per
+    /// filesystem), except below the roots in `stop_at_mounts`.
+    pub fn start(
+        roots: &[PathBuf],
+        stop_at_mounts: &[PathBuf],
+        own_pids: Arc<OwnPids>,
+    ) -> Result<Self, BackendError> {
         let group = init_group()?;
         let mut roots_by_fs: BTreeMap<Fsid, Vec<PathBuf>> = BTreeMap::new();
         for root in roots {
@@ -157,13 +178,96 @@ impl FanotifyBackend {
             }
             tracing::debug!(root = %first.display(), fsid = ?fs, "filesystem marked");
         }
-        Ok(FanotifyBackend {
+        let table = mountinfo::mounts();
+        let root_devs = roots
+            .iter()
+            .filter_map(|r| mountinfo::containing(&table, r))
+            .map(|m| (m.major, m.minor))
+            .collect();
+        let followed: Vec<PathBuf> = roots
+            .iter()
+            .filter(|r| !stop_at_mounts.contains(r))
+            .cloned()
+            .collect();
+        let mut backend = FanotifyBackend {
             group,
             buf: Vec::with_capacity(READ_BUF_BYTES),
             translator: Translator::new(resolver, roots_by_fs),
             rename_events,
             own_pids,
-        })
+            mounts: None,
+            nested: Default::default(),
+            root_devs,
+        };
+        if followed.is_empty() {
+            return Ok(backend);
+        }
+        let watch = match MountWatch::new(followed.clone()) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow /proc/self/mountinfo: filesystems mounted below a root later are not seen");
+                None
+            }
+        };
+        for root in &followed {
+            for m in mountinfo::below(&table, root) {
+                // At start-up a filesystem that cannot be marked fails the start, as for a
+                // root: `auto` then uses inotify, which sees it.
+                backend.mark_nested(m)?;
+            }
+        }
+        backend.mounts = watch;
+        Ok(backend)
+    }
+
+    /// Marks the filesystem of `m`, a mount below a root, unless it is marked already, and
+    /// resolves its handles against its mount point (opened per lookup: a descriptor
+    /// kept open would make the filesystem busy and refuse its unmount).
+    fn mark_nested(&mut self, m: &Mount) -> Result<(), BackendError> {
+        let dev = (m.major, m.minor);
+        if self.root_devs.contains(&dev) {
+            // Another view (a bind mount, a btrfs subvolume) of a marked filesystem.
+            return Ok(());
+        }
+        if let Some((_, count)) = self.nested.get_mut(&dev) {
+            *count += 1;
+            return Ok(());
+        }
+        let fs = fsid(&m.mount_point)?;
+        self.rename_events &= mark_filesystem(&self.group, &m.mount_point)?;
+        self.translator
+            .resolver
+            .add_mount_path(fs, m.mount_point.clone());
+        self.translator
+            .roots_by_fs
+            .entry(fs)
+            .or_default()
+            .push(m.mount_point.clone());
+        self.nested.insert(dev, (fs, 1));
+        tracing::info!(
+            mount_point = %m.mount_point.display(),
+            fstype = %m.fstype,
+            "filesystem below a root marked"
+        );
+        Ok(())
+    }
+
+    /// `m` was unmounted: forget its filesystem once no followed mount shows it (the
+    /// kernel drops the mark with the filesystem).
+    fn unmarked_nested(&mut self, m: &Mount) {
+        let dev = (m.major, m.minor);
+        let Some((fs, count)) = self.nested.get_mut(&dev) else {
+            return;
+        };
+        *count -= 1;
+        let fs = *fs;
+        if *count == 0 {
+            self.nested.remove(&dev);
+            self.translator.resolver.remove_mount(fs);
+            self.translator.roots_by_fs.remove(&fs);
+        } else if let Some(points) = self.translator.roots_by_fs.get_mut(&fs) {
+            points.retain(|p| *p != m.mount_point);
+        }
     }
 
     /// Whether renames arrive as single FAN_RENAME events.
@@ -378,6 +482,44 @@ impl EventSource for FanotifyBackend {
         }
         Ok(events.len())
     }
+
+    fn mounts_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.mounts.as_ref().map(MountWatch::fd)
+    }
+
+    fn mounts_changed(&mut self, out: &mut Vec<Event>) {
+        let Some(watch) = &mut self.mounts else {
+            return;
+        };
+        let changes = match watch.changes() {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read /proc/self/mountinfo");
+                return;
+            }
+        };
+        for m in &changes.gone {
+            tracing::info!(mount_point = %m.mount_point.display(), fstype = %m.fstype, "filesystem below a root unmounted: rescanning its mount point");
+            self.unmarked_nested(m);
+            out.push(Event::Rescan {
+                path: m.mount_point.clone(),
+            });
+        }
+        for m in &changes.appeared {
+            if let Err(e) = self.mark_nested(m) {
+                tracing::warn!(
+                    mount_point = %m.mount_point.display(),
+                    fstype = %m.fstype,
+                    error = %super::error_chain(&e),
+                    "filesystem mounted below a root cannot be marked: later changes there are not seen"
+                );
+            }
+            // Marked first, rescanned after: nothing written in between is lost.
+            out.push(Event::Rescan {
+                path: m.mount_point.clone(),
+            });
+        }
+    }
 }
 
 impl Backend for FanotifyBackend {
@@ -426,6 +568,7 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
             return rows;
         }
     };
+    let table = mountinfo::mounts();
     for path in paths {
         let detail = match mark_filesystem(&group, path) {
             Ok(rename) => Ok(format!(
@@ -439,6 +582,21 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
             )),
             Err(e) => Err(super::error_chain(&e)),
         };
+        // Filesystems mounted below the path need marks of their own (unless the group
+        // stops at mount points); one that refuses makes `auto` choose inotify.
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        let detail = mountinfo::below(&table, &canonical).fold(detail, |detail, m| {
+            let at = format!("{} at {}", m.fstype, m.mount_point.display());
+            match (detail, mark_filesystem(&group, &m.mount_point)) {
+                (Ok(d), Ok(_)) => Ok(format!("{d}; {at} marked too")),
+                (Ok(d), Err(e)) => Err(format!(
+                    "{d}, but {at} (mounted below it) cannot be marked: {}",
+                    super::error_chain(&e)
+                )),
+                (Err(d), Ok(_)) => Err(d),
+                (Err(d), Err(_)) => Err(format!("{d}; {at} cannot be marked either")),
+            }
+        });
         rows.push(Support {
             backend: "fanotify",
             path: Some(path.clone()),

@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicBool;
 
 use crate::event::Event;
 
-pub use mountinfo::filesystem_type;
+pub use mountinfo::{filesystem_type, remote_writers_note};
 
 /// Which change-capture mechanism to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -161,11 +161,15 @@ pub trait Backend: Send {
 /// How to capture changes: the backend and the settings of the ebpf backend. One value is
 /// handed to [`start`], nothing is kept process-wide: whatever starts a backend (the
 /// daemon, `watcher watch`, a test) says what it wants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendOptions {
     pub kind: BackendKind,
     /// Used when `kind` is [`BackendKind::Ebpf`].
     pub ebpf: ebpf::EbpfOptions,
+    /// Roots whose capture stops at mount points (`one_file_system`, rsync's `-x`): the
+    /// filesystems mounted below them are neither marked nor followed. Every other root's
+    /// nested filesystems are captured, and mounts appearing below them later followed.
+    pub one_file_system: Vec<PathBuf>,
 }
 
 impl Default for BackendOptions {
@@ -173,6 +177,7 @@ impl Default for BackendOptions {
         BackendOptions {
             kind: BackendKind::Auto,
             ebpf: ebpf::EbpfOptions::default(),
+            one_file_system: Vec::new(),
         }
     }
 }
@@ -183,11 +188,16 @@ pub fn start(
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
+    warn_remote_writers(roots, options);
     match options.kind {
-        BackendKind::Fanotify => start_fanotify(roots, own_pids, "forced with --backend"),
-        BackendKind::Inotify => start_inotify(roots, own_pids, "forced with --backend"),
-        BackendKind::Ebpf => start_ebpf(&options.ebpf, roots, own_pids),
-        BackendKind::Auto => match fanotify::FanotifyBackend::start(roots, own_pids.clone()) {
+        BackendKind::Fanotify => start_fanotify(options, roots, own_pids, "forced with --backend"),
+        BackendKind::Inotify => start_inotify(options, roots, own_pids, "forced with --backend"),
+        BackendKind::Ebpf => start_ebpf(options, roots, own_pids),
+        BackendKind::Auto => match fanotify::FanotifyBackend::start(
+            roots,
+            &options.one_file_system,
+            own_pids.clone(),
+        ) {
             Ok(backend) => Ok(fanotify_selected(
                 backend,
                 "the kernel and every root's filesystem support filesystem marks",
@@ -200,12 +210,16 @@ pub fn start(
                 | BackendError::FilesystemUnsupported { .. }),
             ) => {
                 let why = error_chain(&e);
-                start_inotify(roots, own_pids, &format!("fanotify unusable: {why}")).map_err(
-                    |inotify| BackendError::NoBackend {
-                        fanotify: why,
-                        inotify: Box::new(inotify),
-                    },
+                start_inotify(
+                    options,
+                    roots,
+                    own_pids,
+                    &format!("fanotify unusable: {why}"),
                 )
+                .map_err(|inotify| BackendError::NoBackend {
+                    fanotify: why,
+                    inotify: Box::new(inotify),
+                })
             }
             Err(e) => Err(e),
         },
@@ -213,11 +227,12 @@ pub fn start(
 }
 
 fn start_fanotify(
+    options: &BackendOptions,
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
     reason: &str,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let backend = fanotify::FanotifyBackend::start(roots, own_pids)?;
+    let backend = fanotify::FanotifyBackend::start(roots, &options.one_file_system, own_pids)?;
     Ok(fanotify_selected(backend, reason))
 }
 
@@ -233,11 +248,12 @@ fn fanotify_selected(backend: fanotify::FanotifyBackend, reason: &str) -> Box<dy
 
 #[cfg(feature = "ebpf")]
 fn start_ebpf(
-    options: &ebpf::EbpfOptions,
+    options: &BackendOptions,
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let backend = ebpf::EbpfBackend::start(options, roots, own_pids)?;
+    let backend =
+        ebpf::EbpfBackend::start(&options.ebpf, roots, &options.one_file_system, own_pids)?;
     tracing::info!(
         backend = "ebpf",
         reason = "forced with --backend",
@@ -249,7 +265,7 @@ fn start_ebpf(
 
 #[cfg(not(feature = "ebpf"))]
 fn start_ebpf(
-    _options: &ebpf::EbpfOptions,
+    _options: &BackendOptions,
     _roots: &[PathBuf],
     _own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
@@ -257,11 +273,12 @@ fn start_ebpf(
 }
 
 fn start_inotify(
+    options: &BackendOptions,
     roots: &[PathBuf],
     own_pids: Arc<OwnPids>,
     reason: &str,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let backend = inotify::InotifyBackend::start(roots, own_pids)?;
+    let backend = inotify::InotifyBackend::start(roots, &options.one_file_system, own_pids)?;
     tracing::info!(
         backend = "inotify",
         reason,
@@ -280,12 +297,45 @@ pub struct Support {
     pub detail: String,
 }
 
-/// Probes every backend on this kernel and, for each path, on its filesystem.
+/// Probes every backend on this kernel and, for each path, on its filesystem. A path on a
+/// network or userspace filesystem says that only local changes are seen.
 pub fn check(paths: &[PathBuf]) -> Vec<Support> {
     let mut rows = fanotify::check(paths);
     rows.extend(inotify::check(paths));
     rows.extend(ebpf::check());
+    for row in &mut rows {
+        if let Some(note) = row
+            .path
+            .as_deref()
+            .and_then(|p| remote_writers_note(&filesystem_type(p)))
+        {
+            row.detail.push_str("; ");
+            row.detail.push_str(&note);
+        }
+    }
     rows
+}
+
+/// Warns, at start-up, about every root or filesystem below one whose changes may be made
+/// where no local notification sees them.
+fn warn_remote_writers(roots: &[PathBuf], options: &BackendOptions) {
+    let table = mountinfo::mounts();
+    for root in roots {
+        let mut places: Vec<(PathBuf, String)> = mountinfo::containing(&table, root)
+            .map(|m| (root.clone(), m.fstype.clone()))
+            .into_iter()
+            .collect();
+        if !options.one_file_system.contains(root) {
+            places.extend(
+                mountinfo::below(&table, root).map(|m| (m.mount_point.clone(), m.fstype.clone())),
+            );
+        }
+        for (path, fstype) in places {
+            if let Some(note) = remote_writers_note(&fstype) {
+                tracing::warn!(path = %path.display(), fstype = %fstype, "{note}");
+            }
+        }
+    }
 }
 
 /// `err` and its sources, joined with ": ".

@@ -3,7 +3,9 @@
 //! for all of them: wait for the descriptor with a timeout (so `stop` and timers are looked
 //! at), retry interrupted calls, read until the queue is empty once `stop` is set (every
 //! change made before the stop is delivered), and refresh the set of the daemon's own
-//! processes once per read.
+//! processes once per read. A source that follows the mount table hands over a second
+//! descriptor ([`EventSource::mounts_fd`]), polled beside the first, so mount changes are
+//! seen in the same loop and their events join the same stream.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -29,6 +31,15 @@ pub(crate) trait EventSource {
     /// Returns how much was read: 0 or an error of kind `WouldBlock` when nothing was
     /// queued; an `Interrupted` error is retried.
     fn read(&mut self, own: &mut OwnFilter<'_>, out: &mut Vec<Event>) -> io::Result<usize>;
+
+    /// /proc/self/mountinfo, when the source follows mounts below its roots: polled for
+    /// POLLPRI beside [`EventSource::fd`].
+    fn mounts_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// The mount table changed (never called while draining after `stop`).
+    fn mounts_changed(&mut self, _out: &mut Vec<Event>) {}
 
     /// Work that is due by the clock, done before each wait (never while draining after
     /// `stop`); returns how long the wait may last.
@@ -79,7 +90,16 @@ pub(crate) fn run(
             if !deliver(sink, out) {
                 return Ok(());
             }
-            if !wait_readable(source.fd(), wait).map_err(BackendError::Read)? {
+            let ready =
+                wait_readable(source.fd(), source.mounts_fd(), wait).map_err(BackendError::Read)?;
+            if ready.mounts {
+                let mut out = Vec::new();
+                source.mounts_changed(&mut out);
+                if !deliver(sink, out) {
+                    return Ok(());
+                }
+            }
+            if !ready.events {
                 continue;
             }
         }
@@ -104,15 +124,43 @@ pub(crate) fn run(
     }
 }
 
-/// Waits up to `timeout` for `fd` to be readable; false on a timeout or a signal.
-fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+/// Which descriptors a wait found ready.
+#[derive(Debug, Default)]
+struct Ready {
+    events: bool,
+    mounts: bool,
+}
+
+/// Waits up to `timeout` for `fd` to be readable or the mount table (`mounts`) to change;
+/// nothing is ready after a timeout or a signal.
+fn wait_readable(
+    fd: BorrowedFd<'_>,
+    mounts: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> io::Result<Ready> {
     // At least 1 ms: a timer that is due is not polled for with a zero timeout forever.
     let ms = timeout.as_millis().clamp(1, u128::from(u16::MAX));
     let timeout = PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX));
-    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let mut fds = vec![PollFd::new(fd, PollFlags::POLLIN)];
+    if let Some(mounts) = mounts {
+        fds.push(PollFd::new(mounts, PollFlags::POLLPRI));
+    }
     match poll(&mut fds, timeout) {
-        Ok(0) | Err(Errno::EINTR) => Ok(false),
-        Ok(_) => Ok(true),
+        Ok(0) | Err(Errno::EINTR) => Ok(Ready::default()),
+        Ok(_) => {
+            let fired = |i: usize, flags: PollFlags| {
+                fds.get(i)
+                    .and_then(|f| f.revents())
+                    .is_some_and(|r| r.intersects(flags))
+            };
+            Ok(Ready {
+                events: fired(
+                    0,
+                    PollFlags::POLLIN | PollFlags::POLLERR | PollFlags::POLLHUP,
+                ),
+                mounts: fired(1, PollFlags::POLLPRI | PollFlags::POLLERR),
+            })
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -19,6 +19,7 @@
 //! exclude = ["*.swp", ".cache/"]
 //! rsync_args = ["--numeric-ids"]
 //! hard_links = false
+//! one_file_system = false              # true: stop at mount points (rsync -x)
 //! delay_ms = 100
 //! max_delay_ms = 1000
 //! max_batch = 10000
@@ -139,6 +140,9 @@ pub struct GroupConfig {
     pub rsync_args: Vec<OsString>,
     /// Preserve hard links (`rsync -H`).
     pub hard_links: bool,
+    /// Stop at mount points below the source (`rsync -x`): filesystems mounted there are
+    /// neither captured nor copied.
+    pub one_file_system: bool,
     /// Flush timing: `delay_ms` (100), `max_delay_ms` (1000, at least `delay_ms`) and
     /// `max_batch` (10000, at least 1).
     pub flush: FlushConfig,

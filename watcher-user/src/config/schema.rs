@@ -44,6 +44,8 @@ pub mod defaults {
     pub const MAX_BATCH: usize = 10_000;
     /// `sync.hard_links`, `--hard-links`.
     pub const HARD_LINKS: bool = false;
+    /// `sync.one_file_system`, `--one-file-system`.
+    pub const ONE_FILE_SYSTEM: bool = false;
     /// `sync.initial_sync`, `--no-initial-sync`.
     pub const INITIAL_SYNC: bool = true;
     /// `sync.target.max_backlog`: dirty paths held before subtrees are folded.
@@ -160,6 +162,7 @@ pub struct RawGroup {
     #[serde(default)]
     pub rsync_args: Vec<Spanned<OsText>>,
     pub hard_links: Option<bool>,
+    pub one_file_system: Option<bool>,
     #[serde(default, deserialize_with = "millis")]
     pub delay_ms: Option<Spanned<i64>>,
     #[serde(default, deserialize_with = "millis")]

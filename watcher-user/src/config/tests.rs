@@ -487,6 +487,7 @@ source = "@D/src/"
 exclude = ["*.swp", ".cache/"]
 rsync_args = ["--numeric-ids"]
 hard_links = true
+one_file_system = true
 delay_ms = 50
 max_delay_ms = 2000
 max_batch = 500
@@ -537,6 +538,7 @@ fn full_config() {
     assert_eq!(data.excludes.patterns(), ["*.swp", ".cache/"]);
     assert_eq!(data.rsync_args, [OsString::from("--numeric-ids")]);
     assert!(data.hard_links);
+    assert!(data.one_file_system);
     assert_eq!(data.flush.delay, Duration::from_millis(50));
     assert_eq!(data.flush.max_delay, Duration::from_secs(2));
     assert_eq!(data.flush.max_batch, 500);
@@ -606,6 +608,7 @@ fn defaults() {
     assert!(group.excludes.is_empty());
     assert!(group.rsync_args.is_empty());
     assert!(!group.hard_links);
+    assert!(!group.one_file_system);
     let flush = FlushConfig::default();
     assert_eq!(group.flush.delay, flush.delay);
     assert_eq!(group.flush.max_delay, flush.max_delay);

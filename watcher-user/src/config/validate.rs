@@ -533,6 +533,7 @@ impl Ctx<'_> {
             excludes,
             rsync_args,
             hard_links: raw.hard_links.unwrap_or(defaults::HARD_LINKS),
+            one_file_system: raw.one_file_system.unwrap_or(defaults::ONE_FILE_SYSTEM),
             flush: FlushConfig {
                 delay: Duration::from_millis(delay),
                 max_delay: Duration::from_millis(max_delay),

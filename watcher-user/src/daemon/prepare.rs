@@ -63,6 +63,7 @@ pub(super) fn target_states(
                 rsync: RsyncOptions {
                     binary: config.daemon.rsync.clone(),
                     hardlinks: g.hard_links,
+                    one_file_system: g.one_file_system,
                     excludes: filter.excludes(*group).to_vec(),
                     extra_args,
                     dry_run: opts.dry_run,
@@ -247,6 +248,12 @@ impl Engine {
                 probes: d.ebpf_probes,
                 kernel_filter: d.ebpf_kernel_filter,
             },
+            one_file_system: config
+                .groups
+                .iter()
+                .filter(|g| g.one_file_system)
+                .map(|g| g.source.clone())
+                .collect(),
         };
         let backend = backend::start(&options, &roots, own_pids.clone())
             .context("starting change capture")?;

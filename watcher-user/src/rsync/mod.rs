@@ -28,6 +28,8 @@ pub struct RsyncOptions {
     pub binary: PathBuf,
     /// Preserve hard links (`-H`): exact, but costs memory on large trees.
     pub hardlinks: bool,
+    /// Stay on the source root's filesystem (`-x`), as capture does with `one_file_system`.
+    pub one_file_system: bool,
     /// rsync exclude patterns (the filter applies the same ones to events).
     pub excludes: Vec<String>,
     /// Passed through before the source and target arguments.
@@ -69,6 +71,7 @@ impl Default for RsyncOptions {
         RsyncOptions {
             binary: PathBuf::from(crate::config::defaults::RSYNC),
             hardlinks: false,
+            one_file_system: false,
             excludes: Vec::new(),
             extra_args: Vec::new(),
             dry_run: false,
@@ -161,6 +164,9 @@ fn common_args(opts: &RsyncOptions) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["-a".into(), "--modify-window=-1".into()];
     if opts.hardlinks {
         args.push("-H".into());
+    }
+    if opts.one_file_system {
+        args.push("-x".into());
     }
     if opts.dry_run {
         args.push("--dry-run".into());
@@ -420,6 +426,19 @@ mod tests {
             extra_args: vec!["--password-file=/p".into()],
             ..RsyncOptions::default()
         }
+    }
+
+    #[test]
+    fn one_file_system_stays_on_the_root_filesystem() {
+        let x = |one_file_system| {
+            common_args(&RsyncOptions {
+                one_file_system,
+                ..opts()
+            })
+            .contains(&OsString::from("-x"))
+        };
+        assert!(x(true));
+        assert!(!x(false));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! sets attached. Kept apart from reading records so that `watcher check` can try both
 //! sets without starting a backend.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use aya::programs::{FEntry, FExit, RawTracePoint};
@@ -76,12 +76,7 @@ fn map_contents(roots: &[PathBuf], filter: bool, own: &OwnPids) -> MapContents {
     let (mut offsets, vfs_missing) = super::btf::kernel_offsets();
     let filter_available = offsets.filter != 0;
     let (keys, devices) = if filter_available && filter {
-        super::root_filter::root_filter(roots, &crate::backend::mountinfo::mounts(), |p| {
-            use std::os::unix::fs::MetadataExt;
-            let md = std::fs::metadata(p).ok()?;
-            let dev = md.dev();
-            Some((libc::major(dev), libc::minor(dev), md.ino()))
-        })
+        super::root_filter::root_filter(roots, &crate::backend::mountinfo::mounts(), dev_ino)
     } else {
         Default::default()
     };
@@ -102,6 +97,44 @@ fn map_contents(roots: &[PathBuf], filter: bool, own: &OwnPids) -> MapContents {
         devices,
         ignored: own.snapshot().into_iter().map(|pid| pid as u32).collect(),
     }
+}
+
+/// `path`'s device (major, minor) and inode.
+fn dev_ino(path: &Path) -> Option<(u32, u32, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).ok()?;
+    let dev = md.dev();
+    Some((libc::major(dev), libc::minor(dev), md.ino()))
+}
+
+/// Lets the in-kernel filter pass the changes on the filesystem mounted at `mount_point`
+/// (mounted below a root after the probes were loaded), as it does for mounts there at
+/// start-up. Entries are only added: one left from an unmounted filesystem lets no more
+/// through than its device's other mounts would.
+pub(super) fn filter_mount(ebpf: &mut Ebpf, mount_point: &Path) -> Result<(), BackendError> {
+    let (keys, devices) = super::root_filter::root_filter(
+        &[mount_point.to_path_buf()],
+        &crate::backend::mountinfo::mounts(),
+        dev_ino,
+    );
+    {
+        let mut map: BpfHashMap<&mut MapData, Key, u32> =
+            BpfHashMap::try_from(map_mut(ebpf, common::MAP_ROOTS)?)
+                .map_err(|e| err("map ROOTS", e))?;
+        // The mount point itself only: its ancestors are the root's, already known.
+        for (key, kind) in keys.iter().filter(|(_, kind)| *kind == common::ROOT) {
+            map.insert(Key(*key), kind, 0)
+                .map_err(|e| err("adding to the roots map", e))?;
+        }
+    }
+    let mut map: BpfHashMap<&mut MapData, u32, u32> =
+        BpfHashMap::try_from(map_mut(ebpf, common::MAP_DEVICES)?)
+            .map_err(|e| err("map DEVICES", e))?;
+    for dev in &devices {
+        map.insert(dev, 1, 0)
+            .map_err(|e| err("adding to the devices map", e))?;
+    }
+    Ok(())
 }
 
 /// Loads the object, fills its maps from `contents` and attaches probe set `set`; the

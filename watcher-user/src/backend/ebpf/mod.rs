@@ -39,6 +39,7 @@ pub use loader::check;
 // What the running backend needs; nothing of it exists without the probes.
 #[cfg(feature = "ebpf")]
 use {
+    super::mountinfo::{Fence, MountWatch},
     super::read_loop::{self, EventSource, OwnFilter, POLL_INTERVAL},
     super::{Backend, BackendError, OwnPids},
     crate::event::Event,
@@ -109,7 +110,7 @@ impl EbpfOptions {
 #[cfg(feature = "ebpf")]
 pub struct EbpfBackend {
     /// Owns the programs and their links: dropping it detaches them.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     ring: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
     /// The probes' own log records, when the object has the map for them.
@@ -120,15 +121,23 @@ pub struct EbpfBackend {
     own_pids: Arc<OwnPids>,
     lost_seen: u64,
     overflows: u64,
+    /// The mount table, followed below the roots: a filesystem mounted later is let
+    /// through the in-kernel filter and rescanned, one unmounted rescanned.
+    mounts: Option<MountWatch>,
+    /// Mount points below `one_file_system` roots: the probes see below them, but their
+    /// events are dropped.
+    fence: Fence,
 }
 
 #[cfg(feature = "ebpf")]
 impl EbpfBackend {
     /// Loads and attaches the probes `options` ask for, watching `roots`; the processes
     /// of `own_pids` (and, in the kernel, every process they fork) are not reported.
+    /// Mounts below the roots in `stop_at_mounts` are left out.
     pub fn start(
         options: &EbpfOptions,
         roots: &[PathBuf],
+        stop_at_mounts: &[PathBuf],
         own_pids: Arc<OwnPids>,
     ) -> Result<Self, BackendError> {
         if !cfg!(target_arch = "x86_64") {
@@ -153,7 +162,7 @@ impl EbpfBackend {
             .ok();
         tracing::debug!(ringbuf_bytes, "ebpf probes attached");
         let mut me = EbpfBackend {
-            _ebpf: ebpf,
+            ebpf,
             ring,
             counters,
             probe_log,
@@ -163,6 +172,10 @@ impl EbpfBackend {
             own_pids,
             lost_seen: 0,
             overflows: 0,
+            mounts: MountWatch::new(roots.to_vec())
+                .map_err(|e| tracing::warn!(error = %e, "cannot follow /proc/self/mountinfo: filesystems mounted below a root later are not seen"))
+                .ok(),
+            fence: Fence::new(stop_at_mounts),
         };
         me.lost_seen = me.counter(common::counter::LOST);
         Ok(me)
@@ -241,7 +254,9 @@ impl EventSource for EbpfBackend {
     }
 
     fn read(&mut self, own: &mut OwnFilter<'_>, out: &mut Vec<Event>) -> std::io::Result<usize> {
+        let from = out.len();
         let n = self.drain(own, out);
+        self.fence.drop_fenced(out, from);
         self.check_lost(out);
         if let Some(log) = self.probe_log.as_mut() {
             log.flush();
@@ -257,6 +272,38 @@ impl EventSource for EbpfBackend {
         }
         self.check_lost(out);
         POLL_INTERVAL
+    }
+
+    fn mounts_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.mounts.as_ref().map(MountWatch::fd)
+    }
+
+    fn mounts_changed(&mut self, out: &mut Vec<Event>) {
+        let Some(watch) = &mut self.mounts else {
+            return;
+        };
+        let changes = match watch.changes() {
+            Ok(changes) => self.fence.update(&changes),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read /proc/self/mountinfo");
+                return;
+            }
+        };
+        for m in &changes.gone {
+            tracing::info!(mount_point = %m.mount_point.display(), fstype = %m.fstype, "filesystem below a root unmounted: rescanning its mount point");
+            out.push(Event::Rescan {
+                path: m.mount_point.clone(),
+            });
+        }
+        for m in &changes.appeared {
+            tracing::info!(mount_point = %m.mount_point.display(), fstype = %m.fstype, "filesystem mounted below a root: rescanning it");
+            if let Err(e) = loader::filter_mount(&mut self.ebpf, &m.mount_point) {
+                tracing::warn!(mount_point = %m.mount_point.display(), error = %e, "the in-kernel filter does not know the new mount: later changes there may be missed");
+            }
+            out.push(Event::Rescan {
+                path: m.mount_point.clone(),
+            });
+        }
     }
 }
 

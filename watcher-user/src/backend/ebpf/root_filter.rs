@@ -65,6 +65,7 @@ mod tests {
         use watcher_ebpf_common::{ROOT, ROOT_ANCESTOR};
         let mounts = vec![
             Mount {
+                id: 0,
                 major: 8,
                 minor: 1,
                 root: "/".into(),
@@ -72,6 +73,7 @@ mod tests {
                 fstype: "ext4".into(),
             },
             Mount {
+                id: 0,
                 major: 0,
                 minor: 40,
                 root: "/".into(),
@@ -79,6 +81,7 @@ mod tests {
                 fstype: "tmpfs".into(),
             },
             Mount {
+                id: 0,
                 major: 0,
                 minor: 41,
                 root: "/".into(),

@@ -207,6 +207,7 @@ mod tests {
 
     fn mount(major: u32, minor: u32, root: &str, at: &str) -> Mount {
         Mount {
+            id: 0,
             major,
             minor,
             root: root.into(),

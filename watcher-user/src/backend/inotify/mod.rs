@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
+use super::mountinfo::{Fence, MountWatch};
 use super::read_loop::{self, EventSource, OwnFilter, POLL_INTERVAL};
 use super::{Backend, BackendError, OwnPids, join_name, mask};
 use crate::event::{ChangeKind, Event};
@@ -122,6 +123,12 @@ pub struct InotifyBackend {
     next_retry: Option<Instant>,
     /// When the watch limit was last reported: once per retry interval, not per directory.
     limit_logged: Option<Instant>,
+    /// The mount table, followed below every root: a filesystem mounted over a watched
+    /// directory reports nothing to that watch, so its tree is walked and rescanned. (One
+    /// unmounted drops its watches: IN_IGNORED rewatches the directory below.)
+    mounts: Option<MountWatch>,
+    /// Mount points below `one_file_system` roots: events below them are dropped.
+    fence: Fence,
 }
 
 /// Roots without those lying inside another root.
@@ -140,8 +147,22 @@ fn outermost(roots: &[PathBuf]) -> Vec<PathBuf> {
 impl InotifyBackend {
     /// Watches every directory under `roots` (absolute, canonical directories), or refuses
     /// when they need more watches than `fs.inotify.max_user_watches` leaves.
-    pub fn start(roots: &[PathBuf], own_pids: Arc<OwnPids>) -> Result<Self, BackendError> {
-        Self::start_with(roots, WatchLimits::read()?, own_pids)
+    /// Mounts below the roots in `stop_at_mounts` are left out.
+    pub fn start(
+        roots: &[PathBuf],
+        stop_at_mounts: &[PathBuf],
+        own_pids: Arc<OwnPids>,
+    ) -> Result<Self, BackendError> {
+        let mut backend = Self::start_with(roots, WatchLimits::read()?, own_pids)?;
+        backend.fence = Fence::new(stop_at_mounts);
+        backend.mounts = match MountWatch::new(roots.to_vec()) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow /proc/self/mountinfo: filesystems mounted below a root later are not seen");
+                None
+            }
+        };
+        Ok(backend)
     }
 
     fn start_with(
@@ -192,6 +213,8 @@ impl InotifyBackend {
             unwatched: BTreeSet::new(),
             next_retry: None,
             limit_logged: None,
+            mounts: None,
+            fence: Fence::default(),
         };
         if let Some(f) = outcome
             .failures
@@ -593,15 +616,42 @@ impl EventSource for InotifyBackend {
         let mut buf = std::mem::take(&mut self.buf);
         let read = nix::unistd::read(&self.inotify, &mut buf);
         if let Ok(n) = read {
+            let from = out.len();
             self.handle_batch(&buf[..n], out);
+            self.fence.drop_fenced(out, from);
         }
         self.buf = buf;
         Ok(read?)
     }
 
     fn tick(&mut self, now: Instant, out: &mut Vec<Event>) -> Duration {
+        let from = out.len();
         self.on_timers(now, out);
+        self.fence.drop_fenced(out, from);
         self.wait_time(now)
+    }
+
+    fn mounts_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.mounts.as_ref().map(MountWatch::fd)
+    }
+
+    fn mounts_changed(&mut self, out: &mut Vec<Event>) {
+        let Some(watch) = &mut self.mounts else {
+            return;
+        };
+        let changes = match watch.changes() {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read /proc/self/mountinfo");
+                return;
+            }
+        };
+        for m in &self.fence.update(&changes).appeared {
+            let mp = &m.mount_point;
+            tracing::info!(mount_point = %mp.display(), fstype = %m.fstype, "filesystem mounted below a root: watching and rescanning it");
+            self.rewatch(mp, out);
+            out.push(Event::Rescan { path: mp.clone() });
+        }
     }
 }
 
@@ -714,7 +764,8 @@ mod tests {
     impl Running {
         fn start(root: &Path) -> Running {
             let backend = Box::new(
-                InotifyBackend::start(&[root.to_path_buf()], Arc::new(OwnPids::new())).unwrap(),
+                InotifyBackend::start(&[root.to_path_buf()], &[], Arc::new(OwnPids::new()))
+                    .unwrap(),
             );
             let (tx, events) = mpsc::channel();
             let stop = Arc::new(AtomicBool::new(false));
