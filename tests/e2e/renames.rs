@@ -103,3 +103,37 @@ fn renames_are_replayed_on_a_local_replica() {
     }
     d.stop();
 }
+
+/// A file renamed and then rewritten in place keeping its size and mtime (`cp -p`,
+/// `touch -r`), both in one batch: the replayed rename puts the old content under the new
+/// name, and rsync's quick check alone would keep it.
+#[test]
+fn a_renamed_file_rewritten_with_the_same_size_and_mtime_replicates() {
+    let Some(_timer) =
+        harness::begin("a_renamed_file_rewritten_with_the_same_size_and_mtime_replicates")
+    else {
+        return;
+    };
+    let ctx = "a_renamed_file_rewritten_with_the_same_size_and_mtime_replicates";
+    let s = Scratch::new("rename-rewrite");
+    let src = &s.src;
+    std::fs::create_dir(src.join("d")).expect("mkdir");
+    write(&src.join("d/old"), "first content\n");
+    write(&src.join("top-old"), "first content\n");
+    let d = Daemon::start(src, &s.dst, &[]);
+    wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
+    for (from, to) in [("d/old", "d/new"), ("top-old", "top-new")] {
+        let mtime = std::fs::metadata(src.join(from))
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        mv(src, from, to);
+        write(&src.join(to), "other content\n");
+        let file = std::fs::File::options()
+            .write(true)
+            .open(src.join(to))
+            .expect("open");
+        file.set_modified(mtime).expect("keep the mtime");
+    }
+    wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
+    d.stop();
+}

@@ -122,8 +122,13 @@ impl DirtySet {
         }
         match (node.mark, scope) {
             (Mark::Subtree, Scope::Entry) => {
-                // The subtree's own path, marked on its own: its attributes (or content,
-                // for a file turned into a directory's place) are in the subtree run.
+                // The subtree's own path, marked on its own: its attributes are in the
+                // subtree run, but if it is a file (a renamed file is listed as a subtree so
+                // that rsync's quick check finds it in place), a rewrite that kept its size
+                // and mtime would be skipped there: compared by content too.
+                if !path.is_empty() {
+                    remember(&mut self.folded, &mut self.folded_overflow, path.clone());
+                }
             }
             (Mark::Subtree, Scope::Subtree) | (Mark::Entry, Scope::Entry) => {}
             (Mark::Clean, Scope::Entry) => {
@@ -132,6 +137,10 @@ impl DirtySet {
             }
             (old, Scope::Subtree) => {
                 let dropped = usize::from(old == Mark::Entry) + count_marks(&node.children);
+                if old == Mark::Entry && !path.is_empty() {
+                    // Written before it became a subtree: see above.
+                    remember(&mut self.folded, &mut self.folded_overflow, path.clone());
+                }
                 let children = std::mem::take(&mut node.children);
                 node.mark = Mark::Subtree;
                 self.len = self.len - dropped + 1;
@@ -381,8 +390,10 @@ mod tests {
             (&[("a", E)], &["a"], &[], &[]),
             (&[("a", E), ("a", E), ("a", E)], &["a"], &[], &[]),
             (&[("a", S), ("a", S)], &[], &["a"], &[]),
-            (&[("a", E), ("a", S)], &[], &["a"], &[]),
-            (&[("a", S), ("a", E)], &[], &["a"], &[]),
+            // The path itself marked on its own and as a subtree: a file listed as a subtree
+            // (a renamed one) must not lose a rewrite to the quick check either.
+            (&[("a", E), ("a", S)], &[], &["a"], &["a"]),
+            (&[("a", S), ("a", E)], &[], &["a"], &["a"]),
             // An entry a subtree covers is remembered as folded, whichever came first.
             (&[("a/b", E), ("a", S)], &[], &["a"], &["a/b"]),
             (&[("a", S), ("a/b", E), ("a/b/c", S)], &[], &["a"], &["a/b"]),
@@ -449,7 +460,7 @@ mod tests {
         let mut set = DirtySet::new();
         let dirs = |p: &Path| p == Path::new("") || p == Path::new("a");
         set.merge_widened(batch(&["", "a", "a/f"], &[]), dirs);
-        assert_eq!(set.take(), batch(&[""], &["a"]));
+        assert_eq!(set.take(), folded(batch(&[""], &["a"]), &["a"]));
     }
 
     #[test]
