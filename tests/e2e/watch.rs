@@ -36,6 +36,14 @@ fn watch_selects_close_write_and_prints_renames_whole() {
     let Some(_timer) = harness::begin("watch_selects_close_write_and_prints_renames_whole") else {
         return;
     };
+    if harness::backend().as_deref() == Some("ebpf") {
+        // Documented: the ebpf probes report the close of a written file as a change and a
+        // rename as its two halves, and see no deletes inside a directory already gone.
+        eprintln!(
+            "not for the ebpf backend: it has no close_write, whole renames or deletes below a vanished directory"
+        );
+        return;
+    }
     let s = Scratch::new("watch-json");
     // Made before the watch: a creation merged with the write and close is a creation.
     std::fs::write(s.src.join("a"), "").unwrap();
@@ -75,6 +83,14 @@ fn watch_prints_deletes_inside_a_directory_renamed_then_deleted() {
     else {
         return;
     };
+    if harness::backend().as_deref() == Some("ebpf") {
+        // Documented: the ebpf probes report the close of a written file as a change and a
+        // rename as its two halves, and see no deletes inside a directory already gone.
+        eprintln!(
+            "not for the ebpf backend: it has no close_write, whole renames or deletes below a vanished directory"
+        );
+        return;
+    }
     let s = Scratch::new("watch-rmrf");
     let mut d = watch(&s, &["--format", "%w%f %e"]);
     let k = s.src.join("k");
