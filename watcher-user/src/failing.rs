@@ -49,11 +49,6 @@ pub fn parse(stderr: &str, root: &Path, dest: Option<&Path>) -> Option<Vec<Failu
             Some((_, tail)) => tail,
             None => rest,
         };
-        // A path that changed type under rsync (a file replaced by a directory, or the
-        // reverse) is a race with the source, not a lasting failure: retried as one.
-        if rest.contains("Is a directory (21)") || rest.contains("Not a directory (20)") {
-            return None;
-        }
         let (raw, after) = quoted(rest).or_else(|| parenthesized(rest))?;
         let temp = rest.contains("mkstemp") || rest.contains("rename ");
         let path = place(&unescape(raw), root, dest, temp)?;
@@ -418,12 +413,6 @@ mod tests {
             ),
             (
                 "rsync error: some files could not be transferred (code 23)",
-                Some(dest),
-                None,
-            ),
-            // A path that changed type mid-run is a race, retried as before.
-            (
-                "rsync: [receiver] rename \"/mnt/replica/.f.AbC123\" -> \"f\": Is a directory (21)",
                 Some(dest),
                 None,
             ),
