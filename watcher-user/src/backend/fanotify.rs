@@ -78,7 +78,9 @@ fn errno_of(e: &FanotifyError) -> io::Error {
     io::Error::from_raw_os_error(e.errno().unwrap_or(libc::EIO))
 }
 
-/// A group with the flags the backend needs, or why the kernel refuses it.
+/// A group with the flags the backend needs, or why the kernel refuses it. Not
+/// `FAN_REPORT_TARGET_FID`: with the child's handle on its creation too, the kernel merges
+/// a file's unread creation and close into one event, and `watch` would lose `close_write`.
 fn init_group() -> Result<Fanotify, BackendError> {
     Fanotify::new(INIT_FLAGS).map_err(|e| match e.errno() {
         Some(libc::EPERM) => BackendError::NoPermission(errno_of(&e)),
@@ -395,7 +397,10 @@ impl Translator {
             match kind {
                 ChangeKind::MovedFrom | ChangeKind::Deleted => match &path {
                     Some(p) => self.resolver.invalidate_under(fs, p),
-                    None => self.resolver.invalidate(fs),
+                    // Moved to a name not known: the paths below it are stale.
+                    None if kind == ChangeKind::MovedFrom => self.resolver.invalidate(fs),
+                    // Deleted, so empty: nothing cached below it (see resolve.rs).
+                    None => {}
                 },
                 ChangeKind::Created | ChangeKind::MovedTo => {
                     if kind == ChangeKind::MovedTo && path.is_none() {
@@ -807,6 +812,32 @@ mod tests {
                 path: "/srv/data".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_directory_deleted_where_it_cannot_be_named_keeps_the_other_paths() {
+        // A `rm -rf` elsewhere on the filesystem: the parent is gone by the time the event
+        // is read. The paths cached for other directories stay, so a directory renamed
+        // and then deleted still names what was deleted inside it.
+        let mut t = translator();
+        let out = run(&mut t, &dirent(FAN_DELETE | FAN_ONDIR, UNKNOWN, b"x"));
+        assert!(out.iter().all(|e| matches!(e, Event::Rescan { .. })));
+        assert_eq!(t.resolver.cached(), 2);
+        let mut ev = FidEvent::new();
+        ev.set_mask(FAN_RENAME | FAN_ONDIR)
+            .set_fsid(FS)
+            .set_pid(42)
+            .set_rename_source(RenameSide {
+                handle: Cow::Borrowed(ROOT),
+                name: Cow::Borrowed(b"d"),
+            })
+            .set_rename_target(RenameSide {
+                handle: Cow::Borrowed(ROOT),
+                name: Cow::Borrowed(b"d2"),
+            });
+        run(&mut t, &ev);
+        let out = run(&mut t, &dirent(FAN_DELETE, DIR, b"f"));
+        assert_eq!(out, [change(ChangeKind::Deleted, "/srv/data/d2/f", false)]);
     }
 
     #[test]
