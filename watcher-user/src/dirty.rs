@@ -37,7 +37,44 @@ enum Mark {
 struct Node {
     mark: Mark,
     /// Always empty under a `Subtree` mark.
-    children: HashMap<Vec<u8>, Node>,
+    children: Children,
+}
+
+/// A node's children by name. Most nodes are files, without children: an empty map is one
+/// null pointer, so a node is 16 bytes and a child's slot 32 (name included), which keeps
+/// a target down for a day on a busy tree within memory (see the `memory` benchmark).
+#[derive(Debug, Default)]
+struct Children(Option<Box<HashMap<Box<[u8]>, Node>>>);
+
+impl Children {
+    /// The child `name`, created clean when new (the name is only allocated then).
+    fn entry(&mut self, name: &[u8]) -> &mut Node {
+        let map = self.0.get_or_insert_with(Default::default);
+        if !map.contains_key(name) {
+            map.insert(name.into(), Node::default());
+        }
+        map.get_mut(name).expect("inserted above")
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> {
+        self.0
+            .iter()
+            .flat_map(|map| map.iter().map(|(name, node)| (&**name, node)))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&[u8], &mut Node)> {
+        self.0
+            .iter_mut()
+            .flat_map(|map| map.iter_mut().map(|(name, node)| (&**name, node)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Node> {
+        self.iter().map(|(_, node)| node)
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = (Box<[u8]>, Node)> {
+        self.0.into_iter().flat_map(|map| map.into_iter())
+    }
 }
 
 /// Dirty paths, relative to a group's root ("" is the root itself).
@@ -117,8 +154,7 @@ impl DirtySet {
                 path.push(b'/');
             }
             path.extend_from_slice(comp);
-            // `entry_ref` only allocates the key when the component is new.
-            node = node.children.entry_ref(comp).or_default();
+            node = node.children.entry(comp);
         }
         match (node.mark, scope) {
             (Mark::Subtree, Scope::Entry) => {
@@ -171,7 +207,7 @@ impl DirtySet {
         let mut batch = Batch::default();
         let mut stack = vec![(Vec::new(), root)];
         while let Some((path, node)) = stack.pop() {
-            for (name, child) in node.children {
+            for (name, child) in node.children.into_iter() {
                 let mut child_path = Vec::with_capacity(path.len() + 1 + name.len());
                 child_path.extend_from_slice(&path);
                 if !path.is_empty() {
@@ -264,12 +300,12 @@ fn remember(folded: &mut hashbrown::HashSet<Vec<u8>>, overflow: &mut bool, path:
 /// Remembers every path marked on its own (entries; subtrees carry no folded marks, they
 /// are synced by the run that covers them) below `children` of the node at `path`.
 fn collect_entries(
-    children: &HashMap<Vec<u8>, Node>,
+    children: &Children,
     path: &[u8],
     folded: &mut hashbrown::HashSet<Vec<u8>>,
     overflow: &mut bool,
 ) {
-    for (name, child) in children {
+    for (name, child) in children.iter() {
         let mut child_path = Vec::with_capacity(path.len() + 1 + name.len());
         child_path.extend_from_slice(path);
         if !path.is_empty() {
@@ -347,7 +383,7 @@ fn fold_at(
     }
 }
 
-fn count_marks(children: &HashMap<Vec<u8>, Node>) -> usize {
+fn count_marks(children: &Children) -> usize {
     let mut count = 0;
     let mut stack: Vec<&Node> = children.values().collect();
     while let Some(node) = stack.pop() {
