@@ -250,11 +250,22 @@ fn a_lasting_partial_failure_is_set_aside_not_retried_forever() {
     wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, ctx);
 
     let lock = Immutable::set(&s.dst.join("locked"));
+    // One batch, two rsync runs: the new directory's (recursive, first) fails; the run of
+    // lone changes after it still goes, in the same batch (written first, so it is in the
+    // failing batch or an earlier one, never a later one).
+    write(&s.src.join("other/c"), "syncs all the same\n");
     write(
         &s.src.join("locked/new"),
         "cannot be created on the replica\n",
     );
-    write(&s.src.join("other/c"), "syncs all the same\n");
+    mkdir_p(&s.src.join("locked/newdir"));
+    write(&s.src.join("locked/newdir/f"), "nor can this\n");
+    d.wait_for_line("rsync cannot sync this path", Duration::from_secs(30));
+    assert!(
+        s.dst.join("other/c").exists(),
+        "{ctx}: a failing run held back the batch's later runs\n{}",
+        d.log.tail(30)
+    );
     let mut seen = None;
     let set_aside =
         harness::poll_until(Duration::from_secs(30), Duration::from_millis(100), || {

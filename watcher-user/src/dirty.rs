@@ -123,6 +123,19 @@ impl Batch {
     pub fn covers_root(&self) -> bool {
         self.subtrees.iter().any(|p| p.as_os_str().is_empty())
     }
+
+    /// The batch without the paths strictly below one of `held` (the held paths themselves
+    /// stay: an exclude keeps them out of the run).
+    pub fn without_below(mut self, held: &[PathBuf]) -> Batch {
+        if held.is_empty() {
+            return self;
+        }
+        let kept = |p: &PathBuf| !held.iter().any(|h| p != h && p.starts_with(h));
+        self.entries.retain(kept);
+        self.subtrees.retain(kept);
+        self.folded.retain(kept);
+        self
+    }
 }
 
 /// The non-empty components of a relative path; `.` components are skipped.
@@ -478,6 +491,23 @@ mod tests {
             assert!(set.is_empty(), "row {i}: take empties the set");
             assert_eq!(set.take(), Batch::default(), "row {i}: second take");
         }
+    }
+
+    #[test]
+    fn paths_below_one_held_back_leave_the_batch() {
+        let b = folded(
+            batch(
+                &["locked", "locked/new", "lockedx", "o/c"],
+                &["locked/d", "s"],
+            ),
+            &["locked/d/f", "s/g"],
+        );
+        let held = [PathBuf::from("locked"), PathBuf::from("s/g")];
+        assert_eq!(
+            b.clone().without_below(&held),
+            folded(batch(&["locked", "lockedx", "o/c"], &["s"]), &["s/g"])
+        );
+        assert_eq!(b.clone().without_below(&[]), b);
     }
 
     #[test]

@@ -304,12 +304,12 @@ impl FailingPaths {
             .min()
     }
 
-    /// Exclude patterns for the paths set aside and not on trial.
-    pub fn excludes(&self) -> Vec<String> {
+    /// The paths set aside and not on trial: kept out of the target's runs.
+    pub fn held(&self) -> Vec<PathBuf> {
         self.paths
             .iter()
             .filter(|(_, e)| !e.on_trial)
-            .filter_map(|(p, _)| exclude_pattern(p))
+            .map(|(p, _)| p.clone())
             .collect()
     }
 
@@ -451,12 +451,12 @@ mod tests {
             "a newly failing path makes the batch run again without it"
         );
         assert_eq!(changes, vec![Change::SetAside("bad".into(), "EIO".into())]);
-        assert_eq!(set.excludes(), vec!["/bad".to_string()]);
+        assert_eq!(set.held(), vec![PathBuf::from("bad")]);
         assert_eq!(set.next_due(), Some(ms(1_000)));
         assert!(set.due(ms(999)).is_empty());
         // Tried again: no longer excluded, carried by the next batch, fails again.
         assert_eq!(set.due(ms(1_000)), vec![PathBuf::from("bad")]);
-        assert!(set.excludes().is_empty());
+        assert!(set.held().is_empty());
         set.batch_started();
         let (rerun, changes) = set.failed(ms(1_100), 2_000, &[failure("bad", "EIO again")]);
         assert!(rerun);
@@ -485,12 +485,12 @@ mod tests {
         set.batch_started();
         set.not_synced();
         assert_eq!(set.len(), 1);
-        assert!(set.excludes().is_empty(), "still on trial");
+        assert!(set.held().is_empty(), "still on trial");
         // A later partial run that names another path: the trial path synced.
         set.batch_started();
         let (_, changes) = set.failed(t0 + MAX_BACKOFF, 0, &[failure("other", "EACCES")]);
         assert!(changes.contains(&Change::Recovered("bad".into())));
-        assert_eq!(set.excludes(), vec!["/other".to_string()]);
+        assert_eq!(set.held(), vec![PathBuf::from("other")]);
     }
 
     #[test]

@@ -21,14 +21,15 @@ pub fn local(replica: &Path, renames: &[(PathBuf, PathBuf)]) -> usize {
             continue;
         };
         if std::fs::symlink_metadata(&from).is_err() {
-            tracing::info!(from = %from.display(), "rename not replayed: not on the replica; rsync copies instead");
+            // Common: a file created and renamed before any batch took it.
+            tracing::debug!(from = %from.display(), "rename not replayed: not on the replica; rsync copies instead");
             continue;
         }
         // rename(2) replaces a file and an empty directory, as the source's rename did; a
         // directory with contents or a change of type fails and is left to rsync.
         match std::fs::rename(&from, &to) {
             Ok(()) => replayed += 1,
-            Err(e) => tracing::info!(from = %from.display(), to = %to.display(), error = %e,
+            Err(e) => tracing::debug!(from = %from.display(), to = %to.display(), error = %e,
                 "rename not replayed; rsync copies instead"),
         }
     }

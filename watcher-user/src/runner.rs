@@ -36,7 +36,7 @@ pub struct Job {
     pub opts: RsyncOptions,
     /// Exclude patterns for paths set aside (see [`crate::failing`]), on top of the
     /// target's own.
-    pub set_aside: Vec<String>,
+    pub set_aside: Vec<PathBuf>,
     /// When this turns true, the rsync run in flight is stopped (SIGTERM) and the batch
     /// ends as stopped: set for verify passes, which an exit does not wait for.
     pub stop: Option<watch::Receiver<bool>>,
@@ -93,7 +93,11 @@ pub fn is_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
-/// Runs the rsync processes for one batch; stops at the first run that does not succeed.
+/// Runs the rsync processes for one batch; stops at the first run that fails, except for a
+/// partial transfer (23): the later runs still go, because a path that keeps failing in one
+/// run (a file turned into a directory under churn) must not hold back the others, such as
+/// the run of lone changes after a subtree run. The batch then ends as that partial
+/// transfer, with the failing paths of every run.
 pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     let started = Instant::now();
     let Job {
@@ -109,7 +113,8 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         link,
         hard_links,
     } = job;
-    opts.excludes.extend(set_aside);
+    opts.excludes
+        .extend(set_aside.iter().filter_map(|p| failing::exclude_pattern(p)));
     // A master that died (its socket left behind) is cleaned up, so this run's ssh makes
     // a new one.
     if let Some(link) = &link {
@@ -148,7 +153,9 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         let batch = done.batch.clone();
         let (root, dest, opts) = (root.clone(), dest.clone(), opts.clone());
         tokio::task::spawn_blocking(move || {
-            let batch = hard_links.expand(&batch);
+            // Excluded, a path below one set aside would still bring it into the run as
+            // that path's implied parent directory, failing the same way again.
+            let batch = hard_links.expand(&batch).without_below(&set_aside);
             rsync::plan(&batch, &root, &dest, &opts, is_dir)
         })
         .await
@@ -169,6 +176,9 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         FlushKind::Changes if whole_tree => "full sync",
         FlushKind::Changes => "batch",
     };
+    // Set by a partial transfer: the failing paths of the runs so far (None when one of
+    // them did not name its paths).
+    let mut partial: Option<Option<Vec<Failure>>> = None;
     for run in &runs {
         let progress = whole_tree.then(|| rsync::Progress::new(label, &dest, PROGRESS_EVERY));
         // A local run only waits on itself; a remote one may wait on a slow peer.
@@ -212,15 +222,28 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                         tracing::info!(target = %dest, "dry run: {line}");
                     }
                 }
-                done.code = r.code;
+                // A later run that succeeds does not hide an earlier partial transfer.
+                if partial.is_none() || r.class != ExitClass::Success {
+                    done.code = r.code;
+                }
                 done.killed = r.code.is_none();
                 if r.class != ExitClass::Success {
-                    if r.code == Some(23) {
+                    let is_partial = r.code == Some(23);
+                    if is_partial {
                         let local = match &dest {
                             Target::Local(dir) => Some(dir.as_path()),
                             Target::Remote(_) => None,
                         };
-                        done.failures = failing::parse(&r.stderr, &root, local);
+                        let found = failing::parse(&r.stderr, &root, local);
+                        partial = Some(match (partial.take(), found) {
+                            // Every run so far named its failing paths.
+                            (None, Some(found)) => Some(found),
+                            (Some(Some(mut all)), Some(found)) => {
+                                all.extend(found);
+                                Some(all)
+                            }
+                            _ => None,
+                        });
                     }
                     done.class = r.class;
                     // ssh's own words ("Connection refused", "Permission denied") name the
@@ -236,6 +259,11 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                             &r.stderr,
                             &rsync::display_args(&opts.binary, &run.args),
                         );
+                    if is_partial {
+                        continue;
+                    }
+                    // A failure of another kind decides how the batch ended.
+                    partial = None;
                     break;
                 }
                 if !r.stderr.is_empty() {
@@ -246,9 +274,18 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                 done.class = ExitClass::Transient;
                 done.code = None;
                 done.detail = format!("cannot run {}: {e}", opts.binary.display());
+                partial = None;
                 break;
             }
         }
+    }
+    if let Some(failures) = partial
+        && !done.stopped
+    {
+        // The batch ends as its partial transfer, whatever the later runs did.
+        done.code = Some(23);
+        done.class = rsync::classify(Some(23));
+        done.failures = failures;
     }
     if let Some(link) = &link {
         link.observe();

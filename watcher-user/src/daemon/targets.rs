@@ -110,7 +110,7 @@ impl TargetState {
             root: self.settings.root.clone(),
             dest: self.settings.dest.clone(),
             opts: self.settings.rsync.clone(),
-            set_aside: self.failing.excludes(),
+            set_aside: self.failing.held(),
             stop: None,
             renames,
             link: self.settings.link.clone(),
