@@ -86,27 +86,9 @@ fn measure<T>(what: &str, paths: &[PathBuf], fill: impl FnOnce(&[PathBuf]) -> T)
 }
 
 fn main() {
-    // `cargo bench` passes --bench; any other argument is a filter criterion would take.
     let paths = paths();
     println!("{PATHS} distinct dirty paths of one target");
-    let set = measure("dirty set", &paths, |paths| {
-        let mut set = DirtySet::new();
-        for p in paths {
-            set.mark(p, Scope::Entry);
-        }
-        set
-    });
-    drop(set);
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let journal = measure("journal", &paths, |paths| {
-        let (mut journal, _) = Journal::open(dir.path(), "memory").expect("opening a journal");
-        for p in paths {
-            journal.record(p, Scope::Entry).expect("journaling");
-        }
-        journal.sync().expect("syncing the journal");
-        journal
-    });
-    drop(journal);
+    // The whole backlog first, on a fresh heap, so its RSS growth is its own.
     let dir = tempfile::tempdir().expect("a temporary directory");
     let backlog = measure("backlog (set + journal)", &paths, |paths| {
         let (journal, _) = Journal::open(dir.path(), "memory").expect("opening a journal");
@@ -119,4 +101,23 @@ fn main() {
         backlog
     });
     assert_eq!(backlog.len(), PATHS);
+    drop(backlog);
+    let set = measure("  its dirty set", &paths, |paths| {
+        let mut set = DirtySet::new();
+        for p in paths {
+            set.mark(p, Scope::Entry);
+        }
+        set
+    });
+    drop(set);
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let journal = measure("  its journal", &paths, |paths| {
+        let (mut journal, _) = Journal::open(dir.path(), "memory").expect("opening a journal");
+        for p in paths {
+            journal.record(p, Scope::Entry).expect("journaling");
+        }
+        journal.sync().expect("syncing the journal");
+        journal
+    });
+    drop(journal);
 }

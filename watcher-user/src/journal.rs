@@ -41,6 +41,14 @@
 //! file there. A Clean record counts only as the very last record; opening the journal removes
 //! it, so a crash of the new run is never taken for a clean shutdown.
 //!
+//! # Memory
+//!
+//! The pending state in memory knows paths by a keyed hash only ([`PathKey`]): the dirty
+//! set holds the names already, and a target down for a day holds millions. What needs the
+//! names (recovery at open, compaction) reads them back from the journal's own records:
+//! the part of the file made durable, plus the records written since the last fdatasync
+//! (kept in memory until it succeeds, so a failed one loses nothing) and those not written.
+//!
 //! # Compaction
 //!
 //! When the file grows past `max(1 MiB, 4 x the encoded size of the pending marks)`, it is
@@ -49,15 +57,14 @@
 //! journal, and the directory fsync'd.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{DirBuilder, File, OpenOptions};
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -327,48 +334,91 @@ fn parse(body: &[u8]) -> Option<Record<'_>> {
     }
 }
 
-/// Epochs of the pending marks of one path.
+/// Epochs of the pending marks of one path (0: none; epochs start at 1).
 #[derive(Debug, Default, Clone, Copy)]
 struct Slots {
-    entry: Option<u64>,
-    subtree: Option<u64>,
+    entry: u64,
+    subtree: u64,
 }
 
 impl Slots {
     fn slot(&self, scope: Scope) -> Option<u64> {
-        match scope {
+        let epoch = match scope {
             Scope::Entry => self.entry,
             Scope::Subtree => self.subtree,
-        }
+        };
+        (epoch != 0).then_some(epoch)
     }
 
-    fn get(&mut self, scope: Scope) -> &mut Option<u64> {
+    fn get(&mut self, scope: Scope) -> &mut u64 {
         match scope {
             Scope::Entry => &mut self.entry,
             Scope::Subtree => &mut self.subtree,
         }
     }
+
+    fn is_empty(&self) -> bool {
+        self.entry == 0 && self.subtree == 0
+    }
 }
 
-/// The marks made in one epoch, as (path, scope).
-type Group = (u64, Vec<(Arc<[u8]>, Scope)>);
+/// A path as the pending state knows it: a keyed 96-bit hash of its bytes and its length
+/// (for the encoded size). No path bytes are kept in memory: a million dirty paths must not
+/// cost their names twice (the dirty set holds them), and the file holds them anyway. The
+/// key is drawn per journal, so names cannot be chosen to collide; by chance, two of 10^7
+/// paths share a hash with odds of about 10^-15.
+type PathKey = u128;
 
-/// Pending marks by path and by epoch. Replay and the live journal go through the same
-/// methods, so a replayed file always rebuilds the state that wrote it.
-#[derive(Debug)]
+fn path_len_of(key: PathKey) -> usize {
+    (key & 0xffff_ffff) as usize
+}
+
+/// Hashes the already hashed [`PathKey`]s of the pending map: their top 64 bits.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = bytes.iter().fold(self.0, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 = (key >> 64) as u64;
+    }
+}
+
+/// Pending marks by path. Replay and the live journal go through the same methods, so a
+/// replayed file always rebuilds the state that wrote it.
 struct State {
     /// Epoch of marks recorded now.
     epoch: u64,
     /// Highest confirmed sequence number (0: none since the file began).
     confirmed: u64,
-    paths: HashMap<Arc<[u8]>, Slots>,
-    /// Marks in the order of their epochs; an item is stale when its slot has been retired or
-    /// moved to a later epoch since.
-    groups: VecDeque<Group>,
+    /// No list by epoch beside it: a confirmation (one per batch that landed) walks the
+    /// map, milliseconds for a million paths, which a list would cost 16 bytes a path.
+    paths: hashbrown::HashMap<PathKey, Slots, std::hash::BuildHasherDefault<KeyHasher>>,
     /// Number of pending (path, scope) slots.
     count: usize,
     /// Encoded size of the pending marks.
     bytes: u64,
+    /// The hash keys of this journal's paths.
+    keys: (RandomState, RandomState),
+}
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State")
+            .field("epoch", &self.epoch)
+            .field("confirmed", &self.confirmed)
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
 }
 
 impl State {
@@ -376,109 +426,78 @@ impl State {
         State {
             epoch,
             confirmed: 0,
-            paths: HashMap::new(),
-            groups: VecDeque::new(),
+            paths: Default::default(),
             count: 0,
             bytes: 0,
+            keys: (RandomState::new(), RandomState::new()),
         }
+    }
+
+    fn key(&self, path: &[u8]) -> PathKey {
+        let high = self.keys.0.hash_one(path);
+        let low = self.keys.1.hash_one(path) >> 32;
+        (u128::from(high) << 64) | (u128::from(low) << 32) | path.len() as u128
     }
 
     /// Marks `path` in the current epoch. Returns false when that changes nothing because the
     /// same mark (or a subtree mark of the path) is already pending in this epoch.
     fn mark(&mut self, path: &[u8], scope: Scope) -> bool {
         let epoch = self.epoch;
-        let key = match self.paths.get_key_value(path) {
-            Some((key, slots)) => {
-                let covered = slots.subtree == Some(epoch)
-                    || (scope == Scope::Entry && slots.entry == Some(epoch));
-                if covered {
-                    return false;
-                }
-                Arc::clone(key)
-            }
-            None => {
-                let key: Arc<[u8]> = Arc::from(path);
-                self.paths.insert(Arc::clone(&key), Slots::default());
-                key
-            }
-        };
+        let key = self.key(path);
         let size = mark_size(path.len());
-        let Some(slots) = self.paths.get_mut(path) else {
+        let slots = self.paths.entry(key).or_default();
+        let covered = slots.subtree == epoch || (scope == Scope::Entry && slots.entry == epoch);
+        if covered {
             return false;
-        };
-        if scope == Scope::Subtree && slots.entry.take().is_some() {
+        }
+        if scope == Scope::Subtree && std::mem::take(&mut slots.entry) != 0 {
             // The subtree mark is as recent, so it covers the entry mark.
             self.count -= 1;
             self.bytes -= size;
         }
         let slot = slots.get(scope);
-        if slot.is_none() {
+        if *slot == 0 {
             self.count += 1;
             self.bytes += size;
         }
-        *slot = Some(epoch);
-        match self.groups.back_mut() {
-            Some((e, items)) if *e == epoch => items.push((key, scope)),
-            _ => self.groups.push_back((epoch, vec![(key, scope)])),
-        }
+        *slot = epoch;
         true
+    }
+
+    /// The epoch of the pending mark of `path` at `scope`, if any.
+    fn pending(&self, path: &[u8], scope: Scope) -> Option<u64> {
+        self.paths.get(&self.key(path))?.slot(scope)
     }
 
     /// Retires the marks of every epoch `<= seq`.
     fn confirm(&mut self, seq: u64) {
-        while self.groups.front().is_some_and(|(e, _)| *e <= seq) {
-            let Some((_, items)) = self.groups.pop_front() else {
-                break;
-            };
-            for (key, scope) in items {
-                let Some(slots) = self.paths.get_mut(&*key) else {
-                    continue;
-                };
-                let slot = slots.get(scope);
-                if slot.is_some_and(|e| e <= seq) {
-                    *slot = None;
-                    self.count -= 1;
-                    self.bytes -= mark_size(key.len());
-                }
-                if slots.entry.is_none() && slots.subtree.is_none() {
-                    self.paths.remove(&*key);
+        if seq <= self.confirmed {
+            return;
+        }
+        let (mut count, mut bytes) = (0, 0);
+        self.paths.retain(|key, slots| {
+            for slot in [&mut slots.entry, &mut slots.subtree] {
+                if *slot != 0 && *slot <= seq {
+                    *slot = 0;
+                    count += 1;
+                    bytes += mark_size(path_len_of(*key));
                 }
             }
-        }
-        self.confirmed = self.confirmed.max(seq);
+            !slots.is_empty()
+        });
+        self.count -= count;
+        self.bytes -= bytes;
+        self.confirmed = seq;
     }
 
-    /// Drops stale items and empty groups.
-    fn prune(&mut self) {
-        let groups = std::mem::take(&mut self.groups);
-        for (epoch, mut items) in groups {
-            items.retain(|(key, scope)| {
-                self.paths
-                    .get(&**key)
-                    .is_some_and(|s| s.slot(*scope) == Some(epoch))
-            });
-            if !items.is_empty() {
-                self.groups.push_back((epoch, items));
-            }
-        }
-    }
-
-    /// One mark per pending path, the widest scope, sorted by bytes.
-    fn recovered_marks(&self) -> Vec<(PathBuf, Scope)> {
-        let mut marks: Vec<(PathBuf, Scope)> = self
-            .paths
-            .iter()
-            .map(|(key, slots)| {
-                let scope = if slots.subtree.is_some() {
-                    Scope::Subtree
-                } else {
-                    Scope::Entry
-                };
-                (PathBuf::from(OsStr::from_bytes(key)), scope)
-            })
-            .collect();
-        marks.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
-        marks
+    /// The oldest epoch with a pending mark (the current one when none is pending).
+    fn first_pending_epoch(&self) -> u64 {
+        self.paths
+            .values()
+            .flat_map(|s| [s.entry, s.subtree])
+            .filter(|&e| e != 0)
+            .min()
+            .unwrap_or(self.epoch)
     }
 }
 
@@ -508,11 +527,23 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(done)
 }
 
-fn replay(file: &File, path: &Path, key: &str) -> Result<Replay, JournalError> {
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    let mut state: Option<State> = None;
+/// What a visitor of records says after each.
+enum Visit {
+    Next,
+    /// The record makes no sense here: the records end before it, as if damaged.
+    Damaged,
+}
+
+/// Calls `visit` with each valid record of `reader` and the offset it starts at, until the
+/// end, a torn or damaged record, or a visitor's [`Visit::Damaged`]. Returns the end of
+/// the last record visited and whether the records stopped short of the end.
+fn read_records(
+    reader: impl Read,
+    path: &Path,
+    mut visit: impl FnMut(Record<'_>, u64) -> Result<Visit, JournalError>,
+) -> Result<(u64, bool), JournalError> {
+    let mut reader = BufReader::with_capacity(1 << 16, reader);
     let mut offset = 0u64;
-    let mut clean_at = None;
     let mut body = Vec::new();
     let damaged = loop {
         let mut head = [0u8; HEADER];
@@ -542,6 +573,18 @@ fn replay(file: &File, path: &Path, key: &str) -> Result<Replay, JournalError> {
         let Some(record) = parse(&body) else {
             break true;
         };
+        if let Visit::Damaged = visit(record, offset)? {
+            break true;
+        }
+        offset += (HEADER + len) as u64;
+    };
+    Ok((offset, damaged))
+}
+
+fn replay(file: &File, path: &Path, key: &str) -> Result<Replay, JournalError> {
+    let mut state: Option<State> = None;
+    let mut clean_at = None;
+    let (valid_len, damaged) = read_records(file, path, |record, offset| {
         match (&mut state, record) {
             (
                 None,
@@ -564,40 +607,84 @@ fn replay(file: &File, path: &Path, key: &str) -> Result<Replay, JournalError> {
                     });
                 }
                 if epoch == 0 || epoch == u64::MAX {
-                    break true;
+                    return Ok(Visit::Damaged);
                 }
                 state = Some(State::new(epoch));
             }
-            (None, _) | (Some(_), Record::Begin { .. }) => break true,
+            (None, _) | (Some(_), Record::Begin { .. }) => return Ok(Visit::Damaged),
             (Some(s), Record::Mark { scope, path: rel }) => {
                 if rel.len() > MAX_PATH || normalize(rel).len() != rel.len() {
-                    break true;
+                    return Ok(Visit::Damaged);
                 }
                 s.mark(rel, scope);
             }
             (Some(s), Record::Taken(seq)) => {
                 if seq < s.epoch || seq >= u64::MAX - 1 {
-                    break true;
+                    return Ok(Visit::Damaged);
                 }
                 s.epoch = seq + 1;
             }
             (Some(s), Record::Confirmed(seq)) => {
                 if seq >= s.epoch {
-                    break true;
+                    return Ok(Visit::Damaged);
                 }
                 s.confirm(seq);
             }
             (Some(_), Record::Clean) => {}
         }
         clean_at = matches!(record, Record::Clean).then_some(offset);
-        offset += (HEADER + len) as u64;
-    };
+        Ok(Visit::Next)
+    })?;
     Ok(Replay {
         state,
-        valid_len: offset,
+        valid_len,
         clean_at,
         damaged,
     })
+}
+
+/// Calls `found` with each pending mark of `state` (epoch, path, scope), in the order of
+/// the records of `history`: the journal's records from its Begin on, which `state` was
+/// built from. The paths live only there (see [`PathKey`]).
+fn pending_marks(
+    history: impl Read,
+    path: &Path,
+    state: &State,
+    mut found: impl FnMut(u64, &[u8], Scope) -> io::Result<()>,
+) -> Result<(), JournalError> {
+    let mut at = 0;
+    read_records(history, path, |record, _| {
+        match record {
+            Record::Begin { epoch, .. } => at = epoch,
+            Record::Taken(seq) => at = seq + 1,
+            Record::Mark { scope, path: rel } if state.pending(rel, scope) == Some(at) => {
+                found(at, rel, scope).map_err(io_err("write", path))?;
+            }
+            _ => {}
+        }
+        Ok(Visit::Next)
+    })?;
+    Ok(())
+}
+
+/// Reads `len` bytes of `file` from its start, whatever its offset (which stays put).
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+    len: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let room = (self.len - self.pos).min(buf.len() as u64) as usize;
+        if room == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..room], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), JournalError> {
@@ -625,13 +712,15 @@ impl Names {
     }
 }
 
-/// Writes a fresh journal holding only the pending marks of `state` and renames it over the
-/// journal. Returns the new file, positioned at its end, and its length.
+/// Writes a fresh journal holding only the pending marks of `state`, found in `history`
+/// (see [`pending_marks`]), and renames it over the journal. Returns the new file,
+/// positioned at its end, and its length.
 fn write_snapshot(
     dir: &Path,
     names: &Names,
     key: &str,
     state: &mut State,
+    history: impl Read,
 ) -> Result<(File, u64), JournalError> {
     let mut temp = tempfile::Builder::new()
         .prefix(&names.temp_prefix)
@@ -640,38 +729,42 @@ fn write_snapshot(
         .map_err(io_err("create temporary file", dir))?;
     let temp_path = temp.path().to_path_buf();
     let write_err = io_err("write temporary file", &temp_path);
-    state.prune();
-    let first = state.groups.front().map_or(state.epoch, |(e, _)| *e);
+    let first = state.first_pending_epoch();
     let mut len = 0u64;
-    let result = (|| -> io::Result<()> {
-        let mut out = BufWriter::with_capacity(1 << 16, temp.as_file_mut());
-        let mut rec = Vec::with_capacity(4096);
-        encode_begin(&mut rec, first, key.as_bytes());
-        let mut at = first;
-        for (epoch, items) in &state.groups {
-            if *epoch > at {
-                encode_seq(&mut rec, T_TAKEN, epoch - 1);
-                at = *epoch;
-            }
-            for (path, scope) in items {
-                encode_mark(&mut rec, path, *scope);
-                if rec.len() >= 1 << 16 {
-                    out.write_all(&rec)?;
-                    len += rec.len() as u64;
-                    rec.clear();
-                }
-            }
+    let mut out = BufWriter::with_capacity(1 << 16, temp.as_file_mut());
+    let mut rec = Vec::with_capacity(4096);
+    encode_begin(&mut rec, first, key.as_bytes());
+    let mut at = first;
+    pending_marks(history, &names.journal, state, |epoch, path, scope| {
+        if epoch > at {
+            encode_seq(&mut rec, T_TAKEN, epoch - 1);
+            at = epoch;
         }
-        if state.epoch > at {
-            encode_seq(&mut rec, T_TAKEN, state.epoch - 1);
+        encode_mark(&mut rec, path, scope);
+        if rec.len() >= 1 << 16 {
+            out.write_all(&rec)?;
+            len += rec.len() as u64;
+            rec.clear();
         }
-        out.write_all(&rec)?;
-        len += rec.len() as u64;
-        out.flush()?;
-        drop(out);
-        temp.as_file().sync_all()
-    })();
-    result.map_err(write_err)?;
+        Ok(())
+    })
+    .map_err(|e| match e {
+        JournalError::Io {
+            op: "write",
+            source,
+            ..
+        } => write_err(source),
+        other => other,
+    })?;
+    if state.epoch > at {
+        encode_seq(&mut rec, T_TAKEN, state.epoch - 1);
+    }
+    let write_err = || io_err("write temporary file", &temp_path);
+    out.write_all(&rec).map_err(write_err())?;
+    len += rec.len() as u64;
+    out.flush().map_err(write_err())?;
+    drop(out);
+    temp.as_file().sync_all().map_err(write_err())?;
     let mut file = temp.persist(&names.journal).map_err(|e| JournalError::Io {
         op: "rename temporary file",
         path: names.journal.clone(),
@@ -693,6 +786,11 @@ pub struct Journal {
     _lock: Flock<File>,
     /// Bytes of `file` that hold whole records.
     file_len: u64,
+    /// Bytes of `file` made durable by the last fdatasync (or the last rewrite).
+    synced_len: u64,
+    /// The records written to `file` after `synced_len`: after a failed fdatasync the file
+    /// cannot be read back for them, and compaction needs every record (see [`PathKey`]).
+    tail: Vec<u8>,
     /// Records not written to `file` yet.
     buf: Vec<u8>,
     /// Written since the last fdatasync.
@@ -701,6 +799,9 @@ pub struct Journal {
     needs_rewrite: bool,
     state: State,
     compact_min: u64,
+    /// Makes the next fdatasync fail, as a disk error would.
+    #[cfg(test)]
+    fail_next_sync: bool,
 }
 
 impl fmt::Debug for Journal {
@@ -858,15 +959,19 @@ impl Journal {
                 file,
                 _lock: lock,
                 file_len,
+                synced_len: file_len,
+                tail: Vec::new(),
                 buf: Vec::new(),
                 unsynced: false,
                 needs_rewrite: false,
                 state,
                 compact_min,
+                #[cfg(test)]
+                fail_next_sync: false,
             },
             None => {
                 let mut state = state;
-                let (file, file_len) = write_snapshot(dir, &names, key, &mut state)?;
+                let (file, file_len) = write_snapshot(dir, &names, key, &mut state, io::empty())?;
                 Journal {
                     dir: dir.to_path_buf(),
                     key: key.to_owned(),
@@ -874,11 +979,15 @@ impl Journal {
                     file,
                     _lock: lock,
                     file_len,
+                    synced_len: file_len,
+                    tail: Vec::new(),
                     buf: Vec::new(),
                     unsynced: false,
                     needs_rewrite: false,
                     state,
                     compact_min,
+                    #[cfg(test)]
+                    fail_next_sync: false,
                 }
             }
         };
@@ -886,7 +995,7 @@ impl Journal {
             journal.compact()?;
         }
         let recovered = Recovered {
-            marks: journal.state.recovered_marks(),
+            marks: journal.recovered_marks()?,
             clean,
             existed,
         };
@@ -952,13 +1061,23 @@ impl Journal {
         }
         self.write_buf()?;
         if self.unsynced {
-            if let Err(e) = self.file.sync_data() {
+            #[cfg(test)]
+            let synced = if std::mem::take(&mut self.fail_next_sync) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                self.file.sync_data()
+            };
+            #[cfg(not(test))]
+            let synced = self.file.sync_data();
+            if let Err(e) = synced {
                 // After a failed fsync the kernel may have dropped the dirty pages: write
                 // everything again into a new file.
                 self.needs_rewrite = true;
                 return Err(io_err("fdatasync", &self.names.journal)(e));
             }
             self.unsynced = false;
+            self.synced_len = self.file_len;
+            self.tail = Vec::new();
         }
         if self.should_compact() {
             self.compact()?;
@@ -1000,6 +1119,41 @@ impl Journal {
         &self.names.journal
     }
 
+    /// The journal's records from its Begin on: the durable part of the file, the records
+    /// written since, and those not written yet.
+    fn history(&self) -> impl Read + '_ {
+        ReadAt {
+            file: &self.file,
+            pos: 0,
+            len: self.synced_len,
+        }
+        .chain(&self.tail[..])
+        .chain(&self.buf[..])
+    }
+
+    /// One mark per pending path, the widest scope, sorted by bytes.
+    fn recovered_marks(&self) -> Result<Vec<(PathBuf, Scope)>, JournalError> {
+        let mut marks: Vec<(PathBuf, Scope)> = Vec::with_capacity(self.state.count);
+        pending_marks(
+            self.history(),
+            &self.names.journal,
+            &self.state,
+            |_, path, scope| {
+                marks.push((PathBuf::from(OsStr::from_bytes(path)), scope));
+                Ok(())
+            },
+        )?;
+        // A path pending at both scopes: the subtree, which covers the entry.
+        marks.sort_unstable_by(|a, b| {
+            a.0.as_os_str()
+                .as_bytes()
+                .cmp(b.0.as_os_str().as_bytes())
+                .then((b.1 == Scope::Subtree).cmp(&(a.1 == Scope::Subtree)))
+        });
+        marks.dedup_by(|later, first| later.0 == first.0);
+        Ok(marks)
+    }
+
     fn should_compact(&self) -> bool {
         self.file_len > self.compact_min.max(self.state.bytes.saturating_mul(4))
     }
@@ -1007,9 +1161,19 @@ impl Journal {
     /// Rewrites the file with only the pending marks; the buffer is covered by the state.
     fn compact(&mut self) -> Result<(), JournalError> {
         let before = self.bytes();
-        let (file, len) = write_snapshot(&self.dir, &self.names, &self.key, &mut self.state)?;
+        let history = ReadAt {
+            file: &self.file,
+            pos: 0,
+            len: self.synced_len,
+        }
+        .chain(&self.tail[..])
+        .chain(&self.buf[..]);
+        let (file, len) =
+            write_snapshot(&self.dir, &self.names, &self.key, &mut self.state, history)?;
         self.file = file;
         self.file_len = len;
+        self.synced_len = len;
+        self.tail = Vec::new();
         self.buf.clear();
         self.unsynced = false;
         self.needs_rewrite = false;
@@ -1040,7 +1204,7 @@ impl Journal {
             return Err(io_err("write", &self.names.journal)(e));
         }
         self.file_len += self.buf.len() as u64;
-        self.buf.clear();
+        self.tail.append(&mut self.buf);
         self.unsynced = true;
         Ok(())
     }
@@ -1499,6 +1663,37 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let (_, rec) = open(tmp.path());
         assert!(!rec.clean && rec.marks.is_empty());
+    }
+
+    #[test]
+    fn a_failed_fdatasync_rewrites_every_pending_mark() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(tmp.path(), "k").unwrap();
+        j.record(&p(b"durable"), Scope::Entry).unwrap();
+        j.sync().unwrap();
+        j.record(&p(b"written/not/synced"), Scope::Subtree).unwrap();
+        j.fail_next_sync = true;
+        assert!(j.sync().is_err());
+        // The file cannot be read back past its durable part: the rewrite takes the
+        // records written since from memory.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(j.path())
+            .unwrap()
+            .set_len(j.synced_len)
+            .unwrap();
+        j.record(&p(b"later"), Scope::Entry).unwrap();
+        j.sync().unwrap();
+        j.crash();
+        let (_, rec) = Journal::open(tmp.path(), "k").unwrap();
+        assert_eq!(
+            rec.marks,
+            marks(&[
+                (b"durable", Scope::Entry),
+                (b"later", Scope::Entry),
+                (b"written/not/synced", Scope::Subtree),
+            ])
+        );
     }
 
     #[test]
