@@ -721,6 +721,23 @@ fn verify_pass_repairs_drift_on_target() {
     );
     let repairs = verify_repairs(&d.log)[passes_before..].to_vec();
     eprintln!("{ctx}: repaired= of the passes after the drift: {repairs:?}");
+    // Each repair is named, with what rsync changed.
+    for (path, change) in [
+        ("d001/f005", ">f"),
+        ("d002/stray", "*deleting"),
+        ("d003/f007", ".f...p"),
+    ] {
+        let named = log_records(&d.log).iter().any(|r| {
+            r.contains("verify repaired")
+                && r.contains(&format!("path={path}"))
+                && r.contains(change)
+        });
+        assert!(
+            named,
+            "{ctx}: the verify pass did not name {path} ({change})\n{}",
+            d.log.tail(30)
+        );
+    }
     wait_converged(
         &s.src,
         &s.dst,

@@ -65,6 +65,8 @@ pub struct Done {
     pub runs: u64,
     /// Paths rsync itemized (verify passes count repairs this way).
     pub itemized: u64,
+    /// The first itemized lines of the runs (`>f..t...... path`), for the log.
+    pub itemized_lines: Vec<String>,
     /// The bytes the runs moved, summed.
     pub transfer: TransferStats,
     /// How long each rsync process ran, in order (one per run that started).
@@ -131,6 +133,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         detail: String::new(),
         runs: 0,
         itemized: 0,
+        itemized_lines: Vec::new(),
         transfer: TransferStats::default(),
         run_times: Vec::new(),
         elapsed: Duration::ZERO,
@@ -215,6 +218,9 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                     "rsync finished"
                 );
                 done.itemized += r.itemized;
+                let room = rsync::ITEMIZED_KEPT.saturating_sub(done.itemized_lines.len());
+                done.itemized_lines
+                    .extend(r.itemized_lines.into_iter().take(room));
                 done.transfer.add(r.transfer);
                 done.run_times.push(r.elapsed);
                 if opts.dry_run {

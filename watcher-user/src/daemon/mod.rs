@@ -574,6 +574,17 @@ impl Engine {
                     ok: record.ok,
                 });
                 if record.ok {
+                    // What drifted, named: a repair is news an admin wants to read.
+                    for line in &done.itemized_lines {
+                        let (change, path) = line.split_at(line.len().min(12));
+                        tracing::info!(target = %dest, change = change.trim_end(), path = %path, "verify repaired");
+                    }
+                    let unnamed = done
+                        .itemized
+                        .saturating_sub(done.itemized_lines.len() as u64);
+                    if unnamed > 0 {
+                        tracing::info!(target = %dest, more = unnamed, "verify repaired more paths than are named");
+                    }
                     tracing::info!(target = %dest, repaired = done.itemized, "verify pass done");
                 } else {
                     tracing::warn!(target = %dest, "verify pass failed: {}", done.detail);

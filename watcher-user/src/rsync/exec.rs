@@ -15,6 +15,8 @@ pub struct RunResult {
     pub stdout: String,
     /// Lines of `--itemize-changes` output: paths rsync changed (or would change).
     pub itemized: u64,
+    /// The first [`ITEMIZED_KEPT`] of those lines, for the log.
+    pub itemized_lines: Vec<String>,
     /// What `--stats` said (zero when the run was not asked for it, or died first).
     pub transfer: TransferStats,
     pub elapsed: Duration,
@@ -179,6 +181,9 @@ pub(super) fn is_progress(segment: &str) -> bool {
     segment.contains('%') && segment.contains("/s") && segment.starts_with(' ')
 }
 
+/// Itemized lines kept per run for the log: a verify pass names what it repaired.
+pub const ITEMIZED_KEPT: usize = 100;
+
 /// `--itemize-changes` lines start with an update type and a file type (`>f`, `cd`, `*deleting`).
 pub(super) fn is_itemized(line: &str) -> bool {
     let b = line.as_bytes();
@@ -192,6 +197,7 @@ pub(super) struct StdoutSink {
     pub(super) keep: bool,
     pub(super) kept: Vec<u8>,
     pub(super) itemized: u64,
+    pub(super) itemized_lines: Vec<String>,
     pub(super) transfer: TransferStats,
     pub(super) partial: Vec<u8>,
 }
@@ -209,6 +215,9 @@ impl StdoutSink {
                 } else if !text.trim().is_empty() && !self.transfer.feed_line(&text) {
                     if is_itemized(&text) {
                         self.itemized += 1;
+                        if self.itemized_lines.len() < ITEMIZED_KEPT {
+                            self.itemized_lines.push(text.to_string());
+                        }
                     }
                     if self.keep && self.kept.len() < OUTPUT_TAIL {
                         self.kept.extend_from_slice(&segment);
@@ -363,6 +372,7 @@ pub async fn execute(
         keep: keep_stdout,
         kept: Vec::new(),
         itemized: 0,
+        itemized_lines: Vec::new(),
         transfer: TransferStats::default(),
         partial: Vec::new(),
     };
@@ -450,6 +460,7 @@ pub async fn execute(
         stderr,
         stdout: String::from_utf8_lossy(&sink.kept).into_owned(),
         itemized: sink.itemized,
+        itemized_lines: sink.itemized_lines,
         transfer: sink.transfer,
         elapsed: started.elapsed(),
     })

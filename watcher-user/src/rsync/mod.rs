@@ -19,7 +19,7 @@ use crate::target::Target;
 mod exec;
 mod probe;
 
-pub use exec::{Progress, RunResult, STALL_AFTER, TransferStats, execute};
+pub use exec::{ITEMIZED_KEPT, Progress, RunResult, STALL_AFTER, TransferStats, execute};
 pub use probe::{ProbeError, probe, recent_enough, version_in};
 
 /// How rsync is invoked, shared by every run of one target.
@@ -766,6 +766,7 @@ mod tests {
             keep: true,
             kept: Vec::new(),
             itemized: 0,
+            itemized_lines: Vec::new(),
             transfer: TransferStats::default(),
             partial: Vec::new(),
         };
@@ -774,6 +775,15 @@ mod tests {
         sink.feed(b"        65,536 100%   31.25MB/s    0:00:00 (xfr#2, to-chk=0/3)\n");
         sink.feed(b"\nsent 1 bytes  received 2 bytes\n");
         assert_eq!(sink.itemized, 4);
+        assert_eq!(
+            sink.itemized_lines,
+            [
+                ">f+++++++++ a file",
+                "*deleting   gone",
+                ".d..t...... dir/",
+                "cd+++++++++ new/"
+            ]
+        );
         let kept = String::from_utf8(sink.kept).unwrap();
         assert!(kept.contains(">f+++++++++ a file") && kept.contains("sent 1 bytes"));
         assert!(!kept.contains("xfr#"));
@@ -814,6 +824,7 @@ mod tests {
             keep: true,
             kept: Vec::new(),
             itemized: 0,
+            itemized_lines: Vec::new(),
             transfer: TransferStats::default(),
             partial: Vec::new(),
         };
