@@ -151,6 +151,18 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         if replayed > 0 {
             tracing::info!(target = %dest, renames = count, replayed, "renames replayed on the replica");
         }
+    } else if let Some(link) = &link
+        && !renames.is_empty()
+        && !opts.dry_run
+    {
+        let link = link.clone();
+        let count = renames.len();
+        let replayed =
+            tokio::task::spawn_blocking(move || crate::replay::ssh(&link, &renames)).await;
+        let replayed = replayed.unwrap_or(0);
+        if replayed > 0 {
+            tracing::info!(target = %dest, renames = count, replayed, "renames replayed on the replica");
+        }
     }
     let planned = {
         let batch = done.batch.clone();

@@ -22,7 +22,7 @@
 //! - `check`: what ssh's failures mean, and the remote side's start-up check.
 
 mod check;
-mod quote;
+pub(crate) mod quote;
 
 pub use check::{CheckError, RemoteInfo, diagnose};
 pub use quote::{join_rsh, remote_command, sh_quote, split_rsh, take_rsh};
@@ -361,6 +361,25 @@ impl Link {
         args.push("-e".into());
         args.push(join_rsh(&self.argv));
         args
+    }
+
+    /// The path of the replica on the remote side, as the destination gives it.
+    pub fn remote_path(&self) -> &OsStr {
+        &self.remote.path
+    }
+
+    /// Runs `words` on the remote side over this connection; its stdout when it exits 0.
+    pub fn run(&self, words: &[&OsStr], timeout: Duration) -> Result<String, String> {
+        match output_within(self.command(words), timeout) {
+            Ok((Some(0), stdout, _)) => Ok(stdout),
+            Ok((code, _, stderr)) => Err(format!(
+                "{}: {}",
+                code.map_or("killed".to_string(), |c| format!("exit {c}")),
+                stderr.trim()
+            )),
+            Err(RunError::Spawn(e)) => Err(format!("cannot run ssh: {e}")),
+            Err(RunError::Timeout) => Err(format!("no answer within {}s", timeout.as_secs())),
+        }
     }
 
     /// A command running `words` on the remote side over this target's connection.
