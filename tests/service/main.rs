@@ -22,6 +22,7 @@ mod hardening;
 #[allow(dead_code)]
 #[path = "../e2e/harness.rs"]
 mod harness;
+mod hooks;
 #[allow(dead_code)]
 #[path = "../e2e/rsyncd.rs"]
 mod rsyncd;
@@ -554,6 +555,7 @@ fn rsync_daemon_outage_does_not_hold_back_other_target() {
                 name: "remote".into(),
                 dest: rsyncd.url(),
                 password_file: Some(rsyncd.password_file.clone()),
+                post_sync: Vec::new(),
             },
             TargetSpec::local("local", &s.dst),
         ],
@@ -1505,6 +1507,7 @@ fn status_wait_in_step_waits_for_every_target() {
         name: "unreachable".into(),
         dest: format!("rsync://127.0.0.1:{port}/data"),
         password_file: None,
+        post_sync: Vec::new(),
     });
     spec.write(&config);
     d.signal(Signal::SIGHUP);

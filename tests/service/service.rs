@@ -25,6 +25,8 @@ pub struct TargetSpec {
     pub name: String,
     pub dest: String,
     pub password_file: Option<PathBuf>,
+    /// `post_sync`: the command, program first (empty: none).
+    pub post_sync: Vec<String>,
 }
 
 impl TargetSpec {
@@ -33,6 +35,7 @@ impl TargetSpec {
             name: name.into(),
             dest: dir.to_str().expect("UTF-8 temp path").into(),
             password_file: None,
+            post_sync: Vec::new(),
         }
     }
 }
@@ -130,6 +133,10 @@ impl ConfigSpec {
                 s.push_str(&format!("dest = {}\n", toml_str(&t.dest)));
                 if let Some(p) = &t.password_file {
                     s.push_str(&format!("password_file = {}\n", toml_path(p)));
+                }
+                if !t.post_sync.is_empty() {
+                    let words: Vec<String> = t.post_sync.iter().map(|w| toml_str(w)).collect();
+                    s.push_str(&format!("post_sync = [{}]\n", words.join(", ")));
                 }
             }
         }

@@ -198,6 +198,7 @@ impl SyncArgs {
                 ebpf_probes: Some(at(name(self.ebpf_probes))),
                 ebpf_ringbuf_bytes: Some(count(self.ebpf_ringbuf_bytes)),
                 ebpf_kernel_filter: Some(self.ebpf_kernel_filter == Switch::On),
+                max_processes: None,
             }),
             sync: vec![at(RawGroup {
                 name: Some(at("sync".to_owned())),
@@ -226,6 +227,7 @@ impl SyncArgs {
                     rsync_args: Vec::new(),
                     ssh: None,
                     max_backlog: None,
+                    post_sync: None,
                 })],
             })],
         }

@@ -28,6 +28,7 @@ pub mod journal;
 pub mod link_walk;
 pub mod logging;
 pub mod notify;
+pub mod post_sync;
 pub mod replay;
 pub mod resolve;
 pub mod rsync;

@@ -105,6 +105,8 @@ pub struct DaemonConfig {
     pub ebpf_ringbuf_bytes: u32,
     /// Whether the ebpf probes drop changes outside every root in the kernel.
     pub ebpf_kernel_filter: bool,
+    /// Most rsync runs at once over every target (`max_processes`); None: one per target.
+    pub max_processes: Option<usize>,
 }
 
 impl Default for DaemonConfig {
@@ -120,6 +122,7 @@ impl Default for DaemonConfig {
             ebpf_probes: defaults::EBPF_PROBES,
             ebpf_ringbuf_bytes: defaults::EBPF_RINGBUF_BYTES,
             ebpf_kernel_filter: defaults::EBPF_KERNEL_FILTER,
+            max_processes: None,
         }
     }
 }
@@ -171,6 +174,9 @@ pub struct TargetConfig {
     pub ssh: Vec<OsString>,
     /// Dirty paths held for this target before subtrees are collapsed (default 1 000 000).
     pub max_backlog: usize,
+    /// `post_sync`: run after each batch that landed, with its paths on stdin, program
+    /// first (empty: none). See [`crate::post_sync`].
+    pub post_sync: Vec<OsString>,
 }
 
 impl TargetConfig {

@@ -85,6 +85,8 @@ pub struct RawDaemon {
     pub ebpf_probes: Option<Spanned<String>>,
     pub ebpf_ringbuf_bytes: Option<Spanned<i64>>,
     pub ebpf_kernel_filter: Option<bool>,
+    /// Most rsync runs at once, over every target.
+    pub max_processes: Option<Spanned<i64>>,
 }
 
 /// A `_ms` key: milliseconds, or a string with a unit (`"100ms"`, `"1s"`, `"6h"`).
@@ -187,4 +189,6 @@ pub struct RawTarget {
     pub rsync_args: Vec<Spanned<OsText>>,
     pub ssh: Option<Spanned<Vec<String>>>,
     pub max_backlog: Option<Spanned<i64>>,
+    /// A command run after each batch that landed, program first.
+    pub post_sync: Option<Spanned<Vec<String>>>,
 }

@@ -480,6 +480,7 @@ rsync = "/usr/local/bin/rsync"
 ebpf_probes = "syscalls"
 ebpf_ringbuf_bytes = 65536
 ebpf_kernel_filter = false
+max_processes = 3
 
 [[sync]]
 name = "data"
@@ -499,6 +500,7 @@ dest = "backup1::data"
 password_file = "@D/backup1.pass"
 rsync_args = ["--timeout=60"]
 max_backlog = 1000
+post_sync = ["/usr/local/bin/reindex", "--from0"]
 
 [[sync.target]]
 name = "replica"
@@ -529,6 +531,7 @@ fn full_config() {
             ebpf_probes: crate::backend::ebpf::ProbeChoice::Syscalls,
             ebpf_ringbuf_bytes: 65536,
             ebpf_kernel_filter: false,
+            max_processes: Some(3),
         }
     );
     assert_eq!(config.groups.len(), 2);
@@ -558,6 +561,7 @@ fn full_config() {
                 rsync_args: vec!["--timeout=60".into()],
                 ssh: vec![],
                 max_backlog: 1000,
+                post_sync: vec!["/usr/local/bin/reindex".into(), "--from0".into()],
             },
             TargetConfig {
                 name: "replica".into(),
@@ -566,6 +570,7 @@ fn full_config() {
                 rsync_args: vec![],
                 ssh: vec![],
                 max_backlog: 1_000_000,
+                post_sync: vec![],
             },
         ]
     );
@@ -859,6 +864,27 @@ fn an_ssh_command_belongs_to_an_ssh_target() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn post_sync_is_a_command_program_first() {
+    let fx = Fixture::new();
+    for text in [
+        "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"@D/dst\"\npost_sync = []\n",
+        "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"@D/dst\"\npost_sync = [\"\"]\n",
+    ] {
+        let err = fx.parse(text).expect_err("refused").to_string();
+        assert!(
+            err.contains("sync[0].target[0].post_sync") && err.contains("program first"),
+            "{err}"
+        );
+    }
+    // A string is not a command: it would need a shell to split it.
+    let err = fx
+        .parse("[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"@D/dst\"\npost_sync = \"reindex --all\"\n")
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("post_sync"), "{err}");
 }
 
 #[test]

@@ -198,6 +198,10 @@ impl Ctx<'_> {
         if let Some(on) = raw.ebpf_kernel_filter {
             config.ebpf_kernel_filter = on;
         }
+        if let Some(n) = &raw.max_processes {
+            let n = self.count(Some(n), "daemon.max_processes", 1, 1)?;
+            config.max_processes = Some(usize::try_from(n).unwrap_or(usize::MAX));
+        }
         if let Some(dir) = &raw.state_dir {
             config.state_dir = self.absolute(dir, "daemon.state_dir")?;
         }
@@ -668,6 +672,17 @@ impl Ctx<'_> {
             defaults::MAX_BACKLOG as u64,
             1,
         )?;
+        let post_sync = match &raw.post_sync {
+            None => Vec::new(),
+            Some(cmd) if cmd.get_ref().first().is_none_or(String::is_empty) => {
+                return Err(self.error(
+                    &cmd.span(),
+                    format!("{key}.post_sync"),
+                    "expected the command, program first (run without a shell, the synced paths on stdin): [\"/usr/local/bin/reindex\", \"--quiet\"]",
+                ));
+            }
+            Some(cmd) => cmd.get_ref().iter().map(OsString::from).collect(),
+        };
         Ok(TargetConfig {
             name,
             dest: target,
@@ -675,6 +690,7 @@ impl Ctx<'_> {
             rsync_args,
             ssh,
             max_backlog: usize::try_from(max_backlog).unwrap_or(usize::MAX),
+            post_sync,
         })
     }
 

@@ -8,6 +8,7 @@
 //! STATUS), `stats` (counters that survive reloads).
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,7 @@ use crate::filter::{Filter, FilterBuilder, GroupId, Match};
 use crate::journal::{Journal, Recovered};
 use crate::link_walk::Links as HardLinks;
 use crate::notify::{Standing, StatusLine, notify, status_text};
+use crate::post_sync;
 use crate::rsync::{self, RsyncOptions};
 use crate::runner::{self, Job, is_dir};
 use crate::ssh::{self, Links};
@@ -85,6 +87,8 @@ struct Settings {
     hard_links: Arc<HardLinks>,
     /// The shared connection of an ssh target.
     link: Option<Arc<ssh::Link>>,
+    /// The target's `post_sync` command, when it has one (not in a dry run).
+    post_sync: Option<Arc<post_sync::Hook>>,
 }
 
 /// A file's identity: its device and inode, read without following a symlink.
@@ -107,6 +111,8 @@ struct TargetStats {
     last_sync: Option<LastSync>,
     last_success_unix_ms: Option<u64>,
     last_verify: Option<LastVerify>,
+    /// Runs and failures of its `post_sync` command.
+    post_sync: Arc<post_sync::Counters>,
 }
 
 /// One target: its own backlog and decisions, so a slow or unreachable target never holds
@@ -192,6 +198,8 @@ struct Engine {
     stop_verify: watch::Sender<bool>,
     /// The connections of the ssh targets.
     links: Links,
+    /// Where the next round of flush decisions starts (`max_processes` takes turns).
+    next_turn: usize,
 }
 
 /// A configuration that passed every check, with its backend started (so no change is
@@ -336,12 +344,26 @@ impl Engine {
     ) -> Option<Instant> {
         let now = Instant::now();
         let mut wake: Option<Instant> = None;
-        for (index, t) in self.targets.iter_mut().enumerate() {
+        // `max_processes`: the targets take turns, starting after the last one that got to run.
+        let limit = self.config.daemon.max_processes.unwrap_or(usize::MAX);
+        let mut running = self
+            .targets
+            .iter()
+            .filter(|t| t.machine.in_flight().is_some())
+            .count();
+        let count = self.targets.len();
+        for k in 0..count {
+            let index = (self.next_turn + k) % count;
+            let t = &mut self.targets[index];
             if mode == Mode::Running {
                 t.retry_set_aside(now);
                 if let Some(at) = t.failing.next_due() {
                     wake = Some(wake.map_or(at, |w| w.min(at)));
                 }
+            }
+            if running >= limit {
+                // Asked again when a run in flight finishes.
+                continue;
             }
             match t.machine.decide(now, t.backlog.len(), mode) {
                 Action::Flush(_) if !t.root_still_there() => {}
@@ -351,6 +373,8 @@ impl Engine {
                         job.stop = Some(self.stop_verify.subscribe());
                     }
                     tasks.spawn(runner::run(job, own_pids.clone()));
+                    running += 1;
+                    self.next_turn = index + 1;
                 }
                 Action::WaitUntil(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
                 Action::Idle => {}
@@ -544,6 +568,14 @@ impl Engine {
             Verdict::Synced { .. } => {
                 let changes = t.failing.synced();
                 t.log_failing(changes);
+                if let Some(hook) = &t.settings.post_sync {
+                    // What the batch synced: not the paths set aside, which it left out.
+                    let held: Vec<PathBuf> = t.failing.iter().map(|(p, _)| p.clone()).collect();
+                    let mut synced = done.batch.clone().without_below(&held);
+                    synced.entries.retain(|p| !held.contains(p));
+                    synced.subtrees.retain(|p| !held.contains(p));
+                    hook.synced(&synced, &ts.post_sync);
+                }
             }
             Verdict::Retry {
                 cause: RetryCause::PathsSetAside,

@@ -71,6 +71,16 @@ pub(super) fn target_states(
                 },
                 link,
                 hard_links: hard_links.clone(),
+                post_sync: (!t.post_sync.is_empty() && !opts.dry_run).then(|| {
+                    let env = vec![
+                        ("WATCHER_GROUP", OsString::from(&g.name)),
+                        ("WATCHER_TARGET", OsString::from(&t.name)),
+                        ("WATCHER_SOURCE", root.clone().into_os_string()),
+                        ("WATCHER_DEST", t.dest.rsync_arg()),
+                    ];
+                    let label = format!("{}/{}", g.name, t.name);
+                    Arc::new(post_sync::Hook::start(t.post_sync.clone(), env, label))
+                }),
             };
             let carried = continuing
                 .iter()
@@ -192,6 +202,7 @@ impl Prepared {
             stop,
             stop_verify: watch::Sender::new(false),
             links: self.links,
+            next_turn: 0,
         }
     }
 }

@@ -47,6 +47,8 @@ impl Engine {
                         })
                         .collect(),
                     failing_paths_total: t.failing.len() as u64,
+                    post_sync_runs: ts.post_sync.runs.load(Ordering::Relaxed),
+                    post_sync_failures: ts.post_sync.failures.load(Ordering::Relaxed),
                     ssh: t.settings.link.as_ref().map(|l| {
                         let c = l.status();
                         status::SshConnection {

@@ -26,6 +26,7 @@ impl Default for TargetStats {
             last_sync: None,
             last_success_unix_ms: None,
             last_verify: None,
+            post_sync: Default::default(),
         }
     }
 }
@@ -302,6 +303,7 @@ mod tests {
                 rsync: RsyncOptions::default(),
                 hard_links: HardLinks::new(Path::new("/srv/data")),
                 link: None,
+                post_sync: None,
             },
             backlog: Backlog::new(1_000, None),
             machine: SyncMachine::new(FlushConfig::default(), None, Instant::now()),

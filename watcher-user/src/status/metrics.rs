@@ -160,7 +160,7 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
     }
 
     type Sample = fn(&TargetStatus) -> Option<f64>;
-    let per_target: [(&str, &str, &str, Sample); 14] = [
+    let per_target: [(&str, &str, &str, Sample); 16] = [
         (
             "watcher_failing_paths",
             "gauge",
@@ -196,6 +196,18 @@ pub fn render_metrics(s: &StatusSnapshot) -> String {
             "counter",
             "Batches retried after a failed rsync run.",
             |t| Some(t.retries_total as f64),
+        ),
+        (
+            "watcher_post_sync_runs_total",
+            "counter",
+            "Runs of the target's post_sync command.",
+            |t| Some(t.post_sync_runs as f64),
+        ),
+        (
+            "watcher_post_sync_failures_total",
+            "counter",
+            "Runs of the target's post_sync command that failed (exit not 0, killed, not started, timed out).",
+            |t| Some(t.post_sync_failures as f64),
         ),
         (
             "watcher_sync_failures_consecutive",
@@ -651,7 +663,13 @@ mod tests {
         // Only ssh targets have connection metrics.
         assert!(!text.contains("watcher_ssh_connection_up{group=\"data\",target=\"local\"}"));
         let types = check_exposition(&text);
-        assert_eq!(types.len(), 23, "{types:?}");
+        assert_eq!(types.len(), 25, "{types:?}");
+        assert_eq!(
+            types
+                .get("watcher_post_sync_failures_total")
+                .map(String::as_str),
+            Some("counter")
+        );
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct TargetStatus {
     /// [`MAX_FAILING_SHOWN`]; `failing_paths_total` counts them all).
     pub failing_paths: Vec<FailingPath>,
     pub failing_paths_total: u64,
+    /// Runs of the target's `post_sync` command, and those that failed.
+    pub post_sync_runs: u64,
+    pub post_sync_failures: u64,
 }
 
 /// How many failing paths a snapshot lists per target.
