@@ -17,6 +17,45 @@ fn toml_str(s: &str) -> String {
     serde_json::to_string(s).expect("json string")
 }
 
+/// `watcher run` syncing `src` to the target `offsite`, `dst` on `server`, and to the local
+/// target `local` when given, with its state and `status.sock` in `dir`; once ready.
+fn start_offsite(
+    dir: &Path,
+    src: &Path,
+    dst: &Path,
+    server: &Sshd,
+    local: Option<&Path>,
+) -> Daemon {
+    let ssh: Vec<String> = server.ssh_command().iter().map(|a| toml_str(a)).collect();
+    let backend = harness::backend()
+        .map(|b| format!("backend = {}\n", toml_str(&b)))
+        .unwrap_or_default();
+    let local = local
+        .map(|l| {
+            format!(
+                "\n[[sync.target]]\nname = \"local\"\ndest = {}\n",
+                toml_str(&l.display().to_string())
+            )
+        })
+        .unwrap_or_default();
+    let config = format!(
+        "[daemon]\n{backend}state_dir = {state}\nstatus_socket = {socket}\n\n\
+         [[sync]]\nname = \"data\"\nsource = {src}\n\n\
+         [[sync.target]]\nname = \"offsite\"\ndest = {dest}\nssh = [{ssh}]\n{local}",
+        state = toml_str(&dir.join("state").display().to_string()),
+        socket = toml_str(&dir.join("status.sock").display().to_string()),
+        src = toml_str(&src.display().to_string()),
+        dest = toml_str(&server.dest(dst)),
+        ssh = ssh.join(", "),
+    );
+    let config_path = dir.join("watcher.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let _start = QUEUE_LIMIT_LOCK.read().unwrap_or_else(|e| e.into_inner());
+    let mut d = Daemon::spawn_with(&[OsString::from("run"), "--config".into(), config_path.into()]);
+    d.wait_for_line("ready", READY_TIMEOUT);
+    d
+}
+
 /// The `ssh` target of group `data`, as the status socket reports it.
 fn ssh_status(socket: &Path) -> Option<serde_json::Value> {
     let out = Command::new(WATCHER)
@@ -55,32 +94,7 @@ fn ssh_outage_mid_churn_recovers() {
     mark_root(&s.src);
 
     let socket = s.path().join("status.sock");
-    let ssh: Vec<String> = server.ssh_command().iter().map(|a| toml_str(a)).collect();
-    let backend = harness::backend()
-        .map(|b| format!("backend = {}\n", toml_str(&b)))
-        .unwrap_or_default();
-    let config = format!(
-        "[daemon]\n{backend}state_dir = {state}\nstatus_socket = {socket}\n\n\
-         [[sync]]\nname = \"data\"\nsource = {src}\n\n\
-         [[sync.target]]\nname = \"offsite\"\ndest = {dest}\nssh = [{ssh}]\n\n\
-         [[sync.target]]\nname = \"local\"\ndest = {local}\n",
-        state = toml_str(&s.path().join("state").display().to_string()),
-        socket = toml_str(&socket.display().to_string()),
-        src = toml_str(&s.src.display().to_string()),
-        dest = toml_str(&server.dest(&s.dst)),
-        ssh = ssh.join(", "),
-        local = toml_str(&local.display().to_string()),
-    );
-    let config_path = s.path().join("watcher.toml");
-    std::fs::write(&config_path, config).expect("write config");
-
-    let mut d = {
-        let _start = QUEUE_LIMIT_LOCK.read().unwrap_or_else(|e| e.into_inner());
-        let mut d =
-            Daemon::spawn_with(&[OsString::from("run"), "--config".into(), config_path.into()]);
-        d.wait_for_line("ready", READY_TIMEOUT);
-        d
-    };
+    let mut d = start_offsite(s.path(), &s.src, &s.dst, &server, Some(&local));
     for dst in [&s.dst, &local] {
         assert_equal_now(&s.src, dst, &skip_nothing, &format!("{ctx}: after `ready`"));
     }
@@ -262,30 +276,7 @@ fn ssh_renames_are_replayed_with_hostile_names() {
         std::fs::write(old.join(format!("f{i:02}")), format!("{i}\n").repeat(1000)).expect("write");
     }
     std::fs::write(src.join("-file\n`touch pwned`"), "x".repeat(1 << 16)).expect("write");
-    let socket = s.path().join("status.sock");
-    let ssh: Vec<String> = server.ssh_command().iter().map(|a| toml_str(a)).collect();
-    let backend = harness::backend()
-        .map(|b| format!("backend = {}\n", toml_str(&b)))
-        .unwrap_or_default();
-    let config = format!(
-        "[daemon]\n{backend}state_dir = {state}\nstatus_socket = {socket}\n\n\
-         [[sync]]\nname = \"data\"\nsource = {src}\n\n\
-         [[sync.target]]\nname = \"offsite\"\ndest = {dest}\nssh = [{ssh}]\n",
-        state = toml_str(&s.path().join("state").display().to_string()),
-        socket = toml_str(&socket.display().to_string()),
-        src = toml_str(&src.display().to_string()),
-        dest = toml_str(&server.dest(&s.dst)),
-        ssh = ssh.join(", "),
-    );
-    let config_path = s.path().join("watcher.toml");
-    std::fs::write(&config_path, config).expect("write config");
-    let mut d = {
-        let _start = QUEUE_LIMIT_LOCK.read().unwrap_or_else(|e| e.into_inner());
-        let mut d =
-            Daemon::spawn_with(&[OsString::from("run"), "--config".into(), config_path.into()]);
-        d.wait_for_line("ready", READY_TIMEOUT);
-        d
-    };
+    let mut d = start_offsite(s.path(), src, &s.dst, &server, None);
     wait_converged(src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, test);
     let ino = |p: &Path| std::fs::symlink_metadata(p).expect("stat").ino();
     let dst_old = s.dst.join(old.file_name().expect("name"));

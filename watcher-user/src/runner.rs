@@ -139,29 +139,26 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         elapsed: Duration::ZERO,
         failures: None,
     };
-    if let Target::Local(replica) = &dest
-        && !renames.is_empty()
-        && !opts.dry_run
-    {
-        let replica = replica.clone();
+    if !renames.is_empty() && !opts.dry_run {
         let count = renames.len();
-        let replayed =
-            tokio::task::spawn_blocking(move || crate::replay::local(&replica, &renames)).await;
-        let replayed = replayed.unwrap_or(0);
-        if replayed > 0 {
-            tracing::info!(target = %dest, renames = count, replayed, "renames replayed on the replica");
-        }
-    } else if let Some(link) = &link
-        && !renames.is_empty()
-        && !opts.dry_run
-    {
-        let link = link.clone();
-        let count = renames.len();
-        let replayed =
-            tokio::task::spawn_blocking(move || crate::replay::ssh(&link, &renames)).await;
-        let replayed = replayed.unwrap_or(0);
-        if replayed > 0 {
-            tracing::info!(target = %dest, renames = count, replayed, "renames replayed on the replica");
+        // A local replica is renamed here, an ssh one over its connection; an rsync daemon
+        // has no rename: rsync copies.
+        let replay: Option<Box<dyn FnOnce() -> usize + Send>> = match (&dest, &link) {
+            (Target::Local(replica), _) => {
+                let replica = replica.clone();
+                Some(Box::new(move || crate::replay::local(&replica, &renames)))
+            }
+            (Target::Remote(_), Some(link)) => {
+                let link = link.clone();
+                Some(Box::new(move || crate::replay::ssh(&link, &renames)))
+            }
+            (Target::Remote(_), None) => None,
+        };
+        if let Some(replay) = replay {
+            let replayed = tokio::task::spawn_blocking(replay).await.unwrap_or(0);
+            if replayed > 0 {
+                tracing::info!(target = %dest, renames = count, replayed, "renames replayed on the replica");
+            }
         }
     }
     let planned = {

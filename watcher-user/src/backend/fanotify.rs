@@ -654,6 +654,23 @@ mod tests {
         }
     }
 
+    /// The directory `from` in the root renamed to `to`, in the root too.
+    fn dir_renamed(from: &'static [u8], to: &'static [u8]) -> FidEvent<'static> {
+        let mut ev = FidEvent::new();
+        ev.set_mask(FAN_RENAME | FAN_ONDIR)
+            .set_fsid(FS)
+            .set_pid(42)
+            .set_rename_source(RenameSide {
+                handle: Cow::Borrowed(ROOT),
+                name: Cow::Borrowed(from),
+            })
+            .set_rename_target(RenameSide {
+                handle: Cow::Borrowed(ROOT),
+                name: Cow::Borrowed(to),
+            });
+        ev
+    }
+
     fn run(t: &mut Translator, ev: &FidEvent<'_>) -> Vec<Event> {
         let mut out = Vec::new();
         t.translate(ev, &mut out);
@@ -759,18 +776,7 @@ mod tests {
     #[test]
     fn rename_event_gives_both_paths_and_moves_cached_directories() {
         let mut t = translator();
-        let mut ev = FidEvent::new();
-        ev.set_mask(FAN_RENAME | FAN_ONDIR)
-            .set_fsid(FS)
-            .set_pid(42)
-            .set_rename_source(RenameSide {
-                handle: Cow::Borrowed(ROOT),
-                name: Cow::Borrowed(b"d"),
-            })
-            .set_rename_target(RenameSide {
-                handle: Cow::Borrowed(ROOT),
-                name: Cow::Borrowed(b"e"),
-            });
+        let ev = dir_renamed(b"d", b"e");
         assert_eq!(
             run(&mut t, &ev),
             [
@@ -823,18 +829,7 @@ mod tests {
         let out = run(&mut t, &dirent(FAN_DELETE | FAN_ONDIR, UNKNOWN, b"x"));
         assert!(out.iter().all(|e| matches!(e, Event::Rescan { .. })));
         assert_eq!(t.resolver.cached(), 2);
-        let mut ev = FidEvent::new();
-        ev.set_mask(FAN_RENAME | FAN_ONDIR)
-            .set_fsid(FS)
-            .set_pid(42)
-            .set_rename_source(RenameSide {
-                handle: Cow::Borrowed(ROOT),
-                name: Cow::Borrowed(b"d"),
-            })
-            .set_rename_target(RenameSide {
-                handle: Cow::Borrowed(ROOT),
-                name: Cow::Borrowed(b"d2"),
-            });
+        let ev = dir_renamed(b"d", b"d2");
         run(&mut t, &ev);
         let out = run(&mut t, &dirent(FAN_DELETE, DIR, b"f"));
         assert_eq!(out, [change(ChangeKind::Deleted, "/srv/data/d2/f", false)]);

@@ -264,6 +264,22 @@ impl Ctx<'_> {
         }
     }
 
+    /// A command as an argument vector, program first (empty when not given).
+    fn command(
+        &self,
+        value: Option<&Spanned<Vec<String>>>,
+        key: &str,
+        expected: &str,
+    ) -> Result<Vec<OsString>, ConfigError> {
+        match value {
+            None => Ok(Vec::new()),
+            Some(cmd) if cmd.get_ref().first().is_none_or(String::is_empty) => {
+                Err(self.error(&cmd.span(), key, expected))
+            }
+            Some(cmd) => Ok(cmd.get_ref().iter().map(OsString::from).collect()),
+        }
+    }
+
     fn count(
         &self,
         value: Option<&Spanned<i64>>,
@@ -648,41 +664,31 @@ impl Ctx<'_> {
         };
 
         let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
-        let ssh = match &raw.ssh {
-            None => Vec::new(),
-            Some(cmd) if target.kind() != TargetKind::Ssh => {
-                return Err(self.error(
-                    &cmd.span(),
-                    format!("{key}.ssh"),
-                    format!("ssh is only for ssh targets (host:/path), and {dest} is not one"),
-                ));
-            }
-            Some(cmd) if cmd.get_ref().first().is_none_or(String::is_empty) => {
-                return Err(self.error(
-                    &cmd.span(),
-                    format!("{key}.ssh"),
-                    "expected the ssh command, program first: [\"ssh\", \"-p\", \"2222\"]",
-                ));
-            }
-            Some(cmd) => cmd.get_ref().iter().map(OsString::from).collect(),
-        };
+        if let Some(cmd) = &raw.ssh
+            && target.kind() != TargetKind::Ssh
+        {
+            return Err(self.error(
+                &cmd.span(),
+                format!("{key}.ssh"),
+                format!("ssh is only for ssh targets (host:/path), and {dest} is not one"),
+            ));
+        }
+        let ssh = self.command(
+            raw.ssh.as_ref(),
+            &format!("{key}.ssh"),
+            "expected the ssh command, program first: [\"ssh\", \"-p\", \"2222\"]",
+        )?;
         let max_backlog = self.count(
             raw.max_backlog.as_ref(),
             &format!("{key}.max_backlog"),
             defaults::MAX_BACKLOG as u64,
             1,
         )?;
-        let post_sync = match &raw.post_sync {
-            None => Vec::new(),
-            Some(cmd) if cmd.get_ref().first().is_none_or(String::is_empty) => {
-                return Err(self.error(
-                    &cmd.span(),
-                    format!("{key}.post_sync"),
-                    "expected the command, program first (run without a shell, the synced paths on stdin): [\"/usr/local/bin/reindex\", \"--quiet\"]",
-                ));
-            }
-            Some(cmd) => cmd.get_ref().iter().map(OsString::from).collect(),
-        };
+        let post_sync = self.command(
+            raw.post_sync.as_ref(),
+            &format!("{key}.post_sync"),
+            "expected the command, program first (run without a shell, the synced paths on stdin): [\"/usr/local/bin/reindex\", \"--quiet\"]",
+        )?;
         Ok(TargetConfig {
             name,
             dest: target,
