@@ -24,9 +24,13 @@ fn mv(src: &Path, from: &str, to: &str) {
     std::fs::rename(src.join(from), src.join(to)).unwrap_or_else(|e| panic!("mv {from} {to}: {e}"));
 }
 
-/// Whether the backend under test reports renames whole (so they must be replayed).
+/// Whether the backend under test reports renames whole (so they must be replayed):
+/// fanotify's FAN_RENAME, inotify's MOVED_FROM and MOVED_TO paired by cookie.
 fn replays() -> bool {
-    matches!(harness::backend().as_deref(), None | Some("fanotify"))
+    matches!(
+        harness::backend().as_deref(),
+        None | Some("fanotify") | Some("inotify")
+    )
 }
 
 #[test]

@@ -54,12 +54,10 @@ fn watch_selects_close_write_and_prints_renames_whole() {
     std::fs::rename(s.src.join("a"), s.src.join("b")).unwrap();
     let b = s.src.join("b").display().to_string();
     d.wait_for_line(&format!(r#""kind":"moved_to","path":"{b}""#), WAIT);
-    if harness::backend().as_deref() != Some("inotify") {
-        d.wait_for_line(
-            &format!(r#""from":"{a}","is_dir":false,"kind":"renamed""#),
-            WAIT,
-        );
-    }
+    d.wait_for_line(
+        &format!(r#""from":"{a}","is_dir":false,"kind":"renamed""#),
+        WAIT,
+    );
     assert_eq!(
         d.count(r#""kind":"created""#),
         0,

@@ -5,9 +5,9 @@
 //! - `close_write` is its own event; when the kernel merged a write and the close after it
 //!   into one event (fanotify does while neither was read yet) it is printed as
 //!   `close_write` alone.
-//! - A rename is printed as `moved_from` and `moved_to`; in JSON, when the kernel reported
-//!   the rename whole (fanotify on Linux 5.17 and later), a `renamed` object with `from`
-//!   and `to` follows them.
+//! - A rename is printed as `moved_from` and `moved_to`; in JSON, when the rename was seen
+//!   whole (fanotify on Linux 5.17 and later, inotify's halves paired by their cookie), a
+//!   `renamed` object with `from` and `to` follows them.
 //! - A deleted directory: `rm -rf` deletes the files inside first, and each deletion is
 //!   printed with the name the kernel reports, also inside a directory renamed just before.
 //!   A deletion whose directory can no longer be named (it was gone before the event was

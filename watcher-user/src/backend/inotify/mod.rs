@@ -12,7 +12,7 @@
 //! cannot be dropped by pid here; they go to targets, which never lie inside a source.
 //!
 //! This file holds the running backend (events -> tree updates and [`Event`]s, timers);
-//! `watch_tree` maps watches to paths, `moves` pairs directory renames, `walk` watches
+//! `watch_tree` maps watches to paths, `moves` pairs the halves of renames, `walk` watches
 //! a tree, `records` parses what a read returns, `limits` and `check` say whether a tree
 //! fits in the watches left.
 
@@ -32,7 +32,7 @@ use super::mountinfo::{Fence, MountWatch};
 use super::read_loop::{self, EventSource, OwnFilter, POLL_INTERVAL};
 use super::{Backend, BackendError, OwnPids, join_name, mask};
 use crate::event::{ChangeKind, Event};
-use moves::MovePairing;
+use moves::{MovePairing, RenameHalves};
 use records::{RawEvent, parse_events};
 use walk::{Job, Walk, WalkOutcome};
 use watch_tree::WatchTree;
@@ -112,6 +112,7 @@ pub struct InotifyBackend {
     own_pids: Arc<OwnPids>,
     tree: WatchTree,
     moves: MovePairing,
+    renames: RenameHalves,
     /// Roots as given (nested ones dropped: their parent root covers them).
     roots: Vec<PathBuf>,
     /// Watches removed by us: their IN_IGNORED is expected.
@@ -207,6 +208,7 @@ impl InotifyBackend {
             own_pids,
             tree: WatchTree::default(),
             moves: MovePairing::default(),
+            renames: RenameHalves::default(),
             roots,
             removing: HashSet::new(),
             deleted: HashSet::new(),
@@ -402,6 +404,7 @@ impl InotifyBackend {
         let outcome = Walk::new(Some(&self.inotify), "rebuild").run(jobs);
         let old = std::mem::take(&mut self.tree);
         self.moves.clear();
+        self.renames.clear();
         self.apply(outcome, out);
         let stale: Vec<i32> = old.wds().filter(|wd| !self.tree.contains(*wd)).collect();
         let dropped = stale.len();
@@ -471,6 +474,20 @@ impl InotifyBackend {
             is_dir,
             pid: 0,
         });
+        match kind {
+            ChangeKind::MovedFrom => self.renames.moved_from(ev.cookie, path.clone(), is_dir),
+            ChangeKind::MovedTo => {
+                if let Some(from) = self.renames.moved_to(ev.cookie, is_dir) {
+                    // After both halves, as fanotify reports it.
+                    out.push(Event::Renamed {
+                        from,
+                        to: path.clone(),
+                        is_dir,
+                    });
+                }
+            }
+            _ => {}
+        }
         if !is_dir {
             return;
         }

@@ -1,9 +1,45 @@
-//! Pairing a directory's IN_MOVED_FROM with the IN_MOVED_TO that carries the same cookie:
-//! a directory moved within the tree keeps its watches (relinked in the watch tree); one
-//! whose MOVED_TO does not come within a grace period left the tree, and its watches go.
+//! Pairing an IN_MOVED_FROM with the IN_MOVED_TO that carries the same cookie, twice:
+//! a directory moved within the tree keeps its watches (relinked in the watch tree; one
+//! whose MOVED_TO does not come within a grace period left the tree, and its watches go),
+//! and any rename within the tree becomes one [`Event::Renamed`](crate::event::Event),
+//! which targets can replay.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// Most MOVED_FROM halves kept waiting for their MOVED_TO: the kernel queues the two one
+/// after the other, so only a move out of the tree (never paired) stays, and a burst of
+/// those must not grow without bound.
+const MAX_HALVES: usize = 1024;
+
+/// The old paths of renames whose MOVED_TO has not come yet, by cookie.
+#[derive(Debug, Default)]
+pub(crate) struct RenameHalves {
+    from: HashMap<u32, (PathBuf, bool)>,
+}
+
+impl RenameHalves {
+    /// `path` (a directory when `is_dir`) was moved away with `cookie`.
+    pub(crate) fn moved_from(&mut self, cookie: u32, path: PathBuf, is_dir: bool) {
+        if self.from.len() >= MAX_HALVES {
+            // Unpaired halves are moves out of the tree: forgetting them costs nothing.
+            self.from.clear();
+        }
+        self.from.insert(cookie, (path, is_dir));
+    }
+
+    /// The old path of what arrived with `cookie`, if it was seen leaving and is of the
+    /// same kind.
+    pub(crate) fn moved_to(&mut self, cookie: u32, is_dir: bool) -> Option<PathBuf> {
+        let (path, was_dir) = self.from.remove(&cookie)?;
+        (was_dir == is_dir).then_some(path)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.from.clear();
+    }
+}
 
 /// Directories that left a watched directory, waiting for the MOVED_TO with the same
 /// cookie that says where they went.
@@ -83,5 +119,20 @@ mod tests {
         m.cancel(5);
         assert!(m.is_empty());
         assert_eq!(m.expire(t0 + grace, grace), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn renames_pair_by_cookie_and_stay_bounded() {
+        let mut h = RenameHalves::default();
+        h.moved_from(7, "/r/a".into(), false);
+        h.moved_from(8, "/r/d".into(), true);
+        assert_eq!(h.moved_to(8, true), Some("/r/d".into()));
+        assert_eq!(h.moved_to(8, true), None, "a cookie pairs once");
+        assert_eq!(h.moved_to(9, false), None, "moved in from outside");
+        assert_eq!(h.moved_to(7, true), None, "not the same object");
+        for cookie in 0..5000 {
+            h.moved_from(cookie, "/r/out".into(), false);
+        }
+        assert!(h.from.len() <= MAX_HALVES);
     }
 }
