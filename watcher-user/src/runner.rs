@@ -192,7 +192,8 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     // them did not name its paths).
     let mut partial: Option<Option<Vec<Failure>>> = None;
     for run in &runs {
-        let progress = whole_tree.then(|| rsync::Progress::new(label, &dest, PROGRESS_EVERY));
+        let progress =
+            whole_tree.then(|| rsync::Progress::new(label, dest.to_string(), PROGRESS_EVERY));
         // A local run only waits on itself; a remote one may wait on a slow peer.
         let stall_after =
             (opts.hardlinks && matches!(dest, Target::Local(_))).then_some(rsync::STALL_AFTER);

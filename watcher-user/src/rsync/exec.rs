@@ -126,56 +126,6 @@ pub const STALL_AFTER: Duration = Duration::from_secs(20);
 /// Keep at most this much of rsync's stderr and stdout.
 pub(super) const OUTPUT_TAIL: usize = 64 * 1024;
 
-/// Reports a long whole-tree run's progress (from `--info=progress2`): redrawn in place on a
-/// terminal, logged every `every` otherwise.
-pub struct Progress {
-    label: &'static str,
-    target: String,
-    every: Duration,
-    last: Option<Instant>,
-    terminal: bool,
-}
-
-impl Progress {
-    /// Progress of `label` ("full sync", "verify") towards `target`.
-    pub fn new(label: &'static str, target: &Target, every: Duration) -> Self {
-        use std::io::IsTerminal;
-        Progress {
-            label,
-            target: target.to_string(),
-            every,
-            last: None,
-            terminal: std::io::stderr().is_terminal(),
-        }
-    }
-
-    /// One progress2 line: "  1,234,567  45%  12.34MB/s  0:00:12 (xfr#12, to-chk=100/2000)".
-    fn update(&mut self, line: &str) {
-        let now = Instant::now();
-        let period = if self.terminal {
-            Duration::from_millis(200)
-        } else {
-            self.every
-        };
-        if self.last.is_some_and(|t| now.duration_since(t) < period) {
-            return;
-        }
-        self.last = Some(now);
-        let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
-        if self.terminal {
-            eprint!("\r\x1b[K{} {}: {line}", self.label, self.target);
-        } else {
-            tracing::info!(target = %self.target, "{} progress: {line}", self.label);
-        }
-    }
-
-    fn finish(&self) {
-        if self.terminal && self.last.is_some() {
-            eprintln!();
-        }
-    }
-}
-
 /// A progress2 update: bytes, a percentage, a rate and an ETA, ended by a carriage return.
 pub(super) fn is_progress(segment: &str) -> bool {
     segment.contains('%') && segment.contains("/s") && segment.starts_with(' ')

@@ -18,9 +18,11 @@ use crate::target::Target;
 
 mod exec;
 mod probe;
+mod progress;
 
-pub use exec::{ITEMIZED_KEPT, Progress, RunResult, STALL_AFTER, TransferStats, execute};
+pub use exec::{ITEMIZED_KEPT, RunResult, STALL_AFTER, TransferStats, execute};
 pub use probe::{ProbeError, probe, recent_enough, version_in};
+pub use progress::Progress;
 
 /// How rsync is invoked, shared by every run of one target.
 #[derive(Debug, Clone)]
