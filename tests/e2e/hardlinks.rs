@@ -97,6 +97,16 @@ fn hard_link_steps(test: &'static str, hard_links: bool, rsyncd: bool) {
     unlink(&src.join("late"));
     check("a late link unlinked again");
 
+    // A rewrite keeping size and mtime (rsync's quick check cannot see it) through a name
+    // that is unlinked right after: only the file's other names are left to carry it.
+    link(&src.join("d/b2"), &src.join("doomed"));
+    set_mtime(&src.join("d/b2"), 1_600_000_000, 0);
+    check("one more name, a known mtime");
+    write_in_place(&src.join("doomed"), b"C AFTER A WAS UNLINKED");
+    set_mtime(&src.join("doomed"), 1_600_000_000, 0);
+    unlink(&src.join("doomed"));
+    check("rewritten in place through a name unlinked at once");
+
     // Attributes are the inode's too.
     crate::chmod(&src.join("d/b2"), 0o600);
     set_mtime(&src.join("moved/o2"), 1_500_000_000, 42);

@@ -223,7 +223,7 @@ impl FailingPaths {
                     entry.on_trial = false;
                     entry.failures += 1;
                     entry.error = f.error.clone();
-                    entry.retry_at = after(now, backoff(entry.failures));
+                    entry.retry_at = after(now, wait_after(&f.error, entry.failures));
                     newly = true;
                     changes.push(Change::StillFailing(f.path.clone(), f.error.clone()));
                 }
@@ -236,7 +236,7 @@ impl FailingPaths {
                             error: f.error.clone(),
                             since_unix_ms: now_unix_ms,
                             failures: 1,
-                            retry_at: after(now, backoff(1)),
+                            retry_at: after(now, wait_after(&f.error, 1)),
                             on_trial: false,
                         },
                     );
@@ -331,6 +331,23 @@ fn backoff(failures: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(MAX_BACKOFF)
+}
+
+/// Tries of a type-change race at the first wait before it backs off like any failure.
+const RACE_QUICK_TRIES: u32 = 5;
+
+/// The wait before a path that failed `failures` times in a row with `error` is tried
+/// again. A path whose type changed under rsync (`Is a directory`, `Not a directory`: a
+/// file became a directory or the other way while it ran) raced with the source, and its
+/// next try usually syncs: it is tried again at the first wait a few times, so a replica
+/// under churn is not left waiting minutes for it, before it backs off like any failure.
+fn wait_after(error: &str, failures: u32) -> Duration {
+    let race = error.ends_with("(21)") || error.ends_with("(20)");
+    match failures.checked_sub(RACE_QUICK_TRIES) {
+        _ if !race => backoff(failures),
+        None | Some(0) => FIRST_BACKOFF,
+        Some(beyond) => backoff(beyond + 1),
+    }
 }
 
 fn after(t: Instant, d: Duration) -> Instant {
@@ -498,5 +515,16 @@ mod tests {
         assert_eq!(backoff(1), FIRST_BACKOFF);
         assert_eq!(backoff(3), Duration::from_secs(4));
         assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_type_change_race_is_tried_again_soon_before_it_backs_off() {
+        let race = "Is a directory (21)";
+        let waits: Vec<u64> = (1..=8).map(|n| wait_after(race, n).as_secs()).collect();
+        assert_eq!(waits, [1, 1, 1, 1, 1, 2, 4, 8]);
+        assert_eq!(wait_after("Not a directory (20)", 3), FIRST_BACKOFF);
+        let lasting = "Permission denied (13)";
+        let waits: Vec<u64> = (1..=4).map(|n| wait_after(lasting, n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8]);
     }
 }

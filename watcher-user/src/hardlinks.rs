@@ -168,28 +168,36 @@ impl Index {
         true
     }
 
-    /// `name` no longer exists (unlinked, moved away, replaced by a directory).
-    pub fn remove(&mut self, name: &Path) {
-        if let Some(key) = self.by_name.remove(name) {
-            self.drop_name(key, name);
+    /// `name` no longer exists (unlinked, moved away, replaced by a directory). Returns
+    /// the file's other known names: a write through `name` just before reached them too,
+    /// and once `name` is gone nothing else says so.
+    pub fn remove(&mut self, name: &Path) -> Vec<PathBuf> {
+        match self.by_name.remove(name) {
+            Some(key) => self.drop_name(key, name),
+            None => Vec::new(),
         }
     }
 
-    fn drop_name(&mut self, key: FileKey, name: &Path) {
-        if let Some(inode) = self.by_inode.get_mut(&key) {
-            inode.names.retain(|n| n != name);
-            if inode.names.is_empty() {
-                self.by_inode.remove(&key);
-            }
+    /// Drops `name` from `key`'s names; returns the names left.
+    fn drop_name(&mut self, key: FileKey, name: &Path) -> Vec<PathBuf> {
+        let Some(inode) = self.by_inode.get_mut(&key) else {
+            return Vec::new();
+        };
+        inode.names.retain(|n| n != name);
+        if inode.names.is_empty() {
+            self.by_inode.remove(&key);
+            return Vec::new();
         }
+        inode.names.clone()
     }
 
-    /// Directory `dir` is gone (removed, moved away): every name at or below it.
-    pub fn remove_under(&mut self, dir: &Path) {
+    /// Directory `dir` is gone (removed, moved away): every name at or below it. Returns
+    /// the other names, elsewhere, of the files that had names there (see [`Index::remove`]).
+    pub fn remove_under(&mut self, dir: &Path) -> Vec<PathBuf> {
         if dir.as_os_str().is_empty() {
             self.by_name.clear();
             self.by_inode.clear();
-            return;
+            return Vec::new();
         }
         // Component order puts a directory's descendants right after it.
         let gone: Vec<(PathBuf, FileKey)> = self
@@ -198,10 +206,15 @@ impl Index {
             .take_while(|(n, _)| n.starts_with(dir))
             .map(|(n, k)| (n.clone(), *k))
             .collect();
+        let mut others = Vec::new();
         for (name, key) in gone {
             self.by_name.remove(&name);
-            self.drop_name(key, &name);
+            others.extend(self.drop_name(key, &name));
         }
+        others.retain(|n| !n.starts_with(dir));
+        others.sort();
+        others.dedup();
+        others
     }
 
     /// `name` is not (or no longer) a name of `key`: the caller checked.
@@ -308,6 +321,9 @@ mod tests {
         Add(&'a str, FileKey, u64),
         Remove(&'a str),
         RemoveUnder(&'a str),
+        /// A removal, and the other names it says must be synced.
+        RemoveGives(&'a str, &'a [&'a str]),
+        RemoveUnderGives(&'a str, &'a [&'a str]),
         Forget(&'a str, FileKey),
         /// A whole-root walk that starts and finishes with nothing happening meanwhile.
         Walk(&'a [(FileKey, &'a [&'a str])]),
@@ -322,8 +338,23 @@ mod tests {
         for (i, step) in steps.iter().enumerate() {
             match step {
                 Add(n, k, l) => index.add(Path::new(n), *k, *l),
-                Remove(n) => index.remove(Path::new(n)),
-                RemoveUnder(n) => index.remove_under(Path::new(n)),
+                Remove(n) => {
+                    index.remove(Path::new(n));
+                }
+                RemoveUnder(n) => {
+                    index.remove_under(Path::new(n));
+                }
+                RemoveGives(n, want) => {
+                    let mut got = index.remove(Path::new(n));
+                    got.sort();
+                    let want: Vec<PathBuf> = want.iter().map(|s| p(s)).collect();
+                    assert_eq!(got, want, "step {i}");
+                }
+                RemoveUnderGives(n, want) => {
+                    let got = index.remove_under(Path::new(n));
+                    let want: Vec<PathBuf> = want.iter().map(|s| p(s)).collect();
+                    assert_eq!(got, want, "step {i}");
+                }
                 Forget(n, k) => index.forget(Path::new(n), *k),
                 Walk(items) => {
                     let stamp = index.walk_started();
@@ -339,6 +370,17 @@ mod tests {
     #[test]
     fn scenarios() {
         let table: &[&[Step]] = &[
+            // A name going away hands over the file's other names: a write through it just
+            // before changed them too (a file of one name left gives nothing).
+            &[
+                Walk(&[(A, &["a", "d/b", "e/c"]), (B, &["d/x", "y"])]),
+                RemoveGives("a", &["d/b", "e/c"]),
+                RemoveGives("e/c", &["d/b"]),
+                RemoveGives("d/b", &[]),
+                RemoveGives("never", &[]),
+                // A directory going away: the names elsewhere of what it held.
+                RemoveUnderGives("d", &["y"]),
+            ],
             // A walk makes what it found complete, even with links outside the root.
             &[
                 Walk(&[(A, &["a", "d/b"])]),

@@ -130,9 +130,15 @@ impl Links {
     }
 
     /// Keeps the index current with one event of the group (`rel` relative to its root).
-    pub fn on_change(&self, kind: ChangeKind, rel: &Path, is_dir: bool) {
+    /// Returns names to sync although no event named them: the other names of a file
+    /// whose name went away (a write through that name reached them too, and with the name
+    /// gone the batch could no longer find them from it).
+    pub fn on_change(&self, kind: ChangeKind, rel: &Path, is_dir: bool) -> Vec<PathBuf> {
         match (kind, is_dir) {
-            (ChangeKind::Created | ChangeKind::MovedTo, true) => self.index().remove_under(rel),
+            (ChangeKind::Created | ChangeKind::MovedTo, true) => {
+                self.index().remove_under(rel);
+                Vec::new()
+            }
             (ChangeKind::Deleted | ChangeKind::MovedFrom, true) => self.index().remove_under(rel),
             (ChangeKind::Deleted | ChangeKind::MovedFrom, false) => self.index().remove(rel),
             // A link changes the link count (and ctime) of its inode: where the backend
@@ -140,11 +146,16 @@ impl Links {
             (ChangeKind::Created | ChangeKind::MovedTo | ChangeKind::Attrib, false) => {
                 match multi_link(&self.root.join(rel)) {
                     Some((key, nlink)) => self.index().add(rel, key, nlink),
-                    None if kind != ChangeKind::Attrib => self.index().remove(rel),
+                    None if kind != ChangeKind::Attrib => {
+                        self.index().remove(rel);
+                    }
                     None => {}
                 }
+                Vec::new()
             }
-            (ChangeKind::Modified | ChangeKind::CloseWrite, _) | (ChangeKind::Attrib, true) => {}
+            (ChangeKind::Modified | ChangeKind::CloseWrite, _) | (ChangeKind::Attrib, true) => {
+                Vec::new()
+            }
         }
     }
 

@@ -152,8 +152,9 @@ impl TargetState {
 }
 
 /// Keeps each group's hard-link index current with `event` (names made, moved, removed;
-/// events lost).
-fn track_links(filter: &Filter, targets: &[TargetState], event: &Event) {
+/// events lost). Returns the names to mark dirty that no event named (see
+/// [`HardLinks::on_change`]), with their group.
+fn track_links(filter: &Filter, targets: &[TargetState], event: &Event) -> Vec<(GroupId, PathBuf)> {
     let links_of = |group: GroupId| {
         targets
             .iter()
@@ -167,7 +168,11 @@ fn track_links(filter: &Filter, targets: &[TargetState], event: &Event) {
             if let Match::Inside(group, rel) = filter.classify(path, *is_dir)
                 && let Some(links) = links_of(group)
             {
-                links.on_change(*kind, rel, *is_dir);
+                return links
+                    .on_change(*kind, rel, *is_dir)
+                    .into_iter()
+                    .map(|name| (group, name))
+                    .collect();
             }
         }
         // Its MovedFrom and MovedTo changes came before it.
@@ -185,6 +190,7 @@ fn track_links(filter: &Filter, targets: &[TargetState], event: &Event) {
             }
         }
     }
+    Vec::new()
 }
 
 /// Marks what `event` dirtied in every target of its group. Returns whether anything was marked.
@@ -194,7 +200,7 @@ pub(super) fn route(
     event: &Event,
     now: Instant,
 ) -> bool {
-    track_links(filter, targets, event);
+    let other_names = track_links(filter, targets, event);
     let mut mark = |group: GroupId, rel: &Path, scope: Scope| {
         let mut any = false;
         for t in targets.iter_mut().filter(|t| t.settings.group == group) {
@@ -203,6 +209,9 @@ pub(super) fn route(
         }
         any
     };
+    for (group, name) in &other_names {
+        mark(*group, name, Scope::Entry);
+    }
     match event {
         Event::Change {
             kind, path, is_dir, ..
