@@ -1007,6 +1007,55 @@ fn exclude_from_file_is_honoured() {
     d.stop();
 }
 
+/// `--include` before the excludes, as rsync reads them: `--include '*/' --include '*.txt'
+/// --exclude '*'` replicates the directories and the .txt files only, at start-up and
+/// for later changes, and the daemon does not even schedule runs for the rest.
+#[test]
+fn includes_keep_what_the_excludes_would_leave_out() {
+    let Some(_timer) = harness::begin("includes_keep_what_the_excludes_would_leave_out") else {
+        return;
+    };
+    let ctx = "includes_keep_what_the_excludes_would_leave_out";
+    let s = Scratch::new("includes");
+    let src = &s.src;
+    write(&src.join("a.txt"), "kept\n");
+    write(&src.join("a.bin"), "left out\n");
+    mkdir_p(&src.join("d/e"));
+    write(&src.join("d/e/b.txt"), "kept\n");
+    write(&src.join("d/e/b.bin"), "left out\n");
+    mark_root(src);
+    let extra = args(&["--include", "*/", "--include", "*.txt", "--exclude", "*"]);
+    let d = Daemon::start(src, &s.dst, &extra);
+    let only_txt =
+        |rel: &Path, md: &Metadata| !md.is_dir() && rel.extension().is_none_or(|e| e != "txt");
+    assert_equal_now(
+        src,
+        &s.dst,
+        &only_txt,
+        &format!("{ctx}: right after `ready`"),
+    );
+    let runs = d.count("rsync finished");
+    // Writes to left-out files (a name coming or going would change its directory's
+    // mtime, which is synced).
+    for i in 0..20 {
+        write(&src.join("a.bin"), format!("left out {i}\n"));
+        write(&src.join("d/e/b.bin"), format!("left out {i}\n"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.count("rsync finished"),
+        runs,
+        "{ctx}: writes only to left-out files started rsync runs"
+    );
+    mkdir_p(&src.join("new"));
+    write(&src.join("new/c.txt"), "kept\n");
+    write(&src.join("new/c.bin"), "left out\n");
+    wait_converged(src, &s.dst, CONVERGE_TIMEOUT, &only_txt, ctx);
+    assert!(s.dst.join("new/c.txt").exists() && !s.dst.join("new/c.bin").exists());
+    assert!(!s.dst.join("a.bin").exists() && !s.dst.join("d/e/b.bin").exists());
+    d.stop();
+}
+
 #[test]
 fn excluded_paths_are_not_replicated() {
     let Some(_timer) = harness::begin("excluded_paths_are_not_replicated") else {

@@ -75,6 +75,11 @@ pub struct SyncArgs {
     /// Leave out paths matching this rsync-style pattern (`*.swp`, `.cache/`, `/build`); repeatable.
     #[arg(long = "exclude", value_name = "GLOB")]
     pub excludes: Vec<String>,
+    /// Keep paths matching this rsync-style pattern although an exclude matches them
+    /// (rsync's --include, checked before every exclude: `--include='*/' --include='*.txt'
+    /// --exclude='*'` keeps only .txt files); repeatable.
+    #[arg(long = "include", value_name = "GLOB")]
+    pub includes: Vec<String>,
     /// Leave out paths matching the patterns in FILE, one per line (blank lines and lines
     /// starting with `#` or `;` are skipped), as rsync's --exclude-from reads them.
     #[arg(long, value_name = "FILE")]
@@ -203,6 +208,7 @@ impl SyncArgs {
             sync: vec![at(RawGroup {
                 name: Some(at("sync".to_owned())),
                 source: at(from_cwd(&self.source)),
+                include: self.includes.iter().cloned().map(at).collect(),
                 exclude: self.excludes.iter().cloned().map(at).collect(),
                 exclude_from: self.exclude_from.as_deref().map(|p| at(from_cwd(p))),
                 rsync_args,
@@ -248,6 +254,7 @@ fn sync_option(key: &str) -> String {
         "source" => "SOURCE",
         "target" | "dest" | "name" if key.contains(".target") => "TARGET",
         "exclude" => "--exclude",
+        "include" => "--include",
         "exclude_from" => "--exclude-from",
         "delete" => "--delete",
         "rsync_args" | "password_file" => "--rsync-arg",

@@ -297,6 +297,9 @@ pub struct Excludes {
     dir_path_globs: GlobSet,
     /// Nothing to match: every path is accepted without a lookup.
     no_rules: bool,
+    /// Include rules (`+ PAT`) given before every exclude: a component one of them matches
+    /// is not excluded, as rsync's first matching rule decides.
+    includes: Option<Box<Excludes>>,
 }
 
 /// One parsed `--exclude` argument.
@@ -335,9 +338,11 @@ impl Excludes {
     pub fn compile(patterns: &[String]) -> Result<Self, ExcludeError> {
         let mut parsed = Vec::new();
         // rsync stops at the first matching rule, so an include may rescue a path from any
-        // later exclude: rules after an include are dropped (until a clear), which only ever
-        // excludes less than rsync does.
+        // later exclude. Includes that come before every exclude (the `include` key's) are
+        // matched first, as rsync does; after an include that follows an exclude, later
+        // rules are dropped (until a clear), which only ever excludes less than rsync does.
         let mut after_include = false;
+        let mut leading_includes: Vec<(usize, String)> = Vec::new();
         for (index, pat) in patterns.iter().enumerate() {
             let rule = parse_rule(pat).map_err(|reason| ExcludeError {
                 index: Some(index),
@@ -347,7 +352,12 @@ impl Excludes {
             match rule {
                 Parsed::Clear => {
                     parsed.clear();
+                    leading_includes.clear();
                     after_include = false;
+                }
+                Parsed::Include if parsed.is_empty() && !after_include => {
+                    let body = pat.strip_prefix("+ ").unwrap_or(pat);
+                    leading_includes.push((index, body.to_owned()));
                 }
                 Parsed::Include => after_include = true,
                 Parsed::Nothing => {}
@@ -355,6 +365,16 @@ impl Excludes {
                 _ => {}
             }
         }
+        let includes = if leading_includes.is_empty() {
+            None
+        } else {
+            let bodies: Vec<String> = leading_includes.iter().map(|(_, b)| b.clone()).collect();
+            let compiled = Excludes::compile(&bodies).map_err(|e| ExcludeError {
+                index: e.index.map(|i| leading_includes[i].0),
+                ..e
+            })?;
+            Some(Box::new(compiled))
+        };
 
         let mut names = HashSet::new();
         let mut dir_names = HashSet::new();
@@ -420,6 +440,7 @@ impl Excludes {
             path_globs: build(path_globs)?,
             dir_path_globs: build(dir_path_globs)?,
             no_rules,
+            includes,
         })
     }
 
@@ -451,7 +472,11 @@ impl Excludes {
             // every component but the last is a directory.
             if !name.is_empty() && !self.no_rules {
                 let dir = is_dir || stop < rel.len();
-                if self.matches(name, &rel[..stop], dir) {
+                let included = self
+                    .includes
+                    .as_ref()
+                    .is_some_and(|i| i.matches(name, &rel[..stop], dir));
+                if !included && self.matches(name, &rel[..stop], dir) {
                     return false;
                 }
             }
@@ -962,12 +987,8 @@ mod tests {
                 false,
                 Some((0, b"keep")),
             ),
-            (
-                &[("/r", &["+ keep", "*"])],
-                b"/r/other",
-                false,
-                Some((0, b"other")),
-            ),
+            // Leading includes are matched first, as rsync does: the rest is excluded.
+            (&[("/r", &["+ keep", "*"])], b"/r/other", false, None),
             (&[("/r", &["a", "+ b", "*"])], b"/r/a", false, None),
             (&[("/r", &["a", "!", "b"])], b"/r/a", false, Some((0, b"a"))),
             (&[("/r", &["a", "!", "b"])], b"/r/b", false, None),
@@ -1117,6 +1138,36 @@ mod tests {
         assert_eq!(f.groups_at_or_below(Path::new("/hom")), vec![]);
         assert_eq!(f.groups_at_or_below(Path::new("/etc")), vec![]);
         assert_eq!(f.groups_at_or_below(Path::new("home")), vec![]);
+    }
+
+    #[test]
+    fn includes_before_the_excludes_are_matched_first() {
+        let pats = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // rsync's "only .txt files": every directory and every .txt, nothing else.
+        let only_txt = Excludes::compile(&pats(&["+ */", "+ *.txt", "*"])).unwrap();
+        for (rel, is_dir, kept) in [
+            ("a.txt", false, true),
+            ("a.bin", false, false),
+            ("d", true, true),
+            ("d/e/x.txt", false, true),
+            ("d/e/x.bin", false, false),
+        ] {
+            assert_eq!(only_txt.accepts(rel.as_bytes(), is_dir), kept, "{rel}");
+        }
+        // A directory an include does not rescue stays excluded with all it holds, as
+        // rsync never enters it.
+        let keep_logs = Excludes::compile(&pats(&["+ *.log", "tmp/"])).unwrap();
+        assert!(keep_logs.accepts(b"a.log", false));
+        assert!(!keep_logs.accepts(b"tmp/a.log", false));
+        assert!(!keep_logs.accepts(b"tmp", true));
+        // An include after an exclude: the rules after it are not applied (less is
+        // excluded here than by rsync, never more).
+        let late = Excludes::compile(&pats(&["*.o", "+ keep.o", "*.tmp"])).unwrap();
+        assert!(!late.accepts(b"x.o", false));
+        assert!(late.accepts(b"x.tmp", false));
+        // A clear forgets the includes too.
+        let cleared = Excludes::compile(&pats(&["+ *.txt", "!", "*"])).unwrap();
+        assert!(!cleared.accepts(b"a.txt", false));
     }
 
     #[test]

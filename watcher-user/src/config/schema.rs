@@ -157,6 +157,9 @@ impl<'de> Deserialize<'de> for RawDelete {
 pub struct RawGroup {
     pub name: Option<Spanned<String>>,
     pub source: Spanned<PathBuf>,
+    /// rsync include patterns, checked before every exclude.
+    #[serde(default)]
+    pub include: Vec<Spanned<String>>,
     #[serde(default)]
     pub exclude: Vec<Spanned<String>>,
     /// A file of more exclude patterns, one per line (`#` and `;` start comments).

@@ -119,7 +119,7 @@ const BROKEN: &[(&str, usize, &str, &str)] = &[
         "[[sync]]\nsource = \"@D/src\"\ncolour = \"red\"\n",
         3,
         "sync[0].colour",
-        "unknown key `colour`; known keys: name, source, exclude",
+        "unknown key `colour`; known keys: name, source, include, exclude",
     ),
     (
         "[[sync]]\nsource = \"@D/src\"\n[[sync.targets]]\ndest = \"@D/replica\"\n",
@@ -918,6 +918,36 @@ fn every_independent_error_is_reported() {
         "{err}"
     );
     assert!(lines[2].starts_with("w.toml:9: sync[1].source:"), "{err}");
+}
+
+#[test]
+fn includes_come_before_the_excludes_and_are_plain_patterns() {
+    let fx = Fixture::new();
+    let config = fx
+        .parse(
+            "[[sync]]\nsource = \"@D/src\"\ninclude = [\"*/\", \"*.txt\"]\nexclude = [\"*\"]\n\
+             [[sync.target]]\ndest = \"h::m\"\n",
+        )
+        .expect("valid");
+    // What rsync gets: `+ PAT` rules first, which its --exclude reads as includes.
+    assert_eq!(
+        config.groups[0].excludes.patterns(),
+        ["+ */", "+ *.txt", "*"]
+    );
+    for (pattern, want) in [
+        ("", "empty include pattern"),
+        ("+ x", "plain pattern"),
+        ("!", "plain pattern"),
+    ] {
+        let text = format!(
+            "[[sync]]\nsource = \"@D/src\"\ninclude = [\"ok\", {pattern:?}]\n[[sync.target]]\ndest = \"h::m\"\n"
+        );
+        let err = fx.parse(&text).expect_err("refused").to_string();
+        assert!(
+            err.contains("sync[0].include[1]") && err.contains(want),
+            "{err}"
+        );
+    }
 }
 
 #[test]

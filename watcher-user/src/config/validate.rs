@@ -19,7 +19,7 @@ use super::errors::{ConfigError, position};
 use super::schema::{OsText, RawDaemon, RawDelete, RawFile, RawGroup, RawTarget, defaults};
 use super::{Config, DaemonConfig, GroupConfig, TargetConfig};
 use crate::backend::BackendKind;
-use crate::filter::Excludes;
+use crate::filter::{ExcludeError, Excludes};
 use crate::flush::FlushConfig;
 use crate::target::{Target, TargetError, TargetKind};
 
@@ -375,7 +375,24 @@ impl Ctx<'_> {
                 })?,
         };
 
-        let mut patterns = Vec::with_capacity(raw.exclude.len());
+        // Includes go first, as `+ PAT` rules (which rsync's --exclude reads as includes):
+        // rsync's first matching rule decides, and the event filter matches them first.
+        let mut patterns = Vec::with_capacity(raw.include.len() + raw.exclude.len());
+        for (j, pattern) in raw.include.iter().enumerate() {
+            let text = pattern.get_ref();
+            let why = if text.is_empty() {
+                Some("empty include pattern")
+            } else if text.starts_with("+ ") || text.starts_with("- ") || text.starts_with('!') {
+                Some("an include pattern is a plain pattern (no `+ `, `- ` or `!` prefix)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(self.error(&pattern.span(), format!("{key}.include[{j}]"), why));
+            }
+            patterns.push(format!("+ {text}"));
+        }
+        let includes = raw.include.len();
         for (j, pattern) in raw.exclude.iter().enumerate() {
             if pattern.get_ref().is_empty() {
                 return Err(self.error(
@@ -408,6 +425,19 @@ impl Ctx<'_> {
         // Compiled here, as the event filter will, so that `config check` refuses what
         // `run` would.
         let excludes = Excludes::compile(&patterns).map_err(|e| {
+            if let Some(j) = e.index
+                && j < includes
+            {
+                return self.error(
+                    &raw.include[j].span(),
+                    format!("{key}.include[{j}]"),
+                    e.to_string(),
+                );
+            }
+            let e = ExcludeError {
+                index: e.index.map(|j| j - includes),
+                ..e
+            };
             if let (Some(j), Some(file)) = (e.index, &raw.exclude_from)
                 && let Some(line) = j
                     .checked_sub(raw.exclude.len())
