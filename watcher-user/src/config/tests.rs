@@ -951,6 +951,25 @@ fn includes_come_before_the_excludes_and_are_plain_patterns() {
 }
 
 #[test]
+fn every_target_table_with_an_error_is_reported() {
+    let fx = Fixture::new();
+    let text = "[[sync]]\nsource = \"@D/src\"\n\
+                [[sync.target]]\ndest = \"relative/dir\"\n\
+                [[sync.target]]\ndest = \"h::m\"\nmax_backlog = 0\n\
+                [[sync.target]]\ndest = \"h::m\"\n\
+                [[sync.target]]\ndest = \"h::m\"\n";
+    let err = fx.parse(text).expect_err("three errors").to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(lines[0].contains("sync[0].target[0].dest:"), "{err}");
+    assert!(lines[1].contains("sync[0].target[1].max_backlog:"), "{err}");
+    assert!(
+        lines[2].contains("sync[0].target[3].dest:") && lines[2].contains("already used"),
+        "{err}"
+    );
+}
+
+#[test]
 fn exclude_from_reads_a_file_of_patterns() {
     let fx = Fixture::new();
     let file = fx.root.join("excludes");

@@ -546,15 +546,23 @@ impl Ctx<'_> {
         let mut targets = Vec::with_capacity(raw.target.len());
         let mut local_dests = Vec::new();
         let mut names: HashMap<String, usize> = HashMap::new();
+        // Each target table is checked on its own: every one with an error says so.
+        let mut target_errors = Vec::new();
         for (j, target) in raw.target.iter().enumerate() {
             let tkey = format!("{key}.target[{j}]");
-            let config = self.target(
+            let config = match self.target(
                 &tkey,
                 target.get_ref(),
                 &source,
                 &mut local_dests,
                 password_files,
-            )?;
+            ) {
+                Ok(config) => config,
+                Err(e) => {
+                    target_errors.push(e);
+                    continue;
+                }
+            };
             if let Some(first) = names.insert(config.name.clone(), j) {
                 let (span, name_key, how) = match &target.get_ref().name {
                     Some(n) => (n.span(), format!("{tkey}.name"), "choose another name"),
@@ -564,7 +572,7 @@ impl Ctx<'_> {
                         "a target's name defaults to its dest; set a distinct `name`",
                     ),
                 };
-                return Err(self.error(
+                target_errors.push(self.error(
                     &span,
                     name_key,
                     format!(
@@ -572,8 +580,12 @@ impl Ctx<'_> {
                         config.name
                     ),
                 ));
+                continue;
             }
             targets.push(config);
+        }
+        if let Some(e) = ConfigError::all(target_errors) {
+            return Err(e);
         }
 
         let config = GroupConfig {
