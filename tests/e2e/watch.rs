@@ -93,6 +93,9 @@ fn watch_prints_deletes_inside_a_directory_renamed_then_deleted() {
     let mut d = watch(&s, &["--format", "%w%f %e"]);
     let k = s.src.join("k");
     std::fs::create_dir(&k).unwrap();
+    // inotify watches a new directory once its creation is read: what is made in it
+    // before that is not reported (as with inotifywait).
+    d.wait_for_line(&format!("{} CREATE,ISDIR", k.display()), WAIT);
     std::fs::write(k.join("f1"), "1").unwrap();
     std::fs::write(k.join("f2"), "2").unwrap();
     // Read before the deletions: fanotify merges the unread events of one name, and a

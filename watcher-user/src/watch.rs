@@ -16,6 +16,9 @@
 //! - fanotify merges the unread events of one name into one: a file created and deleted
 //!   again before its events were read (a busy machine) is printed once, as created, the
 //!   most far-reaching change, because one event is printed with one kind.
+//! - inotify (`--backend inotify`) watches a new directory once its creation is read, so
+//!   files made in it before that are not printed, as with `inotifywait -mr` (the daemon
+//!   syncs such a directory whole, so nothing is lost there).
 //! - `delete_self`: a watched path itself was deleted or moved away.
 //! - `rescan` (a subtree changed in ways the backend cannot list) and `overflow` (events
 //!   were lost) are always printed, whatever `-e` selects.
