@@ -1,7 +1,6 @@
 //! Renames in the source become renames on a local replica (before rsync runs), so a
 //! renamed directory is not copied again: the replica's files keep their inode numbers.
-//! Every backend must end with an exact replica; the backends that report a rename as one
-//! operation (fanotify's FAN_RENAME) must also have replayed it.
+//! Every backend must end with an exact replica and have replayed the renames.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -22,15 +21,6 @@ fn write(path: &Path, data: &str) {
 
 fn mv(src: &Path, from: &str, to: &str) {
     std::fs::rename(src.join(from), src.join(to)).unwrap_or_else(|e| panic!("mv {from} {to}: {e}"));
-}
-
-/// Whether the backend under test reports renames whole (so they must be replayed):
-/// fanotify's FAN_RENAME, inotify's MOVED_FROM and MOVED_TO paired by cookie.
-fn replays() -> bool {
-    matches!(
-        harness::backend().as_deref(),
-        None | Some("fanotify") | Some("inotify")
-    )
 }
 
 #[test]
@@ -90,21 +80,19 @@ fn renames_are_replayed_on_a_local_replica() {
         mv(src, "tmp", "b");
     });
 
-    if replays() {
-        let after = [
-            ino(&dst.join("big-renamed")),
-            ino(&dst.join("big-renamed/f007")),
-            ino(&dst.join("big-renamed/deep/inner")),
-            ino(&dst.join("keep/file-moved")),
-            ino(&dst.join("c3")),
-        ];
-        assert_eq!(
-            after, before,
-            "{ctx}: the replica's files were copied, not renamed"
-        );
-    } else {
-        eprintln!("{ctx}: this backend reports renames as two halves; only exactness checked");
-    }
+    // Every backend reports a rename whole (fanotify's FAN_RENAME, inotify's MOVED_FROM
+    // and MOVED_TO paired by cookie, the ebpf rename records), so every one replays it.
+    let after = [
+        ino(&dst.join("big-renamed")),
+        ino(&dst.join("big-renamed/f007")),
+        ino(&dst.join("big-renamed/deep/inner")),
+        ino(&dst.join("keep/file-moved")),
+        ino(&dst.join("c3")),
+    ];
+    assert_eq!(
+        after, before,
+        "{ctx}: the replica's files were copied, not renamed"
+    );
     d.stop();
 }
 

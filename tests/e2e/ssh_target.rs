@@ -294,21 +294,14 @@ fn ssh_renames_are_replayed_with_hostile_names() {
     .expect("mv file");
     wait_converged(src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, test);
     assert!(!s.dst.join("pwned").exists() && !src.join("pwned").exists());
-    if matches!(
-        harness::backend().as_deref(),
-        None | Some("fanotify") | Some("inotify")
-    ) {
-        let after = (
-            ino(&s.dst.join(new_dir).join("f07")),
-            ino(&s.dst.join("-file; rm -rf x")),
-        );
-        assert_eq!(
-            after, before,
-            "{test}: the ssh replica's files were copied, not renamed"
-        );
-        d.wait_for_line("renames replayed on the replica", Duration::from_secs(5));
-    } else {
-        eprintln!("{test}: this backend reports renames as two halves; only exactness checked");
-    }
+    let after = (
+        ino(&s.dst.join(new_dir).join("f07")),
+        ino(&s.dst.join("-file; rm -rf x")),
+    );
+    assert_eq!(
+        after, before,
+        "{test}: the ssh replica's files were copied, not renamed"
+    );
+    d.wait_for_line("renames replayed on the replica", Duration::from_secs(5));
     d.stop();
 }

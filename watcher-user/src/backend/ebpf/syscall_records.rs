@@ -400,6 +400,7 @@ impl Translator {
                     self.directory_moved(o, n);
                 }
                 let exchange = rec.flags & RENAME_EXCHANGE != 0;
+                let old_name = old.clone();
                 if let Some(o) = old {
                     let kind = if exchange {
                         ChangeKind::MovedTo
@@ -413,8 +414,16 @@ impl Translator {
                     };
                     self.push(out, kind, o, old_is_dir, pid);
                 }
-                if let Some(n) = new {
-                    self.push(out, ChangeKind::MovedTo, n, is_dir, pid);
+                if let Some(n) = &new {
+                    self.push(out, ChangeKind::MovedTo, n.clone(), is_dir, pid);
+                }
+                // Both names known: the rename whole, so a target can replay it (an
+                // exchange is two moves at once, which no replay does; rsync copies).
+                if !exchange
+                    && let (Some(from), Some(to)) = (old_name, new)
+                    && (self.under_roots(&from) || self.under_roots(&to))
+                {
+                    out.push(Event::Renamed { from, to, is_dir });
                 }
             }
             op::LINK => {
@@ -646,6 +655,11 @@ mod tests {
             vec![
                 change(ChangeKind::MovedFrom, "/nonexistent-root/d", true),
                 change(ChangeKind::MovedTo, "/nonexistent-root/n", true),
+                Event::Renamed {
+                    from: "/nonexistent-root/d".into(),
+                    to: "/nonexistent-root/n".into(),
+                    is_dir: true
+                },
                 change(ChangeKind::Created, "/nonexistent-root/n/e/x", true),
             ]
         );

@@ -160,11 +160,24 @@ impl VfsTranslator {
                         .map(|m| m.is_dir())
                         .unwrap_or(true)
                 });
+                // One name on each side (no bind mount shows the file twice): the rename
+                // whole, so a target can replay it.
+                let whole = match (&old[..], &new[..]) {
+                    ([from], [to]) => Some((from.clone(), to.clone())),
+                    _ => None,
+                };
                 for p in old {
                     push(out, ChangeKind::MovedFrom, p, moved_dir);
                 }
                 for p in new {
                     push(out, ChangeKind::MovedTo, p, moved_dir);
+                }
+                if let Some((from, to)) = whole {
+                    out.push(Event::Renamed {
+                        from,
+                        to,
+                        is_dir: moved_dir,
+                    });
                 }
                 return;
             }
@@ -296,6 +309,11 @@ mod tests {
                     path: "/r/new".into(),
                     is_dir: true,
                     pid: 7
+                },
+                Event::Renamed {
+                    from: "/r/old".into(),
+                    to: "/r/new".into(),
+                    is_dir: true
                 },
             ]
         );
