@@ -2,6 +2,8 @@
 //! renamed directory is not copied again: the replica's files keep their inode numbers.
 //! Every backend must end with an exact replica and have replayed the renames.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
@@ -128,4 +130,81 @@ fn a_renamed_file_rewritten_with_the_same_size_and_mtime_replicates() {
     }
     wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
     d.stop();
+}
+
+/// On an rsync-daemon target, which has no rename, the batch first sends each renamed name
+/// with the old one as its basis on the receiver: a directory's files are linked to the
+/// old ones (their inode numbers stay), a file moved to another directory too, a file
+/// renamed in its directory is delta-copied. Almost nothing crosses the wire; names are
+/// hostile.
+#[test]
+fn renames_on_an_rsync_daemon_target_send_almost_nothing() {
+    let ctx = "renames_on_an_rsync_daemon_target_send_almost_nothing";
+    let Some(_timer) = harness::begin(ctx) else {
+        return;
+    };
+    let s = Scratch::new("rsyncd-renames");
+    let src = &s.src;
+    let old_dir = "dir 'a' $(touch pwned)";
+    std::fs::create_dir_all(src.join(old_dir)).expect("mkdir");
+    std::fs::create_dir(src.join("d")).expect("mkdir d");
+    // Content that does not compress, so bytes sent again would show.
+    let noise = |seed: u64, len: usize| -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    for i in 0..200 {
+        std::fs::write(src.join(old_dir).join(format!("f{i:03}")), noise(i, 50_000))
+            .expect("write");
+    }
+    std::fs::write(src.join("d/in-place"), noise(1000, 4 << 20)).expect("write");
+    std::fs::write(src.join("-top\nfile"), noise(1001, 4 << 20)).expect("write");
+    let renamed_bytes = 200 * 50_000 + 2 * (4 << 20);
+
+    let server = crate::rsyncd::RsyncDaemon::start(s.path(), &s.dst);
+    let extra = vec![OsString::from(format!(
+        "--rsync-arg=--password-file={}",
+        server.password_file.display()
+    ))];
+    let mut d = Daemon::start(src, server.url(), &extra);
+    wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
+    let dst = &s.dst;
+    let before = (
+        ino(&dst.join(old_dir).join("f007")),
+        ino(&dst.join("-top\nfile")),
+    );
+    let received_before = server.received_bytes();
+
+    let new_dir = std::ffi::OsStr::from_bytes(b"renamed \"$HOME\" \\ \xff\n");
+    std::fs::rename(src.join(old_dir), src.join(new_dir)).expect("mv dir");
+    mv(src, "d/in-place", "d/-renamed in place");
+    mv(src, "-top\nfile", "d/-top\nfile");
+    wait_converged(src, dst, Duration::from_secs(60), &skip_nothing, ctx);
+    d.wait_for_line("renames replayed on the replica", Duration::from_secs(10));
+    let after = (
+        ino(&dst.join(new_dir).join("f007")),
+        ino(&dst.join("d/-top\nfile")),
+    );
+    assert_eq!(
+        after, before,
+        "{ctx}: the files were sent again, not linked"
+    );
+    assert!(!dst.join("pwned").exists() && !src.join("pwned").exists());
+    // Wait for the daemon to log the last connections.
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = server.received_bytes() - received_before;
+    assert!(
+        sent * 50 < renamed_bytes,
+        "{ctx}: {sent} bytes sent for {renamed_bytes} bytes renamed (more than 2%)"
+    );
+    eprintln!("{ctx}: {sent} bytes sent for {renamed_bytes} bytes renamed");
+    d.stop();
+    server.stop();
 }

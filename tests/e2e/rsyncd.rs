@@ -179,6 +179,22 @@ impl RsyncDaemon {
         format!("rsync://{USER}@127.0.0.1:{}/{MODULE}/", self.port)
     }
 
+    /// What clients have sent the daemon so far, from the `received N bytes` its log holds
+    /// for every finished connection.
+    #[allow(dead_code)] // used by the e2e tests only
+    pub fn received_bytes(&self) -> u64 {
+        // Not UTF-8 when names are not.
+        let log = std::fs::read(&self.log_file).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        log.lines()
+            .filter_map(|line| {
+                let rest = &line[line.find("received ")? + "received ".len()..];
+                let figure = rest.split_whitespace().next()?;
+                figure.replace(',', "").parse::<u64>().ok()
+            })
+            .sum()
+    }
+
     /// SIGTERM and wait (bounded) for the exit.
     pub fn stop(mut self) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
@@ -200,7 +216,9 @@ impl Drop for RsyncDaemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // Server-side errors (what made a transfer fail) are only in its log.
-            let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+            // Not UTF-8 when names are not.
+            let log = std::fs::read(&self.log_file).unwrap_or_default();
+            let log = String::from_utf8_lossy(&log);
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(60)..].join("\n");
             eprintln!(

@@ -142,7 +142,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     if !renames.is_empty() && !opts.dry_run {
         let count = renames.len();
         // A local replica is renamed here, an ssh one over its connection; an rsync daemon
-        // has no rename: rsync copies.
+        // gets runs that find the data in place.
         let replay: Option<Box<dyn FnOnce() -> usize + Send>> = match (&dest, &link) {
             (Target::Local(replica), _) => {
                 let replica = replica.clone();
@@ -151,6 +151,18 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
             (Target::Remote(_), Some(link)) => {
                 let link = link.clone();
                 Some(Box::new(move || crate::replay::ssh(&link, &renames)))
+            }
+            (Target::Remote(_), None) if dest.kind() == crate::target::TargetKind::Daemon => {
+                let runs = {
+                    let (root, dest, opts) = (root.clone(), dest.rsync_arg(), opts.clone());
+                    tokio::task::spawn_blocking(move || {
+                        crate::replay::daemon::plan(&root, &dest, &opts, &renames, found)
+                    })
+                    .await
+                    .unwrap_or_default()
+                };
+                let replayed = daemon_replay(runs, &dest, &opts, &own_pids, &stop, &mut done).await;
+                Some(Box::new(move || replayed))
             }
             (Target::Remote(_), None) => None,
         };
@@ -308,6 +320,54 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     }
     done.elapsed = started.elapsed();
     done
+}
+
+/// What a renamed source path is now, for [`crate::replay::daemon::plan`].
+fn found(path: &Path) -> Option<crate::replay::daemon::Found> {
+    use crate::replay::daemon::Found;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    Some(if meta.is_dir() {
+        Found::Dir
+    } else if meta.is_file() {
+        Found::File { bytes: meta.len() }
+    } else {
+        Found::Other
+    })
+}
+
+/// Runs the replays of an rsync-daemon target (see [`crate::replay::daemon`]); returns how
+/// many succeeded. A failed one is only logged: the batch's runs copy instead.
+async fn daemon_replay(
+    mut runs: Vec<rsync::Run>,
+    dest: &Target,
+    opts: &RsyncOptions,
+    own_pids: &Arc<OwnPids>,
+    stop: &Option<watch::Receiver<bool>>,
+    done: &mut Done,
+) -> usize {
+    rsync::report(&mut runs, false, false, opts);
+    let mut replayed = 0;
+    for run in &runs {
+        let command = rsync::display_args(&opts.binary, &run.args);
+        match rsync::execute(&opts.binary, run, own_pids, false, None, stop.clone(), None).await {
+            Ok(r) => {
+                done.runs += 1;
+                done.transfer.add(r.transfer);
+                done.run_times.push(r.elapsed);
+                if r.class == ExitClass::Success {
+                    replayed += 1;
+                } else {
+                    tracing::debug!(target = %dest, code = r.code, stderr = %r.stderr.trim_end(), %command,
+                        "rename not replayed; rsync copies instead");
+                }
+            }
+            Err(e) => tracing::debug!(target = %dest, error = %e, "rename not replayed"),
+        }
+        if stop.as_ref().is_some_and(|s| *s.borrow()) {
+            break;
+        }
+    }
+    replayed
 }
 
 /// What a failed rsync run is reported as: `rsync failed with exit 10 (error in socket

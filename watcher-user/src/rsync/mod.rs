@@ -391,6 +391,27 @@ pub fn plan(
     runs
 }
 
+/// A run of one `source` (a file, or a directory's contents with a trailing slash) into
+/// `dest`, outside the batch's lists: the target's own options and excludes, then `extra`.
+/// Nothing is deleted.
+pub fn single_run(
+    opts: &RsyncOptions,
+    extra: &[OsString],
+    source: OsString,
+    dest: OsString,
+) -> Run {
+    let mut args = common_args(opts);
+    args.extend(extra.iter().cloned());
+    args.extend(opts.extra_args.iter().cloned());
+    args.push(source);
+    args.push(dest);
+    Run {
+        args,
+        stdin: Vec::new(),
+        paths: 1,
+    }
+}
+
 /// Asks the runs of a batch for what the engine reads back from them: the paths rsync
 /// changed (`--itemize-changes`, a verify pass counts its repairs so; a dry run already
 /// itemizes), overall progress on stdout (`--info=progress2`, rsync 3.1+) for a

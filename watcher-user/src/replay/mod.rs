@@ -1,7 +1,8 @@
 //! Replaying the source's renames on the replica before rsync runs, so a renamed
 //! directory of a terabyte is a rename on the replica too, not a terabyte copied and a
 //! terabyte deleted: `rename(2)` on a local replica, `mv` over the target's own connection
-//! on an ssh replica.
+//! on an ssh replica, runs that find the data on the receiver on an rsync daemon
+//! ([`daemon`]).
 //!
 //! A replay is only ever an optimisation: the batch's rsync runs still sync the new names
 //! (they find the data in place and send only differences) and delete the old ones, so a
@@ -18,6 +19,8 @@
 //! so a rename it cannot do exactly as `rename(2)` would is left to rsync.
 
 use std::path::{Component, Path, PathBuf};
+
+pub mod daemon;
 
 /// Replays `renames` (old, new: relative to the root) in `replica`; returns how many were
 /// replayed.
