@@ -58,6 +58,31 @@ impl Mounted {
         }
     }
 
+    /// An overlay of `base/lower` (holding one file) mounted at `at`, its upper and work
+    /// directories in `base`. fanotify cannot mark an overlay.
+    fn overlay(base: &Path, at: &Path) -> Mounted {
+        let (lower, upper, work) = (base.join("lower"), base.join("upper"), base.join("work"));
+        for dir in [&lower, &upper, &work] {
+            mkdir_p(dir);
+        }
+        write(&lower.join("from-the-lower-layer"), "lower");
+        mkdir_p(at);
+        let mut opts = std::ffi::OsString::from("lowerdir=");
+        opts.push(&lower);
+        opts.push(",upperdir=");
+        opts.push(&upper);
+        opts.push(",workdir=");
+        opts.push(&work);
+        run(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(opts)
+            .arg(at));
+        Mounted {
+            at: at.to_path_buf(),
+            mounted: true,
+        }
+    }
+
     /// Unmounts now, retrying while rsync or a walk still holds it.
     fn unmount(&mut self) {
         let ok = harness::poll_until(Duration::from_secs(20), Duration::from_millis(100), || {
@@ -180,6 +205,53 @@ fn nested_mounts_replicate() {
         CONVERGE_TIMEOUT,
         &skip_nothing,
         "writes after the unmount",
+    );
+    d.wait_rsync_quiet(Duration::from_secs(1), Duration::from_secs(20));
+    assert_equal_now(&s.src, &s.dst, &skip_nothing, "still converged");
+    d.stop();
+}
+
+/// An overlay (which refuses fanotify marks) mounted inside a root on a filesystem that
+/// takes them: `auto` keeps fanotify for the root and watches the overlay with inotify, and
+/// changes on both sides replicate.
+#[test]
+fn an_overlay_below_a_root_is_watched_with_inotify_beside_fanotify() {
+    let test = "an_overlay_below_a_root_is_watched_with_inotify_beside_fanotify";
+    let Some(_timer) = harness::begin(test) else {
+        return;
+    };
+    if harness::backend().as_deref() == Some("fanotify") {
+        eprintln!("{test}: skipped: fanotify alone cannot mark an overlay (auto and inotify can)");
+        return;
+    }
+    let s = Scratch::new("overlay-below");
+    let ov = s.src.join("containers/ov");
+    let _overlay = Mounted::overlay(&s.path().join("layers"), &ov);
+    scribble(&s.src, "root", 0);
+    scribble(&ov, "overlay", 0);
+    let mut d = Daemon::start(&s.src, &s.dst, &args(&[]));
+    if harness::backend().is_none() {
+        d.wait_for_line("place watched with inotify", Duration::from_secs(5));
+        d.wait_for_line("backend=\"fanotify+inotify\"", Duration::from_secs(5));
+    }
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        "initial sync",
+    );
+    for round in 1..3 {
+        scribble(&s.src, "root", round);
+        scribble(&ov, "overlay", round);
+    }
+    std::fs::remove_file(ov.join("from-the-lower-layer")).expect("whiteout a lower file");
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        "writes on both filesystems",
     );
     d.wait_rsync_quiet(Duration::from_secs(1), Duration::from_secs(20));
     assert_equal_now(&s.src, &s.dst, &skip_nothing, "still converged");

@@ -154,13 +154,51 @@ fn fsid(path: &Path) -> Result<Fsid, BackendError> {
     })
 }
 
+/// A place fanotify cannot mark (an overlay, say): a root, or a filesystem mounted below
+/// one, with its whole subtree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unmarked {
+    pub path: PathBuf,
+    pub fstype: String,
+    /// The refusal, for the log and `watcher check`.
+    pub why: String,
+}
+
 impl FanotifyBackend {
     /// Marks every filesystem holding one of `roots` or mounted below one (once per
-    /// filesystem), except below the roots in `stop_at_mounts`.
+    /// filesystem), except below the roots in `stop_at_mounts`. A filesystem that cannot
+    /// be marked fails the start.
     pub fn start(
         roots: &[PathBuf],
         stop_at_mounts: &[PathBuf],
         own_pids: Arc<OwnPids>,
+    ) -> Result<Self, BackendError> {
+        Self::start_marking(roots, stop_at_mounts, own_pids, None)
+    }
+
+    /// As [`start`](Self::start), but a filesystem that refuses a mark is left out and
+    /// returned with the place it covers, for another backend to watch. Nothing is
+    /// marked below such a place: that backend sees all of it.
+    pub fn start_where_possible(
+        roots: &[PathBuf],
+        stop_at_mounts: &[PathBuf],
+        own_pids: Arc<OwnPids>,
+    ) -> Result<(Self, Vec<Unmarked>), BackendError> {
+        let mut unmarked = Vec::new();
+        let backend = Self::start_marking(roots, stop_at_mounts, own_pids, Some(&mut unmarked))?;
+        Ok((backend, unmarked))
+    }
+
+    /// Whether no filesystem is marked.
+    pub fn marks_nothing(&self) -> bool {
+        self.translator.roots_by_fs.is_empty()
+    }
+
+    fn start_marking(
+        roots: &[PathBuf],
+        stop_at_mounts: &[PathBuf],
+        own_pids: Arc<OwnPids>,
+        mut unmarked: Option<&mut Vec<Unmarked>>,
     ) -> Result<Self, BackendError> {
         let group = init_group()?;
         let mut roots_by_fs: BTreeMap<Fsid, Vec<PathBuf>> = BTreeMap::new();
@@ -172,23 +210,44 @@ impl FanotifyBackend {
         }
         let mut resolver = Resolver::new(RESOLVE_CACHE_DIRS);
         let mut rename_events = true;
+        let mut left_out = Vec::new();
         for (fs, fs_roots) in &roots_by_fs {
             let first = &fs_roots[0];
-            rename_events &= mark_filesystem(&group, first)?;
+            match (mark_filesystem(&group, first), unmarked.as_deref_mut()) {
+                (Ok(rename), _) => rename_events &= rename,
+                (Err(e @ BackendError::FilesystemUnsupported { .. }), Some(unmarked)) => {
+                    let why = super::error_chain(&e);
+                    unmarked.extend(fs_roots.iter().map(|root| Unmarked {
+                        path: root.clone(),
+                        fstype: super::filesystem_type(root),
+                        why: why.clone(),
+                    }));
+                    left_out.push(*fs);
+                    continue;
+                }
+                (Err(e), _) => return Err(e),
+            }
             for root in fs_roots {
                 resolver.add_mount(*fs, open_dir(root)?);
             }
             tracing::debug!(root = %first.display(), fsid = ?fs, "filesystem marked");
         }
+        roots_by_fs.retain(|fs, _| !left_out.contains(fs));
+        let is_left_out = |path: &Path, unmarked: &Option<&mut Vec<Unmarked>>| {
+            unmarked
+                .as_deref()
+                .is_some_and(|u| u.iter().any(|u| path.starts_with(&u.path)))
+        };
         let table = mountinfo::mounts();
         let root_devs = roots
             .iter()
+            .filter(|r| !is_left_out(r, &unmarked))
             .filter_map(|r| mountinfo::containing(&table, r))
             .map(|m| (m.major, m.minor))
             .collect();
         let followed: Vec<PathBuf> = roots
             .iter()
-            .filter(|r| !stop_at_mounts.contains(r))
+            .filter(|r| !stop_at_mounts.contains(r) && !is_left_out(r, &unmarked))
             .cloned()
             .collect();
         let mut backend = FanotifyBackend {
@@ -213,9 +272,22 @@ impl FanotifyBackend {
         };
         for root in &followed {
             for m in mountinfo::below(&table, root) {
-                // At start-up a filesystem that cannot be marked fails the start, as for a
-                // root: `auto` then uses inotify, which sees it.
-                backend.mark_nested(m)?;
+                if is_left_out(&m.mount_point, &unmarked) {
+                    continue;
+                }
+                // A filesystem that cannot be marked fails the start, as for a root, or
+                // is left to another backend.
+                match (backend.mark_nested(m), unmarked.as_deref_mut()) {
+                    (Ok(()), _) => {}
+                    (Err(e @ BackendError::FilesystemUnsupported { .. }), Some(unmarked)) => {
+                        unmarked.push(Unmarked {
+                            path: m.mount_point.clone(),
+                            fstype: m.fstype.clone(),
+                            why: super::error_chain(&e),
+                        })
+                    }
+                    (Err(e), _) => return Err(e),
+                }
             }
         }
         backend.mounts = watch;

@@ -2,7 +2,7 @@
 //! paths; nothing downstream knows which backend produced them.
 //!
 //! [`start`] takes one [`BackendOptions`] value and picks the backend (`auto`: fanotify
-//! where it works, else inotify). The backends share one read loop (`read_loop`: waiting,
+//! on every filesystem it can mark, inotify over the rest, `hybrid` running both). The backends share one read loop (`read_loop`: waiting,
 //! interrupted calls, draining after a stop, the daemon's own processes) and supply only
 //! "read what is queued into events"; fanotify and inotify share the meaning of their
 //! common event mask (`mask`). `mountinfo` reads the mount table for messages, the ebpf
@@ -10,6 +10,7 @@
 
 pub mod ebpf;
 pub mod fanotify;
+mod hybrid;
 pub mod inotify;
 mod mask;
 mod mountinfo;
@@ -26,7 +27,8 @@ pub use mountinfo::{filesystem_type, remote_writers_note};
 /// Which change-capture mechanism to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
-    /// fanotify when the kernel and every root's filesystem support it, else inotify.
+    /// fanotify on every filesystem it can mark, inotify over the places it cannot (an
+    /// overlay root or mount, say), or inotify alone when fanotify is unusable.
     Auto,
     /// A filesystem-wide fanotify mark (Linux 5.9+, a filesystem that reports file handles).
     Fanotify,
@@ -57,7 +59,7 @@ pub enum BackendError {
     NoPermission(#[source] std::io::Error),
     /// The filesystem of a source cannot report file handles.
     #[error(
-        "{path} is on a {fstype} filesystem, which cannot report file handles to fanotify; use --backend inotify (or auto)"
+        "{path} is on a filesystem of type {fstype}, which cannot report file handles to fanotify; use --backend inotify (or auto)"
     )]
     FilesystemUnsupported {
         path: PathBuf,
@@ -193,15 +195,29 @@ pub fn start(
         BackendKind::Fanotify => start_fanotify(options, roots, own_pids, "forced with --backend"),
         BackendKind::Inotify => start_inotify(options, roots, own_pids, "forced with --backend"),
         BackendKind::Ebpf => start_ebpf(options, roots, own_pids),
-        BackendKind::Auto => match fanotify::FanotifyBackend::start(
+        BackendKind::Auto => match fanotify::FanotifyBackend::start_where_possible(
             roots,
             &options.one_file_system,
             own_pids.clone(),
         ) {
-            Ok(backend) => Ok(fanotify_selected(
+            Ok((backend, unmarked)) if unmarked.is_empty() => Ok(fanotify_selected(
                 backend,
                 "the kernel and every root's filesystem support filesystem marks",
             )),
+            Ok((backend, unmarked)) if backend.marks_nothing() => {
+                let why = unmarked
+                    .iter()
+                    .map(|u| u.why.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                start_inotify(
+                    options,
+                    roots,
+                    own_pids,
+                    &format!("fanotify unusable: {why}"),
+                )
+            }
+            Ok((backend, unmarked)) => start_hybrid(options, backend, &unmarked, own_pids),
             // Only a missing capability falls back: other errors (a root that cannot be
             // opened, say) would fail inotify the same way.
             Err(
@@ -270,6 +286,43 @@ fn start_ebpf(
     _own_pids: Arc<OwnPids>,
 ) -> Result<Box<dyn Backend>, BackendError> {
     Err(BackendError::EbpfAbsent)
+}
+
+/// fanotify where it marks, inotify over the places it refused (see [`hybrid`]).
+fn start_hybrid(
+    options: &BackendOptions,
+    fanotify: fanotify::FanotifyBackend,
+    unmarked: &[fanotify::Unmarked],
+    own_pids: Arc<OwnPids>,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let places: Vec<PathBuf> = unmarked.iter().map(|u| u.path.clone()).collect();
+    let stop_at: Vec<PathBuf> = places
+        .iter()
+        .filter(|p| options.one_file_system.contains(p))
+        .cloned()
+        .collect();
+    let inotify = inotify::InotifyBackend::start(&places, &stop_at, own_pids)?;
+    for u in unmarked {
+        tracing::info!(
+            path = %u.path.display(),
+            fstype = %u.fstype,
+            backend = "inotify",
+            reason = %u.why,
+            "place watched with inotify"
+        );
+    }
+    tracing::info!(
+        backend = "fanotify+inotify",
+        reason = "fanotify marks every filesystem it can; inotify watches the places it refused",
+        rename_events = fanotify.has_rename_events(),
+        inotify_places = places.len(),
+        watches = inotify.watches(),
+        "backend selected"
+    );
+    Ok(Box::new(hybrid::Hybrid::new(
+        vec![Box::new(fanotify), Box::new(inotify)],
+        "fanotify+inotify",
+    )))
 }
 
 fn start_inotify(

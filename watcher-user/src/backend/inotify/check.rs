@@ -79,7 +79,7 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
                 path: Some(path.clone()),
                 ok: fits,
                 detail: format!(
-                    "{} need as many watches, pinning {}; {} free \
+                    "{}: as many watches, pinning {}; {} free \
                      (fs.inotify.max_user_watches {} - {} in use){}",
                     crate::words::counted(outcome.dirs as u64, "directory", "directories"),
                     kernel_memory(&outcome.dirs),
