@@ -439,19 +439,29 @@ fn broken_configs_name_line_and_key() {
         } else {
             format!("w.toml:{line}: {key}: ")
         };
+        // The row's error is one of the lines; the only others a row may add are for a
+        // file left without groups or a group left without targets.
+        let errors = match err {
+            ConfigError::Several(errors) => errors,
+            err => vec![err],
+        };
+        let (mine, others): (Vec<_>, Vec<_>) = errors
+            .iter()
+            .partition(|e| e.to_string().starts_with(&place));
+        let [err] = mine[..] else {
+            panic!("{message:?} should have one line starting with {place:?}\n{text}");
+        };
+        for other in others {
+            let other = other.to_string();
+            assert!(
+                other.contains("no [[sync]] groups") || other.contains("no targets"),
+                "{message:?}: unexpected {other:?}\n{text}"
+            );
+        }
         assert!(
-            message.starts_with(&place),
-            "{message:?} should start with {place:?}\n{text}"
-        );
-        assert!(
-            message.contains(&fragment),
+            err.to_string().contains(&fragment),
             "{message:?} should contain {fragment:?}\n{text}"
         );
-        // A row's error comes first; a table left without groups adds one more.
-        let err = match err {
-            ConfigError::Several(mut errors) => errors.remove(0),
-            err => err,
-        };
         match err {
             ConfigError::Invalid {
                 line: l,
@@ -459,10 +469,10 @@ fn broken_configs_name_line_and_key() {
                 key: k,
                 ..
             } => {
-                assert_eq!(l, *line, "{message}");
+                assert_eq!(l, line, "{message}");
                 assert_eq!(column.is_some(), key.is_empty(), "{message}");
                 if !key.is_empty() {
-                    assert_eq!(k, *key, "{message}");
+                    assert_eq!(k, key, "{message}");
                 }
             }
             other => panic!("not an Invalid error: {other:?}"),
@@ -800,7 +810,7 @@ fn load_reports_errors_against_the_file() {
     let fx = Fixture::new();
     let path = fx.write(
         "w.toml",
-        "[[sync]]\nsource = \"@D/src\"\ndelay_ms = -1\n",
+        "[[sync]]\nsource = \"@D/src\"\ndelay_ms = -1\n[[sync.target]]\ndest = \"h::m\"\n",
         0o644,
     );
     let message = load(&path).expect_err("bad value").to_string();
