@@ -4,6 +4,10 @@
 //! The same rules check a file and `watcher sync`'s command line; only the way an error
 //! names its place differs ([`Origin`]), so a value the file refuses is refused on the
 //! command line too, for the same reason.
+//!
+//! Every key is checked and every error kept ([`Found`]), so that one `config check` shows
+//! all that is wrong instead of one error per round of edit and retry; a check that needs
+//! another key's value waits for that key to be good, so no error is a guess.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
