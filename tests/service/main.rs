@@ -1553,8 +1553,9 @@ fn status_wait_in_step_waits_for_every_target() {
 // ---------------------------------------------------------------------------------------
 // Config check
 
-/// `watcher config check` names the file, line and key of an unknown key, and refuses a
-/// config file others may write (so does `watcher run`), saying how to fix it.
+/// `watcher config check` names the file, line and key of an unknown key, and of every bad
+/// value in a group, and refuses a config file others may write (so does `watcher run`),
+/// saying how to fix it.
 #[test]
 fn config_check_reports_file_line_and_key() {
     // Needs no fanotify and no root.
@@ -1630,6 +1631,40 @@ fn config_check_reports_file_line_and_key() {
         out.stderr
     );
     assert!(out.stdout.contains("ok"), "{ctx}: {}", out.stdout);
+
+    // Several bad values in one group: each has its line, in file order.
+    let several = s.path().join("several.toml");
+    let bad = text.replace("delay_msec = 50", "delay_ms = -5\nmax_batch = 0");
+    write_config_text(&several, &bad);
+    let out = run_watcher(
+        &[
+            OsStr::new("config"),
+            OsStr::new("check"),
+            OsStr::new("--config"),
+            several.as_os_str(),
+        ],
+        Duration::from_secs(20),
+    );
+    eprintln!("{ctx}: two bad values: {}\n{}", out.status, out.stderr);
+    assert!(
+        !out.status.success(),
+        "{ctx}: config check accepted two bad values"
+    );
+    let delay = format!(
+        "{}:{bad_line}: sync[0].delay_ms: expected a non-negative integer, got -5",
+        several.display()
+    );
+    let batch = format!(
+        "{}:{}: sync[0].max_batch: must be at least 1, got 0",
+        several.display(),
+        bad_line + 1
+    );
+    let at = |line: &str| out.stderr.find(line);
+    assert!(
+        matches!((at(&delay), at(&batch)), (Some(d), Some(b)) if d < b),
+        "{ctx}: stderr does not name {delay:?} and then {batch:?}:\n{}",
+        out.stderr
+    );
 
     // World-writable: refused with a chmod hint, by `config check` and by `run`.
     chmod(&good, 0o666);

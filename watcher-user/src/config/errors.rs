@@ -89,8 +89,16 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// The one error of `errors`, [`ConfigError::Several`] when there are more, None for
-    /// none.
-    pub fn all(mut errors: Vec<ConfigError>) -> Option<ConfigError> {
+    /// none. A [`ConfigError::Several`] among them is spread out, so the list is flat:
+    /// one error per line, the first one a single error.
+    pub fn all(errors: Vec<ConfigError>) -> Option<ConfigError> {
+        let mut errors: Vec<ConfigError> = errors
+            .into_iter()
+            .flat_map(|e| match e {
+                ConfigError::Several(inner) => inner,
+                e => vec![e],
+            })
+            .collect();
         match errors.len() {
             0 => None,
             1 => errors.pop(),

@@ -403,6 +403,26 @@ const BROKEN: &[(&str, usize, &str, &str)] = &[
         "sync[1].target[0].dest",
         "overlaps sync[0].target[0].dest (@D/replica)",
     ),
+    // A check that needs a bad key's value stays quiet: no group name is taken from a
+    // bad source, no dest is compared with it, and a bad dest's kind is not judged.
+    (
+        "[[sync]]\nsource = \"@D/nope\"\n[[sync.target]]\ndest = \"@D/nope/replica\"\n",
+        2,
+        "sync[0].source",
+        "source @D/nope does not exist",
+    ),
+    (
+        "[[sync]]\nsource = \"@D/src\"\n[[sync.target]]\ndest = \"replica\"\npassword_file = \"/p\"\nssh = [\"ssh\"]\n",
+        4,
+        "sync[0].target[0].dest",
+        "local dest \"replica\" is not an absolute path",
+    ),
+    (
+        "[[sync]]\nsource = \"@D/src\"\ndelay_ms = -5\nmax_delay_ms = 50\n[[sync.target]]\ndest = \"h::m\"\n",
+        3,
+        "sync[0].delay_ms",
+        "expected a non-negative integer, got -5",
+    ),
     (
         "[[sync]]\nname = \"x\nsource = \"@D/src\"\n",
         2,
@@ -439,19 +459,29 @@ fn broken_configs_name_line_and_key() {
         } else {
             format!("w.toml:{line}: {key}: ")
         };
+        // The row's error is one of the lines; the only others a row may add are for a
+        // file left without groups or a group left without targets.
+        let errors = match err {
+            ConfigError::Several(errors) => errors,
+            err => vec![err],
+        };
+        let (mine, others): (Vec<_>, Vec<_>) = errors
+            .iter()
+            .partition(|e| e.to_string().starts_with(&place));
+        let [err] = mine[..] else {
+            panic!("{message:?} should have one line starting with {place:?}\n{text}");
+        };
+        for other in others {
+            let other = other.to_string();
+            assert!(
+                other.contains("no [[sync]] groups") || other.contains("no targets"),
+                "{message:?}: unexpected {other:?}\n{text}"
+            );
+        }
         assert!(
-            message.starts_with(&place),
-            "{message:?} should start with {place:?}\n{text}"
-        );
-        assert!(
-            message.contains(&fragment),
+            err.to_string().contains(&fragment),
             "{message:?} should contain {fragment:?}\n{text}"
         );
-        // A row's error comes first; a table left without groups adds one more.
-        let err = match err {
-            ConfigError::Several(mut errors) => errors.remove(0),
-            err => err,
-        };
         match err {
             ConfigError::Invalid {
                 line: l,
@@ -459,15 +489,303 @@ fn broken_configs_name_line_and_key() {
                 key: k,
                 ..
             } => {
-                assert_eq!(l, *line, "{message}");
+                assert_eq!(l, line, "{message}");
                 assert_eq!(column.is_some(), key.is_empty(), "{message}");
                 if !key.is_empty() {
-                    assert_eq!(k, *key, "{message}");
+                    assert_eq!(k, key, "{message}");
                 }
             }
             other => panic!("not an Invalid error: {other:?}"),
         }
     }
+}
+
+/// An error expected on a line of its own: its line, key and a fragment of its message.
+type Expected = (usize, &'static str, &'static str);
+
+/// (config, every error it must produce, in order). Each file has several errors in one
+/// table, which are all reported, one line each.
+const SEVERAL: &[(&str, &[Expected])] = &[
+    (
+        "[daemon]
+backend = \"bpf\"
+state_dir = \"var/lib/watcher\"
+metrics = \"localhost:9469\"
+ebpf_ringbuf_bytes = 4096
+rsync = \"bin/rsync\"
+max_processes = 0
+ebpf_probes = \"fentry\"
+status_socket = \"status.sock\"
+
+[[sync]]
+source = \"@D/src\"
+[[sync.target]]
+dest = \"h::m\"
+",
+        &[
+            (2, "daemon.backend", "unknown backend \"bpf\""),
+            (
+                3,
+                "daemon.state_dir",
+                "\"var/lib/watcher\" is not an absolute path",
+            ),
+            (
+                4,
+                "daemon.metrics",
+                "\"localhost:9469\" is not an address and port",
+            ),
+            (
+                5,
+                "daemon.ebpf_ringbuf_bytes",
+                "must be at least 16384, got 4096",
+            ),
+            (
+                6,
+                "daemon.rsync",
+                "must be a program name looked up in PATH",
+            ),
+            (7, "daemon.max_processes", "must be at least 1, got 0"),
+            (8, "daemon.ebpf_probes", "unknown probe set \"fentry\""),
+            (
+                9,
+                "daemon.status_socket",
+                "\"status.sock\" is not an absolute path",
+            ),
+        ],
+    ),
+    (
+        "[daemon]
+metrics = \"10.0.0.1:9469\"
+ebpf_ringbuf_bytes = 4294967296
+
+[[sync]]
+source = \"@D/src\"
+[[sync.target]]
+dest = \"h::m\"
+",
+        &[
+            (
+                2,
+                "daemon.metrics",
+                "10.0.0.1:9469 is not a loopback address",
+            ),
+            (
+                3,
+                "daemon.ebpf_ringbuf_bytes",
+                "must be at most 1073741824 (1 GiB)",
+            ),
+        ],
+    ),
+    (
+        "[[sync]]
+name = \"a/b\"
+source = \"@D/src\"
+include = [\"\", \"+ x\"]
+exclude = [
+  \"*.[ch\",
+  \"\",
+  \"ok\",
+  \"*.[x\",
+]
+rsync_args = [\"/etc\", \"--numeric-ids\", \"--password-file=/p\"]
+delay_ms = -5
+max_delay_ms = 50
+max_batch = 0
+delete = \"sometimes\"
+verify_interval = \"0s\"
+[[sync.target]]
+dest = \"h::m\"
+",
+        &[
+            (2, "sync[0].name", "may not be \".\", \"..\" or contain '/'"),
+            (4, "sync[0].include[0]", "empty include pattern"),
+            (4, "sync[0].include[1]", "plain pattern"),
+            (6, "sync[0].exclude[0]", "invalid exclude pattern \"*.[ch\""),
+            (7, "sync[0].exclude[1]", "empty exclude pattern"),
+            (9, "sync[0].exclude[3]", "invalid exclude pattern \"*.[x\""),
+            (
+                11,
+                "sync[0].rsync_args[0]",
+                "\"/etc\" is not an rsync option",
+            ),
+            (11, "sync[0].rsync_args[2]", "password_file key"),
+            // max_delay_ms is not compared with a delay_ms that is no number.
+            (
+                12,
+                "sync[0].delay_ms",
+                "expected a non-negative integer, got -5",
+            ),
+            (14, "sync[0].max_batch", "must be at least 1, got 0"),
+            (15, "sync[0].delete", "unknown value \"sometimes\""),
+            (16, "sync[0].verify_interval", "must be longer than zero"),
+        ],
+    ),
+    (
+        "[[sync]]
+source = \"@D/src\"
+exclude_from = \"excludes\"
+delay_ms = 5000
+",
+        &[
+            (1, "sync[0].target", "no targets"),
+            (
+                3,
+                "sync[0].exclude_from",
+                "\"excludes\" is not an absolute path",
+            ),
+            (
+                4,
+                "sync[0].delay_ms",
+                "delay_ms (5000) exceeds max_delay_ms (1000, the default)",
+            ),
+        ],
+    ),
+    (
+        "[[sync]]
+source = \"@D/src\"
+[[sync.target]]
+name = \"\"
+dest = \"@D/replica\"
+password_file = \"/p\"
+rsync_args = [\"x\"]
+ssh = [\"ssh\"]
+max_backlog = 0
+post_sync = []
+",
+        &[
+            (4, "sync[0].target[0].name", "name is empty"),
+            (
+                6,
+                "sync[0].target[0].password_file",
+                "@D/replica is a local directory",
+            ),
+            (
+                7,
+                "sync[0].target[0].rsync_args[0]",
+                "\"x\" is not an rsync option",
+            ),
+            (8, "sync[0].target[0].ssh", "only for ssh targets"),
+            (
+                9,
+                "sync[0].target[0].max_backlog",
+                "must be at least 1, got 0",
+            ),
+            (10, "sync[0].target[0].post_sync", "program first"),
+        ],
+    ),
+    (
+        "[[sync]]
+source = \"@D/src\"
+[[sync.target]]
+dest = \"--delete\"
+password_file = \"p\"
+ssh = []
+[[sync.target]]
+dest = \"@D/src/copy\"
+max_backlog = -1
+",
+        &[
+            // A bad dest's kind is unknown: whether password_file and ssh belong is not
+            // judged, but their values are.
+            (
+                4,
+                "sync[0].target[0].dest",
+                "would be read as an rsync option",
+            ),
+            (
+                5,
+                "sync[0].target[0].password_file",
+                "\"p\" is not an absolute path",
+            ),
+            (6, "sync[0].target[0].ssh", "program first"),
+            (8, "sync[0].target[1].dest", "lies inside source @D/src"),
+            (
+                9,
+                "sync[0].target[1].max_backlog",
+                "expected a non-negative integer, got -1",
+            ),
+        ],
+    ),
+];
+
+#[test]
+fn every_error_of_a_table_is_reported_in_file_order() {
+    let fx = Fixture::new();
+    for (text, expected) in SEVERAL {
+        let message = match fx.parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        };
+        let lines: Vec<&str> = message.lines().collect();
+        for (n, (line, key, fragment)) in expected.iter().enumerate() {
+            let place = format!("w.toml:{line}: {key}: ");
+            let fragment = fx.expand(fragment);
+            assert!(
+                lines
+                    .get(n)
+                    .is_some_and(|l| l.starts_with(&place) && l.contains(&fragment)),
+                "line {} of {message:?} should be {place:?} with {fragment:?}\n{text}",
+                n + 1
+            );
+        }
+        assert_eq!(lines.len(), expected.len(), "{message}\n{text}");
+    }
+}
+
+/// Values at the edge of every rule, and keys whose checks depend on others, all good: a
+/// file with no error is taken as it is.
+#[test]
+fn an_unusual_but_good_config_passes() {
+    let fx = Fixture::new();
+    let config = fx
+        .parse(
+            "[daemon]
+metrics = \"0.0.0.0:9469\"
+metrics_allow_remote = true
+ebpf_ringbuf_bytes = 16384
+max_processes = 1
+rsync = \"rsync\"
+
+[[sync]]
+source = \"@D/link/\"
+include = [\"*/\"]
+exclude = [\"- *.tmp\", \"+ keep\", \"!\", \"\\\\[literal]\"]
+rsync_args = [\"-v\", \"--numeric-ids\"]
+delay_ms = 0
+max_delay_ms = 0
+max_batch = 1
+delete = \"startup\"
+verify_interval = \"1s\"
+
+[[sync.target]]
+dest = \"rsync://h/m\"
+password_file = \"/etc/watcher/h.pass\"
+max_backlog = 1
+
+[[sync.target]]
+name = \"rsync://h/m2\"
+dest = \"u@h:/r\"
+ssh = [\"ssh\", \"-p\", \"2222\"]
+post_sync = [\"/bin/true\"]
+",
+        )
+        .expect("valid");
+    assert_eq!(config.daemon.ebpf_ringbuf_bytes, 16384);
+    assert_eq!(config.daemon.max_processes, Some(1));
+    let group = &config.groups[0];
+    // Named after the source as written, whose link resolves to src.
+    assert_eq!(group.name, "link");
+    assert_eq!(group.source, fx.root.join("src"));
+    assert_eq!(group.flush.delay, Duration::ZERO);
+    assert_eq!(group.flush.max_delay, Duration::ZERO);
+    assert_eq!(group.flush.max_batch, 1);
+    assert_eq!(group.verify_interval, Some(Duration::from_secs(1)));
+    assert_eq!(
+        group.excludes.patterns(),
+        ["+ */", "- *.tmp", "+ keep", "!", "\\[literal]"]
+    );
+    let names: Vec<&str> = group.targets.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["rsync://h/m", "rsync://h/m2"]);
 }
 
 const FULL: &str = r#"# every key
@@ -800,7 +1118,7 @@ fn load_reports_errors_against_the_file() {
     let fx = Fixture::new();
     let path = fx.write(
         "w.toml",
-        "[[sync]]\nsource = \"@D/src\"\ndelay_ms = -1\n",
+        "[[sync]]\nsource = \"@D/src\"\ndelay_ms = -1\n[[sync.target]]\ndest = \"h::m\"\n",
         0o644,
     );
     let message = load(&path).expect_err("bad value").to_string();

@@ -4,6 +4,10 @@
 //! The same rules check a file and `watcher sync`'s command line; only the way an error
 //! names its place differs ([`Origin`]), so a value the file refuses is refused on the
 //! command line too, for the same reason.
+//!
+//! Every key is checked and every error kept ([`Found`]), so that one `config check` shows
+//! all that is wrong instead of one error per round of edit and retry; a check that needs
+//! another key's value waits for that key to be good, so no error is a guess.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -55,6 +59,38 @@ pub(super) enum Origin<'a> {
     Options(&'a dyn Fn(&str) -> String),
 }
 
+/// The errors found in one table (the daemon's, a group's own keys, a target's). Each key
+/// is checked on its own and every error is kept, so one `config check` names every bad
+/// key; a check that needs another key's value is skipped when that key is bad, as its
+/// own error already says what to fix first.
+#[derive(Default)]
+struct Found(Vec<ConfigError>);
+
+impl Found {
+    /// Keeps `error`; each of several, so they are put in order one by one.
+    fn push(&mut self, error: ConfigError) {
+        match error {
+            ConfigError::Several(errors) => self.0.extend(errors),
+            error => self.0.push(error),
+        }
+    }
+
+    /// The value of `result`, or None with its error kept.
+    fn keep<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|e| self.push(e)).ok()
+    }
+
+    /// Ok when nothing was found, else every error in file order: by line, and in the
+    /// order of the checks on one line or on the command line (which has no lines).
+    fn into_result(mut self) -> Result<(), ConfigError> {
+        self.0.sort_by_key(|e| match e {
+            ConfigError::Invalid { line, .. } => *line,
+            _ => 0,
+        });
+        ConfigError::all(self.0).map_or(Ok(()), Err)
+    }
+}
+
 pub(super) struct Ctx<'a> {
     pub(super) origin: Origin<'a>,
 }
@@ -102,8 +138,8 @@ impl Ctx<'_> {
 
     /// Checks `raw`; also returns the password files named, for [`super::load`] to check.
     pub(super) fn config(&self, raw: &RawFile) -> Result<(Config, PasswordFiles), ConfigError> {
-        // The daemon table and each group are checked apart, and every error is reported:
-        // within one table, checking stops at its first error.
+        // The daemon table and each group are checked apart, and every error is reported,
+        // within one table too (see `Found`).
         let mut errors = Vec::new();
         let daemon = self.daemon(raw.daemon.as_ref());
         if raw.sync.is_empty() {
@@ -153,83 +189,88 @@ impl Ctx<'_> {
         let Some(raw) = raw else {
             return Ok(config);
         };
+        let mut found = Found::default();
         if let Some(backend) = &raw.backend {
-            config.backend = match backend.get_ref().as_str() {
-                "auto" => BackendKind::Auto,
-                "fanotify" => BackendKind::Fanotify,
-                "inotify" => BackendKind::Inotify,
-                "ebpf" => BackendKind::Ebpf,
-                other => {
-                    return Err(self.error(
-                        &backend.span(),
-                        "daemon.backend",
-                        format!("unknown backend {other:?}, expected \"auto\", \"fanotify\", \"inotify\" or \"ebpf\""),
-                    ));
-                }
-            };
+            match backend.get_ref().as_str() {
+                "auto" => config.backend = BackendKind::Auto,
+                "fanotify" => config.backend = BackendKind::Fanotify,
+                "inotify" => config.backend = BackendKind::Inotify,
+                "ebpf" => config.backend = BackendKind::Ebpf,
+                other => found.push(self.error(
+                    &backend.span(),
+                    "daemon.backend",
+                    format!("unknown backend {other:?}, expected \"auto\", \"fanotify\", \"inotify\" or \"ebpf\""),
+                )),
+            }
         }
         if let Some(probes) = &raw.ebpf_probes {
             use crate::backend::ebpf::ProbeChoice;
-            config.ebpf_probes = match probes.get_ref().as_str() {
-                "auto" => ProbeChoice::Auto,
-                "vfs" => ProbeChoice::Vfs,
-                "syscalls" => ProbeChoice::Syscalls,
-                other => {
-                    return Err(self.error(
-                        &probes.span(),
-                        "daemon.ebpf_probes",
-                        format!("unknown probe set {other:?}, expected \"auto\", \"vfs\" or \"syscalls\""),
-                    ));
-                }
-            };
+            match probes.get_ref().as_str() {
+                "auto" => config.ebpf_probes = ProbeChoice::Auto,
+                "vfs" => config.ebpf_probes = ProbeChoice::Vfs,
+                "syscalls" => config.ebpf_probes = ProbeChoice::Syscalls,
+                other => found.push(self.error(
+                    &probes.span(),
+                    "daemon.ebpf_probes",
+                    format!(
+                        "unknown probe set {other:?}, expected \"auto\", \"vfs\" or \"syscalls\""
+                    ),
+                )),
+            }
         }
         if let Some(bytes) = &raw.ebpf_ringbuf_bytes {
             const MAX: u64 = 1 << 30;
-            let n = self.count(Some(bytes), "daemon.ebpf_ringbuf_bytes", 0, 16 << 10)?;
-            if n > MAX {
-                return Err(self.error(
+            let n = self.count(Some(bytes), "daemon.ebpf_ringbuf_bytes", 0, 16 << 10);
+            match found.keep(n) {
+                Some(n) if n > MAX => found.push(self.error(
                     &bytes.span(),
                     "daemon.ebpf_ringbuf_bytes",
                     format!("must be at most {MAX} (1 GiB), got {n}"),
-                ));
+                )),
+                Some(n) => config.ebpf_ringbuf_bytes = n as u32,
+                None => {}
             }
-            config.ebpf_ringbuf_bytes = n as u32;
         }
         if let Some(on) = raw.ebpf_kernel_filter {
             config.ebpf_kernel_filter = on;
         }
-        if let Some(n) = &raw.max_processes {
-            let n = self.count(Some(n), "daemon.max_processes", 1, 1)?;
+        if let Some(n) = &raw.max_processes
+            && let Some(n) = found.keep(self.count(Some(n), "daemon.max_processes", 1, 1))
+        {
             config.max_processes = Some(usize::try_from(n).unwrap_or(usize::MAX));
         }
-        if let Some(dir) = &raw.state_dir {
-            config.state_dir = self.absolute(dir, "daemon.state_dir")?;
+        if let Some(dir) = &raw.state_dir
+            && let Some(dir) = found.keep(self.absolute(dir, "daemon.state_dir"))
+        {
+            config.state_dir = dir;
         }
-        if let Some(socket) = &raw.status_socket {
-            config.status_socket = self.absolute(socket, "daemon.status_socket")?;
+        if let Some(socket) = &raw.status_socket
+            && let Some(socket) = found.keep(self.absolute(socket, "daemon.status_socket"))
+        {
+            config.status_socket = socket;
         }
         if let Some(metrics) = &raw.metrics {
-            let addr: SocketAddr = metrics.get_ref().parse().map_err(|_| {
-                self.error(
+            config.metrics_allow_remote = raw.metrics_allow_remote.unwrap_or(false);
+            match metrics.get_ref().parse::<SocketAddr>() {
+                Err(_) => found.push(self.error(
                     &metrics.span(),
                     "daemon.metrics",
                     format!(
                         "{:?} is not an address and port such as \"127.0.0.1:9469\" or \"[::1]:9469\"",
                         metrics.get_ref()
                     ),
-                )
-            })?;
-            config.metrics_allow_remote = raw.metrics_allow_remote.unwrap_or(false);
-            if !addr.ip().is_loopback() && !config.metrics_allow_remote {
-                return Err(self.error(
-                    &metrics.span(),
-                    "daemon.metrics",
-                    format!(
-                        "{addr} is not a loopback address; the metrics endpoint has no authentication, so bind it to 127.0.0.1 or [::1], or set metrics_allow_remote = true to serve it to other hosts"
-                    ),
-                ));
+                )),
+                Ok(addr) if !addr.ip().is_loopback() && !config.metrics_allow_remote => {
+                    found.push(self.error(
+                        &metrics.span(),
+                        "daemon.metrics",
+                        format!(
+                            "{addr} is not a loopback address; the metrics endpoint has no authentication, so bind it to 127.0.0.1 or [::1], or set metrics_allow_remote = true to serve it to other hosts"
+                        ),
+                    ));
+                }
+                Ok(addr) => config.metrics = Some(addr),
             }
-            config.metrics = Some(addr);
         }
         if let Some(rsync) = &raw.rsync {
             let path = rsync.get_ref();
@@ -237,7 +278,7 @@ impl Ctx<'_> {
                 && path.components().count() == 1
                 && path.is_relative();
             if !bare && !path.is_absolute() {
-                return Err(self.error(
+                found.push(self.error(
                     &rsync.span(),
                     "daemon.rsync",
                     format!(
@@ -245,10 +286,11 @@ impl Ctx<'_> {
                         rsync.get_ref()
                     ),
                 ));
+            } else {
+                config.rsync = path.to_path_buf();
             }
-            config.rsync = path.to_path_buf();
         }
-        Ok(config)
+        found.into_result().map(|()| config)
     }
 
     fn absolute(&self, value: &Spanned<PathBuf>, key: &str) -> Result<PathBuf, ConfigError> {
@@ -307,36 +349,35 @@ impl Ctx<'_> {
         Ok(n)
     }
 
+    /// Every argument is checked: each bad one is reported.
     fn rsync_args(
         &self,
         args: &[Spanned<OsText>],
         key: &str,
     ) -> Result<Vec<OsString>, ConfigError> {
-        args.iter()
-            .enumerate()
-            .map(|(i, arg)| {
-                let text = &arg.get_ref().0;
-                let bytes = text.as_bytes();
-                let key = format!("{key}[{i}]");
-                if !bytes.starts_with(b"-") || bytes == b"-" || bytes == b"--" {
-                    return Err(self.error(
-                        &arg.span(),
-                        key,
-                        format!(
-                            "{text:?} is not an rsync option; rsync would take it as another source or destination (write options with a value as \"--option=value\")"
-                        ),
-                    ));
-                }
-                if bytes.starts_with(b"--password-file") {
-                    return Err(self.error(
-                        &arg.span(),
-                        key,
-                        "set the password file with the target's password_file key, whose permissions are checked",
-                    ));
-                }
-                Ok(text.clone())
-            })
-            .collect()
+        let mut found = Found::default();
+        for (i, arg) in args.iter().enumerate() {
+            let text = &arg.get_ref().0;
+            let bytes = text.as_bytes();
+            let key = format!("{key}[{i}]");
+            if !bytes.starts_with(b"-") || bytes == b"-" || bytes == b"--" {
+                found.push(self.error(
+                    &arg.span(),
+                    key,
+                    format!(
+                        "{text:?} is not an rsync option; rsync would take it as another source or destination (write options with a value as \"--option=value\")"
+                    ),
+                ));
+            } else if bytes.starts_with(b"--password-file") {
+                found.push(self.error(
+                    &arg.span(),
+                    key,
+                    "set the password file with the target's password_file key, whose permissions are checked",
+                ));
+            }
+        }
+        found.into_result()?;
+        Ok(args.iter().map(|arg| arg.get_ref().0.clone()).collect())
     }
 
     fn group(
@@ -348,35 +389,200 @@ impl Ctx<'_> {
         let key = format!("sync[{i}]");
         let header = raw.span();
         let raw = raw.get_ref();
+        let mut found = Found::default();
 
-        let source = self.source(&raw.source, &format!("{key}.source"))?;
+        let source = found.keep(self.source(&raw.source, &format!("{key}.source")));
         let name = match &raw.name {
-            Some(name) => {
+            Some(name) => found.keep(
                 check_name(name.get_ref())
-                    .map_err(|m| self.error(&name.span(), format!("{key}.name"), m))?;
-                name.get_ref().clone()
-            }
-            None => raw
-                .source
-                .get_ref()
-                .file_name()
-                .or_else(|| source.file_name())
-                .map(|n| n.to_string_lossy().into_owned())
-                .filter(|n| check_name(n).is_ok())
-                .ok_or_else(|| {
-                    self.error(
-                        &raw.source.span(),
-                        format!("{key}.source"),
-                        format!(
-                            "cannot name the group after source {:?}; set `name`",
-                            raw.source.get_ref()
-                        ),
-                    )
-                })?,
+                    .map(|()| name.get_ref().clone())
+                    .map_err(|m| self.error(&name.span(), format!("{key}.name"), m)),
+            ),
+            // Named after the source only when the source is good: a bad one has its own
+            // error, and a name taken from it would be a guess.
+            None => source.as_deref().and_then(|source| {
+                let name = raw
+                    .source
+                    .get_ref()
+                    .file_name()
+                    .or_else(|| source.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .filter(|n| check_name(n).is_ok())
+                    .ok_or_else(|| {
+                        self.error(
+                            &raw.source.span(),
+                            format!("{key}.source"),
+                            format!(
+                                "cannot name the group after source {:?}; set `name`",
+                                raw.source.get_ref()
+                            ),
+                        )
+                    });
+                found.keep(name)
+            }),
         };
+        let excludes = found.keep(self.excludes(&key, &header, raw));
+        let rsync_args = found.keep(self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args")));
 
+        let delay_key = format!("{key}.delay_ms");
+        let max_delay_key = format!("{key}.max_delay_ms");
+        let delay =
+            found.keep(self.count(raw.delay_ms.as_ref(), &delay_key, defaults::DELAY_MS, 0));
+        let max_delay = found.keep(self.count(
+            raw.max_delay_ms.as_ref(),
+            &max_delay_key,
+            defaults::MAX_DELAY_MS,
+            0,
+        ));
+        let max_batch = found.keep(self.count(
+            raw.max_batch.as_ref(),
+            &format!("{key}.max_batch"),
+            defaults::MAX_BATCH as u64,
+            1,
+        ));
+        // Compared only when both are good numbers: a bad one has its own error.
+        if let (Some(delay), Some(max_delay)) = (delay, max_delay)
+            && max_delay < delay
+        {
+            let (delay_name, max_delay_name) = (self.name(&delay_key), self.name(&max_delay_key));
+            found.push(match (&raw.max_delay_ms, &raw.delay_ms) {
+                (Some(m), _) => self.error(
+                    &m.span(),
+                    max_delay_key,
+                    format!("{max_delay_name} ({max_delay}) is less than {delay_name} ({delay})"),
+                ),
+                (None, Some(d)) => self.error(
+                    &d.span(),
+                    delay_key,
+                    format!(
+                        "{delay_name} ({delay}) exceeds {max_delay_name} ({max_delay}, the default); raise {max_delay_name} too"
+                    ),
+                ),
+                (None, None) => self.error(&header, &key, "max_delay_ms is less than delay_ms"),
+            });
+        }
+        let delete = found.keep(self.delete(raw.delete.as_ref(), &format!("{key}.delete")));
+        let verify_interval = found.keep(match &raw.verify_interval {
+            None => Ok(None),
+            Some(text) => self
+                .interval(text, &format!("{key}.verify_interval"))
+                .map(Some),
+        });
+
+        if raw.target.is_empty() {
+            found.push(self.error(
+                &header,
+                format!("{key}.target"),
+                "no targets: add at least one [[sync.target]] with a dest",
+            ));
+        }
+        let mut targets = Vec::with_capacity(raw.target.len());
+        let mut local_dests = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        // Each target table is checked on its own: every one with an error says so.
+        for (j, target) in raw.target.iter().enumerate() {
+            let tkey = format!("{key}.target[{j}]");
+            let config = match self.target(
+                &tkey,
+                target.get_ref(),
+                source.as_deref(),
+                &mut local_dests,
+                password_files,
+            ) {
+                Ok(config) => config,
+                Err(e) => {
+                    found.push(e);
+                    continue;
+                }
+            };
+            if let Some(first) = names.insert(config.name.clone(), j) {
+                let (span, name_key, how) = match &target.get_ref().name {
+                    Some(n) => (n.span(), format!("{tkey}.name"), "choose another name"),
+                    None => (
+                        target.get_ref().dest.span(),
+                        format!("{tkey}.dest"),
+                        "a target's name defaults to its dest; set a distinct `name`",
+                    ),
+                };
+                found.push(self.error(
+                    &span,
+                    name_key,
+                    format!(
+                        "target name {:?} is already used by {key}.target[{first}]; {how}",
+                        config.name
+                    ),
+                ));
+                continue;
+            }
+            targets.push(config);
+        }
+
+        found.into_result()?;
+        let (
+            Some(source),
+            Some(name),
+            Some(excludes),
+            Some(rsync_args),
+            Some(delay),
+            Some(max_delay),
+            Some(max_batch),
+            Some(delete),
+            Some(verify_interval),
+        ) = (
+            source,
+            name,
+            excludes,
+            rsync_args,
+            delay,
+            max_delay,
+            max_batch,
+            delete,
+            verify_interval,
+        )
+        else {
+            unreachable!("a key left without a value has an error");
+        };
+        let config = GroupConfig {
+            name,
+            source,
+            targets,
+            excludes,
+            rsync_args,
+            hard_links: raw.hard_links.unwrap_or(defaults::HARD_LINKS),
+            one_file_system: raw.one_file_system.unwrap_or(defaults::ONE_FILE_SYSTEM),
+            flush: FlushConfig {
+                delay: Duration::from_millis(delay),
+                max_delay: Duration::from_millis(max_delay),
+                max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
+            },
+            initial_sync: raw.initial_sync.unwrap_or(defaults::INITIAL_SYNC),
+            delete,
+            verify_interval,
+        };
+        let spans = GroupSpans {
+            header,
+            name: raw.name.as_ref().map(|n| n.span()),
+            source: raw.source.span(),
+            local_dests,
+        };
+        Ok((config, spans))
+    }
+
+    /// A group's `include`, `exclude` and `exclude_from` patterns, compiled as the event
+    /// filter will, so that `config check` refuses what `run` would. Every bad pattern is
+    /// reported.
+    fn excludes(
+        &self,
+        key: &str,
+        header: &Range<usize>,
+        raw: &RawGroup,
+    ) -> Result<Excludes, ConfigError> {
+        let mut found = Found::default();
         // Includes go first, as `+ PAT` rules (which rsync's --exclude reads as includes):
         // rsync's first matching rule decides, and the event filter matches them first.
+        // A pattern refused here still holds its place (as an include with nothing to
+        // match, or the empty exclude it is), so the indices of the compiler's errors
+        // stay those of the file.
         let mut patterns = Vec::with_capacity(raw.include.len() + raw.exclude.len());
         for (j, pattern) in raw.include.iter().enumerate() {
             let text = pattern.get_ref();
@@ -388,14 +594,16 @@ impl Ctx<'_> {
                 None
             };
             if let Some(why) = why {
-                return Err(self.error(&pattern.span(), format!("{key}.include[{j}]"), why));
+                found.push(self.error(&pattern.span(), format!("{key}.include[{j}]"), why));
+                patterns.push(NO_INCLUDE.to_owned());
+            } else {
+                patterns.push(format!("+ {text}"));
             }
-            patterns.push(format!("+ {text}"));
         }
         let includes = raw.include.len();
         for (j, pattern) in raw.exclude.iter().enumerate() {
             if pattern.get_ref().is_empty() {
-                return Err(self.error(
+                found.push(self.error(
                     &pattern.span(),
                     format!("{key}.exclude[{j}]"),
                     "empty exclude pattern",
@@ -409,12 +617,13 @@ impl Ctx<'_> {
             let fkey = format!("{key}.exclude_from");
             let path = file.get_ref();
             let fail = |message: String| self.error(&file.span(), fkey.clone(), message);
-            if !path.is_absolute() {
-                return Err(fail(format!("{path:?} is not an absolute path")));
-            }
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-            for (n, line) in text.lines().enumerate() {
+            let text = if path.is_absolute() {
+                std::fs::read_to_string(path)
+                    .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))
+            } else {
+                Err(fail(format!("{path:?} is not an absolute path")))
+            };
+            for (n, line) in found.keep(text).unwrap_or_default().lines().enumerate() {
                 if line.is_empty() || line.starts_with(['#', ';']) {
                     continue;
                 }
@@ -422,9 +631,7 @@ impl Ctx<'_> {
                 file_lines.push(n + 1);
             }
         }
-        // Compiled here, as the event filter will, so that `config check` refuses what
-        // `run` would.
-        let excludes = Excludes::compile(&patterns).map_err(|e| {
+        let located = |e: ExcludeError| {
             if let Some(j) = e.index
                 && j < includes
             {
@@ -456,162 +663,77 @@ impl Ctx<'_> {
                 None => format!("{key}.exclude"),
             };
             self.error(&span, key, e.to_string())
-        })?;
-        let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
+        };
+        // The compiler stops at its first bad pattern; each one it names is replaced by a
+        // good one of the same kind (so the rules after it are read as before) and the set
+        // compiled again. An error of the set as a whole ends the search.
+        let excludes = loop {
+            let e = match Excludes::compile(&patterns) {
+                Ok(excludes) => break Some(excludes),
+                Err(e) => e,
+            };
+            let bad = e.index.and_then(|j| patterns.get_mut(j));
+            found.push(located(e));
+            let Some(bad) = bad else { break None };
+            let stand_in = if bad.starts_with("+ ") {
+                NO_INCLUDE
+            } else {
+                STAND_IN_EXCLUDE
+            };
+            if bad.as_str() == stand_in {
+                break None;
+            }
+            stand_in.clone_into(bad);
+        };
+        found.into_result()?;
+        let Some(excludes) = excludes else {
+            unreachable!("a set that does not compile has an error");
+        };
+        Ok(excludes)
+    }
 
-        let delay_key = format!("{key}.delay_ms");
-        let max_delay_key = format!("{key}.max_delay_ms");
-        let delay = self.count(raw.delay_ms.as_ref(), &delay_key, defaults::DELAY_MS, 0)?;
-        let max_delay = self.count(
-            raw.max_delay_ms.as_ref(),
-            &max_delay_key,
-            defaults::MAX_DELAY_MS,
-            0,
-        )?;
-        let max_batch = self.count(
-            raw.max_batch.as_ref(),
-            &format!("{key}.max_batch"),
-            defaults::MAX_BATCH as u64,
-            1,
-        )?;
-        if max_delay < delay {
-            let (delay_name, max_delay_name) = (self.name(&delay_key), self.name(&max_delay_key));
-            return Err(match (&raw.max_delay_ms, &raw.delay_ms) {
-                (Some(m), _) => self.error(
-                    &m.span(),
-                    max_delay_key,
-                    format!("{max_delay_name} ({max_delay}) is less than {delay_name} ({delay})"),
-                ),
-                (None, Some(d)) => self.error(
-                    &d.span(),
-                    delay_key,
-                    format!(
-                        "{delay_name} ({delay}) exceeds {max_delay_name} ({max_delay}, the default); raise {max_delay_name} too"
-                    ),
-                ),
-                (None, None) => self.error(&header, key, "max_delay_ms is less than delay_ms"),
-            });
+    fn delete(
+        &self,
+        value: Option<&Spanned<RawDelete>>,
+        key: &str,
+    ) -> Result<crate::rsync::DeleteMode, ConfigError> {
+        use crate::rsync::DeleteMode;
+        let Some(value) = value else {
+            return Ok(DeleteMode::Always);
+        };
+        match value.get_ref() {
+            RawDelete::Bool(true) => Ok(DeleteMode::Always),
+            RawDelete::Bool(false) => Ok(DeleteMode::Never),
+            RawDelete::Word(w) if w == "startup" => Ok(DeleteMode::Startup),
+            RawDelete::Word(w) if w == "running" => Ok(DeleteMode::Running),
+            RawDelete::Word(w) => Err(self.error(
+                &value.span(),
+                key,
+                format!("unknown value {w:?}, expected true, false, \"startup\" or \"running\""),
+            )),
         }
+    }
 
-        let delete = match &raw.delete {
-            None => crate::rsync::DeleteMode::Always,
-            Some(value) => {
-                match value.get_ref() {
-                    RawDelete::Bool(true) => crate::rsync::DeleteMode::Always,
-                    RawDelete::Bool(false) => crate::rsync::DeleteMode::Never,
-                    RawDelete::Word(w) if w == "startup" => crate::rsync::DeleteMode::Startup,
-                    RawDelete::Word(w) if w == "running" => crate::rsync::DeleteMode::Running,
-                    RawDelete::Word(w) => {
-                        return Err(self.error(
-                        &value.span(),
-                        format!("{key}.delete"),
-                        format!("unknown value {w:?}, expected true, false, \"startup\" or \"running\""),
-                    ));
-                    }
-                }
-            }
-        };
-        let verify_interval = match &raw.verify_interval {
-            None => None,
-            Some(text) => {
-                let vkey = format!("{key}.verify_interval");
-                let interval = humantime::parse_duration(text.get_ref()).map_err(|e| {
-                    self.error(
-                        &text.span(),
-                        vkey.clone(),
-                        format!(
-                            "invalid duration {:?} ({e}); write it like \"6h\" or \"30m\"",
-                            text.get_ref()
-                        ),
-                    )
-                })?;
-                if interval.is_zero() {
-                    return Err(self.error(
-                        &text.span(),
-                        vkey,
-                        "must be longer than zero; leave it out for no periodic verify",
-                    ));
-                }
-                Some(interval)
-            }
-        };
-
-        if raw.target.is_empty() {
+    /// A `verify_interval`: a duration longer than zero.
+    fn interval(&self, text: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+        let interval = humantime::parse_duration(text.get_ref()).map_err(|e| {
+            self.error(
+                &text.span(),
+                key,
+                format!(
+                    "invalid duration {:?} ({e}); write it like \"6h\" or \"30m\"",
+                    text.get_ref()
+                ),
+            )
+        })?;
+        if interval.is_zero() {
             return Err(self.error(
-                &header,
-                format!("{key}.target"),
-                "no targets: add at least one [[sync.target]] with a dest",
+                &text.span(),
+                key,
+                "must be longer than zero; leave it out for no periodic verify",
             ));
         }
-        let mut targets = Vec::with_capacity(raw.target.len());
-        let mut local_dests = Vec::new();
-        let mut names: HashMap<String, usize> = HashMap::new();
-        // Each target table is checked on its own: every one with an error says so.
-        let mut target_errors = Vec::new();
-        for (j, target) in raw.target.iter().enumerate() {
-            let tkey = format!("{key}.target[{j}]");
-            let config = match self.target(
-                &tkey,
-                target.get_ref(),
-                &source,
-                &mut local_dests,
-                password_files,
-            ) {
-                Ok(config) => config,
-                Err(e) => {
-                    target_errors.push(e);
-                    continue;
-                }
-            };
-            if let Some(first) = names.insert(config.name.clone(), j) {
-                let (span, name_key, how) = match &target.get_ref().name {
-                    Some(n) => (n.span(), format!("{tkey}.name"), "choose another name"),
-                    None => (
-                        target.get_ref().dest.span(),
-                        format!("{tkey}.dest"),
-                        "a target's name defaults to its dest; set a distinct `name`",
-                    ),
-                };
-                target_errors.push(self.error(
-                    &span,
-                    name_key,
-                    format!(
-                        "target name {:?} is already used by {key}.target[{first}]; {how}",
-                        config.name
-                    ),
-                ));
-                continue;
-            }
-            targets.push(config);
-        }
-        if let Some(e) = ConfigError::all(target_errors) {
-            return Err(e);
-        }
-
-        let config = GroupConfig {
-            name,
-            source,
-            targets,
-            excludes,
-            rsync_args,
-            hard_links: raw.hard_links.unwrap_or(defaults::HARD_LINKS),
-            one_file_system: raw.one_file_system.unwrap_or(defaults::ONE_FILE_SYSTEM),
-            flush: FlushConfig {
-                delay: Duration::from_millis(delay),
-                max_delay: Duration::from_millis(max_delay),
-                max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
-            },
-            initial_sync: raw.initial_sync.unwrap_or(defaults::INITIAL_SYNC),
-            delete,
-            verify_interval,
-        };
-        let spans = GroupSpans {
-            header,
-            name: raw.name.as_ref().map(|n| n.span()),
-            source: raw.source.span(),
-            local_dests,
-        };
-        Ok((config, spans))
+        Ok(interval)
     }
 
     fn source(&self, raw: &Spanned<PathBuf>, key: &str) -> Result<PathBuf, ConfigError> {
@@ -639,15 +761,16 @@ impl Ctx<'_> {
         &self,
         key: &str,
         raw: &RawTarget,
-        source: &Path,
+        source: Option<&Path>,
         local_dests: &mut Vec<LocalDest>,
         password_files: &mut PasswordFiles,
     ) -> Result<TargetConfig, ConfigError> {
+        let mut found = Found::default();
         let spec = &raw.dest.get_ref().0;
         let dest = spec.to_string_lossy();
         let dest_key = format!("{key}.dest");
         let dest_error = |message: String| self.error(&raw.dest.span(), dest_key.clone(), message);
-        let target = Target::parse(spec).map_err(|e| {
+        let target = found.keep(Target::parse(spec).map_err(|e| {
             dest_error(match e {
                 TargetError::Empty => "dest is empty".into(),
                 TargetError::LooksLikeOption(_) => {
@@ -661,76 +784,114 @@ impl Ctx<'_> {
                 }
                 other => other.to_string(),
             })
-        })?;
-        target
-            .check_overlap(source)
-            .map_err(|e| dest_error(e.to_string()))?;
-        if let Target::Local(path) = &target {
+        }));
+        // Whether the dest overlaps the source is asked only of a good source.
+        if let (Some(target), Some(source)) = (&target, source) {
+            found.keep(
+                target
+                    .check_overlap(source)
+                    .map_err(|e| dest_error(e.to_string())),
+            );
+        }
+        if let Some(Target::Local(path)) = &target {
             local_dests.push(LocalDest {
                 path: path.clone(),
                 span: raw.dest.span(),
                 key: dest_key.clone(),
             });
         }
+        // The kind of target decides whether `password_file` and `ssh` belong; with a bad
+        // dest it is unknown, so those two checks wait for the dest to be fixed.
+        let kind = target.as_ref().map(Target::kind);
 
         let name = match &raw.name {
             Some(name) if name.get_ref().is_empty() => {
-                return Err(self.error(&name.span(), format!("{key}.name"), "name is empty"));
+                found.push(self.error(&name.span(), format!("{key}.name"), "name is empty"));
+                None
             }
-            Some(name) => name.get_ref().clone(),
-            None => dest.clone().into_owned(),
+            Some(name) => Some(name.get_ref().clone()),
+            None => Some(dest.clone().into_owned()),
         };
 
         let password_file = match &raw.password_file {
-            None => None,
+            None => Some(None),
             Some(file) => {
                 let pkey = format!("{key}.password_file");
-                let why = match target.kind() {
-                    TargetKind::Daemon => None,
-                    TargetKind::Local => Some("is a local directory"),
-                    TargetKind::Ssh => Some("goes over ssh, which authenticates with ssh keys"),
+                let why = match kind {
+                    Some(TargetKind::Local) => Some("is a local directory"),
+                    Some(TargetKind::Ssh) => {
+                        Some("goes over ssh, which authenticates with ssh keys")
+                    }
+                    Some(TargetKind::Daemon) | None => None,
                 };
                 if let Some(why) = why {
-                    return Err(self.error(
+                    found.push(self.error(
                         &file.span(),
                         pkey,
                         format!(
                             "password_file is only for rsync daemon targets (host::module or rsync://...), and {dest} {why}"
                         ),
                     ));
+                    None
+                } else {
+                    found.keep(self.absolute(file, &pkey)).map(|path| {
+                        password_files.push((file.span(), pkey, path.clone()));
+                        Some(path)
+                    })
                 }
-                let path = self.absolute(file, &pkey)?;
-                password_files.push((file.span(), pkey, path.clone()));
-                Some(path)
             }
         };
 
-        let rsync_args = self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args"))?;
-        if let Some(cmd) = &raw.ssh
-            && target.kind() != TargetKind::Ssh
-        {
-            return Err(self.error(
-                &cmd.span(),
-                format!("{key}.ssh"),
-                format!("ssh is only for ssh targets (host:/path), and {dest} is not one"),
-            ));
-        }
-        let ssh = self.command(
-            raw.ssh.as_ref(),
-            &format!("{key}.ssh"),
-            "expected the ssh command, program first: [\"ssh\", \"-p\", \"2222\"]",
-        )?;
-        let max_backlog = self.count(
+        let rsync_args = found.keep(self.rsync_args(&raw.rsync_args, &format!("{key}.rsync_args")));
+        let ssh_key = format!("{key}.ssh");
+        let ssh = match &raw.ssh {
+            Some(cmd) if kind.is_some_and(|k| k != TargetKind::Ssh) => {
+                found.push(self.error(
+                    &cmd.span(),
+                    ssh_key,
+                    format!("ssh is only for ssh targets (host:/path), and {dest} is not one"),
+                ));
+                None
+            }
+            ssh => found.keep(self.command(
+                ssh.as_ref(),
+                &ssh_key,
+                "expected the ssh command, program first: [\"ssh\", \"-p\", \"2222\"]",
+            )),
+        };
+        let max_backlog = found.keep(self.count(
             raw.max_backlog.as_ref(),
             &format!("{key}.max_backlog"),
             defaults::MAX_BACKLOG as u64,
             1,
-        )?;
-        let post_sync = self.command(
+        ));
+        let post_sync = found.keep(self.command(
             raw.post_sync.as_ref(),
             &format!("{key}.post_sync"),
             "expected the command, program first (run without a shell, the synced paths on stdin): [\"/usr/local/bin/reindex\", \"--quiet\"]",
-        )?;
+        ));
+
+        found.into_result()?;
+        let (
+            Some(target),
+            Some(name),
+            Some(password_file),
+            Some(rsync_args),
+            Some(ssh),
+            Some(max_backlog),
+            Some(post_sync),
+        ) = (
+            target,
+            name,
+            password_file,
+            rsync_args,
+            ssh,
+            max_backlog,
+            post_sync,
+        )
+        else {
+            unreachable!("a key left without a value has an error");
+        };
         Ok(TargetConfig {
             name,
             dest: target,
@@ -826,6 +987,14 @@ impl Ctx<'_> {
         Ok(())
     }
 }
+
+/// An include with nothing to match: holds the place of an include pattern that is
+/// refused, among the patterns compiled to find the other errors.
+const NO_INCLUDE: &str = "+ ";
+/// A plain exclude that compiles: holds the place of an exclude pattern the compiler
+/// refused, so the patterns after it are compiled too and read as before (it is a rule,
+/// as the refused pattern would have been).
+const STAND_IN_EXCLUDE: &str = "stand-in";
 
 /// Group names end up in logs, metrics and file names under the state directory.
 fn check_name(name: &str) -> Result<(), String> {
