@@ -86,7 +86,19 @@ fn run(command: Command) -> anyhow::Result<i32> {
             daemon::run(config, opts)
         }
         Command::Config(ConfigCommand::Check { config }) => {
-            let cfg = config::load(&config)?;
+            let cfg = match config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    // One error per line, each naming its file and line, then the count.
+                    let text = e.to_string();
+                    for line in text.lines() {
+                        eprintln!("{line}");
+                    }
+                    let errors = counted(text.lines().count() as u64, "error", "errors");
+                    eprintln!("{}: {errors}", config.display());
+                    return Ok(1);
+                }
+            };
             println!("{}: ok", cfg.path.display());
             for g in &cfg.groups {
                 println!(

@@ -371,6 +371,80 @@ pub(super) fn read<T: de::DeserializeOwned>(
     })
 }
 
+/// Reads the document into `T` as [`read`] does, but past misfits that do not stop the
+/// others from being found: an unknown key or a value that cannot be read (wrong type,
+/// bad duration...) is noted and taken out of the document, and the reading starts again, so one `config check` names all of
+/// them. A key taken out for its type is not reported missing as well. At most
+/// `MAX_MISFITS` are collected. Ok holds what could be read without the keys taken out
+/// (for the value checks to run on) and the misfits.
+pub(super) fn read_all<T: de::DeserializeOwned>(
+    document: &mut DeValue<'_>,
+    span: Range<usize>,
+) -> Result<(T, Vec<Misfit>), Vec<Misfit>> {
+    const MAX_MISFITS: usize = 100;
+    let mut misfits: Vec<Misfit> = Vec::new();
+    let mut taken_out: Vec<String> = Vec::new();
+    loop {
+        let misfit = match read::<T>(document, span.clone()) {
+            Ok(value) => return Ok((value, misfits)),
+            Err(misfit) => misfit,
+        };
+        let missing_after_removal = matches!(misfit.problem, Problem::MissingKey(_))
+            && misfit
+                .at
+                .as_ref()
+                .is_some_and(|(_, key)| taken_out.contains(key));
+        // A missing key cannot be taken out; anything else is one key's own problem.
+        let removable = !matches!(misfit.problem, Problem::MissingKey(_));
+        let at = misfit.at.clone();
+        if !missing_after_removal {
+            misfits.push(misfit);
+        }
+        let removed = removable
+            && misfits.len() < MAX_MISFITS
+            && at.as_ref().is_some_and(|(span, key)| {
+                taken_out.push(key.clone());
+                remove_at(document, span)
+            });
+        if !removed {
+            return Err(misfits);
+        }
+    }
+}
+
+/// Removes from `value` the table entry whose key or value is at `span`, or the array
+/// element there; whether one was found.
+fn remove_at(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
+    match value {
+        DeValue::Table(table) => {
+            let found = table
+                .iter()
+                .find(|(k, v)| k.span() == *span || v.span() == *span)
+                .map(|(k, _)| k.clone());
+            if let Some(key) = found {
+                table.remove(&key);
+                return true;
+            }
+            table.iter_mut().any(|(_, v)| remove_at(v.get_mut(), span))
+        }
+        DeValue::Array(items) => {
+            if let Some(i) = items.iter().position(|v| v.span() == *span) {
+                // No remove on a parsed array: the others go into a new one.
+                let mut rest = toml::de::DeArray::new();
+                for (j, item) in items.iter().enumerate() {
+                    if j != i {
+                        rest.push(item.clone());
+                    }
+                }
+                *items = rest;
+                return true;
+            }
+            items.iter_mut().any(|v| remove_at(v.get_mut(), span))
+        }
+        _ => false,
+    }
+}
+
 /// One value of the document, where it is, and its dotted key.
 struct Node<'a, 'i> {
     value: &'a DeValue<'i>,

@@ -223,11 +223,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     check_trusted(path, &meta)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(read_error)?;
-    let raw = read_text(path, &text)?;
+    let (raw, misfits) = read_text(path, &text)?;
     let cx = Ctx {
         origin: Origin::File { path, text: &text },
     };
-    let (config, password_files) = cx.config(&raw)?;
+    let (config, password_files) = with_misfits(misfits, cx.config(&raw))?;
     let errors = password_files
         .into_iter()
         .filter_map(|(span, key, file)| {
@@ -290,11 +290,11 @@ fn check_trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), ConfigErro
 /// Checks `text` as the contents of the config file `path` (named in errors). Sources must
 /// exist; file permissions and password files are not looked at.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let raw = read_text(path, text)?;
+    let (raw, misfits) = read_text(path, text)?;
     let cx = Ctx {
         origin: Origin::File { path, text },
     };
-    cx.config(&raw).map(|(config, _)| config)
+    with_misfits(misfits, cx.config(&raw).map(|(config, _)| config))
 }
 
 /// Checks a configuration given as the schema value itself, as `watcher sync` builds it
@@ -313,7 +313,7 @@ pub fn from_options(raw: &RawFile, option: &dyn Fn(&str) -> String) -> Result<Co
 
 /// Parses `text` and reads it into the schema; a syntax error gives its line and column,
 /// a value of the wrong type or an unknown or missing key its line and dotted key.
-fn read_text(path: &Path, text: &str) -> Result<RawFile, ConfigError> {
+fn read_text(path: &Path, text: &str) -> Result<(RawFile, Vec<ConfigError>), ConfigError> {
     let (table, errors) = DeTable::parse_recoverable(text);
     if let Some(error) = errors.first() {
         let span = error.span().unwrap_or(0..0);
@@ -327,17 +327,77 @@ fn read_text(path: &Path, text: &str) -> Result<RawFile, ConfigError> {
         });
     }
     let span = table.span();
-    let document = DeValue::Table(table.into_inner());
-    errors::read::<RawFile>(&document, span).map_err(|misfit| {
-        let (span, key) = misfit.at.clone().unwrap_or((0..0, String::new()));
-        ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line: errors::position(text, span.start).0,
-            column: None,
-            key,
-            message: misfit.message(),
+    let mut document = DeValue::Table(table.into_inner());
+    let located = |misfits: Vec<errors::Misfit>| -> Vec<ConfigError> {
+        misfits
+            .iter()
+            .map(|misfit| {
+                let (span, key) = misfit.at.clone().unwrap_or((0..0, String::new()));
+                ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    line: errors::position(text, span.start).0,
+                    column: None,
+                    key,
+                    message: misfit.message(),
+                }
+            })
+            .collect()
+    };
+    match errors::read_all::<RawFile>(&mut document, span) {
+        Ok((raw, misfits)) => Ok((raw, located(misfits))),
+        Err(misfits) => Err(in_file_order(located(misfits)).expect("at least one misfit")),
+    }
+}
+
+/// The checks of `checked` (run on what could be read) after the misfits found reading
+/// the file: every error, in the order of their lines.
+fn with_misfits<T>(
+    misfits: Vec<ConfigError>,
+    checked: Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    match (misfits.is_empty(), checked) {
+        (true, checked) => checked,
+        (false, Ok(_)) => Err(in_file_order(misfits).expect("misfits")),
+        (false, Err(e)) => {
+            // A key taken out is not told again as absent (`no [[sync]] groups` after
+            // `sync` was a table).
+            let key_of = |e: &ConfigError| match e {
+                ConfigError::Invalid { key, .. } => Some(key.clone()),
+                _ => None,
+            };
+            let taken_out: Vec<String> = misfits.iter().filter_map(key_of).collect();
+            let mut all = misfits;
+            let checked = match ConfigError::all(vec![e]) {
+                Some(ConfigError::Several(errors)) => errors,
+                Some(one) => vec![one],
+                None => Vec::new(),
+            };
+            all.extend(checked.into_iter().filter(|e| {
+                key_of(e).is_none_or(|key| {
+                    !taken_out.iter().any(|out| {
+                        key == *out
+                            || key
+                                .strip_prefix(out.as_str())
+                                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+                    })
+                })
+            }));
+            Err(in_file_order(all).expect("misfits"))
         }
-    })
+    }
+}
+
+/// `errors` as one, sorted by line (stable: errors on one line keep their order).
+fn in_file_order(errors: Vec<ConfigError>) -> Option<ConfigError> {
+    let mut errors = match ConfigError::all(errors)? {
+        ConfigError::Several(errors) => errors,
+        one => return Some(one),
+    };
+    errors.sort_by_key(|e| match e {
+        ConfigError::Invalid { line, .. } => *line,
+        _ => 0,
+    });
+    ConfigError::all(errors)
 }
 
 /// rsync refuses a password file that others can read ("password file must not be

@@ -506,6 +506,45 @@ type Expected = (usize, &'static str, &'static str);
 /// (config, every error it must produce, in order). Each file has several errors in one
 /// table, which are all reported, one line each.
 const SEVERAL: &[(&str, &[Expected])] = &[
+    // Keys the schema cannot read (unknown, of the wrong type, a bad duration) in every
+    // table, beside values that fail their checks: all of them, in file order.
+    (
+        "[daemon]
+log_level = \"debug\"
+max_processes = 0
+
+[[sync]]
+source = \"src\"
+delay_ms = \"soon\"
+hard_links = \"yes\"
+exclude = [\"a[\", 7]
+
+[[sync.target]]
+dset = \"/r\"
+dest = \"@D/dst\"
+max_backlog = -1
+",
+        &[
+            (2, "daemon.log_level", "unknown key `log_level`"),
+            (3, "daemon.max_processes", "must be at least 1, got 0"),
+            (6, "sync[0].source", "is not an absolute path"),
+            (7, "sync[0].delay_ms", "got \"soon\""),
+            (8, "sync[0].hard_links", "expected true or false"),
+            (9, "sync[0].exclude[1]", "expected a string"),
+            (9, "sync[0].exclude[0]", "invalid exclude pattern \"a[\""),
+            (12, "sync[0].target[0].dset", "did you mean `dest`?"),
+            (14, "sync[0].target[0].max_backlog", "got -1"),
+        ],
+    ),
+    // A required key of the wrong type is told once, not also as missing.
+    (
+        "[[sync]]
+source = 5
+[[sync.target]]
+dest = \"/r\"
+",
+        &[(2, "sync[0].source", "expected a string, got integer `5`")],
+    ),
     (
         "[daemon]
 backend = \"bpf\"
