@@ -12,6 +12,7 @@
 //! stops; the generated trees, cgroups and the loop image are removed.
 
 mod comp;
+mod image;
 mod kernel;
 mod proc;
 mod report;
@@ -27,6 +28,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 use crate::comp::Comp;
+use crate::image::LoopImage;
 use crate::report::Report;
 use crate::scen::{Ctx, Sizes};
 use crate::svg::Chart;
@@ -127,64 +129,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// An ext4 image mounted on a directory; unmounted and removed when dropped.
-struct LoopImage {
-    image: PathBuf,
-    mount: PathBuf,
-    mounted: bool,
-}
-
-impl LoopImage {
-    fn create(dir: &Path, size: &str) -> Result<Self> {
-        let id = std::process::id();
-        let mut me = Self {
-            image: dir.join(format!("watcher-bench-{id}.img")),
-            mount: dir.join(format!("watcher-bench-{id}.mnt")),
-            mounted: false,
-        };
-        run_ok(Command::new("truncate").args(["-s", size]).arg(&me.image))?;
-        run_ok(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-i", "8192"])
-                .arg(&me.image),
-        )?;
-        std::fs::create_dir_all(&me.mount)?;
-        run_ok(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&me.image)
-                .arg(&me.mount),
-        )?;
-        me.mounted = true;
-        Ok(me)
-    }
-}
-
-impl Drop for LoopImage {
-    fn drop(&mut self) {
-        if self.mounted {
-            let mut ok = false;
-            for _ in 0..20 {
-                if Command::new("umount")
-                    .arg(&self.mount)
-                    .status()
-                    .is_ok_and(|s| s.success())
-                {
-                    ok = true;
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(250));
-            }
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-            }
-        }
-        let _ = std::fs::remove_dir(&self.mount);
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_ok(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let st = cmd.status().with_context(|| format!("running {shown}"))?;
     if !st.success() {
