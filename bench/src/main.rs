@@ -4,8 +4,10 @@
 //! Scenarios: `ready` (start-up on trees of growing size, cold and warm), `latency` (one
 //! change at a time), `burst` (many new files at once), `churn` (mixed operations at a
 //! steady rate, then convergence), `scale` (event rate the daemon takes in, and the
-//! criterion microbenchmark of its filter and dirty set). Results: a Markdown table and
-//! SVG plots in `--results DIR`.
+//! criterion microbenchmark of its filter and dirty set), `kernel` (ebpf against
+//! fanotify), and when named `ssh` (lone changes to an ssh target) and `rename` (a
+//! directory and a large file renamed, on local, rsync-daemon and ssh targets). Results:
+//! a Markdown table and SVG plots in `--results DIR`.
 //!
 //! Run as root (fanotify filesystem marks, dropping caches, cgroups and loop mounts need
 //! it). Every child runs in a process group of its own and is killed when the harness
@@ -15,7 +17,9 @@ mod comp;
 mod image;
 mod kernel;
 mod proc;
+mod rename;
 mod report;
+mod rsyncd;
 mod scen;
 mod sshd;
 mod svg;
@@ -44,6 +48,10 @@ enum Scenario {
     /// Lone-change latency to an ssh target on 127.0.0.1 against a local target, and the
     /// ssh authentications for 100 lone changes.
     Ssh,
+    /// A 2,000-file, 200 MiB directory and a 50 MiB file renamed, on local, rsync-daemon
+    /// and ssh targets (servers on 127.0.0.1): bytes written on the replica's own loop
+    /// device and time until in step.
+    Rename,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -301,6 +309,7 @@ fn run() -> Result<bool> {
             Scenario::Scale => ctx.scale(),
             Scenario::Kernel => ctx.kernel(),
             Scenario::Ssh => ctx.ssh(),
+            Scenario::Rename => ctx.rename(),
         };
         if let Err(e) = r {
             proc::check_interrupted()?;
