@@ -40,6 +40,10 @@ pub enum Comp {
     FullTree,
     /// lsyncd with `default.rsync`.
     Lsyncd,
+    /// lsyncd with `default.rsyncssh`: moves replayed with `mv` over ssh (`rename`
+    /// scenario only, ssh targets only).
+    #[value(skip)]
+    LsyncdSsh,
     /// One plain `rsync -a --delete` of the whole tree (the cost of a rescan).
     Rsync,
 }
@@ -65,6 +69,7 @@ impl Comp {
             Comp::PerEvent => "per-event script",
             Comp::FullTree => "full-tree script",
             Comp::Lsyncd => "lsyncd",
+            Comp::LsyncdSsh => "lsyncd (rsyncssh)",
             Comp::Rsync => "rsync -a --delete",
         }
     }
@@ -79,6 +84,7 @@ impl Comp {
             Comp::PerEvent => "per-event",
             Comp::FullTree => "full-tree",
             Comp::Lsyncd => "lsyncd",
+            Comp::LsyncdSsh => "lsyncd-ssh",
             Comp::Rsync => "rsync",
         }
     }
@@ -100,9 +106,45 @@ impl Comp {
     pub fn needs(self) -> Option<&'static str> {
         match self {
             Comp::PerEvent | Comp::FullTree => Some("inotifywait"),
-            Comp::Lsyncd => Some("lsyncd"),
+            Comp::Lsyncd | Comp::LsyncdSsh => Some("lsyncd"),
             _ => None,
         }
+    }
+}
+
+/// Where a competitor writes the replica, as rsync is told it.
+#[derive(Clone, Debug)]
+pub struct Dest {
+    /// rsync's destination without a trailing slash: a directory, `rsync://...` or
+    /// `host:dir`.
+    pub rsync: String,
+    /// Options rsync needs to reach it (`--password-file=`, `--rsh=`); for the daemon
+    /// as `--rsync-arg`, for the scripts on their rsync command line, for lsyncd in
+    /// `rsync._extra`.
+    pub rsync_opts: Vec<String>,
+    /// For an ssh target: what lsyncd's `default.rsyncssh` needs.
+    pub ssh: Option<SshDest>,
+}
+
+/// An ssh target as lsyncd's `default.rsyncssh` takes it.
+#[derive(Clone, Debug)]
+pub struct SshDest {
+    /// `user@host`.
+    pub host: String,
+    /// The directory on the host.
+    pub dir: String,
+    /// The Lua table of its `ssh` setting (`{ port = ..., identityFile = ..., ... }`).
+    pub lua_ssh: String,
+}
+
+impl Dest {
+    /// A local directory.
+    pub fn local(dir: &Path) -> Result<Self> {
+        Ok(Self {
+            rsync: path_str(dir)?.to_owned(),
+            rsync_opts: Vec::new(),
+            ssh: None,
+        })
     }
 }
 
@@ -147,7 +189,7 @@ impl Running {
                 self.log
                     .count(self.ready_line, |l| l.contains("rsync finished")),
             ),
-            Comp::Lsyncd => Some(
+            Comp::Lsyncd | Comp::LsyncdSsh => Some(
                 self.log
                     .count(self.ready_line, |l| l.contains("Calling rsync")),
             ),
@@ -300,16 +342,20 @@ fn path_str(p: &Path) -> Result<&str> {
 }
 
 /// The bash script of an inotifywait competitor.
-fn script(comp: Comp, src: &Path, dst: &Path) -> Result<String> {
+fn script(comp: Comp, src: &Path, dst: &Dest) -> Result<String> {
     let s = path_str(src)?;
-    let d = path_str(dst)?;
-    let (sq, dq) = (report::sh_quote(s), report::sh_quote(d));
+    let (sq, dq) = (report::sh_quote(s), report::sh_quote(&dst.rsync));
+    let opts: String = dst
+        .rsync_opts
+        .iter()
+        .map(|o| format!("{} ", report::sh_quote(o)))
+        .collect();
     let body = match comp {
         Comp::PerEvent => format!(
-            "rsync -a -r --relative --delete --delete-missing-args --force \
+            "rsync -a -r --relative --delete --delete-missing-args --force {opts}\
              \"{s}/./${{f#{s}/}}\" {dq}/"
         ),
-        _ => format!("rsync -a --delete {sq}/ {dq}/"),
+        _ => format!("rsync -a --delete {opts}{sq}/ {dq}/"),
     };
     Ok(format!(
         "inotifywait -mrq --format '%w%f' -e {INOTIFY_EVENTS} {sq} \
@@ -317,19 +363,63 @@ fn script(comp: Comp, src: &Path, dst: &Path) -> Result<String> {
     ))
 }
 
-/// The lsyncd configuration: `default.rsync`, a 1 s delay, and no start-up sync (the
-/// replica is seeded beforehand, as for the daemon's `--no-initial-sync`).
-fn lsyncd_config(src: &Path, dst: &Path) -> Result<String> {
+/// A Lua string literal.
+pub fn lua_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The lsyncd configuration: `default.rsync` (`default.rsyncssh` for
+/// [`Comp::LsyncdSsh`]), a 1 s delay, and no start-up sync (the replica is seeded
+/// beforehand, as for the daemon's `--no-initial-sync`).
+fn lsyncd_config(comp: Comp, src: &Path, dst: &Dest) -> Result<String> {
+    let source = lua_str(path_str(src)?);
+    let extra = if dst.rsync_opts.is_empty() {
+        String::new()
+    } else {
+        let opts: Vec<String> = dst.rsync_opts.iter().map(|o| lua_str(o)).collect();
+        format!(", rsync = {{ _extra = {{ {} }} }}", opts.join(", "))
+    };
+    let sync = if comp == Comp::LsyncdSsh {
+        let Some(ssh) = &dst.ssh else {
+            bail!("{} needs an ssh target", comp.name());
+        };
+        format!(
+            "default.rsyncssh, source = {source}, host = {}, targetdir = {}, ssh = {}",
+            lua_str(&ssh.host),
+            lua_str(&ssh.dir),
+            ssh.lua_ssh
+        )
+    } else {
+        format!(
+            "default.rsync, source = {source}, target = {}{extra}",
+            lua_str(&dst.rsync)
+        )
+    };
     Ok(format!(
         "settings {{ nodaemon = true }}\n\
-         sync {{ default.rsync, source = \"{}\", target = \"{}\", delay = 1, init = false }}\n",
-        path_str(src)?,
-        path_str(dst)?
+         sync {{ {sync}, delay = 1, init = false }}\n"
     ))
 }
 
 /// Exact command lines of a competitor (several lines for lsyncd: config and command).
 pub fn command_lines(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<String>> {
+    if comp == Comp::Rsync {
+        return Ok(vec![report::command_line(
+            "rsync",
+            [
+                "-a",
+                "--delete",
+                &format!("{}/", path_str(src)?),
+                &format!("{}/", path_str(dst)?),
+            ],
+            env.workdir,
+        )]);
+    }
+    command_lines_to(env, comp, src, &Dest::local(dst)?)
+}
+
+/// Exact command lines of a live competitor writing to `dst`.
+pub fn command_lines_to(env: &Env, comp: Comp, src: &Path, dst: &Dest) -> Result<Vec<String>> {
     let w = env.workdir;
     Ok(match comp {
         Comp::Fanotify | Comp::Inotify | Comp::Ebpf | Comp::EbpfUnfiltered => {
@@ -342,31 +432,21 @@ pub fn command_lines(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Ve
         Comp::PerEvent | Comp::FullTree => {
             vec![report::bash_c_line(&script(comp, src, dst)?, w)]
         }
-        Comp::Lsyncd => vec![
+        Comp::Lsyncd | Comp::LsyncdSsh => vec![
             report::hide_workdir(
                 &format!(
                     "cat > lsyncd.conf.lua <<'EOF'\n{}EOF",
-                    lsyncd_config(src, dst)?
+                    lsyncd_config(comp, src, dst)?
                 ),
                 w,
             ),
             "lsyncd lsyncd.conf.lua".to_owned(),
         ],
-        Comp::Baseline => Vec::new(),
-        Comp::Rsync => vec![report::command_line(
-            "rsync",
-            [
-                "-a",
-                "--delete",
-                &format!("{}/", path_str(src)?),
-                &format!("{}/", path_str(dst)?),
-            ],
-            w,
-        )],
+        Comp::Baseline | Comp::Rsync => Vec::new(),
     })
 }
 
-fn watcher_args(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<String>> {
+fn watcher_args(env: &Env, comp: Comp, src: &Path, dst: &Dest) -> Result<Vec<String>> {
     let backend = match comp {
         Comp::Inotify => "inotify",
         Comp::Ebpf | Comp::EbpfUnfiltered => "ebpf",
@@ -375,11 +455,12 @@ fn watcher_args(env: &Env, comp: Comp, src: &Path, dst: &Path) -> Result<Vec<Str
     let mut args: Vec<String> = vec![
         "sync".into(),
         path_str(src)?.into(),
-        path_str(dst)?.into(),
+        dst.rsync.clone(),
         "--no-initial-sync".into(),
         "--backend".into(),
         backend.into(),
     ];
+    args.extend(dst.rsync_opts.iter().map(|o| format!("--rsync-arg={o}")));
     if comp == Comp::EbpfUnfiltered {
         args.extend(["--ebpf-kernel-filter".into(), "off".into()]);
     }
@@ -399,6 +480,11 @@ fn watches(root: i32) -> usize {
 /// Starts a live competitor on `src` -> `dst` (a tree of `dirs` directories) and waits
 /// until it is ready: the daemon's `ready` line, or one inotify watch per directory.
 pub fn start(env: &Env, comp: Comp, src: &Path, dst: &Path, dirs: usize) -> Result<Running> {
+    start_to(env, comp, src, &Dest::local(dst)?, dirs)
+}
+
+/// [`start`] for a destination that need not be a local directory.
+pub fn start_to(env: &Env, comp: Comp, src: &Path, dst: &Dest, dirs: usize) -> Result<Running> {
     let cg = if env.cgroups {
         Cgroup::create(comp.key())
     } else {
@@ -417,11 +503,11 @@ pub fn start(env: &Env, comp: Comp, src: &Path, dst: &Path, dirs: usize) -> Resu
             c.arg("-c").arg(script(comp, src, dst)?);
             c
         }
-        Comp::Lsyncd => {
+        Comp::Lsyncd | Comp::LsyncdSsh => {
             let conf = env
                 .workdir
                 .join(format!("lsyncd-{}.conf.lua", std::process::id()));
-            std::fs::write(&conf, lsyncd_config(src, dst)?)
+            std::fs::write(&conf, lsyncd_config(comp, src, dst)?)
                 .with_context(|| format!("writing {}", conf.display()))?;
             let mut c = Command::new("lsyncd");
             c.arg(conf);

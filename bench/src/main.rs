@@ -4,17 +4,22 @@
 //! Scenarios: `ready` (start-up on trees of growing size, cold and warm), `latency` (one
 //! change at a time), `burst` (many new files at once), `churn` (mixed operations at a
 //! steady rate, then convergence), `scale` (event rate the daemon takes in, and the
-//! criterion microbenchmark of its filter and dirty set). Results: a Markdown table and
-//! SVG plots in `--results DIR`.
+//! criterion microbenchmark of its filter and dirty set), `kernel` (ebpf against
+//! fanotify), and when named `ssh` (lone changes to an ssh target) and `rename` (a
+//! directory and a large file renamed, on local, rsync-daemon and ssh targets). Results:
+//! a Markdown table and SVG plots in `--results DIR`.
 //!
 //! Run as root (fanotify filesystem marks, dropping caches, cgroups and loop mounts need
 //! it). Every child runs in a process group of its own and is killed when the harness
 //! stops; the generated trees, cgroups and the loop image are removed.
 
 mod comp;
+mod image;
 mod kernel;
 mod proc;
+mod rename;
 mod report;
+mod rsyncd;
 mod scen;
 mod sshd;
 mod svg;
@@ -27,6 +32,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
 use crate::comp::Comp;
+use crate::image::LoopImage;
 use crate::report::Report;
 use crate::scen::{Ctx, Sizes};
 use crate::svg::Chart;
@@ -42,6 +48,10 @@ enum Scenario {
     /// Lone-change latency to an ssh target on 127.0.0.1 against a local target, and the
     /// ssh authentications for 100 lone changes.
     Ssh,
+    /// A 2,000-file, 200 MiB directory and a 50 MiB file renamed, on local, rsync-daemon
+    /// and ssh targets (servers on 127.0.0.1): bytes written on the replica's own loop
+    /// device and time until in step.
+    Rename,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -127,64 +137,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// An ext4 image mounted on a directory; unmounted and removed when dropped.
-struct LoopImage {
-    image: PathBuf,
-    mount: PathBuf,
-    mounted: bool,
-}
-
-impl LoopImage {
-    fn create(dir: &Path, size: &str) -> Result<Self> {
-        let id = std::process::id();
-        let mut me = Self {
-            image: dir.join(format!("watcher-bench-{id}.img")),
-            mount: dir.join(format!("watcher-bench-{id}.mnt")),
-            mounted: false,
-        };
-        run_ok(Command::new("truncate").args(["-s", size]).arg(&me.image))?;
-        run_ok(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-i", "8192"])
-                .arg(&me.image),
-        )?;
-        std::fs::create_dir_all(&me.mount)?;
-        run_ok(
-            Command::new("mount")
-                .args(["-o", "loop"])
-                .arg(&me.image)
-                .arg(&me.mount),
-        )?;
-        me.mounted = true;
-        Ok(me)
-    }
-}
-
-impl Drop for LoopImage {
-    fn drop(&mut self) {
-        if self.mounted {
-            let mut ok = false;
-            for _ in 0..20 {
-                if Command::new("umount")
-                    .arg(&self.mount)
-                    .status()
-                    .is_ok_and(|s| s.success())
-                {
-                    ok = true;
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(250));
-            }
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-            }
-        }
-        let _ = std::fs::remove_dir(&self.mount);
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
-
-fn run_ok(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_ok(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let st = cmd.status().with_context(|| format!("running {shown}"))?;
     if !st.success() {
@@ -356,6 +309,7 @@ fn run() -> Result<bool> {
             Scenario::Scale => ctx.scale(),
             Scenario::Kernel => ctx.kernel(),
             Scenario::Ssh => ctx.ssh(),
+            Scenario::Rename => ctx.rename(),
         };
         if let Err(e) = r {
             proc::check_interrupted()?;

@@ -1,6 +1,7 @@
-//! An OpenSSH server on 127.0.0.1 for the `ssh` scenario: its own config, port, pid file,
-//! host key and client key, key authentication only, a known_hosts file written here,
-//! `LogLevel VERBOSE` to a file whose "Accepted publickey" lines count authentications.
+//! An OpenSSH server on 127.0.0.1 for the `ssh` and `rename` scenarios: its own config,
+//! port, pid file, host key and client key, key authentication only, a known_hosts file
+//! written here, `LogLevel VERBOSE` to a file whose "Accepted publickey" lines count
+//! authentications.
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 
+use crate::comp::{Dest, SshDest, lua_str};
 use crate::proc::Guard;
 
 /// Where Debian installs the server (`cargo xtask setup` installs openssh-server).
@@ -106,12 +108,37 @@ impl Sshd {
     /// `--rsync-arg=--rsh=...` for `watcher sync`: this port, the client key, this
     /// known_hosts file only.
     pub fn rsh_arg(&self) -> String {
+        format!("--rsync-arg={}", self.rsh())
+    }
+
+    /// rsync's `--rsh=...` option for this server (see [`Sshd::rsh_arg`]).
+    pub fn rsh(&self) -> String {
         format!(
-            "--rsync-arg=--rsh=ssh -p {} -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null",
+            "--rsh=ssh -p {} -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null",
             self.port,
             self.identity.display(),
             self.known_hosts.display()
         )
+    }
+
+    /// `dir` as root on this server, for rsync (with [`Sshd::rsh`]) and for lsyncd's
+    /// `default.rsyncssh` (the same ssh options as a Lua `ssh` table).
+    pub fn dest(&self, dir: &Path) -> Dest {
+        let lua_ssh = format!(
+            "{{ port = {}, identityFile = {}, options = {{ IdentitiesOnly = \"yes\", UserKnownHostsFile = {}, GlobalKnownHostsFile = \"/dev/null\" }} }}",
+            self.port,
+            lua_str(&self.identity.to_string_lossy()),
+            lua_str(&self.known_hosts.to_string_lossy())
+        );
+        Dest {
+            rsync: format!("root@127.0.0.1:{}", dir.display()),
+            rsync_opts: vec![self.rsh()],
+            ssh: Some(SshDest {
+                host: "root@127.0.0.1".to_owned(),
+                dir: dir.to_string_lossy().into_owned(),
+                lua_ssh,
+            }),
+        }
     }
 
     /// Authentications the server accepted so far.

@@ -96,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     let root = project_root();
     let invoked_from = std::env::current_dir().context("reading the current directory")?;
     std::env::set_current_dir(&root).context("entering the project root")?;
+    let release = target_dir(&root, &invoked_from).join("release");
     match cli.task {
         Task::Setup => {
             setup()?;
@@ -103,7 +104,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Run { keep_running } => {
             setup()?;
-            run_example(&root, keep_running)
+            run_example(&root, &release, keep_running)
         }
         Task::Test { args } => {
             setup()?;
@@ -174,9 +175,9 @@ fn main() -> anyhow::Result<()> {
             if with_ebpf.is_err() {
                 build(false)?;
             }
-            let mut cmd = Command::new(root.join("target/release/watcher-bench"));
+            let mut cmd = Command::new(release.join("watcher-bench"));
             cmd.arg("--watcher")
-                .arg(root.join("target/release/watcher"))
+                .arg(release.join("watcher"))
                 .args(&args);
             status(&mut cmd)
         }
@@ -202,7 +203,7 @@ fn main() -> anyhow::Result<()> {
                         cmd.args(["--features", "watcher-user/ebpf"]);
                     }
                     status(&mut cmd)?;
-                    root.join("target/release/watcher")
+                    release.join("watcher")
                 }
             };
             let layout = install::Layout {
@@ -250,6 +251,15 @@ fn project_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where cargo puts its builds: `CARGO_TARGET_DIR` (relative to the directory xtask was
+/// invoked from) when set, else `target` in the project root.
+fn target_dir(root: &Path, invoked_from: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => invoked_from.join(d),
+        _ => root.join("target"),
+    }
 }
 
 fn cargo() -> Command {
@@ -433,7 +443,7 @@ impl Drop for Daemon {
     }
 }
 
-fn run_example(root: &Path, keep_running: bool) -> anyhow::Result<()> {
+fn run_example(root: &Path, release: &Path, keep_running: bool) -> anyhow::Result<()> {
     status(cargo().args(["build", "--release", "-p", "watcher-user"]))?;
     let base = root.join("target/example");
     let src = base.join("source");
@@ -452,7 +462,7 @@ fn run_example(root: &Path, keep_running: bool) -> anyhow::Result<()> {
     }
     let log = base.join("watcher.log");
     let mut daemon = Daemon(
-        Command::new(root.join("target/release/watcher"))
+        Command::new(release.join("watcher"))
             .arg("sync")
             .arg(&src)
             .arg(&dst)
