@@ -13,6 +13,7 @@
 //! their seed; `WATCHER_E2E_SEED=N` replays one.
 
 mod churn;
+mod filesystems;
 mod hardlinks;
 mod harness;
 mod mounts;
@@ -104,11 +105,24 @@ fn churn_against(
     extra: &[OsString],
     contained_links: bool,
 ) {
-    churn_with(test, scratch, dst, extra, contained_links, CHURN_OPS, false);
+    churn_with(
+        test,
+        scratch,
+        dst,
+        extra,
+        contained_links,
+        CHURN_OPS,
+        false,
+        None,
+    );
 }
 
 /// [`churn_against`] with `ops` operations; `hard_links` adds hard-link operations to the
 /// mix. When the daemon runs with `--hard-links`, the replica's links are compared too.
+/// `nested` makes a directory inside the source (a btrfs subvolume, say) once the main
+/// churn's tree is in place, unknown to it; that directory gets a churn of its own, a
+/// fifth as long, after the main one.
+#[allow(clippy::too_many_arguments)]
 fn churn_with(
     test: &str,
     scratch: &Scratch,
@@ -117,6 +131,7 @@ fn churn_with(
     contained_links: bool,
     ops: usize,
     hard_links: bool,
+    nested: Option<&dyn Fn(&Path) -> PathBuf>,
 ) {
     let seed = harness::seed(test);
     let ctx = format!("{test}, seed {seed}");
@@ -125,6 +140,13 @@ fn churn_with(
     churn.hard_links = hard_links;
     let compare_links = extra.iter().any(|a| a == "--hard-links");
     churn.populate(150);
+    let mut inner = nested.map(|make| {
+        let dir = make(&scratch.src);
+        let mut inner = Churn::new(&dir, seed ^ 0x5eed);
+        inner.hard_links = hard_links;
+        inner.populate(30);
+        inner
+    });
     mark_root(&scratch.src);
 
     let mut d = Daemon::start(&scratch.src, dst, extra);
@@ -137,6 +159,9 @@ fn churn_with(
 
     let t = Instant::now();
     churn.run(ops, Pace::Spread);
+    if let Some(inner) = &mut inner {
+        inner.run(ops / 5, Pace::Spread);
+    }
     eprintln!(
         "{test}: {ops} operations in {:?}, {} entries now; {:?}",
         t.elapsed(),
@@ -214,6 +239,7 @@ fn churn_with_hard_links_local_target() {
         false,
         HARD_LINK_CHURN_OPS,
         true,
+        None,
     );
 }
 
@@ -232,6 +258,7 @@ fn churn_with_hard_links_no_dash_h() {
         false,
         HARD_LINK_CHURN_OPS,
         true,
+        None,
     );
 }
 

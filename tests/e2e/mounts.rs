@@ -14,7 +14,7 @@ use super::tree::{assert_equal_now, skip_nothing, wait_converged};
 use super::{CONVERGE_TIMEOUT, mkdir_p, rename, write};
 
 /// A filesystem mounted at `at`, unmounted on drop (lazily if busy).
-struct Mounted {
+pub struct Mounted {
     at: PathBuf,
     mounted: bool,
 }
@@ -30,7 +30,7 @@ fn run(cmd: &mut Command) {
 }
 
 impl Mounted {
-    fn tmpfs(at: &Path) -> Mounted {
+    pub fn tmpfs(at: &Path) -> Mounted {
         mkdir_p(at);
         run(Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=64m", "watcher-e2e"])
@@ -44,9 +44,25 @@ impl Mounted {
     /// A fresh ext4 image file at `image` (outside the source), loop-mounted at `at`; the
     /// loop device goes away with the unmount.
     fn ext4(image: &Path, at: &Path) -> Mounted {
+        Mounted::image(&["mkfs.ext4", "-q", "-F"], 32 << 20, image, at)
+    }
+
+    /// The same with xfs (300 MiB at least; the image is sparse).
+    pub fn xfs(image: &Path, at: &Path) -> Mounted {
+        Mounted::image(&["mkfs.xfs", "-q", "-f"], 320 << 20, image, at)
+    }
+
+    /// The same with btrfs.
+    pub fn btrfs(image: &Path, at: &Path) -> Mounted {
+        Mounted::image(&["mkfs.btrfs", "-q", "-f"], 256 << 20, image, at)
+    }
+
+    /// A sparse image of `bytes` at `image`, made by `mkfs` (the image path appended) and
+    /// loop-mounted at `at`.
+    fn image(mkfs: &[&str], bytes: u64, image: &Path, at: &Path) -> Mounted {
         let file = std::fs::File::create(image).expect("create image");
-        file.set_len(32 << 20).expect("size image");
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
+        file.set_len(bytes).expect("size image");
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(image));
         mkdir_p(at);
         run(Command::new("mount")
             .args(["-o", "loop"])
@@ -60,7 +76,7 @@ impl Mounted {
 
     /// An overlay of `base/lower` (holding one file) mounted at `at`, its upper and work
     /// directories in `base`. fanotify cannot mark an overlay.
-    fn overlay(base: &Path, at: &Path) -> Mounted {
+    pub fn overlay(base: &Path, at: &Path) -> Mounted {
         let (lower, upper, work) = (base.join("lower"), base.join("upper"), base.join("work"));
         for dir in [&lower, &upper, &work] {
             mkdir_p(dir);
