@@ -660,14 +660,15 @@ pub fn check(paths: &[PathBuf]) -> Vec<Support> {
             Err(e) => Err(super::error_chain(&e)),
         };
         // Filesystems mounted below the path need marks of their own (unless the group
-        // stops at mount points); one that refuses makes `auto` choose inotify.
+        // stops at mount points); one that refuses is left to inotify under `auto`.
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
         let detail = mountinfo::below(&table, &canonical).fold(detail, |detail, m| {
             let at = format!("{} at {}", m.fstype, m.mount_point.display());
             match (detail, mark_filesystem(&group, &m.mount_point)) {
                 (Ok(d), Ok(_)) => Ok(format!("{d}; {at} marked too")),
                 (Ok(d), Err(e)) => Err(format!(
-                    "{d}, but {at} (mounted below it) cannot be marked: {}",
+                    "{d}, but {at} (mounted below it) cannot be marked ({}); `auto` watches it \
+                     with inotify and the rest with fanotify",
                     super::error_chain(&e)
                 )),
                 (Err(d), Ok(_)) => Err(d),
