@@ -229,7 +229,7 @@ fn nested_mounts_replicate() {
 
 /// An overlay (which refuses fanotify marks) mounted inside a root on a filesystem that
 /// takes them: `auto` keeps fanotify for the root and watches the overlay with inotify, and
-/// changes on both sides replicate.
+/// changes on both sides replicate; so do changes in a second overlay mounted later.
 #[test]
 fn an_overlay_below_a_root_is_watched_with_inotify_beside_fanotify() {
     let test = "an_overlay_below_a_root_is_watched_with_inotify_beside_fanotify";
@@ -268,6 +268,26 @@ fn an_overlay_below_a_root_is_watched_with_inotify_beside_fanotify() {
         CONVERGE_TIMEOUT,
         &skip_nothing,
         "writes on both filesystems",
+    );
+    // An overlay mounted while running: under auto its fanotify part cannot mark it and
+    // rescans it every few seconds instead; the other backends watch it.
+    let later = s.src.join("later");
+    let _later_overlay = Mounted::overlay(&s.path().join("later-layers"), &later);
+    scribble(&later, "later", 0);
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        "an overlay mounted while running",
+    );
+    scribble(&later, "later", 1);
+    wait_converged(
+        &s.src,
+        &s.dst,
+        CONVERGE_TIMEOUT,
+        &skip_nothing,
+        "writes in the overlay mounted while running",
     );
     d.wait_rsync_quiet(Duration::from_secs(1), Duration::from_secs(20));
     assert_equal_now(&s.src, &s.dst, &skip_nothing, "still converged");

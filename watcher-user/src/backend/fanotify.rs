@@ -64,7 +64,15 @@ pub struct FanotifyBackend {
     nested: hashbrown::HashMap<(u32, u32), (Fsid, usize)>,
     /// Devices of the filesystems holding roots (marked already).
     root_devs: hashbrown::HashSet<(u32, u32)>,
+    /// Mount points of filesystems mounted below a root after start-up that refused a
+    /// mark (an overlay): nothing reports their changes, so they are rescanned every
+    /// [`POLL_UNMARKED`] until unmounted.
+    polled: std::collections::BTreeSet<PathBuf>,
+    next_poll: Option<std::time::Instant>,
 }
+
+/// How often a filesystem below a root that cannot be marked is rescanned.
+const POLL_UNMARKED: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Turns parsed fanotify events into [`Event`]s with absolute paths. Its only system call
 /// is `open_by_handle_at` on a cache miss, so it is tested with a pre-filled cache.
@@ -259,6 +267,8 @@ impl FanotifyBackend {
             mounts: None,
             nested: Default::default(),
             root_devs,
+            polled: Default::default(),
+            next_poll: None,
         };
         if followed.is_empty() {
             return Ok(backend);
@@ -564,6 +574,13 @@ impl EventSource for FanotifyBackend {
         self.mounts.as_ref().map(MountWatch::fd)
     }
 
+    fn tick(&mut self, now: std::time::Instant, out: &mut Vec<Event>) -> std::time::Duration {
+        self.poll_unmarked(now, out)
+            .map_or(read_loop::POLL_INTERVAL, |d| {
+                d.min(read_loop::POLL_INTERVAL)
+            })
+    }
+
     fn mounts_changed(&mut self, out: &mut Vec<Event>) {
         let Some(watch) = &mut self.mounts else {
             return;
@@ -578,6 +595,7 @@ impl EventSource for FanotifyBackend {
         for m in &changes.gone {
             tracing::info!(mount_point = %m.mount_point.display(), fstype = %m.fstype, "filesystem below a root unmounted: rescanning its mount point");
             self.unmarked_nested(m);
+            self.polled.remove(&m.mount_point);
             out.push(Event::Rescan {
                 path: m.mount_point.clone(),
             });
@@ -588,14 +606,41 @@ impl EventSource for FanotifyBackend {
                     mount_point = %m.mount_point.display(),
                     fstype = %m.fstype,
                     error = %super::error_chain(&e),
-                    "filesystem mounted below a root cannot be marked: later changes there are not seen"
+                    every_s = POLL_UNMARKED.as_secs(),
+                    "filesystem mounted below a root cannot be marked: rescanned periodically until unmounted; restart the daemon to have `auto` watch it with inotify"
                 );
+                self.polled.insert(m.mount_point.clone());
             }
             // Marked first, rescanned after: nothing written in between is lost.
             out.push(Event::Rescan {
                 path: m.mount_point.clone(),
             });
         }
+    }
+}
+
+impl FanotifyBackend {
+    /// Rescans the mount points in `polled` when due; returns how long until the next.
+    fn poll_unmarked(
+        &mut self,
+        now: std::time::Instant,
+        out: &mut Vec<Event>,
+    ) -> Option<std::time::Duration> {
+        if self.polled.is_empty() {
+            self.next_poll = None;
+            return None;
+        }
+        let due = *self.next_poll.get_or_insert(now + POLL_UNMARKED);
+        if now < due {
+            return Some(due - now);
+        }
+        out.extend(
+            self.polled
+                .iter()
+                .map(|p| Event::Rescan { path: p.clone() }),
+        );
+        self.next_poll = Some(now + POLL_UNMARKED);
+        Some(POLL_UNMARKED)
     }
 }
 
