@@ -20,6 +20,16 @@ pub enum ChangeKind {
 }
 
 impl ChangeKind {
+    /// Whether a file's change of this kind ends a write: closed after writing, or moved
+    /// into place (the atomic-save pattern). Nothing more is expected for it soon.
+    pub fn ends_a_write(self, is_dir: bool) -> bool {
+        match self {
+            ChangeKind::CloseWrite => true,
+            ChangeKind::MovedTo => !is_dir,
+            _ => false,
+        }
+    }
+
     /// Whether the change adds or removes a name (and so changes its directory's mtime),
     /// rather than changing what is behind the name.
     pub fn adds_or_removes(self) -> bool {

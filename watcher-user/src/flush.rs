@@ -2,6 +2,9 @@
 //!
 //! A lone change goes out at once for low latency; a stream of changes is batched until it
 //! pauses for `delay`, but never held longer than `max_delay`, so a busy tree still syncs.
+//! A lone change waits [`LONE_SETTLE`] for the rest of its write, unless its latest event
+//! already ends one (a file closed after writing, a file moved into place): then it goes
+//! out with no wait, as a per-event script's rsync would.
 
 use std::time::{Duration, Instant};
 
@@ -57,6 +60,8 @@ pub struct FlushPolicy {
     last_activity: Option<Instant>,
     /// The first pending change came after a quiet period.
     lone: bool,
+    /// The latest change ends a write: a lone change need not settle.
+    settled: bool,
     flushing: bool,
 }
 
@@ -69,12 +74,15 @@ impl FlushPolicy {
             last_change: None,
             last_activity: None,
             lone: false,
+            settled: false,
             flushing: false,
         }
     }
 
-    /// Records a group of changes just marked dirty.
-    pub fn on_change(&mut self, now: Instant) {
+    /// Records a group of changes just marked dirty; `settled` when the latest of them
+    /// ends a write (a close after writing, a file moved into place).
+    pub fn on_change(&mut self, now: Instant, settled: bool) {
+        self.settled = settled;
         if self.first_pending.is_none() {
             let quiet = self
                 .last_activity
@@ -114,7 +122,11 @@ impl FlushPolicy {
         }
         if let (true, Some(first)) = (self.lone, self.first_pending) {
             // A lone change goes out almost at once; the short settle lets the events of one
-            // write (create, modify, close) travel in one batch instead of two.
+            // write (create, modify, close) travel in one batch instead of two, unless the
+            // write has ended already.
+            if self.settled {
+                return Decision::FlushNow;
+            }
             let at = after(first, LONE_SETTLE.min(self.cfg.delay));
             return if now >= at {
                 Decision::FlushNow
@@ -155,13 +167,15 @@ mod tests {
     #[derive(Debug, Clone, Copy)]
     enum Step {
         Change(u64),
+        /// A change whose latest event ends a write.
+        Settled(u64),
         Started(u64),
         Finished(u64),
         /// At ms, with pending paths and in-flight flag, expect a decision.
         Decide(u64, usize, bool, Want),
     }
 
-    use Step::{Change, Decide, Finished, Started};
+    use Step::{Change, Decide, Finished, Settled, Started};
     use Want::{Busy, Idle, Now, Until};
 
     fn ms(t0: Instant, at: u64) -> Instant {
@@ -184,6 +198,29 @@ mod tests {
                     Decide(2, 2, false, Until(3)),
                     Decide(3, 2, false, Now),
                 ],
+            ),
+            (
+                "a lone write that ended goes out with no settle",
+                &[
+                    Change(0),
+                    Decide(0, 1, false, Until(3)),
+                    Settled(1),
+                    Decide(1, 1, false, Now),
+                ],
+            ),
+            (
+                "a settled change in a burst still waits for quiet",
+                &[
+                    Change(0),
+                    Started(0),
+                    Settled(10),
+                    Finished(20),
+                    Decide(20, 1, false, Until(110)),
+                ],
+            ),
+            (
+                "an unsettled change after a settled one settles again",
+                &[Settled(0), Change(0), Decide(0, 2, false, Until(3))],
             ),
             (
                 "lone change long after a flush",
@@ -300,7 +337,8 @@ mod tests {
             let mut policy = FlushPolicy::new(FlushConfig::default());
             for (i, step) in steps.iter().enumerate() {
                 match *step {
-                    Change(at) => policy.on_change(ms(t0, at)),
+                    Change(at) => policy.on_change(ms(t0, at), false),
+                    Settled(at) => policy.on_change(ms(t0, at), true),
                     Started(at) => policy.on_flush_started(ms(t0, at)),
                     Finished(at) => policy.on_flush_finished(ms(t0, at)),
                     Decide(at, pending, in_flight, want) => {
@@ -358,7 +396,7 @@ mod tests {
             }
             if change {
                 self.pending.push(at);
-                self.policy.on_change(now);
+                self.policy.on_change(now, false);
             }
             match self
                 .policy

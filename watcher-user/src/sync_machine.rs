@@ -189,8 +189,8 @@ impl SyncMachine {
     }
 
     /// Records that changes were marked dirty.
-    pub fn changed(&mut self, now: Instant) {
-        self.policy.on_change(now);
+    pub fn changed(&mut self, now: Instant, settled: bool) {
+        self.policy.on_change(now, settled);
     }
 
     /// What to do now, with `pending` dirty paths, while the engine is in `mode`.
@@ -470,7 +470,7 @@ mod tests {
         for (i, step) in steps.iter().enumerate() {
             let at_ms = |t: Instant| t.saturating_duration_since(t0).as_millis() as u64;
             match *step {
-                Change(at) => machine.changed(ms(t0, at)),
+                Change(at) => machine.changed(ms(t0, at), false),
                 Start(at, kind) => machine.started(ms(t0, at), kind),
                 Decide(at, pending, mode, want) => {
                     let got = match machine.decide(ms(t0, at), pending, mode) {

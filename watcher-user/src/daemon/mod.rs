@@ -388,6 +388,16 @@ impl Engine {
         let now = Instant::now();
         stats.event_batches += 1;
         stats.backend_events += batch.len() as u64;
+        // Whether the batch's latest change ends a write: a lone change then needs no
+        // settle (see `flush`).
+        let settled = batch
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Event::Change { kind, is_dir, .. } => Some(kind.ends_a_write(*is_dir)),
+                _ => None,
+            })
+            .unwrap_or(false);
         for event in batch {
             let marked = route(&self.filter, &mut self.targets, event, now);
             match event {
@@ -399,7 +409,7 @@ impl Engine {
         }
         for t in &mut self.targets {
             if t.backlog.take_touched() {
-                t.machine.changed(now);
+                t.machine.changed(now, settled);
             }
         }
     }

@@ -66,7 +66,7 @@ impl TargetState {
     /// initial sync); the first events must not count them again.
     pub(super) fn settle_marks(&mut self, now: Instant) {
         if !self.backlog.is_empty() {
-            self.machine.changed(now);
+            self.machine.changed(now, false);
         }
         self.backlog.take_touched();
     }
@@ -130,7 +130,7 @@ impl TargetState {
             self.mark(&rel, scope, now);
         }
         if self.backlog.take_touched() {
-            self.machine.changed(now);
+            self.machine.changed(now, false);
         }
     }
 
