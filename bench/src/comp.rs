@@ -260,6 +260,10 @@ impl Summary {
     }
 }
 
+/// The daemon's log filter: info, and the runner's `batch timing` lines (debug) that the
+/// latency breakdown reads.
+pub const WATCHER_LOG: &str = "info,watcher::runner=debug";
+
 /// The number of a `key=N` word of a log line.
 pub fn field(line: &str, key: &str) -> Option<f64> {
     line.split_whitespace()
@@ -424,7 +428,7 @@ pub fn command_lines_to(env: &Env, comp: Comp, src: &Path, dst: &Dest) -> Result
     Ok(match comp {
         Comp::Fanotify | Comp::Inotify | Comp::Ebpf | Comp::EbpfUnfiltered => {
             vec![report::command_line(
-                "RUST_LOG=info watcher",
+                &format!("RUST_LOG={WATCHER_LOG} watcher"),
                 watcher_args(env, comp, src, dst)?,
                 w,
             )]
@@ -494,7 +498,7 @@ pub fn start_to(env: &Env, comp: Comp, src: &Path, dst: &Dest, dirs: usize) -> R
         Comp::Fanotify | Comp::Inotify | Comp::Ebpf | Comp::EbpfUnfiltered => {
             let mut c = Command::new(env.watcher);
             c.args(watcher_args(env, comp, src, dst)?)
-                .env("RUST_LOG", "info")
+                .env("RUST_LOG", WATCHER_LOG)
                 .env("NO_COLOR", "1");
             c
         }

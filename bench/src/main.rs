@@ -13,6 +13,7 @@
 //! it). Every child runs in a process group of its own and is killed when the harness
 //! stops; the generated trees, cgroups and the loop image are removed.
 
+mod breakdown;
 mod comp;
 mod image;
 mod kernel;

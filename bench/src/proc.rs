@@ -268,6 +268,17 @@ impl LogTail {
             .map(|(_, l)| l.clone())
     }
 
+    /// How many lines were read so far.
+    pub fn len(&self) -> usize {
+        lock(&self.shared.state).lines.len()
+    }
+
+    /// The lines from index `from` on.
+    pub fn lines_from(&self, from: usize) -> Vec<String> {
+        let st = lock(&self.shared.state);
+        st.lines.iter().skip(from).map(|(_, l)| l.clone()).collect()
+    }
+
     /// The last `n` lines, for error messages.
     pub fn tail(&self, n: usize) -> String {
         let st = lock(&self.shared.state);

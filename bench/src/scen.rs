@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::breakdown::{self, Breakdown};
 use crate::comp::{self, Comp, Env, Running};
 use crate::proc;
 use crate::report::{Report, Section, Unit, dur, thousands};
@@ -304,6 +305,7 @@ impl Ctx {
         );
         let mut rng = StdRng::seed_from_u64(0x5eed);
         let mut pooled: Vec<(Comp, Vec<Option<Duration>>)> = Vec::new();
+        let mut breakdowns: Vec<(Comp, Vec<Breakdown>)> = Vec::new();
         for rep in 0..self.repeat {
             for c in self.live() {
                 let r = match self.start("latency", c, &tree, &dst) {
@@ -319,8 +321,14 @@ impl Ctx {
                     rep + 1,
                     c.name()
                 );
-                let s = samples(&tree, &dst, r.pid(), per_run, c.key(), rep, &mut rng)?;
+                let log = c.is_watcher().then_some(&r.log);
+                let (s, parts) =
+                    samples(&tree, &dst, r.pid(), per_run, c.key(), rep, &mut rng, log)?;
                 r.stop()?;
+                match breakdowns.iter_mut().find(|p| p.0 == c) {
+                    Some(p) => p.1.extend(parts),
+                    None => breakdowns.push((c, parts)),
+                }
                 sec.push("", c, 0, percentile(&s, 0.5).map(|d| d.as_secs_f64()));
                 match pooled.iter_mut().find(|p| p.0 == c) {
                     Some(p) => p.1.extend(s),
@@ -357,6 +365,9 @@ impl Ctx {
             });
         }
         self.report.sections.push(sec);
+        if !breakdowns.is_empty() {
+            self.report.sections.push(breakdown_section(&breakdowns));
+        }
         Ok(())
     }
 
@@ -429,7 +440,7 @@ impl Ctx {
                     (remote.as_path(), r)
                 };
                 eprintln!("ssh: run {}: {case}; {SSH_CHANGES} samples", rep + 1);
-                let s = samples(
+                let (s, _) = samples(
                     &tree,
                     dst,
                     r.pid(),
@@ -437,6 +448,7 @@ impl Ctx {
                     "ssh",
                     rep * 2 + i,
                     &mut rng,
+                    None,
                 )?;
                 let auths = server.accepted() - before;
                 r.stop()?;
@@ -894,6 +906,53 @@ fn percentile(samples: &[Option<Duration>], p: f64) -> Option<Duration> {
 }
 
 /// `n` latency samples; None marks a timeout.
+/// The medians of each part of the watcher daemons' lone changes (see [`breakdown`]).
+fn breakdown_section(all: &[(Comp, Vec<Breakdown>)]) -> Section {
+    let mut columns: Vec<(&str, Unit, bool)> = breakdown::PARTS
+        .iter()
+        .map(|p| (*p, Unit::Secs, false))
+        .collect();
+    columns.push(("rsync runs", Unit::Count, false));
+    columns.push(("samples", Unit::Count, false));
+    let mut sec = Section::new(
+        "latency breakdown: where a lone change's time goes (watcher)",
+        vec![
+            "Medians over the samples of the latency scenario, from the daemon's `batch timing` \
+             lines (CLOCK_MONOTONIC, as the harness's clock): delivery (the write to the \
+             engine taking the event in: kernel queue, read, translation), queued (to the \
+             batch's start: the flush decision, a settle while the write had not ended), \
+             planning (renames replayed, rsync runs planned), rsync (its processes, spawn to \
+             exit), other (the rest of the batch), seen (the batch's end to the harness \
+             reading the contents; it polls every 0.5 ms)."
+                .to_owned(),
+        ],
+        &columns,
+    );
+    sec.ratios.clear();
+    for (comp, parts) in all {
+        let median = |values: &mut Vec<f64>| -> Option<f64> {
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied()
+        };
+        for k in 0..breakdown::PARTS.len() {
+            let mut values: Vec<f64> = parts.iter().map(|b| b.parts[k].as_secs_f64()).collect();
+            sec.push("", *comp, k, median(&mut values));
+        }
+        let mut runs: Vec<f64> = parts.iter().map(|b| b.runs as f64).collect();
+        sec.push("", *comp, breakdown::PARTS.len(), median(&mut runs));
+        sec.push(
+            "",
+            *comp,
+            breakdown::PARTS.len() + 1,
+            Some(parts.len() as f64),
+        );
+    }
+    sec
+}
+
+/// Lone changes, one at a time: how long each took to reach the replica (None: timed
+/// out), and where the time went for those a watcher daemon (`log`) reported on.
+#[allow(clippy::too_many_arguments)]
 fn samples(
     tree: &Tree,
     dst: &Path,
@@ -902,14 +961,18 @@ fn samples(
     tag: &str,
     rep: usize,
     rng: &mut StdRng,
-) -> Result<Vec<Option<Duration>>> {
+    log: Option<&proc::LogTail>,
+) -> Result<(Vec<Option<Duration>>, Vec<Breakdown>)> {
     let mut out = Vec::with_capacity(n);
+    let mut parts = Vec::new();
     for i in 0..n {
         proc::wait_rsync_idle(root_pid, SAMPLE_GAP, Duration::from_secs(5))?;
         let leaf = Tree::leaf(rng.random_range(0..tree.tops), rng.random_range(0..SUBDIRS));
         let rel = leaf.join(format!("lat-{tag}-{rep}-{i:03}"));
         let content = format!("latency sample {tag} {rep} {i}\n");
         let (src, dst) = (tree.root.join(&rel), dst.join(&rel));
+        let log_from = log.map_or(0, proc::LogTail::len);
+        let wrote_us = breakdown::monotonic_us();
         let start = Instant::now();
         fs::write(&src, &content).with_context(|| format!("writing {}", src.display()))?;
         let deadline = start + SAMPLE_TIMEOUT;
@@ -922,10 +985,23 @@ fn samples(
             }
             thread::sleep(Duration::from_micros(500));
         };
+        let seen_us = breakdown::monotonic_us();
         proc::check_interrupted()?;
+        if let (Some(log), Some(_)) = (log, sample) {
+            // The batch's line comes once its runs are done: wait for it briefly.
+            let _ = log.wait_for(log_from, Duration::from_millis(500), |l| {
+                l.contains("batch timing")
+            });
+            let lines = log.lines_from(log_from);
+            parts.extend(breakdown::find(
+                lines.iter().map(String::as_str),
+                wrote_us,
+                seen_us,
+            ));
+        }
         out.push(sample);
     }
-    Ok(out)
+    Ok((out, parts))
 }
 
 struct BurstOut {

@@ -95,6 +95,11 @@ impl FlushPolicy {
         self.last_activity = Some(now);
     }
 
+    /// When the first change not yet handed to a flush was recorded.
+    pub fn first_pending(&self) -> Option<Instant> {
+        self.first_pending
+    }
+
     /// Records that every pending change was handed to a flush.
     pub fn on_flush_started(&mut self, now: Instant) {
         self.first_pending = None;

@@ -30,6 +30,8 @@ pub struct Job {
     /// Which target (its index in the engine), reported back.
     pub target: usize,
     pub kind: FlushKind,
+    /// When the engine took in the oldest change of the batch (None: a retry, a verify).
+    pub first_change: Option<Instant>,
     pub batch: Batch,
     pub root: PathBuf,
     pub dest: Target,
@@ -105,6 +107,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     let Job {
         target,
         kind,
+        first_change,
         batch,
         root,
         dest,
@@ -184,6 +187,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         })
         .await
     };
+    let planned_at = Instant::now();
     let mut runs = match planned {
         Ok(runs) => runs,
         Err(e) => {
@@ -319,7 +323,30 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         link.observe();
     }
     done.elapsed = started.elapsed();
+    // Where a batch's latency goes, for `cargo xtask bench latency` (at debug: one line
+    // per batch). Times are CLOCK_MONOTONIC microseconds, comparable across processes.
+    if let Some(first) = first_change {
+        let us = |d: Duration| d.as_micros() as u64;
+        tracing::debug!(
+            target = %dest,
+            seen_mono_us = monotonic_us(first),
+            queued_us = us(started.saturating_duration_since(first)),
+            plan_us = us(planned_at.saturating_duration_since(started)),
+            rsync_us = us(done.run_times.iter().sum()),
+            runs = done.runs,
+            total_us = us(first.elapsed()),
+            "batch timing"
+        );
+    }
     done
+}
+
+/// `at` on the CLOCK_MONOTONIC clock, in microseconds (what `Instant` reads on Linux).
+fn monotonic_us(at: Instant) -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1000
+    });
+    now.saturating_sub(at.elapsed().as_micros() as u64)
 }
 
 /// What a renamed source path is now, for [`crate::replay::daemon::plan`].

@@ -221,6 +221,11 @@ impl SyncMachine {
         }
     }
 
+    /// When the oldest change not yet in a flush was recorded.
+    pub fn first_pending(&self) -> Option<Instant> {
+        self.policy.first_pending()
+    }
+
     /// Records that a flush of `kind` started.
     pub fn started(&mut self, now: Instant, kind: FlushKind) {
         self.in_flight = Some(kind);

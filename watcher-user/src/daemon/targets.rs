@@ -102,11 +102,13 @@ impl TargetState {
             }
             FlushKind::Verify => (self.backlog.verify_batch(), Vec::new()),
         };
+        let first_change = self.machine.first_pending();
         self.machine.started(now, kind);
         tracing::debug!(target = %self.settings.dest, paths = batch.len(), ?kind, "flushing");
         Job {
             target: index,
             kind,
+            first_change,
             batch,
             root: self.settings.root.clone(),
             dest: self.settings.dest.clone(),
