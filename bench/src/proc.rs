@@ -341,6 +341,8 @@ pub struct ProcInfo {
     pub pid: i32,
     pub ppid: i32,
     pub comm: String,
+    /// User and system time, in clock ticks.
+    pub cpu_ticks: u64,
 }
 
 fn read_stat(pid: i32) -> Option<ProcInfo> {
@@ -348,10 +350,21 @@ fn read_stat(pid: i32) -> Option<ProcInfo> {
     let open = s.find('(')?;
     let close = s.rfind(')')?;
     let comm = s.get(open + 1..close)?.to_owned();
-    let mut rest = s.get(close + 1..)?.split_whitespace();
-    let _state = rest.next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    Some(ProcInfo { pid, ppid, comm })
+    // After the name: state, ppid, ... utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = s.get(close + 1..)?.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some(ProcInfo {
+        pid,
+        ppid,
+        comm,
+        cpu_ticks: tick(11) + tick(12),
+    })
 }
 
 /// Every process on the system (those that vanish while reading are skipped).
@@ -378,21 +391,53 @@ pub fn descendants(root: i32) -> Vec<ProcInfo> {
     out
 }
 
-/// Whether any descendant of `root` is an rsync process.
-pub fn rsync_running(root: i32) -> bool {
-    descendants(root)
-        .iter()
-        .any(|p| p.comm.starts_with("rsync"))
+/// The rsync processes below a competitor as they are seen over time: it is at work while
+/// one starts, ends or uses CPU. An rsync that only waits (watcher starts one ahead of the
+/// next change, idle until then) is no work.
+pub struct RsyncActivity {
+    root: i32,
+    last: Vec<(i32, u64)>,
 }
 
-/// Waits until no rsync has run under `root` for `quiet`; false on timeout.
+impl RsyncActivity {
+    pub fn new(root: i32) -> Self {
+        let mut a = RsyncActivity {
+            root,
+            last: Vec::new(),
+        };
+        a.last = a.sample();
+        a
+    }
+
+    fn sample(&self) -> Vec<(i32, u64)> {
+        let mut now: Vec<(i32, u64)> = descendants(self.root)
+            .iter()
+            .filter(|p| p.comm.starts_with("rsync"))
+            .map(|p| (p.pid, p.cpu_ticks))
+            .collect();
+        now.sort_unstable();
+        now
+    }
+
+    /// Whether an rsync started, ended or used CPU since the last call.
+    pub fn busy(&mut self) -> bool {
+        let now = self.sample();
+        let busy = now != self.last;
+        self.last = now;
+        busy
+    }
+}
+
+/// Waits until no rsync has worked under `root` for `quiet` (see [`RsyncActivity`]); false
+/// on timeout.
 pub fn wait_rsync_idle(root: i32, quiet: Duration, timeout: Duration) -> Result<bool> {
     let start = Instant::now();
+    let mut activity = RsyncActivity::new(root);
     let mut last_busy = start;
     loop {
         check_interrupted()?;
         let now = Instant::now();
-        if rsync_running(root) {
+        if activity.busy() {
             last_busy = now;
         } else if now - last_busy >= quiet {
             return Ok(true);

@@ -233,6 +233,7 @@ fn wait_in_step(
     start: Instant,
 ) -> Result<Option<Duration>> {
     let mut last_busy = start;
+    let mut activity = proc::RsyncActivity::new(pid);
     // Bounded by STEP_TIMEOUT (at least POLL per round).
     for _ in 0..=STEP_TIMEOUT.as_millis() / POLL.as_millis() {
         proc::check_interrupted()?;
@@ -244,7 +245,7 @@ fn wait_in_step(
             }
         }
         let now = Instant::now();
-        if proc::rsync_running(pid) {
+        if activity.busy() {
             last_busy = now;
         }
         if now - start >= STEP_TIMEOUT

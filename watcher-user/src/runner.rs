@@ -49,6 +49,9 @@ pub struct Job {
     pub link: Option<Arc<ssh::Link>>,
     /// The group's hard-link index: every name of a multi-link file goes in one run.
     pub hard_links: Arc<HardLinks>,
+    /// The target's rsync started ahead of its next lone change (None: not for this
+    /// batch, a verify pass or a dry run).
+    pub standby: Option<Arc<rsync::Standby>>,
 }
 
 /// How a batch ended.
@@ -117,6 +120,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         renames,
         link,
         hard_links,
+        standby,
     } = job;
     opts.excludes
         .extend(set_aside.iter().filter_map(|p| failing::exclude_pattern(p)));
@@ -207,6 +211,8 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     // Set by a partial transfer: the failing paths of the runs so far (None when one of
     // them did not name its paths).
     let mut partial: Option<Option<Vec<Failure>>> = None;
+    // Runs that found their rsync started ahead (see `rsync::Standby`).
+    let mut started_ahead = 0u64;
     for run in &runs {
         let progress =
             whole_tree.then(|| rsync::Progress::new(label, dest.to_string(), PROGRESS_EVERY));
@@ -215,16 +221,26 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
             (opts.hardlinks && matches!(dest, Target::Local(_))).then_some(rsync::STALL_AFTER);
         // -v: what runs, on how many paths, as it could be typed again.
         tracing::debug!(target = %dest, run = label, paths = run.paths, command = %rsync::display_args(&opts.binary, &run.args), "running rsync");
-        let result = rsync::execute(
-            &opts.binary,
-            run,
-            &own_pids,
-            verify || opts.dry_run,
-            progress,
-            stop.clone(),
-            stall_after,
-        )
-        .await;
+        let waiting = standby.as_ref().and_then(|s| s.take(&run.args));
+        started_ahead += u64::from(waiting.is_some());
+        let result = match waiting {
+            Some(spawned) => {
+                let (keep, stop) = (verify || opts.dry_run, stop.clone());
+                rsync::drive(spawned, run, &own_pids, keep, progress, stop, stall_after).await
+            }
+            None => {
+                rsync::execute(
+                    &opts.binary,
+                    run,
+                    &own_pids,
+                    verify || opts.dry_run,
+                    progress,
+                    stop.clone(),
+                    stall_after,
+                )
+                .await
+            }
+        };
         done.runs += 1;
         if stop.as_ref().is_some_and(|s| *s.borrow()) {
             done.stopped = true;
@@ -322,6 +338,15 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     if let Some(link) = &link {
         link.observe();
     }
+    // The next lone change finds its rsync started, unless this batch failed (a target
+    // that is down would only make it fail again).
+    if let Some(standby) = &standby
+        && done.class == ExitClass::Success
+        && !done.stopped
+    {
+        let args = rsync::lone_change_args(&root, &dest, &opts);
+        standby.prepare(&opts.binary, args, &own_pids);
+    }
     done.elapsed = started.elapsed();
     // Where a batch's latency goes, for `cargo xtask bench latency` (at debug: one line
     // per batch). Times are CLOCK_MONOTONIC microseconds, comparable across processes.
@@ -334,6 +359,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
             plan_us = us(planned_at.saturating_duration_since(started)),
             rsync_us = us(done.run_times.iter().sum()),
             runs = done.runs,
+            started_ahead,
             total_us = us(first.elapsed()),
             "batch timing"
         );

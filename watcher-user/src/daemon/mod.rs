@@ -89,6 +89,8 @@ struct Settings {
     link: Option<Arc<ssh::Link>>,
     /// The target's `post_sync` command, when it has one (not in a dry run).
     post_sync: Option<Arc<post_sync::Hook>>,
+    /// The target's rsync started ahead of its next lone change (not in a dry run).
+    standby: Option<Arc<rsync::Standby>>,
 }
 
 /// A file's identity: its device and inode, read without following a symlink.

@@ -81,6 +81,7 @@ pub(super) fn target_states(
                     let label = format!("{}/{}", g.name, t.name);
                     Arc::new(post_sync::Hook::start(t.post_sync.clone(), env, label))
                 }),
+                standby: (!opts.dry_run).then(|| Arc::new(rsync::Standby::default())),
             };
             let carried = continuing
                 .iter()

@@ -118,6 +118,10 @@ impl TargetState {
             renames,
             link: self.settings.link.clone(),
             hard_links: self.settings.hard_links.clone(),
+            standby: match kind {
+                FlushKind::Changes => self.settings.standby.clone(),
+                FlushKind::Verify => None,
+            },
         }
     }
 
@@ -315,6 +319,7 @@ mod tests {
                 hard_links: HardLinks::new(Path::new("/srv/data")),
                 link: None,
                 post_sync: None,
+                standby: None,
             },
             backlog: Backlog::new(1_000, None),
             machine: SyncMachine::new(FlushConfig::default(), None, Instant::now()),

@@ -291,14 +291,60 @@ pub async fn execute(
     stop: Option<tokio::sync::watch::Receiver<bool>>,
     stall_after: Option<Duration>,
 ) -> std::io::Result<RunResult> {
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(binary)
-        .args(&run.args)
-        .stdin(if run.stdin.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
+    let spawned = spawn(binary, &run.args, !run.stdin.is_empty(), own_pids)?;
+    drive(
+        spawned,
+        run,
+        own_pids,
+        keep_stdout,
+        progress,
+        stop,
+        stall_after,
+    )
+    .await
+}
+
+/// An rsync process started, its list not given yet. Dropped before [`drive`] took it, it
+/// is killed and its pid leaves the daemon's own processes.
+#[derive(Debug)]
+pub struct Spawned {
+    child: Option<tokio::process::Child>,
+    pid: Option<i32>,
+    own_pids: Arc<OwnPids>,
+}
+
+impl Spawned {
+    /// Whether it still runs (a standby whose connection dropped has exited).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.try_wait();
+            if let Some(pid) = self.pid {
+                self.own_pids.remove(pid);
+            }
+        }
+    }
+}
+
+/// Starts rsync with `args`, its stdin a pipe when `list` (else empty), its pid in
+/// `own_pids` from now on.
+pub fn spawn(
+    binary: &Path,
+    args: &[OsString],
+    list: bool,
+    own_pids: &Arc<OwnPids>,
+) -> std::io::Result<Spawned> {
+    let child = tokio::process::Command::new(binary)
+        .args(args)
+        .stdin(if list { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -307,6 +353,31 @@ pub async fn execute(
     if let Some(pid) = pid {
         own_pids.insert(pid);
     }
+    Ok(Spawned {
+        child: Some(child),
+        pid,
+        own_pids: own_pids.clone(),
+    })
+}
+
+/// Gives the started rsync `run`'s list and follows it to its exit (see [`execute`]); its
+/// time counts from here.
+pub async fn drive(
+    spawned: Spawned,
+    run: &Run,
+    own_pids: &Arc<OwnPids>,
+    keep_stdout: bool,
+    progress: Option<Progress>,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+    stall_after: Option<Duration>,
+) -> std::io::Result<RunResult> {
+    let started = Instant::now();
+    let mut spawned = spawned;
+    let pid = spawned.pid;
+    let Some(mut child) = spawned.child.take() else {
+        return Err(std::io::Error::other("rsync was already given its list"));
+    };
+    drop(spawned);
     let stdin_task = child.stdin.take().map(|mut stdin| {
         let list = run.stdin.clone();
         tokio::spawn(async move {

@@ -19,10 +19,12 @@ use crate::target::Target;
 mod exec;
 mod probe;
 mod progress;
+mod standby;
 
-pub use exec::{ITEMIZED_KEPT, RunResult, STALL_AFTER, TransferStats, execute};
+pub use exec::{ITEMIZED_KEPT, RunResult, STALL_AFTER, Spawned, TransferStats, drive, execute};
 pub use probe::{ProbeError, probe, recent_enough, version_in};
 pub use progress::Progress;
+pub use standby::{Standby, lone_change_args};
 
 /// How rsync is invoked, shared by every run of one target.
 #[derive(Debug, Clone)]
