@@ -205,6 +205,36 @@ fn renames_on_an_rsync_daemon_target_send_almost_nothing() {
         "{ctx}: {sent} bytes sent for {renamed_bytes} bytes renamed (more than 2%)"
     );
     eprintln!("{ctx}: {sent} bytes sent for {renamed_bytes} bytes renamed");
+
+    // A chain, a swap through a temporary name, a rename then a write, a write then a
+    // rename: exact on the daemon too, whether replayed or copied.
+    let step = |ops: &dyn Fn()| {
+        ops();
+        wait_converged(src, dst, Duration::from_secs(60), &skip_nothing, ctx);
+    };
+    step(&|| {
+        mv(src, "d/-renamed in place", "d/c1");
+        mv(src, "d/c1", "d/c2");
+        mv(src, "d/c2", "c3");
+    });
+    step(&|| {
+        mv(src, "c3", "tmp");
+        mv(src, "d", "c3");
+        mv(src, "tmp", "d");
+    });
+    step(&|| {
+        let dir = std::ffi::OsStr::from_bytes(b"renamed again");
+        std::fs::rename(src.join(new_dir), src.join(dir)).expect("mv dir");
+        write(
+            &src.join("renamed again/f001"),
+            "rewritten after the rename\n",
+        );
+        write(
+            &src.join("renamed again/f002"),
+            "rewritten before the next rename\n",
+        );
+        mv(src, "renamed again", "renamed a third time");
+    });
     d.stop();
     server.stop();
 }
