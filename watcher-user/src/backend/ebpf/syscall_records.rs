@@ -51,8 +51,8 @@ enum Resolution {
     Path(PathBuf),
     /// The record carries no path (NULL): the call was on its fd.
     NoPath,
-    /// Cannot be resolved: rescan.
-    Lost,
+    /// Cannot be resolved: rescan the directory that surely holds it (None: every root).
+    Lost(Option<PathBuf>),
     /// A process under another root: ignore.
     Foreign,
 }
@@ -156,6 +156,18 @@ impl Translator {
     }
 
     fn rescan_all(&self, out: &mut Vec<Event>, rec: &Record, why: &str) {
+        self.rescan(out, rec, why, None);
+    }
+
+    /// Rescans `scope`, the directory known to hold what `rec` changed, else every root.
+    fn rescan(&self, out: &mut Vec<Event>, rec: &Record, why: &str, scope: Option<&Path>) {
+        if let Some(dir) = scope {
+            tracing::debug!(op = rec.op, tgid = rec.tgid, dir = %dir.display(), why, "ebpf: rescanning a directory");
+            out.push(Event::Rescan {
+                path: dir.to_path_buf(),
+            });
+            return;
+        }
         tracing::debug!(
             op = rec.op,
             tgid = rec.tgid,
@@ -189,21 +201,33 @@ impl Translator {
             }
             _ => {
                 self.stats.unresolved += 1;
-                Resolution::Lost
+                Resolution::Lost(None)
             }
         }
     }
 
-    /// A path cut at the probe's limit: lost if it may lie under a root, else ignored.
+    /// A path cut at the probe's limit: lost if it may lie under a root (what is left to
+    /// rescan is the deepest directory of the prefix that exists, below its root), else
+    /// ignored.
     fn truncated(&mut self, prefix: &Path) -> Resolution {
         self.stats.truncated += 1;
+        if let Some(root) = self.roots.iter().find(|r| prefix.starts_with(r)) {
+            // The last name may be cut anywhere: it is not a directory to trust.
+            let dir = prefix
+                .ancestors()
+                .skip(1)
+                .take_while(|d| d.starts_with(root))
+                .find(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()))
+                .unwrap_or(root);
+            return Resolution::Lost(Some(dir.to_path_buf()));
+        }
         let p = prefix.as_os_str().as_bytes();
-        let may_be_ours = self.roots.iter().any(|r| {
-            let r = r.as_os_str().as_bytes();
-            p.starts_with(r) || r.starts_with(p)
-        });
-        if may_be_ours {
-            Resolution::Lost
+        if self
+            .roots
+            .iter()
+            .any(|r| r.as_os_str().as_bytes().starts_with(p))
+        {
+            Resolution::Lost(None)
         } else {
             Resolution::Foreign
         }
@@ -264,8 +288,8 @@ impl Translator {
         match self.resolve(rec, rec.fd1, &rec.path1, rec.len1) {
             Resolution::Path(p) => Some(p),
             Resolution::NoPath => self.fd_or_rescan(rec, rec.fd1, out),
-            Resolution::Lost => {
-                self.rescan_all(out, rec, "first");
+            Resolution::Lost(scope) => {
+                self.rescan(out, rec, "first", scope.as_deref());
                 None
             }
             Resolution::Foreign => None,
@@ -276,9 +300,14 @@ impl Translator {
         match self.resolve(rec, rec.fd2, &rec.path2, rec.len2) {
             Resolution::Path(p) => Some(p),
             Resolution::Foreign => None,
-            Resolution::NoPath | Resolution::Lost => {
+            Resolution::NoPath => {
                 self.stats.unresolved += 1;
                 self.rescan_all(out, rec, "second");
+                None
+            }
+            Resolution::Lost(scope) => {
+                self.stats.unresolved += 1;
+                self.rescan(out, rec, "second", scope.as_deref());
                 None
             }
         }
@@ -289,7 +318,7 @@ impl Translator {
         if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return None;
         }
-        if p.is_none() && matches!(self.lost(rec), Resolution::Lost) {
+        if p.is_none() && matches!(self.lost(rec), Resolution::Lost(_)) {
             self.rescan_all(out, rec, "fd");
         }
         p
@@ -320,8 +349,13 @@ impl Translator {
                         self.fd_insert(rec.tgid, fd, PathBuf::new());
                         return;
                     }
-                    Resolution::NoPath | Resolution::Lost => {
+                    Resolution::NoPath => {
                         self.rescan_all(out, rec, "open");
+                        self.fd_remove(rec.tgid, fd);
+                        return;
+                    }
+                    Resolution::Lost(scope) => {
+                        self.rescan(out, rec, "open", scope.as_deref());
                         self.fd_remove(rec.tgid, fd);
                         return;
                     }
@@ -470,7 +504,7 @@ impl Translator {
                     Resolution::NoPath => self.fd_path(rec.tgid, rec.fd1),
                     // Outside every root: what it does relative to it is not ours.
                     Resolution::Foreign => Some(PathBuf::new()),
-                    Resolution::Lost => None,
+                    Resolution::Lost(_) => None,
                 };
                 match dir {
                     Some(dir) => self.cwds.insert(rec.tgid, dir),
@@ -605,6 +639,27 @@ mod tests {
         t.translate(&rec, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(t.stats.truncated, 1);
+    }
+
+    #[test]
+    fn a_truncated_path_rescans_its_deepest_directory_that_exists() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
+        let mut t = Translator::new(std::slice::from_ref(&root));
+        let mut out = Vec::new();
+        for (cut, scope) in [
+            ("a/b/very-long-name-cut-her", root.join("a/b")),
+            ("a/b/gone/deeper/name", root.join("a/b")),
+            ("a/b", root.join("a")),
+            ("missing/x", root.clone()),
+        ] {
+            let mut rec = record(op::MKDIR, 7, AT_FDCWD, &root.join(cut).to_string_lossy());
+            rec.len1 = PATH_LEN as i32;
+            out.clear();
+            t.translate(&rec, &mut out);
+            assert_eq!(out, vec![Event::Rescan { path: scope }], "{cut}");
+        }
     }
 
     #[test]
