@@ -25,7 +25,9 @@ fn watch(s: &Scratch, args: &[&str]) -> Daemon {
     }
     all.push(s.src.clone().into());
     let mut d = Daemon::spawn_with(&all);
-    d.wait_for_line("watching", WAIT);
+    // As long as a daemon may take to be ready: loading the ebpf probes in the emulated
+    // guest takes seconds.
+    d.wait_for_line("watching", harness::READY_TIMEOUT);
     d
 }
 
