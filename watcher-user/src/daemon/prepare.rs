@@ -81,7 +81,9 @@ pub(super) fn target_states(
                     let label = format!("{}/{}", g.name, t.name);
                     Arc::new(post_sync::Hook::start(t.post_sync.clone(), env, label))
                 }),
-                standby: (!opts.dry_run).then(|| Arc::new(rsync::Standby::default())),
+                // An idle rsync is a process too: none beyond `max_processes`.
+                standby: (!opts.dry_run && config.daemon.max_processes.is_none())
+                    .then(|| Arc::new(rsync::Standby::default())),
             };
             let carried = continuing
                 .iter()
