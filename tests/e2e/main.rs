@@ -1322,16 +1322,26 @@ fn sigterm_flushes_pending_changes() {
 
 /// Stands in for rsync: while `races-left` beside it holds a positive count, a run with a
 /// list (`--files-from`) fails the way rsync 3.4+ does when a listed directory vanishes
-/// while it builds its file list; otherwise it runs the real rsync.
+/// while it builds its file list; otherwise it runs the real rsync. It decides once its
+/// list came, as rsync would meet the race then: the daemon may start a run ahead of its
+/// list (the standby of a lone change).
 const RACING_RSYNC: &str = r#"#!/bin/sh
 left="$(dirname "$0")/races-left"
 for arg in "$@"; do
-    if [ "$arg" = "--files-from=-" ] && [ -s "$left" ] && [ "$(cat "$left")" -gt 0 ]; then
-        echo $(( $(cat "$left") - 1 )) > "$left"
-        cat > /dev/null
-        echo 'ABORTING due to invalid path from sender: gone/child' >&2
-        echo 'rsync error: protocol incompatibility (code 2) at generator.c(1715)' >&2
-        exit 2
+    if [ "$arg" = "--files-from=-" ]; then
+        list="$(mktemp)"
+        cat > "$list"
+        if [ -s "$left" ] && [ "$(cat "$left")" -gt 0 ]; then
+            echo $(( $(cat "$left") - 1 )) > "$left"
+            rm -f "$list"
+            echo 'ABORTING due to invalid path from sender: gone/child' >&2
+            echo 'rsync error: protocol incompatibility (code 2) at generator.c(1715)' >&2
+            exit 2
+        fi
+        rsync "$@" < "$list"
+        code=$?
+        rm -f "$list"
+        exit "$code"
     fi
 done
 exec rsync "$@"
