@@ -223,23 +223,16 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
         tracing::debug!(target = %dest, run = label, paths = run.paths, command = %rsync::display_args(&opts.binary, &run.args), "running rsync");
         let waiting = standby.as_ref().and_then(|s| s.take(&run.args));
         started_ahead += u64::from(waiting.is_some());
-        let result = match waiting {
-            Some(spawned) => {
+        let spawned = match waiting {
+            Some(spawned) => Ok(spawned),
+            None => rsync::spawn(&opts.binary, &run.args, !run.stdin.is_empty(), &own_pids),
+        };
+        let result = match spawned {
+            Ok(spawned) => {
                 let (keep, stop) = (verify || opts.dry_run, stop.clone());
                 rsync::drive(spawned, run, &own_pids, keep, progress, stop, stall_after).await
             }
-            None => {
-                rsync::execute(
-                    &opts.binary,
-                    run,
-                    &own_pids,
-                    verify || opts.dry_run,
-                    progress,
-                    stop.clone(),
-                    stall_after,
-                )
-                .await
-            }
+            Err(e) => Err(e),
         };
         done.runs += 1;
         if stop.as_ref().is_some_and(|s| *s.borrow()) {

@@ -21,7 +21,9 @@ mod probe;
 mod progress;
 mod standby;
 
-pub use exec::{ITEMIZED_KEPT, RunResult, STALL_AFTER, Spawned, TransferStats, drive, execute};
+pub use exec::{
+    ITEMIZED_KEPT, RunResult, STALL_AFTER, Spawned, TransferStats, drive, execute, spawn,
+};
 pub use probe::{ProbeError, probe, recent_enough, version_in};
 pub use progress::Progress;
 pub use standby::{Standby, lone_change_args};
