@@ -1572,15 +1572,58 @@ fn ebpf_changes_outside_the_roots_are_dropped_in_the_kernel() {
             format!("inside {round}\n"),
         );
         wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, TEST);
+        // Deleted by absolute path: the file is gone when the probe runs, so only the
+        // path says where it was.
+        for i in 0..FILES {
+            std::fs::remove_file(beside.join(format!("f{round}-{i}"))).expect("unlink");
+            if let Some(dir) = &other_fs {
+                std::fs::remove_file(dir.path().join(format!("f{round}-{i}"))).expect("unlink");
+            }
+        }
+        // Absolute paths into the root that only read as outside byte for byte: through
+        // `..`, `.` and an empty name. They must still reach the replica.
+        let dot_names = ["dotdot", "dot", "double-slash"];
+        for name in dot_names {
+            write(&s.src.join(format!("{name}{round}")), "to delete\n");
+        }
+        wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, TEST);
+        let src_name = s
+            .src
+            .file_name()
+            .expect("src name")
+            .to_str()
+            .expect("utf-8");
+        let via = [
+            beside
+                .join("..")
+                .join(src_name)
+                .join(format!("dotdot{round}")),
+            PathBuf::from(format!("{}/./{src_name}/dot{round}", s.path().display())),
+            PathBuf::from(format!(
+                "{}//{src_name}/double-slash{round}",
+                s.path().display()
+            )),
+        ];
+        for path in &via {
+            std::fs::remove_file(path).expect("unlink through an odd path");
+        }
+        wait_converged(&s.src, &s.dst, CONVERGE_TIMEOUT, &skip_nothing, TEST);
+        for name in dot_names {
+            assert!(
+                !s.dst.join(format!("{name}{round}")).exists(),
+                "{TEST}: {name}{round} deleted through an odd absolute path is still in the replica"
+            );
+        }
         let line = stop_for_ebpf_counters(d);
         log_field(&line, "outside_roots_dropped_in_kernel")
             .expect("outside_roots_dropped_in_kernel=N")
     };
     let on = dropped_with("on", 0);
+    // Each file outside: its creation, and its deletion by absolute path.
     let written = if other_fs.is_some() { 2 * FILES } else { FILES };
     assert!(
-        on >= written,
-        "{TEST}: {on} changes dropped in the kernel for {written} files written outside the root"
+        on >= 2 * written,
+        "{TEST}: {on} changes dropped in the kernel for {written} files written and deleted outside the root"
     );
     let off = dropped_with("off", 1);
     assert_eq!(

@@ -95,6 +95,44 @@ pub struct KernelOffsets {
     pub rd_new_dentry: u32,
     /// open_flags.open_flag (offset 0 is a real offset here).
     pub open_flag: u32,
+    /// How many entries of the root paths map are filled (see [`RootPath`]); zero: an
+    /// absolute path is never dropped in the kernel.
+    pub root_paths: u32,
+}
+
+/// Entries of the root paths map: at most this many roots, each at most
+/// [`ROOT_PATH_LEN`] bytes. With more or longer roots the map is left empty.
+pub const MAX_ROOT_PATHS: usize = 16;
+pub const ROOT_PATH_LEN: usize = 256;
+
+/// A source root (or a mount point below one) as an absolute path, without a trailing
+/// `/`, for the probes' lexical test of absolute paths. A path that starts with none of
+/// them, and that none of them starts with, is outside every root and above none: the
+/// same answer user space reaches, which does not follow symlinks either.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RootPath {
+    pub len: u32,
+    pub path: [u8; ROOT_PATH_LEN],
+}
+
+impl RootPath {
+    /// `path` as an entry, or None when it is too long.
+    pub fn new(path: &[u8]) -> Option<RootPath> {
+        let path = match path {
+            [rest @ .., b'/'] if !rest.is_empty() => rest,
+            _ => path,
+        };
+        if path.len() > ROOT_PATH_LEN || path.first() != Some(&b'/') {
+            return None;
+        }
+        let mut out = RootPath {
+            len: path.len() as u32,
+            path: [0; ROOT_PATH_LEN],
+        };
+        out.path[..path.len()].copy_from_slice(path);
+        Some(out)
+    }
 }
 
 /// Bytes of a path the VFS probes build from a dentry, leaf first.
@@ -208,11 +246,18 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_ROOTS: &str = "ROOTS";
 pub const MAP_DEVICES: &str = "DEVICES";
+pub const MAP_ROOT_PATHS: &str = "ROOT_PATHS";
 pub const PROG_SYS_EXIT: &str = "watcher_sys_exit";
 pub const PROG_SYS_ENTER: &str = "watcher_sys_enter";
 pub const PROG_PROCESS_EXIT: &str = "watcher_process_exit";
 
 /// One successful syscall that changed (or may change) a path.
+///
+/// In the ring buffer a record is sized to its paths: the fields up to `path1`
+/// ([`RECORD_HEADER`] bytes), then `max(len1, 0)` bytes of `path1` and right after them
+/// `max(len2, 0)` bytes of `path2` ([`packed_len`]). A record whose two paths do not fit
+/// in [`PATH_LEN`] bytes together is written whole, [`size_of::<Record>()`] bytes, with
+/// `path2` in its own array.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Record {
@@ -233,4 +278,23 @@ pub struct Record {
     pub len2: i32,
     pub path1: [u8; PATH_LEN],
     pub path2: [u8; PATH_LEN],
+}
+
+/// Bytes of a [`Record`] before its paths.
+pub const RECORD_HEADER: usize = core::mem::offset_of!(Record, path1);
+
+/// Bytes of path kept for a `len1`/`len2` of a record (a fault or no path keeps none).
+pub fn path_bytes(len: i32) -> usize {
+    (len.max(0) as usize).min(PATH_LEN)
+}
+
+/// The size of a record in the ring buffer with these path lengths: packed when both
+/// paths fit in one array, else whole.
+pub fn packed_len(len1: i32, len2: i32) -> usize {
+    let paths = path_bytes(len1) + path_bytes(len2);
+    if paths <= PATH_LEN {
+        RECORD_HEADER + paths
+    } else {
+        core::mem::size_of::<Record>()
+    }
 }

@@ -10,7 +10,12 @@
 //! Syscall numbers are x86_64's.
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::helpers::generated::{bpf_get_current_task, bpf_probe_read_user_str};
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_task, bpf_loop, bpf_probe_read_kernel as probe_read_kernel_raw,
+    bpf_probe_read_user_str,
+};
 use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
 };
@@ -19,13 +24,18 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::RawTracePointContext;
 use aya_log_ebpf::{debug, warn};
 use watcher_ebpf_common::{
-    IGNORE_CHILD, KernelOffsets, PATH_LEN, ROOT, ROOT_ANCESTOR, Record, RootKey, TRACK_DIR,
-    TRACK_WRITE, counter, op,
+    IGNORE_CHILD, KernelOffsets, MAX_ROOT_PATHS, PATH_LEN, RECORD_HEADER, ROOT, ROOT_ANCESTOR,
+    ROOT_PATH_LEN, Record, RootKey, RootPath, TRACK_DIR, TRACK_WRITE, counter, op, path_bytes,
 };
 
 /// Records; user space sets the size at load time.
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 24, 0);
+
+/// Room to build a record, copied sized to its paths into [`EVENTS`] (a record is too
+/// big for the stack, and a ring buffer entry's size must be known when it is reserved).
+#[map]
+static RECORD: PerCpuArray<Record> = PerCpuArray::with_max_entries(1, 0);
 
 /// Processes whose syscalls are not reported: the daemon and its descendants.
 #[map]
@@ -58,6 +68,11 @@ pub(crate) static CONFIG: Array<KernelOffsets> = Array::with_max_entries(1, 0);
 /// The source roots, and the directories above them, by (device, inode).
 #[map]
 static ROOTS: HashMap<RootKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// The source roots as absolute paths, for the absolute paths given to syscalls (the
+/// first `KernelOffsets::root_paths` entries are filled).
+#[map]
+static ROOT_PATHS: Array<RootPath> = Array::with_max_entries(MAX_ROOT_PATHS as u32, 0);
 
 /// Devices (kernel `dev_t`) of the filesystems that hold a source root.
 #[map]
@@ -585,21 +600,167 @@ fn relative_path_outside(off: &KernelOffsets, fd: i32, path: &[u8; PATH_LEN], le
     base.is_some_and(|d| outside_roots(d, off))
 }
 
+/// Whether an absolute path given to a syscall certainly names something outside every
+/// root and above none: it starts with no root and no root starts with it, compared
+/// byte for byte (see [`RootPath`]). A path with an empty name, `.` or `..` in it, or
+/// possibly cut short, counts as inside: user space resolves those. The loops over the
+/// bytes are `bpf_loop`s, so the verifier checks their bodies once, not per byte.
+#[inline(always)]
+fn absolute_path_outside(off: &KernelOffsets, path: &[u8; PATH_LEN], len: i32) -> bool {
+    if len <= 1 || len as usize >= PATH_LEN || path[0] != b'/' {
+        return false;
+    }
+    let roots = off.root_paths as usize;
+    if roots == 0 {
+        return false;
+    }
+    let plen = len as usize - 1;
+    let mut scan = Scan {
+        path: path.as_ptr(),
+        plen: plen as u64,
+        root: path.as_ptr(),
+        hit: 0,
+        related: 0,
+    };
+    if run_loop(plen, odd_name_at, &mut scan) != 0 || scan.hit != 0 {
+        return false;
+    }
+    run_loop(roots.min(MAX_ROOT_PATHS), related_to_root, &mut scan) == 0 && scan.related == 0
+}
+
+/// What the `bpf_loop` callbacks below look at: a record's path, and a root's.
+#[repr(C)]
+struct Scan {
+    /// PATH_LEN bytes, `plen` of them before the NUL.
+    path: *const u8,
+    plen: u64,
+    /// ROOT_PATH_LEN bytes: the root compared with.
+    root: *const u8,
+    /// Set by the byte callbacks that stopped on what they look for.
+    hit: u64,
+    /// Set when the path and a root start with one another.
+    related: u64,
+}
+
+/// Runs `callback` for `0..n` over `scan`; nonzero when the loop could not run.
+#[inline(always)]
+fn run_loop(n: usize, callback: extern "C" fn(u32, *mut c_void) -> i64, scan: &mut Scan) -> i64 {
+    // SAFETY: `scan` lives on the caller's stack frame for the whole loop.
+    let done = unsafe {
+        bpf_loop(
+            n as u32,
+            callback as *mut c_void,
+            (scan as *mut Scan).cast(),
+            0,
+        )
+    };
+    i64::from(done < 0)
+}
+
+/// `bpf_loop` callback: compares the path with root `r`; stops the loop when one starts
+/// with the other (or the root cannot be read, which keeps the record too).
+#[inline(never)]
+extern "C" fn related_to_root(r: u32, ctx: *mut c_void) -> i64 {
+    let scan = ctx as *mut Scan;
+    // SAFETY: `scan` is the caller's, on its stack.
+    unsafe {
+        let Some(root) = ROOT_PATHS.get(r) else {
+            (*scan).related = 1;
+            return 1;
+        };
+        let common = (root.len as usize)
+            .min(ROOT_PATH_LEN)
+            .min((*scan).plen as usize);
+        (*scan).root = root.path.as_ptr();
+        (*scan).hit = 0;
+        if run_loop(common, differs_at, &mut *scan) != 0 || (*scan).hit == 0 {
+            (*scan).related = 1;
+            return 1;
+        }
+    }
+    0
+}
+
+/// `bpf_loop` callback: stops at byte `i` of the path when a name starts there that is
+/// empty (`//`), `.` or `..` (followed by `/` or the path's NUL).
+#[inline(never)]
+extern "C" fn odd_name_at(i: u32, ctx: *mut c_void) -> i64 {
+    let i = i as usize;
+    if i >= PATH_LEN - 3 {
+        return 1;
+    }
+    let scan = ctx as *mut Scan;
+    // SAFETY: `path` points to a record's PATH_LEN-byte array and i + 3 < PATH_LEN.
+    unsafe {
+        let p = (*scan).path;
+        if *p.add(i) != b'/' {
+            return 0;
+        }
+        let (a, b, c) = (*p.add(i + 1), *p.add(i + 2), *p.add(i + 3));
+        if a == b'/' || (a == b'.' && (b == b'/' || b == 0 || (b == b'.' && (c == b'/' || c == 0))))
+        {
+            (*scan).hit = 1;
+            return 1;
+        }
+    }
+    0
+}
+
+/// `bpf_loop` callback: stops at byte `i` when the path and the root differ there.
+#[inline(never)]
+extern "C" fn differs_at(i: u32, ctx: *mut c_void) -> i64 {
+    let i = i as usize;
+    if i >= ROOT_PATH_LEN {
+        return 1;
+    }
+    let scan = ctx as *mut Scan;
+    // SAFETY: `path` has PATH_LEN bytes and `root` ROOT_PATH_LEN, and i < ROOT_PATH_LEN.
+    unsafe {
+        if *(*scan).path.add(i) != *(*scan).root.add(i) {
+            (*scan).hit = 1;
+            return 1;
+        }
+    }
+    0
+}
+
+/// Whether a path given to a syscall (relative to `fd`) is certainly outside every root.
+#[inline(always)]
+fn path_outside(off: &KernelOffsets, fd: i32, path: &[u8; PATH_LEN], len: i32) -> bool {
+    if path[0] == b'/' {
+        absolute_path_outside(off, path, len)
+    } else {
+        relative_path_outside(off, fd, path, len)
+    }
+}
+
 /// Whether a path-based record is certainly about names outside every root.
 #[inline(always)]
 fn record_outside(rec: &Record) -> bool {
     let Some(off) = filter_config() else {
         return false;
     };
-    let two = match rec.op {
+    // Read back from the map, not forwarded from the caller's constants, so that the
+    // verifier meets the same state here whichever syscall led here, and checks the
+    // rest once rather than once per syscall.
+    // SAFETY: plain reads of the record's fields.
+    let (op, fd1, len1, fd2, len2) = unsafe {
+        (
+            core::ptr::read_volatile(&rec.op),
+            core::ptr::read_volatile(&rec.fd1),
+            core::ptr::read_volatile(&rec.len1),
+            core::ptr::read_volatile(&rec.fd2),
+            core::ptr::read_volatile(&rec.len2),
+        )
+    };
+    let two = match op {
         op::RENAME | op::LINK => true,
         op::UNLINK | op::MKDIR | op::MKNOD | op::SYMLINK | op::PATH_ATTRIB | op::PATH_MODIFY => {
             false
         }
         _ => return false,
     };
-    relative_path_outside(off, rec.fd1, &rec.path1, rec.len1)
-        && (!two || relative_path_outside(off, rec.fd2, &rec.path2, rec.len2))
+    path_outside(off, fd1, &rec.path1, len1) && (!two || path_outside(off, fd2, &rec.path2, len2))
 }
 
 /// Whether `tgid` is the daemon or one of its descendants. A child whose parent is
@@ -631,6 +792,12 @@ fn remember_read_open(tgid: u32, fd: i64, dirfd: u64, path: u64) {
     unsafe {
         (*scratch).dirfd = dirfd as i32;
         (*scratch).len = read_str(path, &mut (*scratch).path);
+        // Most read-only opens on a busy machine are of files outside the roots.
+        if let Some(off) = filter_config()
+            && absolute_path_outside(off, &(*scratch).path, (*scratch).len)
+        {
+            return;
+        }
         let key = ((tgid as u64) << 32) | (fd as u64 & 0xffff_ffff);
         let _ = READ_OPENS.insert(&key, &*scratch, 0);
     }
@@ -639,12 +806,10 @@ fn remember_read_open(tgid: u32, fd: i64, dirfd: u64, path: u64) {
 /// A record for a call through a read-only fd, with the path the fd was opened with.
 #[inline(always)]
 fn emit_stored(ctx: &RawTracePointContext, tgid: u32, pid: u32, op: u32, stored: *const OpenPath) {
-    let Some(mut entry) = EVENTS.reserve::<Record>(0) else {
-        lost(ctx);
+    let Some(rec) = RECORD.get_ptr_mut(0) else {
         return;
     };
-    let rec = entry.as_mut_ptr();
-    // SAFETY: `rec` is the reserved record; `stored` a map value, copied by the helper.
+    // SAFETY: this CPU's record slot; `stored` a map value, copied by the helper.
     unsafe {
         (*rec).tgid = tgid;
         (*rec).pid = pid;
@@ -655,24 +820,20 @@ fn emit_stored(ctx: &RawTracePointContext, tgid: u32, pid: u32, op: u32, stored:
         (*rec).fd2 = 0;
         (*rec).len1 = (*stored).len;
         (*rec).len2 = 0;
-        (*rec).path2[0] = 0;
         if bpf_probe_read_kernel_buf((*stored).path.as_ptr(), &mut (*rec).path1).is_err() {
             (*rec).len1 = -1;
         }
+        submit(ctx, rec);
     }
-    entry.submit(0);
-    bump(counter::WRITTEN);
 }
 
 #[inline(always)]
 fn emit(ctx: &RawTracePointContext, tgid: u32, pid: u32, ret: i64, args: &Args) {
-    let Some(mut entry) = EVENTS.reserve::<Record>(0) else {
-        lost(ctx);
+    let Some(rec) = RECORD.get_ptr_mut(0) else {
         return;
     };
-    let rec = entry.as_mut_ptr();
-    // SAFETY: `rec` is the reserved, exclusively owned record; user strings are read
-    // through the checking helper into its arrays.
+    // SAFETY: this CPU's record slot; user strings are read through the checking helper
+    // into its arrays.
     unsafe {
         (*rec).tgid = tgid;
         (*rec).pid = pid;
@@ -684,12 +845,47 @@ fn emit(ctx: &RawTracePointContext, tgid: u32, pid: u32, ret: i64, args: &Args) 
         (*rec).len1 = read_str(args.path1, &mut (*rec).path1);
         (*rec).len2 = read_str(args.path2, &mut (*rec).path2);
         if record_outside(&*rec) {
-            entry.discard(0);
             bump(counter::OUTSIDE_DROPPED);
             return;
         }
+        submit(ctx, rec);
     }
-    entry.submit(0);
+}
+
+/// Copies the record built in `rec` into the ring buffer, sized to its paths: the second
+/// path moved right behind the first when both fit in one array (see [`Record`]).
+///
+/// # Safety
+/// `rec` is this CPU's [`RECORD`] slot.
+#[inline(always)]
+unsafe fn submit(ctx: &RawTracePointContext, rec: *mut Record) {
+    let l1 = path_bytes(unsafe { (*rec).len1 });
+    let l2 = path_bytes(unsafe { (*rec).len2 });
+    let size = if l1 + l2 <= PATH_LEN {
+        if l2 > 0 {
+            // Within the record: path1 + l1 + l2 ends at most where path2 starts.
+            // SAFETY: both ranges lie inside this CPU's record slot and do not overlap.
+            let moved = unsafe {
+                probe_read_kernel_raw(
+                    (*rec).path1.as_mut_ptr().add(l1).cast(),
+                    l2 as u32,
+                    (*rec).path2.as_ptr().cast(),
+                )
+            };
+            if moved != 0 {
+                return;
+            }
+        }
+        RECORD_HEADER + l1 + l2
+    } else {
+        core::mem::size_of::<Record>()
+    };
+    // SAFETY: `size` bytes from the start of the record slot are inside it.
+    let bytes = unsafe { core::slice::from_raw_parts(rec as *const u8, size) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        lost(ctx);
+        return;
+    }
     bump(counter::WRITTEN);
 }
 

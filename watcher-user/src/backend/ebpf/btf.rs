@@ -184,6 +184,7 @@ pub(super) fn kernel_offsets() -> (watcher_ebpf_common::KernelOffsets, Vec<Strin
         rd_old_dentry: field("renamedata", "old_dentry"),
         rd_new_dentry: field("renamedata", "new_dentry"),
         open_flag: field("open_flags", "open_flag"),
+        root_paths: 0,
     };
     const VFS_ONLY: [&str; 7] = [
         "open_flags.open_flag",

@@ -21,6 +21,12 @@ unsafe impl aya::Pod for Offsets {}
 
 #[derive(Clone, Copy)]
 #[repr(transparent)]
+struct RootPathEntry(common::RootPath);
+// SAFETY: plain old data (a u32 and bytes), no padding.
+unsafe impl aya::Pod for RootPathEntry {}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
 struct Key(common::RootKey);
 // SAFETY: plain old data with its padding spelled out as a field.
 unsafe impl aya::Pod for Key {}
@@ -66,6 +72,8 @@ struct MapContents {
     filter_available: bool,
     roots: Vec<(common::RootKey, u32)>,
     devices: Vec<u32>,
+    /// The roots as absolute paths (empty: absolute paths are never dropped).
+    root_paths: Vec<common::RootPath>,
     /// Processes whose syscalls the probes drop, with every process they fork.
     ignored: Vec<u32>,
 }
@@ -81,10 +89,17 @@ fn map_contents(roots: &[PathBuf], filter: bool, own: &OwnPids) -> MapContents {
         Default::default()
     };
     offsets.filter = u32::from(!devices.is_empty());
+    let root_paths = if offsets.filter != 0 {
+        super::root_filter::root_paths(roots)
+    } else {
+        Vec::new()
+    };
+    offsets.root_paths = root_paths.len() as u32;
     if filter_available && filter {
         tracing::info!(
             directories = keys.len(),
             filesystems = devices.len(),
+            absolute_paths = !root_paths.is_empty(),
             on = offsets.filter != 0,
             "ebpf in-kernel filter by root"
         );
@@ -95,6 +110,7 @@ fn map_contents(roots: &[PathBuf], filter: bool, own: &OwnPids) -> MapContents {
         filter_available,
         roots: keys,
         devices,
+        root_paths,
         ignored: own.snapshot().into_iter().map(|pid| pid as u32).collect(),
     }
 }
@@ -168,6 +184,15 @@ fn load(ringbuf_bytes: u32, contents: &MapContents, set: ProbeSet) -> Result<Ebp
         for dev in &contents.devices {
             map.insert(dev, 1, 0)
                 .map_err(|e| err("filling the devices map", e))?;
+        }
+    }
+    {
+        let mut map: Array<&mut MapData, RootPathEntry> =
+            Array::try_from(map_mut(&mut ebpf, common::MAP_ROOT_PATHS)?)
+                .map_err(|e| err("map ROOT_PATHS", e))?;
+        for (i, path) in contents.root_paths.iter().enumerate() {
+            map.set(i as u32, RootPathEntry(*path), 0)
+                .map_err(|e| err("filling the root paths map", e))?;
         }
     }
     {

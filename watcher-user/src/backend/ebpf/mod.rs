@@ -121,6 +121,9 @@ pub struct EbpfBackend {
     own_pids: Arc<OwnPids>,
     lost_seen: u64,
     overflows: u64,
+    /// Ring buffer space the records read took: each record's bytes rounded up to 8,
+    /// plus the kernel's 8-byte header.
+    ring_bytes: u64,
     /// The mount table, followed below the roots: a filesystem mounted later is let
     /// through the in-kernel filter and rescanned, one unmounted rescanned.
     mounts: Option<MountWatch>,
@@ -172,6 +175,7 @@ impl EbpfBackend {
             own_pids,
             lost_seen: 0,
             overflows: 0,
+            ring_bytes: 0,
             mounts: MountWatch::new(roots.to_vec())
                 .map_err(|e| tracing::warn!(error = %e, "cannot follow /proc/self/mountinfo: filesystems mounted below a root later are not seen"))
                 .ok(),
@@ -202,6 +206,7 @@ impl EbpfBackend {
                 break;
             };
             n += 1;
+            self.ring_bytes += (item.len() as u64).next_multiple_of(8) + 8;
             if item.len() == std::mem::size_of::<common::VfsRecord>() {
                 // SAFETY: the length is checked; VfsRecord is plain old data.
                 let rec =
@@ -335,6 +340,7 @@ impl Backend for EbpfBackend {
                 ProbeSet::Syscalls => "syscalls",
             },
             records = s.records + v.records,
+            ring_bytes = self.ring_bytes,
             vfs_incomplete_paths = v.incomplete,
             own_dropped_in_kernel = self.counter(common::counter::OWN_DROPPED),
             outside_roots_dropped_in_kernel = self.counter(common::counter::OUTSIDE_DROPPED),

@@ -56,9 +56,42 @@ pub fn root_filter(
     (keys, devices)
 }
 
+/// The roots as the probes compare absolute paths with them (see
+/// [`RootPath`](watcher_ebpf_common::RootPath)): all of them, or none when one does not
+/// fit (too many roots, or one too long), so that no absolute path is dropped in the
+/// kernel that user space would keep.
+pub fn root_paths(roots: &[PathBuf]) -> Vec<watcher_ebpf_common::RootPath> {
+    use std::os::unix::ffi::OsStrExt;
+    use watcher_ebpf_common::{MAX_ROOT_PATHS, RootPath};
+    if roots.len() > MAX_ROOT_PATHS {
+        return Vec::new();
+    }
+    roots
+        .iter()
+        .map(|r| RootPath::new(r.as_os_str().as_bytes()))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn root_paths_are_all_the_roots_or_none() {
+        use watcher_ebpf_common::{MAX_ROOT_PATHS, ROOT_PATH_LEN};
+        let paths = root_paths(&["/data/src".into(), "/srv/b/".into(), "/".into()]);
+        let got: Vec<&[u8]> = paths.iter().map(|p| &p.path[..p.len as usize]).collect();
+        assert_eq!(got, [&b"/data/src"[..], b"/srv/b", b"/"]);
+        let long = PathBuf::from(format!("/{}", "x".repeat(ROOT_PATH_LEN)));
+        assert!(root_paths(&["/a".into(), long]).is_empty());
+        assert!(root_paths(&["relative".into()]).is_empty());
+        let many: Vec<PathBuf> = (0..=MAX_ROOT_PATHS)
+            .map(|i| format!("/r{i}").into())
+            .collect();
+        assert!(root_paths(&many).is_empty());
+        assert_eq!(root_paths(&many[..MAX_ROOT_PATHS]).len(), MAX_ROOT_PATHS);
+    }
 
     #[test]
     fn root_filter_knows_roots_their_ancestors_mounts_under_them_and_devices() {

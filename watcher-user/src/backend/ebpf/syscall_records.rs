@@ -27,7 +27,9 @@ use watcher_ebpf_common::abi::{
     AT_EMPTY_PATH, AT_FDCWD, AT_REMOVEDIR, O_CREAT, O_RDWR, O_TMPFILE_ONLY, O_TRUNC, O_WRONLY,
     RENAME_EXCHANGE,
 };
-use watcher_ebpf_common::{PATH_LEN, Record, TRACK_WRITE, op};
+use watcher_ebpf_common::{
+    PATH_LEN, RECORD_HEADER, Record, TRACK_WRITE, op, packed_len, path_bytes,
+};
 
 use crate::event::{ChangeKind, Event};
 
@@ -531,13 +533,30 @@ impl Translator {
     }
 }
 
-/// A record from the bytes of a ring buffer entry.
+/// A record from the bytes of a ring buffer entry: sized to its paths, or whole (see
+/// [`Record`]). Anything else is None.
 pub fn parse_record(bytes: &[u8]) -> Option<Record> {
-    if bytes.len() < std::mem::size_of::<Record>() {
+    let whole = std::mem::size_of::<Record>();
+    if bytes.len() == whole {
+        // SAFETY: the length is checked; Record is plain old data, read unaligned.
+        return Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Record>()) });
+    }
+    if bytes.len() < RECORD_HEADER {
         return None;
     }
-    // SAFETY: the length is checked; Record is plain old data, read unaligned.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Record>()) })
+    let mut head = [0u8; std::mem::size_of::<Record>()];
+    head[..RECORD_HEADER].copy_from_slice(&bytes[..RECORD_HEADER]);
+    // SAFETY: the buffer is a Record's size, zeroed past the header; Record is plain old
+    // data, read unaligned.
+    let mut rec = unsafe { std::ptr::read_unaligned(head.as_ptr().cast::<Record>()) };
+    let (l1, l2) = (path_bytes(rec.len1), path_bytes(rec.len2));
+    if bytes.len() != RECORD_HEADER + l1 + l2 || packed_len(rec.len1, rec.len2) != bytes.len() {
+        return None;
+    }
+    let paths = &bytes[RECORD_HEADER..];
+    rec.path1[..l1].copy_from_slice(&paths[..l1]);
+    rec.path2[..l2].copy_from_slice(&paths[l1..]);
+    Some(rec)
 }
 
 #[cfg(test)]
@@ -563,6 +582,80 @@ mod tests {
             rec.len1 = path1.len() as i32 + 1;
         }
         rec
+    }
+
+    fn with_second(mut rec: Record, path2: &[u8]) -> Record {
+        rec.path2[..path2.len()].copy_from_slice(path2);
+        rec.path2[path2.len()] = 0;
+        rec.len2 = path2.len() as i32 + 1;
+        rec
+    }
+
+    /// The bytes the probes put in the ring buffer for `rec` (probes.rs `submit`).
+    fn ring_entry(rec: &Record) -> Vec<u8> {
+        // SAFETY: Record is plain old data.
+        let whole = unsafe {
+            std::slice::from_raw_parts((rec as *const Record).cast::<u8>(), size_of::<Record>())
+        };
+        let size = packed_len(rec.len1, rec.len2);
+        if size == whole.len() {
+            return whole.to_vec();
+        }
+        let (l1, l2) = (path_bytes(rec.len1), path_bytes(rec.len2));
+        let mut out = whole[..RECORD_HEADER + l1].to_vec();
+        out.extend_from_slice(&rec.path2[..l2]);
+        out
+    }
+
+    fn same(a: &Record, b: &Record) -> bool {
+        let fields = |r: &Record| {
+            (
+                r.tgid, r.pid, r.op, r.flags, r.ret, r.fd1, r.fd2, r.len1, r.len2,
+            )
+        };
+        let (l1, l2) = (path_bytes(a.len1), path_bytes(a.len2));
+        fields(a) == fields(b) && a.path1[..l1] == b.path1[..l1] && a.path2[..l2] == b.path2[..l2]
+    }
+
+    #[test]
+    fn records_come_sized_to_their_paths_and_whole_when_they_do_not_fit() {
+        let mut unlink = record(op::UNLINK, 7, AT_FDCWD, "/data/src/a file");
+        unlink.ret = 0;
+        let rename = with_second(
+            record(op::RENAME, 7, 3, "old\nname"),
+            "new $(name)".as_bytes(),
+        );
+        let long = "d/".repeat(200);
+        let long_rename = with_second(record(op::RENAME, 7, 3, &long), long.as_bytes());
+        let mut fault = record(op::UNLINK, 7, AT_FDCWD, "");
+        fault.len1 = -14;
+        let no_path = record(op::FD_MODIFY, 7, 4, "");
+        let mut cut = record(op::UNLINK, 7, AT_FDCWD, &"x".repeat(PATH_LEN - 1));
+        cut.len1 = PATH_LEN as i32;
+        for (rec, size) in [
+            (&unlink, RECORD_HEADER + 17),
+            (&rename, RECORD_HEADER + 9 + 12),
+            (&long_rename, size_of::<Record>()),
+            (&fault, RECORD_HEADER),
+            (&no_path, RECORD_HEADER),
+            (&cut, RECORD_HEADER + PATH_LEN),
+        ] {
+            let bytes = ring_entry(rec);
+            assert_eq!(bytes.len(), size);
+            let back = parse_record(&bytes).expect("parses");
+            assert!(
+                same(rec, &back),
+                "{:?}",
+                String::from_utf8_lossy(&rec.path1[..8])
+            );
+        }
+        // A torn or foreign entry is refused, not misread.
+        let bytes = ring_entry(&rename);
+        assert!(parse_record(&bytes[..bytes.len() - 1]).is_none());
+        assert!(parse_record(&bytes[..RECORD_HEADER - 1]).is_none());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(parse_record(&longer).is_none());
     }
 
     fn change(kind: ChangeKind, path: &str, is_dir: bool) -> Event {
