@@ -275,6 +275,31 @@ fn table() -> Vec<Row> {
                  (rsync deletes the whole subtree) covers them",
             )],
         },
+        Row {
+            op: "unlink and chmod through a directory opened without O_DIRECTORY, its fd number \
+                 then taken by another directory (as shutil.rmtree and find -delete open them)",
+            setup: dir_sub,
+            run: |d, _| {
+                let dir = File::open(d.join("sub")).expect("open sub read-only");
+                nix::sys::stat::fchmodat(
+                    &dir,
+                    "inner",
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )
+                .expect("fchmodat");
+                nix::unistd::unlinkat(&dir, "inner", nix::unistd::UnlinkatFlags::NoRemoveDir)
+                    .expect("unlinkat");
+                drop(dir);
+                // Usually the lowest free fd, so the one just closed: were the path read
+                // from /proc when the record is read, it would name this directory.
+                let other = File::open(d).expect("open the row's directory");
+                std::thread::sleep(Duration::from_millis(300));
+                drop(other);
+            },
+            expect: &[(Attrib, "sub/inner", false), (Deleted, "sub/inner", false)],
+            except: &[],
+        },
     ]
 }
 

@@ -95,6 +95,11 @@ pub struct KernelOffsets {
     pub rd_new_dentry: u32,
     /// open_flags.open_flag (offset 0 is a real offset here).
     pub open_flag: u32,
+    /// inode.i_mode (offset 0 is a real offset here), and nonzero `dir_check` when it and
+    /// every field from the task to a `struct file`'s inode are known: the syscall probes
+    /// then track a directory opened without O_DIRECTORY as one opened with it.
+    pub i_mode: u32,
+    pub dir_check: u32,
     /// How many entries of the root paths map are filled (see [`RootPath`]); zero: an
     /// absolute path is never dropped in the kernel.
     pub root_paths: u32,

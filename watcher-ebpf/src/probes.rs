@@ -8,6 +8,12 @@
 //! the caller's memory, just read by the syscall), so no entry/exit map is needed.
 //! Paths are the caller's strings as given; user space resolves relative ones.
 //! Syscall numbers are x86_64's.
+//!
+//! Most of the syscalls a busy machine makes are let go after the syscall number (one
+//! read of the saved registers) or, for opens and fcntl, their flags, before any map
+//! lookup: a read-only open of a file makes no record. A later fchmod, fchown or
+//! ftruncate through such an fd is reported with the path of the fd's dentry, as the VFS
+//! probes report changes (vfs.rs).
 
 use aya_ebpf::EbpfContext;
 use core::ffi::c_void;
@@ -16,13 +22,12 @@ use aya_ebpf::helpers::generated::{
     bpf_get_current_task, bpf_loop, bpf_probe_read_kernel as probe_read_kernel_raw,
     bpf_probe_read_user_str,
 };
-use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
-};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user};
 use aya_ebpf::macros::{map, raw_tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::RawTracePointContext;
 use aya_log_ebpf::{debug, warn};
+use watcher_ebpf_common::vfs_op;
 use watcher_ebpf_common::{
     IGNORE_CHILD, KernelOffsets, MAX_ROOT_PATHS, PATH_LEN, RECORD_HEADER, ROOT, ROOT_ANCESTOR,
     ROOT_PATH_LEN, Record, RootKey, RootPath, TRACK_DIR, TRACK_WRITE, counter, op, path_bytes,
@@ -44,22 +49,6 @@ static IGNORED: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
 /// fds opened for writing or on a directory, keyed by tgid << 32 | fd: their close is reported.
 #[map]
 static TRACKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1 << 16, 0);
-
-/// Where an fd opened read-only was opened: an fchmod/fchown/ftruncate through it is
-/// reported with this path (such fds are not reported at open, there are too many).
-#[repr(C)]
-pub struct OpenPath {
-    dirfd: i32,
-    len: i32,
-    path: [u8; PATH_LEN],
-}
-
-#[map]
-static READ_OPENS: LruHashMap<u64, OpenPath> = LruHashMap::with_max_entries(4096, 0);
-
-/// Room to build an [`OpenPath`] (too big for the stack).
-#[map]
-static SCRATCH: PerCpuArray<OpenPath> = PerCpuArray::with_max_entries(1, 0);
 
 /// Offsets of kernel struct fields, from the kernel's BTF (user space fills it).
 #[map]
@@ -87,9 +76,6 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 
 // struct pt_regs on x86_64.
 const REG_R10: usize = 56;
-const REG_R8: usize = 72;
-const REG_DX: usize = 96;
-const REG_SI: usize = 104;
 const REG_DI: usize = 112;
 const REG_ORIG_AX: usize = 120;
 
@@ -183,6 +169,70 @@ fn reg(regs: *const u8, offset: usize) -> u64 {
     // SAFETY: reading saved registers through the helper, which checks the address.
     unsafe { bpf_probe_read_kernel(regs.add(offset) as *const u64) }.unwrap_or(0)
 }
+
+/// The saved registers from r10 to rdi (x86_64 `pt_regs` order), read in one call.
+#[repr(C)]
+struct SyscallRegs {
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    ax: u64,
+    cx: u64,
+    dx: u64,
+    si: u64,
+    di: u64,
+}
+
+#[inline(always)]
+fn syscall_regs(regs: *const u8) -> SyscallRegs {
+    // SAFETY: reading saved registers through the helper, which checks the address.
+    unsafe { bpf_probe_read_kernel(regs.add(REG_R10) as *const SyscallRegs) }.unwrap_or(
+        SyscallRegs {
+            r10: 0,
+            r9: 0,
+            r8: 0,
+            ax: 0,
+            cx: 0,
+            dx: 0,
+            si: 0,
+            di: 0,
+        },
+    )
+}
+
+/// What an open of `fd` is tracked as: by its flags, and a directory as a directory
+/// whatever its flags (`shutil.rmtree`, `find` and others open directories without
+/// O_DIRECTORY, then name files relative to them); 0 for a read-only open of anything
+/// else, which makes no record.
+#[inline(always)]
+fn open_kind(flags: u32, fd: u64) -> u32 {
+    if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
+        TRACK_WRITE
+    } else if flags & O_DIRECTORY != 0 || fd_is_dir(fd) {
+        TRACK_DIR
+    } else {
+        0
+    }
+}
+
+/// Whether the current task's open file `fd` is a directory (false when unknown).
+#[inline(always)]
+fn fd_is_dir(fd: u64) -> bool {
+    const S_IFMT: u32 = 0o170000;
+    const S_IFDIR: u32 = 0o040000;
+    let Some(off) = CONFIG.get(0).filter(|off| off.dir_check != 0) else {
+        return false;
+    };
+    fd_file(fd, off)
+        .and_then(|file| read_ptr(file, off.f_inode))
+        .filter(|&inode| inode != 0)
+        .and_then(|inode| read_u32(inode, off.i_mode))
+        .is_some_and(|mode| mode & S_IFMT == S_IFDIR)
+}
+
+/// fcntl's F_DUPFD and F_DUPFD_CLOEXEC, its only commands that make an fd.
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
 
 /// Where the path arguments of a syscall are: (dirfd, path) twice, as register values.
 struct Args {
@@ -286,17 +336,44 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
     ) {
         return 0;
     }
+    let r = syscall_regs(regs);
+    let (di, si, dx, r10, r8) = (r.di, r.si, r.dx, r.r10, r.r8);
+    // An open's dirfd, path and flags (struct open_how starts with its u64 flags). Plain
+    // values, not an Option: the verifier refuses the undefined payload of a None.
+    let (is_open, dirfd, path, flags) = match nr {
+        nr::OPEN => (true, CWD, di, si),
+        nr::CREAT => (true, CWD, di, (O_CREAT | O_WRONLY | O_TRUNC) as u64),
+        nr::OPENAT => (true, di, si, dx),
+        // SAFETY: user memory read through the checking helper.
+        nr::OPENAT2 => (
+            true,
+            di,
+            si,
+            unsafe { bpf_probe_read_user(dx as *const u64) }.unwrap_or(0),
+        ),
+        _ => (false, 0, 0, 0),
+    };
+    // The most frequent calls that make no record, let go before any map lookup.
+    let open_kind = if is_open {
+        open_kind(flags as u32, ret as u64)
+    } else {
+        0
+    };
+    if is_open && open_kind == 0 {
+        return 0;
+    }
+    if nr == nr::FCNTL && si != F_DUPFD && si != F_DUPFD_CLOEXEC {
+        return 0;
+    }
     let id = bpf_get_current_pid_tgid();
     let tgid = (id >> 32) as u32;
     let forked = matches!(nr, nr::CLONE | nr::CLONE3 | nr::FORK | nr::VFORK);
     if forked {
         let flags = match nr {
-            nr::CLONE => reg(regs, REG_DI),
+            nr::CLONE => di,
             // struct clone_args starts with its u64 flags.
             // SAFETY: user memory read through the checking helper.
-            nr::CLONE3 => {
-                unsafe { bpf_probe_read_user(reg(regs, REG_DI) as *const u64) }.unwrap_or(0)
-            }
+            nr::CLONE3 => unsafe { bpf_probe_read_user(di as *const u64) }.unwrap_or(0),
             _ => 0,
         };
         // A new thread is no new process.
@@ -312,17 +389,8 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
         }
         return 0;
     }
-    let di = reg(regs, REG_DI);
-    let si = reg(regs, REG_SI);
-    let dx = reg(regs, REG_DX);
-    let r10 = reg(regs, REG_R10);
-    let r8 = reg(regs, REG_R8);
     let args = match nr {
         nr::DUP | nr::DUP2 | nr::DUP3 | nr::FCNTL => {
-            // fcntl: only F_DUPFD and F_DUPFD_CLOEXEC make an fd.
-            if nr == nr::FCNTL && si != 0 && si != 1030 {
-                return 0;
-            }
             if ret as u64 == di {
                 return 0;
             }
@@ -361,34 +429,14 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
         nr::CHDIR => Args::path(op::CHDIR, CWD, di),
         nr::FCHDIR => Args::fd(op::CHDIR, di),
         nr::OPEN | nr::CREAT | nr::OPENAT | nr::OPENAT2 => {
-            let (dirfd, path, flags) = match nr {
-                nr::OPEN => (CWD, di, si),
-                nr::CREAT => (CWD, di, (O_CREAT | O_WRONLY | O_TRUNC) as u64),
-                nr::OPENAT => (di, si, dx),
-                // struct open_how starts with its u64 flags.
-                // SAFETY: user memory read through the checking helper.
-                _ => (
-                    di,
-                    si,
-                    unsafe { bpf_probe_read_user(dx as *const u64) }.unwrap_or(0),
-                ),
-            };
-            let flags = flags as u32;
-            let kind = if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC) != 0 {
-                TRACK_WRITE
-            } else if flags & O_DIRECTORY != 0 {
-                TRACK_DIR
-            } else {
-                remember_read_open(tgid, ret, dirfd, path);
-                return 0;
-            };
+            let kind = open_kind;
             if kind == TRACK_WRITE && fd_outside_roots(&ctx, ret as u64) {
                 bump(counter::OUTSIDE_DROPPED);
                 return 0;
             }
             let key = ((tgid as u64) << 32) | (ret as u64 & 0xffff_ffff);
             let _ = TRACKED.insert(&key, &kind, 0);
-            Args::path(op::OPEN, dirfd, path).flags(flags as u64)
+            Args::path(op::OPEN, dirfd, path).flags(flags)
         }
         nr::CLOSE => return 0,
         nr::FTRUNCATE
@@ -401,17 +449,21 @@ pub fn watcher_sys_exit(ctx: RawTracePointContext) -> i32 {
                 bump(counter::OUTSIDE_DROPPED);
                 return 0;
             }
-            let (fd_op, path_op) = if matches!(nr, nr::FTRUNCATE | nr::FALLOCATE) {
-                (op::FD_MODIFY, op::PATH_MODIFY)
+            let (fd_op, vfs_change) = if matches!(nr, nr::FTRUNCATE | nr::FALLOCATE) {
+                (op::FD_MODIFY, vfs_op::MODIFY)
             } else {
-                (op::FD_ATTRIB, op::PATH_ATTRIB)
+                (op::FD_ATTRIB, vfs_op::ATTRIB)
             };
             let key = ((tgid as u64) << 32) | (di & 0xffff_ffff);
+            // An fd user space never saw opened (read-only, or opened before the probes):
+            // reported with the path of its dentry, as the VFS probes report changes.
             // SAFETY: a plain lookup.
             if unsafe { TRACKED.get(&key) }.is_none()
-                && let Some(stored) = READ_OPENS.get_ptr(&key)
+                && let Some(off) = CONFIG.get(0)
+                && off.d_name != 0
+                && let Some(dentry) = fd_dentry(di, off)
             {
-                emit_stored(&ctx, tgid, id as u32, path_op, stored);
+                crate::vfs::report(&ctx, vfs_change, dentry);
                 return 0;
             }
             Args::fd(fd_op, di)
@@ -479,9 +531,9 @@ pub(crate) fn read_u32(base: u64, offset: u32) -> Option<u32> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const u32) }.ok()
 }
 
-/// The dentry of the current task's open file `fd`.
+/// The `struct file` of the current task's open file `fd`.
 #[inline(always)]
-fn fd_dentry(fd: u64, off: &KernelOffsets) -> Option<u64> {
+fn fd_file(fd: u64, off: &KernelOffsets) -> Option<u64> {
     // SAFETY: returns the current task's address; it is only read through the helper.
     let task = unsafe { bpf_get_current_task() };
     let files = read_ptr(task, off.files)?;
@@ -491,10 +543,13 @@ fn fd_dentry(fd: u64, off: &KernelOffsets) -> Option<u64> {
         return None;
     }
     let array = read_ptr(fdt, off.fdt_fd)?;
-    let file = read_ptr(array, (fd * 8) as u32)?;
-    if file == 0 {
-        return None;
-    }
+    read_ptr(array, (fd * 8) as u32).filter(|&file| file != 0)
+}
+
+/// The dentry of the current task's open file `fd`.
+#[inline(always)]
+fn fd_dentry(fd: u64, off: &KernelOffsets) -> Option<u64> {
+    let file = fd_file(fd, off)?;
     read_ptr(file, off.f_dentry).filter(|&d| d != 0)
 }
 
@@ -784,50 +839,6 @@ pub(crate) fn ignored(tgid: u32) -> bool {
 }
 
 #[inline(always)]
-fn remember_read_open(tgid: u32, fd: i64, dirfd: u64, path: u64) {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's scratch slot; the user string is read through the helper.
-    unsafe {
-        (*scratch).dirfd = dirfd as i32;
-        (*scratch).len = read_str(path, &mut (*scratch).path);
-        // Most read-only opens on a busy machine are of files outside the roots.
-        if let Some(off) = filter_config()
-            && absolute_path_outside(off, &(*scratch).path, (*scratch).len)
-        {
-            return;
-        }
-        let key = ((tgid as u64) << 32) | (fd as u64 & 0xffff_ffff);
-        let _ = READ_OPENS.insert(&key, &*scratch, 0);
-    }
-}
-
-/// A record for a call through a read-only fd, with the path the fd was opened with.
-#[inline(always)]
-fn emit_stored(ctx: &RawTracePointContext, tgid: u32, pid: u32, op: u32, stored: *const OpenPath) {
-    let Some(rec) = RECORD.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's record slot; `stored` a map value, copied by the helper.
-    unsafe {
-        (*rec).tgid = tgid;
-        (*rec).pid = pid;
-        (*rec).op = op;
-        (*rec).flags = 0;
-        (*rec).ret = 0;
-        (*rec).fd1 = (*stored).dirfd;
-        (*rec).fd2 = 0;
-        (*rec).len1 = (*stored).len;
-        (*rec).len2 = 0;
-        if bpf_probe_read_kernel_buf((*stored).path.as_ptr(), &mut (*rec).path1).is_err() {
-            (*rec).len1 = -1;
-        }
-        submit(ctx, rec);
-    }
-}
-
-#[inline(always)]
 fn emit(ctx: &RawTracePointContext, tgid: u32, pid: u32, ret: i64, args: &Args) {
     let Some(rec) = RECORD.get_ptr_mut(0) else {
         return;
@@ -916,7 +927,6 @@ pub fn watcher_sys_enter(ctx: RawTracePointContext) -> i32 {
     let tgid = (pid_tgid >> 32) as u32;
     let fd = reg(regs, REG_DI);
     let key = ((tgid as u64) << 32) | (fd & 0xffff_ffff);
-    let _ = READ_OPENS.remove(&key);
     // SAFETY: a plain lookup; the value is copied at once.
     let Some(kind) = (unsafe { TRACKED.get(&key) }).copied() else {
         return 0;

@@ -113,9 +113,10 @@ fn own() -> bool {
     own
 }
 
-/// Reports `op` on `dentry`.
+/// Reports `op` on `dentry` (also for the syscall probes: a call through an fd they did
+/// not see opened).
 #[inline(always)]
-fn report<C: EbpfContext>(ctx: &C, op: u32, dentry: u64) {
+pub(crate) fn report<C: EbpfContext>(ctx: &C, op: u32, dentry: u64) {
     if dentry == 0 || own() {
         return;
     }

@@ -184,8 +184,20 @@ pub(super) fn kernel_offsets() -> (watcher_ebpf_common::KernelOffsets, Vec<Strin
         rd_old_dentry: field("renamedata", "old_dentry"),
         rd_new_dentry: field("renamedata", "new_dentry"),
         open_flag: field("open_flags", "open_flag"),
+        i_mode: field("inode", "i_mode"),
+        dir_check: 0,
         root_paths: 0,
     };
+    // What `dir_check` reads: task -> files -> fdtable -> file -> inode -> mode.
+    const DIR_CHECK: [&str; 6] = [
+        "task_struct.files",
+        "files_struct.fdt",
+        "fdtable.max_fds",
+        "fdtable.fd",
+        "file.f_inode",
+        "inode.i_mode",
+    ];
+    off.dir_check = u32::from(!missing.iter().any(|m| DIR_CHECK.contains(&m.as_str())));
     const VFS_ONLY: [&str; 7] = [
         "open_flags.open_flag",
         "dentry.d_name.name",
@@ -208,7 +220,7 @@ pub(super) fn kernel_offsets() -> (watcher_ebpf_common::KernelOffsets, Vec<Strin
         .collect();
     let filter_missing: Vec<&String> = missing
         .iter()
-        .filter(|m| !VFS_ONLY.contains(&m.as_str()))
+        .filter(|m| !VFS_ONLY.contains(&m.as_str()) && m.as_str() != "inode.i_mode")
         .collect();
     if !filter_missing.is_empty() {
         tracing::warn!(
