@@ -213,25 +213,7 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
     let mut partial: Option<Option<Vec<Failure>>> = None;
     // Runs that found their rsync started ahead (see `rsync::Standby`).
     let mut started_ahead = 0u64;
-    // The files the subtree run transferred: the folded run need not look at them again.
-    let mut sent: Option<rsync::SentNames> = None;
-    for planned in &runs {
-        let narrowed;
-        let run = match (&sent, planned.role) {
-            (Some(sent), rsync::Role::Folded) => {
-                match rsync::without_sent(planned, sent, &done.batch.folded) {
-                    Some(left) => {
-                        narrowed = left;
-                        &narrowed
-                    }
-                    None => {
-                        tracing::debug!(target = %dest, paths = planned.paths, "folded files all sent by the subtree run: no run");
-                        continue;
-                    }
-                }
-            }
-            _ => planned,
-        };
+    for run in &runs {
         let progress =
             whole_tree.then(|| rsync::Progress::new(label, dest.to_string(), PROGRESS_EVERY));
         // A local run only waits on itself; a remote one may wait on a slow peer.
@@ -271,9 +253,6 @@ pub async fn run(job: Job, own_pids: Arc<OwnPids>) -> Done {
                     "rsync finished"
                 );
                 done.itemized += r.itemized;
-                if r.sent.is_some() {
-                    sent = r.sent;
-                }
                 let room = rsync::ITEMIZED_KEPT.saturating_sub(done.itemized_lines.len());
                 done.itemized_lines
                     .extend(r.itemized_lines.into_iter().take(room));

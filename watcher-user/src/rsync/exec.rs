@@ -17,8 +17,6 @@ pub struct RunResult {
     pub itemized: u64,
     /// The first [`ITEMIZED_KEPT`] of those lines, for the log.
     pub itemized_lines: Vec<String>,
-    /// The files a [`Role::Subtrees`] run transferred (see [`super::sent`]).
-    pub sent: Option<SentNames>,
     /// What `--stats` said (zero when the run was not asked for it, or died first).
     pub transfer: TransferStats,
     pub elapsed: Duration,
@@ -150,7 +148,6 @@ pub(super) struct StdoutSink {
     pub(super) kept: Vec<u8>,
     pub(super) itemized: u64,
     pub(super) itemized_lines: Vec<String>,
-    pub(super) sent: Option<SentNames>,
     pub(super) transfer: TransferStats,
     pub(super) partial: Vec<u8>,
 }
@@ -166,9 +163,6 @@ impl StdoutSink {
                         p.update(&text);
                     }
                 } else if !text.trim().is_empty() && !self.transfer.feed_line(&text) {
-                    if let Some(sent) = self.sent.as_mut() {
-                        sent.feed_line(&segment);
-                    }
                     if is_itemized(&text) {
                         self.itemized += 1;
                         if self.itemized_lines.len() < ITEMIZED_KEPT {
@@ -400,7 +394,6 @@ pub async fn drive(
         kept: Vec::new(),
         itemized: 0,
         itemized_lines: Vec::new(),
-        sent: (run.role == Role::Subtrees).then(SentNames::default),
         transfer: TransferStats::default(),
         partial: Vec::new(),
     };
@@ -489,7 +482,6 @@ pub async fn drive(
         stdout: String::from_utf8_lossy(&sink.kept).into_owned(),
         itemized: sink.itemized,
         itemized_lines: sink.itemized_lines,
-        sent: sink.sent,
         transfer: sink.transfer,
         elapsed: started.elapsed(),
     })

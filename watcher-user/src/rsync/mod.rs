@@ -19,7 +19,6 @@ use crate::target::Target;
 mod exec;
 mod probe;
 mod progress;
-mod sent;
 mod standby;
 
 pub use exec::{
@@ -27,7 +26,6 @@ pub use exec::{
 };
 pub use probe::{ProbeError, probe, recent_enough, version_in};
 pub use progress::Progress;
-pub use sent::{SentNames, without_sent};
 pub use standby::{Standby, lone_change_args};
 
 /// How rsync is invoked, shared by every run of one target.
@@ -95,19 +93,6 @@ pub struct Run {
     pub stdin: Vec<u8>,
     /// Paths in the list (0 for a whole-tree run).
     pub paths: usize,
-    pub role: Role,
-}
-
-/// What a run of a batch is for, where the runner treats it apart (see [`sent`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Role {
-    #[default]
-    Plain,
-    /// The whole-tree or subtree run of a batch with folded files: it says which files it
-    /// transferred.
-    Subtrees,
-    /// The folded files' run: it lists only those the subtree run did not transfer.
-    Folded,
 }
 
 /// How a run ended, from rsync's exit status.
@@ -306,7 +291,6 @@ pub fn plan(
             args,
             stdin: Vec::new(),
             paths: 0,
-            role: Role::Plain,
         });
     }
     let subtree_list = if batch.covers_root() {
@@ -372,28 +356,13 @@ pub fn plan(
         let (stdin, paths) = nul_list(subtrees.into_iter());
         let mut args = list_args(true, "");
         tail(&mut args);
-        runs.push(Run {
-            args,
-            stdin,
-            paths,
-            role: Role::Plain,
-        });
+        runs.push(Run { args, stdin, paths });
     }
     if !folded.is_empty() {
-        // The run before (whole tree or subtrees) says which files it sent.
-        if let Some(covering) = runs.last_mut() {
-            covering.args.insert(1, sent::SENT_FORMAT.into());
-            covering.role = Role::Subtrees;
-        }
         let (stdin, paths) = nul_list(folded.iter().map(PathBuf::as_path));
         let mut args = list_args(false, "--checksum");
         tail(&mut args);
-        runs.push(Run {
-            args,
-            stdin,
-            paths,
-            role: Role::Folded,
-        });
+        runs.push(Run { args, stdin, paths });
     }
     // The root itself can only be listed as ".", and rsync's --dirs copies the contents of a
     // directory named "." (not only its attributes): with --ignore-times that would rewrite
@@ -406,12 +375,7 @@ pub fn plan(
         let (stdin, paths) = nul_list(entries.into_iter().map(|b| Path::new(OsStr::from_bytes(b))));
         let mut args = list_args(false, "--ignore-times");
         tail(&mut args);
-        runs.push(Run {
-            args,
-            stdin,
-            paths,
-            role: Role::Plain,
-        });
+        runs.push(Run { args, stdin, paths });
     }
     if root_entry && !batch.covers_root() {
         let mut args = common_args(opts);
@@ -426,7 +390,6 @@ pub fn plan(
             args,
             stdin: Vec::new(),
             paths: 1,
-            role: Role::Plain,
         });
     }
     runs
@@ -450,7 +413,6 @@ pub fn single_run(
         args,
         stdin: Vec::new(),
         paths: 1,
-        role: Role::Plain,
     }
 }
 
@@ -738,12 +700,6 @@ mod tests {
         assert_eq!(runs.len(), 3);
         assert_eq!(runs[0].stdin, b"./t\0");
         assert!(!args(&runs[0]).contains(&"--checksum"));
-        // It says which files it sent; the folded run then lists only the others.
-        assert!(args(&runs[0]).contains(&sent::SENT_FORMAT));
-        assert_eq!(
-            (runs[0].role, runs[1].role, runs[2].role),
-            (Role::Subtrees, Role::Folded, Role::Plain)
-        );
         // With their directories, whose mtimes a file sent again changes.
         assert_eq!(runs[1].stdin, b"./t\0./t/a\0./t/a/f\0./t/g\0");
         let a = args(&runs[1]);
@@ -768,7 +724,6 @@ mod tests {
         );
         assert_eq!(runs.len(), 2);
         assert!(runs[0].stdin.is_empty() && args(&runs[0]).contains(&"--checksum"));
-        assert_eq!((runs[0].role, runs[1].role), (Role::Subtrees, Role::Folded));
         assert_eq!(runs[1].stdin, b".\0./top\0./x\0./x/f\0");
     }
 
@@ -839,7 +794,6 @@ mod tests {
             kept: Vec::new(),
             itemized: 0,
             itemized_lines: Vec::new(),
-            sent: None,
             transfer: TransferStats::default(),
             partial: Vec::new(),
         };
@@ -898,7 +852,6 @@ mod tests {
             kept: Vec::new(),
             itemized: 0,
             itemized_lines: Vec::new(),
-            sent: None,
             transfer: TransferStats::default(),
             partial: Vec::new(),
         };
