@@ -19,6 +19,11 @@
 //!   may be anywhere in the tree (a link to a file that had one link when the walk passed).
 //! - A complete inode with fewer names than links has its other names outside the root (or
 //!   in another filesystem's view of it): there is nothing more to list.
+//! - A name that goes away hands over the inode's other known names: a write through it
+//!   just before reached them too. When a write or attribute change went through a name of
+//!   an inode that is not complete, and that name goes away before the change was synced,
+//!   the known names are not enough: the removal hands over the inode's identity too
+//!   ([`Gone::unknown`]), and the caller walks the root for its names.
 //! - Stale names (a name the caller found to be another file now) are dropped with
 //!   [`Index::forget`]; listing a stale name is harmless (rsync deletes a missing listed path
 //!   on the replica, where it is gone as well), missing one is not.
@@ -44,6 +49,18 @@ struct Inode {
     complete: bool,
     /// The add counter when an event last added a name.
     added_at: u64,
+    /// Written to, or its attributes changed, through one of its names while not complete.
+    changed: bool,
+}
+
+/// What a name going away leaves to sync (see [`Index::remove`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Gone {
+    /// Other known names of the files that lost a name.
+    pub others: Vec<PathBuf>,
+    /// Files that were changed through the lost name while their names were not all known:
+    /// their other names must be looked up (they may have no name left in the index).
+    pub unknown: Vec<FileKey>,
 }
 
 /// What the index knows of one inode.
@@ -168,53 +185,69 @@ impl Index {
         true
     }
 
-    /// `name` no longer exists (unlinked, moved away, replaced by a directory). Returns
-    /// the file's other known names: a write through `name` just before reached them too,
-    /// and once `name` is gone nothing else says so.
-    pub fn remove(&mut self, name: &Path) -> Vec<PathBuf> {
-        match self.by_name.remove(name) {
-            Some(key) => self.drop_name(key, name),
-            None => Vec::new(),
+    /// A write or attribute change went through `name` (held or not).
+    pub fn changed(&mut self, name: &Path) {
+        if let Some(key) = self.by_name.get(name)
+            && let Some(inode) = self.by_inode.get_mut(key)
+            && !inode.complete
+        {
+            inode.changed = true;
         }
     }
 
-    /// Drops `name` from `key`'s names; returns the names left.
-    fn drop_name(&mut self, key: FileKey, name: &Path) -> Vec<PathBuf> {
+    /// `name` no longer exists (unlinked, moved away, replaced by a directory). Returns
+    /// the file's other known names: a write through `name` just before reached them too,
+    /// and once `name` is gone nothing else says so.
+    pub fn remove(&mut self, name: &Path) -> Gone {
+        let mut gone = Gone::default();
+        if let Some(key) = self.by_name.remove(name) {
+            self.drop_name(key, name, &mut gone);
+        }
+        gone
+    }
+
+    /// Drops `name` from `key`'s names; adds what is left to sync to `gone`.
+    fn drop_name(&mut self, key: FileKey, name: &Path, gone: &mut Gone) {
         let Some(inode) = self.by_inode.get_mut(&key) else {
-            return Vec::new();
+            return;
         };
         inode.names.retain(|n| n != name);
+        if inode.changed && !inode.complete {
+            gone.unknown.push(key);
+        }
         if inode.names.is_empty() {
             self.by_inode.remove(&key);
-            return Vec::new();
+            return;
         }
-        inode.names.clone()
+        gone.others.extend(inode.names.iter().cloned());
     }
 
     /// Directory `dir` is gone (removed, moved away): every name at or below it. Returns
     /// the other names, elsewhere, of the files that had names there (see [`Index::remove`]).
-    pub fn remove_under(&mut self, dir: &Path) -> Vec<PathBuf> {
+    pub fn remove_under(&mut self, dir: &Path) -> Gone {
+        let mut gone = Gone::default();
         if dir.as_os_str().is_empty() {
             self.by_name.clear();
             self.by_inode.clear();
-            return Vec::new();
+            return gone;
         }
         // Component order puts a directory's descendants right after it.
-        let gone: Vec<(PathBuf, FileKey)> = self
+        let names: Vec<(PathBuf, FileKey)> = self
             .by_name
             .range(dir.to_path_buf()..)
             .take_while(|(n, _)| n.starts_with(dir))
             .map(|(n, k)| (n.clone(), *k))
             .collect();
-        let mut others = Vec::new();
-        for (name, key) in gone {
+        for (name, key) in names {
             self.by_name.remove(&name);
-            others.extend(self.drop_name(key, &name));
+            self.drop_name(key, &name, &mut gone);
         }
-        others.retain(|n| !n.starts_with(dir));
-        others.sort();
-        others.dedup();
-        others
+        gone.others.retain(|n| !n.starts_with(dir));
+        gone.others.sort();
+        gone.others.dedup();
+        gone.unknown.sort();
+        gone.unknown.dedup();
+        gone
     }
 
     /// `name` is not (or no longer) a name of `key`: the caller checked.
@@ -280,6 +313,7 @@ impl Index {
                 && inode.added_at <= stamp.adds
             {
                 inode.complete = true;
+                inode.changed = false;
             }
         }
         if whole_root {
@@ -325,6 +359,11 @@ mod tests {
         RemoveGives(&'a str, &'a [&'a str]),
         RemoveUnderGives(&'a str, &'a [&'a str]),
         Forget(&'a str, FileKey),
+        /// A write or attribute change through a name.
+        Changed(&'a str),
+        /// A removal that hands over inodes whose other names must be looked up.
+        RemoveUnknown(&'a str, &'a [FileKey]),
+        RemoveUnderUnknown(&'a str, &'a [FileKey]),
         /// A whole-root walk that starts and finishes with nothing happening meanwhile.
         Walk(&'a [(FileKey, &'a [&'a str])]),
         Invalidate,
@@ -345,17 +384,24 @@ mod tests {
                     index.remove_under(Path::new(n));
                 }
                 RemoveGives(n, want) => {
-                    let mut got = index.remove(Path::new(n));
+                    let mut got = index.remove(Path::new(n)).others;
                     got.sort();
                     let want: Vec<PathBuf> = want.iter().map(|s| p(s)).collect();
                     assert_eq!(got, want, "step {i}");
                 }
                 RemoveUnderGives(n, want) => {
-                    let got = index.remove_under(Path::new(n));
+                    let got = index.remove_under(Path::new(n)).others;
                     let want: Vec<PathBuf> = want.iter().map(|s| p(s)).collect();
                     assert_eq!(got, want, "step {i}");
                 }
                 Forget(n, k) => index.forget(Path::new(n), *k),
+                Changed(n) => index.changed(Path::new(n)),
+                RemoveUnknown(n, want) => {
+                    assert_eq!(index.remove(Path::new(n)).unknown, *want, "step {i}");
+                }
+                RemoveUnderUnknown(n, want) => {
+                    assert_eq!(index.remove_under(Path::new(n)).unknown, *want, "step {i}");
+                }
                 Walk(items) => {
                     let stamp = index.walk_started();
                     index.walk_finished(stamp, found(items), true);
@@ -380,6 +426,38 @@ mod tests {
                 RemoveGives("never", &[]),
                 // A directory going away: the names elsewhere of what it held.
                 RemoveUnderGives("d", &["y"]),
+            ],
+            // A file written through a new link whose partner is unknown (`ln a b; echo x >
+            // b; rm b`): the removal says the inode must be looked up.
+            &[
+                Add("b", A, 2),
+                Changed("b"),
+                RemoveUnknown("b", &[A]),
+                // Asked once: the name is gone from the index.
+                RemoveUnknown("b", &[]),
+            ],
+            // The same through a directory moved away; an unchanged inode hands over nothing.
+            &[
+                Add("d/b", A, 2),
+                Add("d/y", B, 2),
+                Changed("d/b"),
+                Changed("elsewhere"),
+                RemoveUnderUnknown("d", &[A]),
+            ],
+            // A complete inode needs no lookup: its other names are handed over.
+            &[
+                Walk(&[(A, &["a", "b"])]),
+                Changed("b"),
+                RemoveUnknown("b", &[]),
+                Add("c", A, 2),
+                RemoveGives("c", &["a"]),
+            ],
+            // A walk that finds every name settles an earlier change.
+            &[
+                Add("b", A, 2),
+                Changed("b"),
+                Walk(&[(A, &["a", "b"])]),
+                RemoveGives("b", &["a"]),
             ],
             // A walk makes what it found complete, even with links outside the root.
             &[

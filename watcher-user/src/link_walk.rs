@@ -31,10 +31,10 @@ pub struct Links {
     wake: Condvar,
 }
 
-/// The identity and link count of a path that is not a directory, if it has several links.
-fn multi_link(path: &Path) -> Option<(FileKey, u64)> {
+/// The identity and link count of a path that is not a directory.
+fn identity(path: &Path) -> Option<(FileKey, u64)> {
     let meta = std::fs::symlink_metadata(path).ok()?;
-    (!meta.is_dir() && meta.nlink() > 1).then(|| {
+    (!meta.is_dir()).then(|| {
         (
             FileKey {
                 dev: meta.dev(),
@@ -45,13 +45,19 @@ fn multi_link(path: &Path) -> Option<(FileKey, u64)> {
     })
 }
 
+/// The identity and link count of a path that is not a directory, if it has several links.
+fn multi_link(path: &Path) -> Option<(FileKey, u64)> {
+    identity(path).filter(|(_, nlink)| *nlink > 1)
+}
+
 /// Walks `root/start` without following symlinks, calling `found` for every non-directory
-/// with more than one link (root-relative name). Stops early, returning false, when
+/// with at least `min_links` links (root-relative name). Stops early, returning false, when
 /// `keep_going` says so (checked once per directory). Unreadable directories are skipped:
 /// they vanished, or rsync cannot read them either.
 fn walk(
     root: &Path,
     start: &Path,
+    min_links: u64,
     keep_going: &dyn Fn() -> bool,
     found: &mut dyn FnMut(PathBuf, FileKey, u64),
 ) -> bool {
@@ -72,7 +78,9 @@ fn walk(
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(rel),
                 Ok(_) => {
-                    if let Some((key, nlink)) = multi_link(&root.join(&rel)) {
+                    if let Some((key, nlink)) = identity(&root.join(&rel))
+                        && nlink >= min_links
+                    {
                         found(rel, key, nlink);
                     }
                 }
@@ -132,31 +140,50 @@ impl Links {
     /// Keeps the index current with one event of the group (`rel` relative to its root).
     /// Returns names to sync although no event named them: the other names of a file
     /// whose name went away (a write through that name reached them too, and with the name
-    /// gone the batch could no longer find them from it).
+    /// gone the batch could no longer find them from it). When the index does not know
+    /// them all, the root is walked for them here, before the name is forgotten.
     pub fn on_change(&self, kind: ChangeKind, rel: &Path, is_dir: bool) -> Vec<PathBuf> {
-        match (kind, is_dir) {
+        let gone = match (kind, is_dir) {
             (ChangeKind::Created | ChangeKind::MovedTo, true) => {
                 self.index().remove_under(rel);
-                Vec::new()
+                return Vec::new();
             }
             (ChangeKind::Deleted | ChangeKind::MovedFrom, true) => self.index().remove_under(rel),
             (ChangeKind::Deleted | ChangeKind::MovedFrom, false) => self.index().remove(rel),
             // A link changes the link count (and ctime) of its inode: where the backend
             // reports that under a name, it is the partner of the new link.
-            (ChangeKind::Created | ChangeKind::MovedTo | ChangeKind::Attrib, false) => {
+            (ChangeKind::Created | ChangeKind::MovedTo, false) => {
                 match multi_link(&self.root.join(rel)) {
                     Some((key, nlink)) => self.index().add(rel, key, nlink),
-                    None if kind != ChangeKind::Attrib => {
+                    None => {
                         self.index().remove(rel);
                     }
-                    None => {}
                 }
-                Vec::new()
+                return Vec::new();
             }
-            (ChangeKind::Modified | ChangeKind::CloseWrite, _) | (ChangeKind::Attrib, true) => {
-                Vec::new()
+            // A write or attribute change reaches every name of the inode: remembered, so
+            // that the name going away before the batch still brings the others.
+            (ChangeKind::Modified | ChangeKind::CloseWrite | ChangeKind::Attrib, false) => {
+                let found = multi_link(&self.root.join(rel));
+                let mut index = self.index();
+                if let Some((key, nlink)) = found {
+                    index.add(rel, key, nlink);
+                }
+                index.changed(rel);
+                return Vec::new();
             }
+            (ChangeKind::Modified | ChangeKind::CloseWrite | ChangeKind::Attrib, true) => {
+                return Vec::new();
+            }
+        };
+        let mut names = gone.others;
+        if !gone.unknown.is_empty() {
+            let unknown: HashSet<FileKey> = gone.unknown.into_iter().collect();
+            names.extend(self.find_names(&unknown, 1));
+            names.sort_unstable();
+            names.dedup();
         }
+        names
     }
 
     /// Events were lost (an overflow, a rescan): nothing is known complete until a new walk.
@@ -191,7 +218,7 @@ impl Links {
         if !batch.covers_root() {
             for subtree in &batch.subtrees {
                 let mut seen = Vec::new();
-                walk(root, subtree, &|| true, &mut |rel, key, nlink| {
+                walk(root, subtree, 2, &|| true, &mut |rel, key, nlink| {
                     seen.push((rel, key, nlink))
                 });
                 let mut index = self.index();
@@ -250,7 +277,7 @@ impl Links {
             }
         }
         if !unknown.is_empty() {
-            out.entries.extend(self.find_names(&unknown));
+            out.entries.extend(self.find_names(&unknown, 2));
         }
         out.entries.sort_unstable();
         out.entries.dedup();
@@ -258,18 +285,19 @@ impl Links {
     }
 
     /// Walks the whole root for every name of `keys` (the index could not say them all),
-    /// filling the index on the way.
-    fn find_names(&self, keys: &HashSet<FileKey>) -> Vec<PathBuf> {
+    /// filling the index on the way. `min_links` is 1 for files that may have lost every
+    /// other name since they were changed.
+    fn find_names(&self, keys: &HashSet<FileKey>, min_links: u64) -> Vec<PathBuf> {
         let started = Instant::now();
         let stamp = self.index().walk_started();
         let mut names = Vec::new();
         let mut all: HashMap<FileKey, Vec<PathBuf>> = HashMap::new();
         let mut held = 0usize;
-        walk(&self.root, Path::new(""), &|| true, &mut |rel, key, _| {
+        walk(&self.root, Path::new(""), min_links, &|| true, &mut |rel, key, nlink| {
             if keys.contains(&key) {
                 names.push(rel.clone());
             }
-            if held < DEFAULT_CAP {
+            if nlink > 1 && held < DEFAULT_CAP {
                 all.entry(key).or_default().push(rel);
                 held += 1;
             }
@@ -297,7 +325,7 @@ fn walker(weak: Weak<Links>, group: &str) {
         let mut found: HashMap<FileKey, Vec<PathBuf>> = HashMap::new();
         let mut held = 0usize;
         let alive = || Arc::strong_count(&links) > 1;
-        let finished = walk(&links.root, Path::new(""), &alive, &mut |rel, key, _| {
+        let finished = walk(&links.root, Path::new(""), 2, &alive, &mut |rel, key, _| {
             if held < DEFAULT_CAP {
                 found.entry(key).or_default().push(rel);
                 held += 1;
@@ -340,6 +368,50 @@ mod tests {
 
     fn names(list: &[PathBuf]) -> Vec<&str> {
         list.iter().map(|p| p.to_str().unwrap()).collect()
+    }
+
+    /// `ln a b; echo x > b; rm b` (or the directory of `b` moved away) before the batch: the
+    /// write reached `a`, which no event named and the index did not know.
+    #[test]
+    fn a_name_written_through_then_gone_brings_the_other_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("a"), b"x").unwrap();
+        std::fs::write(root.join("plain"), b"x").unwrap();
+        let links = Links::new(root);
+        let rel = Path::new;
+
+        // Unlinked.
+        std::fs::hard_link(root.join("a"), root.join("b")).unwrap();
+        assert!(links.on_change(ChangeKind::Created, rel("b"), false).is_empty());
+        std::fs::write(root.join("b"), b"new").unwrap();
+        assert!(links.on_change(ChangeKind::CloseWrite, rel("b"), false).is_empty());
+        std::fs::remove_file(root.join("b")).unwrap();
+        assert_eq!(names(&links.on_change(ChangeKind::Deleted, rel("b"), false)), ["a"]);
+
+        // Its directory moved away, then the name unlinked there.
+        std::fs::hard_link(root.join("a"), root.join("d/b")).unwrap();
+        links.on_change(ChangeKind::Created, rel("d/b"), false);
+        links.on_change(ChangeKind::Attrib, rel("d/b"), false);
+        std::fs::rename(root.join("d"), root.join("e")).unwrap();
+        assert_eq!(
+            names(&links.on_change(ChangeKind::MovedFrom, rel("d"), true)),
+            ["a", "e/b"]
+        );
+        links.on_change(ChangeKind::MovedTo, rel("e"), true);
+        std::fs::remove_file(root.join("e/b")).unwrap();
+        links.on_change(ChangeKind::Deleted, rel("e/b"), false);
+
+        // A single-link file written then removed brings nothing, and walks nothing.
+        links.on_change(ChangeKind::CloseWrite, rel("plain"), false);
+        std::fs::remove_file(root.join("plain")).unwrap();
+        assert!(links.on_change(ChangeKind::Deleted, rel("plain"), false).is_empty());
+        // A link made and removed: the names the index knows.
+        std::fs::hard_link(root.join("a"), root.join("c")).unwrap();
+        links.on_change(ChangeKind::Created, rel("c"), false);
+        std::fs::remove_file(root.join("c")).unwrap();
+        assert_eq!(names(&links.on_change(ChangeKind::Deleted, rel("c"), false)), ["a"]);
     }
 
     /// Real files: the index is read and checked against the filesystem.
