@@ -391,7 +391,9 @@ fn every_backend_reports_each_file_operation() {
             };
             for e in batch {
                 let inside = match &e {
-                    Event::Change { path, .. } | Event::Rescan { path } => path.starts_with(&dir),
+                    Event::Change { path, .. }
+                    | Event::Rescan { path }
+                    | Event::OtherNamesChanged { path, .. } => path.starts_with(&dir),
                     Event::Renamed { from, .. } => from.starts_with(&dir),
                     Event::Overflow => true,
                 };

@@ -186,6 +186,23 @@ impl Links {
         names
     }
 
+    /// Every name `key` has inside the root now: a change went through a name of it that is
+    /// gone, and the index may not have known that name at all.
+    pub fn names_of(&self, key: FileKey) -> Vec<PathBuf> {
+        // Exact only when complete: the link count now is not known here.
+        let answer = self.index().names(key, u64::MAX);
+        if let Answer::Exact(names) = answer {
+            let valid: Vec<PathBuf> = names
+                .into_iter()
+                .filter(|name| identity(&self.root.join(name)).is_some_and(|(k, _)| k == key))
+                .collect();
+            if !valid.is_empty() {
+                return valid;
+            }
+        }
+        self.find_names(&HashSet::from_iter([key]), 1)
+    }
+
     /// Events were lost (an overflow, a rescan): nothing is known complete until a new walk.
     pub fn lost_events(&self) {
         self.index().invalidate();
@@ -293,15 +310,21 @@ impl Links {
         let mut names = Vec::new();
         let mut all: HashMap<FileKey, Vec<PathBuf>> = HashMap::new();
         let mut held = 0usize;
-        walk(&self.root, Path::new(""), min_links, &|| true, &mut |rel, key, nlink| {
-            if keys.contains(&key) {
-                names.push(rel.clone());
-            }
-            if nlink > 1 && held < DEFAULT_CAP {
-                all.entry(key).or_default().push(rel);
-                held += 1;
-            }
-        });
+        walk(
+            &self.root,
+            Path::new(""),
+            min_links,
+            &|| true,
+            &mut |rel, key, nlink| {
+                if keys.contains(&key) {
+                    names.push(rel.clone());
+                }
+                if nlink > 1 && held < DEFAULT_CAP {
+                    all.entry(key).or_default().push(rel);
+                    held += 1;
+                }
+            },
+        );
         self.index().walk_finished(stamp, all, true);
         tracing::info!(root = %self.root.display(), inodes = keys.len(), names = names.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -384,11 +407,22 @@ mod tests {
 
         // Unlinked.
         std::fs::hard_link(root.join("a"), root.join("b")).unwrap();
-        assert!(links.on_change(ChangeKind::Created, rel("b"), false).is_empty());
+        assert!(
+            links
+                .on_change(ChangeKind::Created, rel("b"), false)
+                .is_empty()
+        );
         std::fs::write(root.join("b"), b"new").unwrap();
-        assert!(links.on_change(ChangeKind::CloseWrite, rel("b"), false).is_empty());
+        assert!(
+            links
+                .on_change(ChangeKind::CloseWrite, rel("b"), false)
+                .is_empty()
+        );
         std::fs::remove_file(root.join("b")).unwrap();
-        assert_eq!(names(&links.on_change(ChangeKind::Deleted, rel("b"), false)), ["a"]);
+        assert_eq!(
+            names(&links.on_change(ChangeKind::Deleted, rel("b"), false)),
+            ["a"]
+        );
 
         // Its directory moved away, then the name unlinked there.
         std::fs::hard_link(root.join("a"), root.join("d/b")).unwrap();
@@ -406,12 +440,19 @@ mod tests {
         // A single-link file written then removed brings nothing, and walks nothing.
         links.on_change(ChangeKind::CloseWrite, rel("plain"), false);
         std::fs::remove_file(root.join("plain")).unwrap();
-        assert!(links.on_change(ChangeKind::Deleted, rel("plain"), false).is_empty());
+        assert!(
+            links
+                .on_change(ChangeKind::Deleted, rel("plain"), false)
+                .is_empty()
+        );
         // A link made and removed: the names the index knows.
         std::fs::hard_link(root.join("a"), root.join("c")).unwrap();
         links.on_change(ChangeKind::Created, rel("c"), false);
         std::fs::remove_file(root.join("c")).unwrap();
-        assert_eq!(names(&links.on_change(ChangeKind::Deleted, rel("c"), false)), ["a"]);
+        assert_eq!(
+            names(&links.on_change(ChangeKind::Deleted, rel("c"), false)),
+            ["a"]
+        );
     }
 
     /// Real files: the index is read and checked against the filesystem.

@@ -228,6 +228,28 @@ impl Resolver {
         Ok(Resolved::Path(path))
     }
 
+    /// The device, inode number and link count of the object `handle` names, if it still
+    /// exists: a file whose name is gone may have others.
+    pub fn identity(&self, fsid: Fsid, handle: &[u8]) -> io::Result<(u64, u64, u64)> {
+        let opened_dir;
+        let mount = match self
+            .mounts
+            .iter()
+            .find(|(f, _)| *f == fsid)
+            .map(|(_, dir)| dir)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EXDEV))?
+        {
+            MountDir::Fd(fd) => fd,
+            MountDir::Path(dir) => {
+                opened_dir = OwnedFd::from(std::fs::File::open(dir)?);
+                &opened_dir
+            }
+        };
+        let fd = open_by_handle_at(mount.as_fd(), handle)?;
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(io::Error::from)?;
+        Ok((st.st_dev, st.st_ino, st.st_nlink))
+    }
+
     /// Caches `path` as the current path of directory `handle`.
     pub fn remember(&mut self, fsid: Fsid, handle: &[u8], path: PathBuf) {
         if self.cached() >= self.capacity {

@@ -221,6 +221,8 @@ impl Printer {
                 (Kind::DeleteSelf, path.as_path(), true, 0)
             }
             Event::Rescan { path } => (Kind::Rescan, path.as_path(), true, 0),
+            // The daemon's business (other names to sync); inotifywait has no such line.
+            Event::OtherNamesChanged { .. } => return None,
             Event::Overflow => (Kind::Overflow, Path::new(""), false, 0),
         };
         if !kind.selected_by(&self.options.events) {

@@ -498,13 +498,32 @@ impl Translator {
             }
         }
         if let Some(path) = path {
+            let other_names = (!is_dir && !kind.adds_or_removes())
+                .then(|| self.other_names(fs, ev, &path))
+                .flatten();
             out.push(Event::Change {
                 kind,
                 path,
                 is_dir,
                 pid,
             });
+            out.extend(other_names);
         }
+    }
+
+    /// A write or attribute change through `path`, if that name is gone already while the
+    /// file still has others (`ln a b; echo x >b; rm b`): the event's own handle names the
+    /// file, and nothing else would tell the daemon that its other names changed.
+    fn other_names(&self, fs: Fsid, ev: &FidEvent<'_>, path: &Path) -> Option<Event> {
+        if std::fs::symlink_metadata(path).is_ok() {
+            return None;
+        }
+        let (dev, ino, nlink) = self.resolver.identity(fs, ev.self_handle()?).ok()?;
+        (nlink > 0).then(|| Event::OtherNamesChanged {
+            path: path.to_path_buf(),
+            dev,
+            ino,
+        })
     }
 
     /// A directory moved from `old` to `new`: cached paths below the old name move with

@@ -26,6 +26,7 @@ use crate::dirty::{Batch, Scope};
 use crate::event::{ChangeKind, Event};
 use crate::failing::{self, FailingPaths};
 use crate::filter::{Filter, FilterBuilder, GroupId, Match};
+use crate::hardlinks::FileKey;
 use crate::journal::{Journal, Recovered};
 use crate::link_walk::Links as HardLinks;
 use crate::notify::{Standing, StatusLine, notify, status_text};
@@ -404,6 +405,7 @@ impl Engine {
             let marked = route(&self.filter, &mut self.targets, event, now);
             match event {
                 Event::Overflow => stats.overflows += 1,
+                Event::OtherNamesChanged { .. } => {}
                 Event::Rescan { .. } => stats.rescans += 1,
                 Event::Change { .. } => stats.events += u64::from(marked),
                 Event::Renamed { .. } => {}

@@ -183,6 +183,21 @@ fn track_links(filter: &Filter, targets: &[TargetState], event: &Event) -> Vec<(
         }
         // Its MovedFrom and MovedTo changes came before it.
         Event::Renamed { .. } => {}
+        Event::OtherNamesChanged { path, dev, ino } => {
+            if let Match::Inside(group, _) = filter.classify(path, false)
+                && let Some(links) = links_of(group)
+            {
+                let key = FileKey {
+                    dev: *dev,
+                    ino: *ino,
+                };
+                return links
+                    .names_of(key)
+                    .into_iter()
+                    .map(|name| (group, name))
+                    .collect();
+            }
+        }
         Event::Rescan { path } => {
             for t in targets {
                 if path.starts_with(&t.settings.root) || t.settings.root.starts_with(path) {
@@ -291,6 +306,8 @@ pub(super) fn route(
             }
             any
         }
+        // Its names were marked by `track_links`.
+        Event::OtherNamesChanged { .. } => !other_names.is_empty(),
         Event::Overflow => {
             let mut any = false;
             for group in filter.groups() {
