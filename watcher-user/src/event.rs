@@ -62,10 +62,10 @@ pub enum Event {
     },
     /// Something under `path` changed but the backend cannot say what: sync the subtree.
     Rescan { path: PathBuf },
-    /// A write or attribute change went through `path`, a name that was gone when the
-    /// backend looked, to a file that still has other names (inode `ino` on device `dev`):
-    /// they changed too, and no event names them (`ln a b; echo x >b; rm b`). It comes
-    /// right after the change itself, which says `path` is dirty.
+    /// A write or attribute change went through `path`, a name unlinked before the backend
+    /// could look at it, to a file that still has other names (inode `ino` on device
+    /// `dev`): they changed too, and no event names them (`ln a b; echo x >b; rm b`). It
+    /// comes right after the removal of `path`.
     OtherNamesChanged { path: PathBuf, dev: u64, ino: u64 },
     /// The backend lost events (queue overflow): every root must be rescanned.
     Overflow,

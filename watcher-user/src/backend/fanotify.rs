@@ -24,6 +24,7 @@ use fanotify_fid::{Fanotify, FanotifyError, FidEvent};
 
 use super::mountinfo::{self, Mount, MountWatch};
 use super::read_loop::{self, EventSource, OwnFilter};
+use super::vanished::Vanished;
 use super::{Backend, BackendError, OwnPids, Support, join_name, mask};
 use crate::event::{ChangeKind, Event};
 use crate::resolve::{Resolved, Resolver};
@@ -80,6 +81,8 @@ pub struct Translator {
     resolver: Resolver,
     /// Source roots per filesystem, to rescan when an event there cannot be resolved.
     roots_by_fs: BTreeMap<Fsid, Vec<PathBuf>>,
+    /// Files written through a name gone before it was looked at (see `vanished.rs`).
+    vanished: Vanished,
 }
 
 fn errno_of(e: &FanotifyError) -> io::Error {
@@ -366,6 +369,7 @@ impl Translator {
         Translator {
             resolver,
             roots_by_fs,
+            vanished: Vanished::default(),
         }
     }
 
@@ -404,6 +408,7 @@ impl Translator {
         if ev.is_overflow() {
             tracing::warn!("fanotify queue overflow: rescanning every root");
             self.resolver.clear();
+            self.vanished.clear();
             out.push(Event::Overflow);
             return;
         }
@@ -421,6 +426,12 @@ impl Translator {
                 let new = self.path_of(fs, to.handle(), to.name(), out);
                 if is_dir {
                     self.directory_moved(fs, old.as_deref(), new.as_deref(), ev.self_handle());
+                }
+                match (&old, &new, is_dir) {
+                    (Some(old), Some(new), true) => self.vanished.directory_moved(old, new),
+                    (Some(old), None, true) => self.vanished.directory_gone(old),
+                    (Some(old), _, false) => self.vanished.moved_away(old),
+                    (None, ..) => {}
                 }
                 if let Some(path) = &old {
                     out.push(Event::Change {
@@ -498,9 +509,27 @@ impl Translator {
             }
         }
         if let Some(path) = path {
-            let other_names = (!is_dir && !kind.adds_or_removes())
-                .then(|| self.other_names(fs, ev, &path))
-                .flatten();
+            let mut other_names = None;
+            match (kind, is_dir) {
+                (ChangeKind::Modified | ChangeKind::CloseWrite | ChangeKind::Attrib, false) => {
+                    other_names = self.written_vanished(fs, ev, &path);
+                }
+                (ChangeKind::Deleted, false) => {
+                    other_names =
+                        self.vanished
+                            .unlinked(&path)
+                            .map(|(dev, ino)| Event::OtherNamesChanged {
+                                path: path.clone(),
+                                dev,
+                                ino,
+                            });
+                }
+                (ChangeKind::MovedFrom, false) => self.vanished.moved_away(&path),
+                (ChangeKind::Deleted | ChangeKind::MovedFrom, true) => {
+                    self.vanished.directory_gone(&path)
+                }
+                _ => {}
+            }
             out.push(Event::Change {
                 kind,
                 path,
@@ -511,15 +540,19 @@ impl Translator {
         }
     }
 
-    /// A write or attribute change through `path`, if that name is gone already while the
-    /// file still has others (`ln a b; echo x >b; rm b`): the event's own handle names the
-    /// file, and nothing else would tell the daemon that its other names changed.
-    fn other_names(&self, fs: Fsid, ev: &FidEvent<'_>, path: &Path) -> Option<Event> {
+    /// A write or attribute change through `path`: if that name is gone already while the
+    /// file still has links, the file is noted until the name's removal says whether its
+    /// other names need looking up (see `vanished.rs`); returns the lookup when it cannot
+    /// wait.
+    fn written_vanished(&mut self, fs: Fsid, ev: &FidEvent<'_>, path: &Path) -> Option<Event> {
         if std::fs::symlink_metadata(path).is_ok() {
             return None;
         }
         let (dev, ino, nlink) = self.resolver.identity(fs, ev.self_handle()?).ok()?;
-        (nlink > 0).then(|| Event::OtherNamesChanged {
+        if nlink == 0 || self.vanished.note(path, (dev, ino)) {
+            return None;
+        }
+        Some(Event::OtherNamesChanged {
             path: path.to_path_buf(),
             dev,
             ino,

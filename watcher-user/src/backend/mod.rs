@@ -15,6 +15,7 @@ pub mod inotify;
 mod mask;
 mod mountinfo;
 mod read_loop;
+mod vanished;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
