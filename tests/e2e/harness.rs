@@ -245,7 +245,11 @@ impl Daemon {
     pub fn spawn_with(args: &[OsString]) -> Daemon {
         let mut cmd = Command::new(WATCHER);
         cmd.args(args)
-            .env("RUST_LOG", "info")
+            // WATCHER_E2E_LOG: more of the daemon's log when replaying a seed.
+            .env(
+                "RUST_LOG",
+                std::env::var("WATCHER_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_LOG_STYLE")
             .env("NO_COLOR", "1")
             // Not a systemd service, whatever the test runner's environment says.

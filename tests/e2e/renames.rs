@@ -128,15 +128,39 @@ fn a_renamed_file_rewritten_with_the_same_size_and_mtime_replicates() {
             .and_then(|m| m.modified())
             .expect("mtime");
         mv(src, from, to);
-        write(&src.join(to), "other content\n");
-        let file = std::fs::File::options()
-            .write(true)
-            .open(src.join(to))
-            .expect("open");
-        file.set_modified(mtime).expect("keep the mtime");
+        rewrite_keeping_mtime(&src.join(to), mtime);
     }
     wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
+
+    // Rewritten first, then renamed (the file, then a directory above it, or into another
+    // directory): the replayed rename puts the replica's old data under the new name, where
+    // only the write's mark, carried along, makes rsync look again.
+    std::fs::create_dir_all(src.join("e/inner")).expect("mkdir");
+    for name in ["e/inner/f", "e/g", "solo"] {
+        write(&src.join(name), "first content\n");
+    }
+    wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
+    for name in ["e/inner/f", "e/g", "solo"] {
+        let mtime = std::fs::metadata(src.join(name))
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        rewrite_keeping_mtime(&src.join(name), mtime);
+    }
+    mv(src, "e/inner/f", "e/inner/f2");
+    mv(src, "e", "e2");
+    mv(src, "solo", "d/solo2");
+    wait_converged(src, &s.dst, Duration::from_secs(60), &skip_nothing, ctx);
     d.stop();
+}
+
+/// New content of the same size, with the mtime set back to `mtime`.
+fn rewrite_keeping_mtime(path: &std::path::Path, mtime: std::time::SystemTime) {
+    write(path, "other content\n");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open");
+    file.set_modified(mtime).expect("keep the mtime");
 }
 
 /// On an rsync-daemon target, which has no rename, the batch first sends each renamed name

@@ -10,6 +10,8 @@ use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use hashbrown::HashMap;
+
 use crate::dirty::{Batch, DirtySet, Scope};
 use crate::journal::Journal;
 
@@ -36,6 +38,9 @@ pub struct Backlog {
     flying: Option<Flying>,
     /// Renames since the last batch, in order (old, new), for targets that can replay them.
     renames: Vec<(PathBuf, PathBuf)>,
+    /// Names moved away since the last batch, with what was marked at or below each before
+    /// the move (see [`Backlog::moving`]).
+    carried: HashMap<PathBuf, Vec<PathBuf>>,
 }
 
 /// Renames kept per batch at most; past that they are not replayed, only synced (their
@@ -53,6 +58,7 @@ impl Backlog {
             max: max.max(1),
             flying: None,
             renames: Vec::new(),
+            carried: HashMap::new(),
         }
     }
 
@@ -121,6 +127,42 @@ impl Backlog {
         }
     }
 
+    /// `old` is about to be moved away (its MovedFrom, before it is marked): what was
+    /// marked at or below it is remembered, for [`Backlog::carried`] to move to the new name
+    /// if the rename is replayed. A write marked there before the move must reach the new
+    /// name too, where the replayed rename puts the replica's old data and rsync's quick
+    /// check would pass a rewrite that kept size and mtime. Past the bound, the batch's
+    /// subtrees are compared by content instead.
+    pub fn moving(&mut self, old: &Path) {
+        if self.carried.len() >= MAX_RENAMES {
+            self.dirty.compare_subtrees_by_content();
+            return;
+        }
+        let marked = self.dirty.marked_under(old);
+        if !marked.is_empty() {
+            self.carried.insert(old.to_path_buf(), marked);
+        }
+    }
+
+    /// The paths to mark below `new` for what was marked below `old` before it moved there
+    /// (see [`Backlog::moving`]).
+    pub fn carried(&mut self, old: &Path, new: &Path) -> Vec<PathBuf> {
+        let Some(marked) = self.carried.remove(old) else {
+            return Vec::new();
+        };
+        marked
+            .iter()
+            .filter_map(|p| p.strip_prefix(old).ok())
+            .map(|below| {
+                if below.as_os_str().is_empty() {
+                    new.to_path_buf()
+                } else {
+                    new.join(below)
+                }
+            })
+            .collect()
+    }
+
     /// The renames the next batch carries, in the order they happened.
     pub fn take_renames(&mut self) -> Vec<(PathBuf, PathBuf)> {
         std::mem::take(&mut self.renames)
@@ -134,6 +176,9 @@ impl Backlog {
     /// Starts a flush of every dirty path: the batch to hand to rsync.
     pub fn take_batch(&mut self, now: Instant) -> Batch {
         let batch = self.dirty.take();
+        // A rename still unpaired now is not replayed before this batch, which syncs the
+        // old name (gone from the replica then): the new one is copied, not found in place.
+        self.carried.clear();
         let journal_seq = self.journal.as_mut().and_then(|j| j.batch_taken().ok());
         self.flying = Some(Flying {
             paths: batch.len(),

@@ -61,6 +61,10 @@ impl Children {
         }
     }
 
+    fn get(&self, name: &[u8]) -> Option<&Node> {
+        self.0.as_ref().and_then(|map| map.get(name))
+    }
+
     fn iter(&self) -> impl Iterator<Item = (&[u8], &Node)> {
         self.0
             .iter()
@@ -207,6 +211,70 @@ impl DirtySet {
                 );
             }
         }
+    }
+
+    /// What was marked on its own at or below `rel` (entries, and paths folded under a
+    /// subtree): the writes a rename of `rel` takes to the new name. Found in place there
+    /// after the rename is replayed, a file rewritten with its size and mtime kept would pass
+    /// rsync's quick check.
+    pub fn marked_under(&self, rel: &Path) -> Vec<PathBuf> {
+        let want = normalized(rel);
+        let mut out = Vec::new();
+        // Folded paths can lie at or below `rel` only where a subtree mark is above, at or
+        // below it; the folded set is searched only then.
+        let mut subtree = false;
+        let mut node = Some(&self.root);
+        for comp in components(rel) {
+            match node {
+                Some(n) if n.mark == Mark::Subtree => {
+                    subtree = true;
+                    node = None;
+                }
+                Some(n) => node = n.children.get(comp),
+                None => break,
+            }
+        }
+        if let Some(n) = node {
+            if n.mark == Mark::Subtree {
+                subtree = true;
+            } else {
+                let mut stack = vec![(want.clone(), n)];
+                while let Some((path, n)) = stack.pop() {
+                    match n.mark {
+                        Mark::Entry => out.push(PathBuf::from(OsStr::from_bytes(&path))),
+                        Mark::Subtree => subtree = true,
+                        Mark::Clean => {}
+                    }
+                    for (name, child) in n.children.iter() {
+                        let mut child_path = path.clone();
+                        if !child_path.is_empty() {
+                            child_path.push(b'/');
+                        }
+                        child_path.extend_from_slice(name);
+                        stack.push((child_path, child));
+                    }
+                }
+            }
+        }
+        if subtree {
+            out.extend(
+                self.folded
+                    .iter()
+                    .filter(|p| {
+                        p.starts_with(&want)
+                            && (want.is_empty() || p.len() == want.len() || p[want.len()] == b'/')
+                    })
+                    .map(|p| PathBuf::from(OsStr::from_bytes(p))),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Some writes may have been lost track of: the batch compares its subtrees by content.
+    pub fn compare_subtrees_by_content(&mut self) {
+        self.folded_overflow = true;
     }
 
     /// Number of dirty paths (entries plus subtrees).
@@ -429,6 +497,44 @@ mod tests {
     fn folded(mut b: Batch, folded: &[&str]) -> Batch {
         b.folded = folded.iter().map(PathBuf::from).collect();
         b
+    }
+
+    /// What a rename of a path takes along: its own marks and those below it, folded ones
+    /// included, never a neighbour's.
+    #[test]
+    fn marked_under_table() {
+        type Row<'a> = (&'a [(&'a str, Scope)], &'a str, &'a [&'a str]);
+        let rows: &[Row] = &[
+            (&[], "a", &[]),
+            (&[("a", E)], "a", &["a"]),
+            (&[("a", E), ("ab", E), ("b/a", E)], "a", &["a"]),
+            (
+                &[("d/f", E), ("d/e/g", E), ("d", E), ("dd/f", E)],
+                "d",
+                &["d", "d/e/g", "d/f"],
+            ),
+            // Under a subtree mark: the folded writes, at or below the path only.
+            (&[("n", S), ("n/d/f", E), ("n/dx", E)], "n/d", &["n/d/f"]),
+            (&[("n", S), ("n/f", E)], "n/f", &["n/f"]),
+            (&[("n", S)], "n/f", &[]),
+            // A renamed file is listed as a subtree too, a write before it folded.
+            (&[("d/f", E), ("d/f", S)], "d", &["d/f"]),
+            (
+                &[("d/s", S), ("d/s/f", E), ("d/g", E)],
+                "d",
+                &["d/g", "d/s/f"],
+            ),
+            // The root.
+            (&[("a", E), ("b", S), ("b/c", E)], "", &["a", "b/c"]),
+        ];
+        for (i, (marks, rel, want)) in rows.iter().enumerate() {
+            let mut set = DirtySet::new();
+            for (path, scope) in *marks {
+                set.mark(Path::new(path), *scope);
+            }
+            let want: Vec<PathBuf> = want.iter().map(PathBuf::from).collect();
+            assert_eq!(set.marked_under(Path::new(rel)), want, "row {i}");
+        }
     }
 
     #[test]

@@ -222,6 +222,19 @@ pub(super) fn route(
     now: Instant,
 ) -> bool {
     let other_names = track_links(filter, targets, event);
+    // What was written below a name before it moves away goes with it (see `Backlog::moving`).
+    if let Event::Change {
+        kind: ChangeKind::MovedFrom,
+        path,
+        is_dir,
+        ..
+    } = event
+        && let Match::Inside(group, rel) = filter.classify(path, *is_dir)
+    {
+        for t in targets.iter_mut().filter(|t| t.settings.group == group) {
+            t.backlog.moving(rel);
+        }
+    }
     let mut mark = |group: GroupId, rel: &Path, scope: Scope| {
         let mut any = false;
         for t in targets.iter_mut().filter(|t| t.settings.group == group) {
@@ -292,6 +305,9 @@ pub(super) fn route(
                 t.backlog.renamed(old, new);
                 if quick_check {
                     t.mark(new, Scope::Subtree, now);
+                }
+                for written in t.backlog.carried(old, new) {
+                    t.mark(&written, Scope::Entry, now);
                 }
             }
             false
