@@ -216,6 +216,9 @@ pub fn watcher_vfs_symlink(ctx: FExitContext) -> i32 {
 #[fexit(function = "vfs_link")]
 pub fn watcher_vfs_link(ctx: FExitContext) -> i32 {
     report(&ctx, vfs_op::CREATE, ctx.arg::<u64>(3));
+    // The old name's link count changed; it is also the name that carries a write through
+    // the new one once that is gone (`ln a b; echo x >b; rm b`).
+    report(&ctx, vfs_op::ATTRIB, ctx.arg::<u64>(0));
     0
 }
 
