@@ -211,6 +211,12 @@ fn renames_on_an_rsync_daemon_target_send_almost_nothing() {
         ino(&dst.join(old_dir).join("f007")),
         ino(&dst.join("-top\nfile")),
     );
+    // The server logs a connection's bytes when it ends, which can be after the client's
+    // run returned: wait until the initial sync's are counted.
+    harness::poll_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        server.received_bytes() >= renamed_bytes
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let received_before = server.received_bytes();
 
     let new_dir = std::ffi::OsStr::from_bytes(b"renamed \"$HOME\" \\ \xff\n");

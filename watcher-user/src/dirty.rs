@@ -357,6 +357,10 @@ impl DirtySet {
                 self.mark(rel, Scope::Entry);
             } else {
                 self.mark(rel.parent().unwrap_or(Path::new("")), Scope::Subtree);
+                // Still a write the kernel reported: folded under that subtree, it is
+                // compared by content, or the quick check would pass a rewrite that kept
+                // size and mtime.
+                self.mark(rel, Scope::Entry);
             }
         }
         self.merge_folded(&batch);
@@ -629,15 +633,22 @@ mod tests {
         set.merge_widened(batch(&["a/b/f", "a/g", "top"], &["s/t"]), no_dirs);
         // "top" lies in the root: the whole tree, which covers everything else ("other",
         // marked on its own, is remembered as folded).
-        assert_eq!(set.take(), folded(batch(&[], &[""]), &["other"]));
+        // The files listed on their own stay folded: compared by content.
+        assert_eq!(
+            set.take(),
+            folded(batch(&[], &[""]), &["a/b/f", "a/g", "other", "top"])
+        );
         let mut set = DirtySet::new();
         set.merge_widened(batch(&["a/b/f", "a/b/g", "c/d"], &["s/t"]), no_dirs);
-        assert_eq!(set.take(), batch(&[], &["a/b", "c", "s/t"]));
+        assert_eq!(
+            set.take(),
+            folded(batch(&[], &["a/b", "c", "s/t"]), &["a/b/f", "a/b/g", "c/d"])
+        );
         // Directories listed for their own attributes stay entries.
         let mut set = DirtySet::new();
         let dirs = |p: &Path| p == Path::new("") || p == Path::new("a");
         set.merge_widened(batch(&["", "a", "a/f"], &[]), dirs);
-        assert_eq!(set.take(), folded(batch(&[""], &["a"]), &["a"]));
+        assert_eq!(set.take(), folded(batch(&[""], &["a"]), &["a", "a/f"]));
     }
 
     #[test]
